@@ -1,0 +1,1 @@
+"""Experiments and outputs: recall tasks, ablation sweeps, swaps, figures, report, CLI."""

@@ -1,0 +1,1 @@
+"""Getting into a model: loading, model facts, sites, reducers, edits and the backends that run them."""

@@ -1,0 +1,118 @@
+"""Edits change a site in place during a run: ablate heads, replace heads by a kernel, overwrite entries.
+
+An edit is a function of the site's tensor (layouts in `sites.py`) and, at attention sites, of the
+`AttentionCall` that holds the layer's q, k, v after RoPE. It returns the new tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .sites import Site
+
+
+@dataclass
+class AttentionCall:
+    """What one attention call saw: q (B,H,T,d), k and v (B,KV,S,d), positions of the T queries."""
+
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scaling: float
+    window: int | None
+    query_positions: torch.Tensor
+
+    @property
+    def is_decode(self) -> bool:
+        return self.q.shape[2] < self.k.shape[2]
+
+    def repeated_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        group = self.q.shape[1] // self.k.shape[1]
+        return self.k.repeat_interleave(group, dim=1), self.v.repeat_interleave(group, dim=1)
+
+
+EditFn = Callable[[torch.Tensor, "AttentionCall | None"], torch.Tensor]
+
+
+@dataclass
+class Edit:
+    layer: int
+    site: Site
+    fn: EditFn
+    label: str = ""
+    state: dict = field(default_factory=dict)  # per-edit memory, e.g. a linear head's recurrent state
+
+
+def _heads_list(heads: Sequence[int] | int) -> list[int]:
+    return [heads] if isinstance(heads, int) else list(heads)
+
+
+def zero_heads(layer: int, heads: Sequence[int] | int) -> Edit:
+    """Zero ablation: the heads' outputs z are set to 0."""
+    chosen = _heads_list(heads)
+
+    def fn(z, call):
+        z = z.clone()
+        z[:, :, chosen, :] = 0
+        return z
+
+    return Edit(layer, Site.Z, fn, f"zero L{layer} H{chosen}")
+
+
+def mean_heads(layer: int, heads: Sequence[int] | int, means: torch.Tensor) -> Edit:
+    """Mean ablation: z of each head is replaced by its mean over reference text; means is (H, d)."""
+    chosen = _heads_list(heads)
+
+    def fn(z, call):
+        z = z.clone()
+        z[:, :, chosen, :] = means[chosen].to(z)
+        return z
+
+    return Edit(layer, Site.Z, fn, f"mean L{layer} H{chosen}")
+
+
+def uniform_heads(layer: int, heads: Sequence[int] | int) -> Edit:
+    """The retrieval-head paper's masking: zero the heads' queries, so attention is uniform over the prefix."""
+    chosen = _heads_list(heads)
+
+    def fn(q, call):
+        q = q.clone()
+        q[:, chosen] = 0
+        return q
+
+    return Edit(layer, Site.Q, fn, f"uniform L{layer} H{chosen}")
+
+
+def overwrite_entries(layer: int, entries: Sequence[tuple[int, int]], values: Sequence[float] | float = 0.0,
+                      site: Site = Site.RESID_POST) -> Edit:
+    """Set residual entries (position, dim) to given values (massive-activation overwrite)."""
+    entries = list(entries)
+    vals = [values] * len(entries) if isinstance(values, (int, float)) else list(values)
+
+    def fn(h, call):
+        h = h.clone()
+        for (pos, dim), val in zip(entries, vals):
+            if pos < h.shape[1]:
+                h[:, pos, dim] = val
+        return h
+
+    return Edit(layer, site, fn, f"overwrite L{layer} {len(entries)} entries")
+
+
+def replace_heads(layer: int, heads: Sequence[int] | int, head_fn: Callable[[AttentionCall, list[int], dict], torch.Tensor]) -> Edit:
+    """Replace the heads' z by `head_fn(call, heads, state) -> (B, T, len(heads), d)`; other heads keep softmax."""
+    chosen = _heads_list(heads)
+    edit = Edit(layer, Site.Z, lambda z, call: z, f"replace L{layer} H{chosen}")
+
+    def fn(z, call):
+        if call is None:
+            raise RuntimeError("replace_heads needs the attention call (q, k, v)")
+        z = z.clone()
+        z[:, :, chosen, :] = head_fn(call, chosen, edit.state).to(z)
+        return z
+
+    edit.fn = fn
+    return edit

@@ -1,0 +1,193 @@
+"""The native backend: hooks transformers' own attention call, no wrapper library.
+
+The model's attention implementation is switched to `attnprobe`, a function registered with
+transformers' AttentionInterface. Layers with nothing to read or edit go straight to SDPA (same
+numbers, same speed). A layer whose pattern is read computes softmax attention in chunks of query
+rows, hands each chunk to the reducers and builds the output from the same chunk, so memory stays
+O(chunk x T) instead of O(T^2). Residual, attention-out and MLP-out sites use module hooks.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from .backend import Backend
+from .edits import AttentionCall
+from .sites import Site
+
+IMPLEMENTATION = "attnprobe"
+ATTENTION_SITES = (Site.Q, Site.K, Site.V, Site.PATTERN, Site.Z)
+CHUNK_ELEMENTS = 1 << 25  # score elements per query chunk (128 MB in fp32)
+
+
+class Session:
+    def __init__(self, reads, edits):
+        self.reads = defaultdict(list)
+        for (layer, site), reducer in reads.items():
+            self.reads[(layer, site)].append(reducer)
+        self.edits = defaultdict(list)
+        for edit in edits:
+            self.edits[(edit.layer, edit.site)].append(edit)
+        self.attention_layers = {layer for (layer, site) in list(self.reads) + list(self.edits) if site in ATTENTION_SITES}
+
+    def apply(self, layer, site, tensor, call=None):
+        for edit in self.edits.get((layer, site), ()):
+            tensor = edit.fn(tensor, call)
+        for reducer in self.reads.get((layer, site), ()):
+            reducer.update(tensor)
+        return tensor
+
+
+def decoder_layers(hf: torch.nn.Module):
+    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model
+    return decoder.layers
+
+
+def residual_writers(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Modules whose outputs are what the block adds to the residual stream (attention, MLP)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: sandwich norms after each sublayer
+        return layer.post_attention_layernorm, layer.post_feedforward_layernorm
+    return layer.self_attn, layer.mlp
+
+
+def causal_allowed(query_positions: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    keys = torch.arange(n_keys, device=query_positions.device)
+    allowed = keys[None, :] <= query_positions[:, None]
+    if window is not None:
+        allowed &= (query_positions[:, None] - keys[None, :]) < window
+    return allowed
+
+
+def chunked_softmax_attention(q, k, v, scaling, query_positions, window=None, softcap=None, on_chunk=None):
+    """Exact causal softmax attention in query chunks: z (B, H, T, d); `on_chunk(p, rows)` sees each chunk."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    batch, heads, n_queries, _ = q.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * k.shape[2]))
+    out = []
+    for start in range(0, n_queries, chunk):
+        rows = query_positions[start:start + chunk]
+        scores = torch.matmul(q[:, :, start:start + chunk].float(), k.float().transpose(-1, -2)) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores.masked_fill_(~causal_allowed(rows, k.shape[2], window), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if on_chunk is not None:
+            on_chunk(probs, rows)
+        out.append(torch.matmul(probs, v.float()).to(q.dtype))
+    return torch.cat(out, dim=2)
+
+
+def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        sliding_window=None, softcap=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    backend = getattr(module, "_attnprobe_backend", None)
+    session = backend.session if backend is not None else None
+    layer = module.layer_idx
+    if session is None or layer not in session.attention_layers:
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, sliding_window=sliding_window, **kwargs)
+    scaling = scaling if scaling is not None else module.head_dim ** -0.5
+    window = sliding_window if sliding_window is not None else backend.info.window(layer)
+    n_keys = key.shape[2]
+    positions = torch.arange(n_keys - query.shape[2], n_keys, device=query.device)
+    if session is not None:
+        call = AttentionCall(layer, query, key, value, scaling, window, positions)
+        query = session.apply(layer, Site.Q, query, call)
+        key = session.apply(layer, Site.K, key, call)
+        value = session.apply(layer, Site.V, value, call)
+        call = AttentionCall(layer, query, key, value, scaling, window, positions)
+        pattern_readers = session.reads.get((layer, Site.PATTERN), ())
+    else:
+        call, pattern_readers = None, ()
+    if pattern_readers or softcap is not None:
+        def on_chunk(probs, rows):
+            for reducer in pattern_readers:
+                reducer.update(probs, rows)
+
+        z = chunked_softmax_attention(query, key, value, scaling, positions, window, softcap, on_chunk).transpose(1, 2)
+    else:
+        z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
+    if session is not None:
+        z = session.apply(layer, Site.Z, z.contiguous(), call)
+    return z, None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, attnprobe_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _set_implementation(hf: torch.nn.Module, name: str) -> None:
+    for module in hf.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.session: Session | None = None
+        _register()
+        _set_implementation(model.hf, IMPLEMENTATION)
+        self._handles = []
+        for index, layer in enumerate(decoder_layers(model.hf)):
+            layer.self_attn._attnprobe_backend = self
+            attn_writer, mlp_writer = residual_writers(layer)
+            self._handles += [
+                layer.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True),
+                layer.register_forward_hook(self._output_hook(index, Site.RESID_POST)),
+                attn_writer.register_forward_hook(self._output_hook(index, Site.ATTN_OUT)),
+                mlp_writer.register_forward_hook(self._output_hook(index, Site.MLP_OUT)),
+            ]
+
+    def _pre_hook(self, layer):
+        def hook(module, args, kwargs):
+            if self.session is None:
+                return None
+            if args:
+                return (self.session.apply(layer, Site.RESID_PRE, args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = self.session.apply(layer, Site.RESID_PRE, kwargs["hidden_states"])
+            return args, kwargs
+        return hook
+
+    def _output_hook(self, layer, site):
+        def hook(module, args, output):
+            if self.session is None:
+                return None
+            if isinstance(output, tuple):
+                return (self.session.apply(layer, site, output[0]), *output[1:])
+            return self.session.apply(layer, site, output)
+        return hook
+
+    @contextmanager
+    def patched(self, edits, reads=None):
+        reads = dict(reads or {})
+        self.check(reads, edits)
+        previous, self.session = self.session, Session(reads, list(edits))
+        try:
+            yield
+        finally:
+            self.session = previous
+
+    def _run(self, ids, reads, edits):
+        with self.patched(edits, reads), torch.no_grad():
+            return self.model.hf(input_ids=ids, use_cache=False).logits.float()
+
+    def close(self) -> None:
+        """Remove the hooks and give the model back its SDPA attention."""
+        for handle in self._handles:
+            handle.remove()
+        _set_implementation(self.model.hf, "sdpa")

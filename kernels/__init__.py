@@ -1,0 +1,1 @@
+"""Attention math: softmax reference, linear feature maps, hybrids, fitting, Triton kernels."""
