@@ -154,6 +154,36 @@ def describe(hf: torch.nn.Module, tokenizer, model_id: str, weights_sha256: str,
     )
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("ATTNPROBE_CACHE", Path.home() / ".cache" / "attnprobe"))
+
+
+def _cached_copy(weights_file: Path, digest: str) -> Path:
+    """Where the fp32 safetensors copy of a .gguf lives: dequantizing on every load costs ~25 s."""
+    return cache_root() / f"{weights_file.stem}-{digest[:16]}"
+
+
+def _save_cache(hf, tokenizer, target: Path) -> None:
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        from safetensors.torch import save_model
+
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)  # the copy is plain fp32, not GGUF
+        type(hf.config).from_dict(config).save_pretrained(temp)
+        save_model(hf, str(temp / "model.safetensors"))  # handles the tied embedding / LM head
+        tokenizer.save_pretrained(temp)
+        os.replace(temp, target)
+    except OSError:
+        pass  # a read-only or full disk only costs speed next time
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None,
                trust_remote_code: bool = False) -> Model:
     """Load `spec` (see module docstring) in `dtype` on `device` (default: cuda if present, else cpu)."""
@@ -165,6 +195,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for a hub
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     hf_logging.disable_progress_bar()
+    digest = file_sha256(weights_file) if weights_file is not None else "unknown"
+    cached = _cached_copy(weights_file, digest) if "gguf_file" in kwargs else None
+    from_cache = cached is not None and (cached / "config.json").is_file()
+    if from_cache:
+        source, kwargs = str(cached), {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
@@ -173,8 +208,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AttnprobeError(f"could not load model '{spec}': {first_line}") from None
+    if cached is not None and not from_cache and dtype == torch.float32:
+        _save_cache(hf, tokenizer, cached)
     hf.to(device).eval()
     hf.requires_grad_(False)
-    digest = file_sha256(weights_file) if weights_file is not None else "unknown"
-    info = describe(hf, tokenizer, spec, digest, source)
+    info = describe(hf, tokenizer, spec, digest, str(weights_file or source))
     return Model(hf=hf, tokenizer=tokenizer, info=info)

@@ -1,0 +1,220 @@
+"""Per-layer attention statistics of a SmolLM2-shaped model at long context on one GPU.
+
+    python benchmarks/gpu_census.py --out census.json [--gguf PATH] [--lengths 8192 32768]
+
+Builds SmolLM2-135M's shape with random weights (or loads `--gguf PATH`), then for each length runs
+the decoder once through the native backend with a Q read and a K read on every layer: the K read
+repeats k for GQA and calls the Triton statistics kernel (column sums, first-token mass, previous-token
+diagonal, last-row argmax) on the post-RoPE q and k. It reports time and peak memory against a plain
+SDPA forward and against eager attention with `output_attentions=True` at the largest length eager
+manages (2K, 4K, 8K tried; out-of-memory is caught), and checks the kernel's column sums against the
+eager pattern there. Prints a table and writes JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from gpu_bench import import_attnprobe
+
+SMOLLM2_SHAPE = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                     intermediate_size=1536, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                     max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+class StubTokenizer:
+    """All `describe` needs from a tokenizer when the weights are random."""
+
+    bos_token_id = 1
+
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=[self.bos_token_id] + [2] * len(text))
+
+
+def build_model(gguf: str | None, dtype):
+    from attnprobe.hooks.model import Model, describe, load_model
+
+    if gguf:
+        return load_model(gguf, dtype=dtype, device="cuda")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SMOLLM2_SHAPE)
+    config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(config).to(device="cuda", dtype=dtype).eval().requires_grad_(False)
+    tokenizer = StubTokenizer()
+    return Model(hf, tokenizer, describe(hf, tokenizer, "smollm2-shape-random", "none", "random weights"))
+
+
+def timed(fn):
+    """(result, milliseconds, peak MiB above the memory in use before the call)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, (time.perf_counter() - start) * 1000, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def stats_reads(model, per_layer: dict):
+    """Q and K reads on every layer; the K read computes the layer's statistics from the stored q."""
+    from attnprobe.hooks.reducers import Apply
+    from attnprobe.hooks.sites import Site
+    from attnprobe.kernels.triton_stats import attention_stats
+
+    info = model.info
+    scaling = info.head_dim ** -0.5
+    pending = {}
+    reads = {}
+    for layer in range(info.n_layers):
+        def keep_q(q, layer=layer):
+            pending[layer] = q
+            return None
+
+        def compute(k, layer=layer):
+            q = pending.pop(layer)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            n = k.shape[2]
+            stats = attention_stats(q, k, scaling, info.window(layer), diagonals=(1,), argmax_rows=[n - 1])
+            per_layer[layer] = {
+                "column_sum": stats.column_sum[0].float().cpu(),  # (H, S)
+                "first_token_mean": stats.first_token[0].float().mean(-1).cpu().tolist(),
+                "diag_1": stats.diagonal[1][0].float().cpu().tolist(),
+                "last_row_argmax": stats.argmax[0, :, 0].cpu().tolist(),
+            }
+            return None
+
+        reads[(layer, Site.Q)] = Apply(keep_q)
+        reads[(layer, Site.K)] = Apply(compute)
+    return reads
+
+
+def run_census(model, backend, ids):
+    per_layer: dict = {}
+    reads = stats_reads(model, per_layer)
+    with backend.patched([], reads), torch.no_grad():
+        model.hf.model(input_ids=ids, use_cache=False)
+    missing = [layer for layer in range(model.info.n_layers) if layer not in per_layer]
+    if missing:
+        raise RuntimeError(f"statistics missing for layers {missing}")
+    return per_layer
+
+
+def set_attention(model, name: str) -> None:
+    for module in model.hf.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
+
+
+def eager_column_sums(model, ids):
+    set_attention(model, "eager")
+    try:
+        with torch.no_grad():
+            out = model.hf.model(input_ids=ids, use_cache=False, output_attentions=True)
+        return [a[0].float().sum(dim=1).cpu() for a in out.attentions]  # per layer (H, S)
+    finally:
+        set_attention(model, "sdpa")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu_census.json"))
+    parser.add_argument("--gguf", default=None, help="real SmolLM2 weights (.gguf); default: random weights")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--eager-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this census benchmark needs a GPU")
+        return 2
+    import_attnprobe()
+    from attnprobe.hooks.native import NativeBackend
+
+    dtype = getattr(torch, args.dtype)
+    started = time.time()
+    model = build_model(args.gguf, dtype)
+    info = model.info
+    print(f"model {info.model_id}: {info.n_layers} layers x {info.n_heads} heads ({info.n_kv_heads} KV), d={info.head_dim}, {args.dtype}")
+    vocab = model.hf.config.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, errors, layers_out, kernel_columns = [], [], {}, {}
+
+    def record(mode, n, fn):
+        try:
+            result, ms, mib = timed(fn)
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"mode": mode, "T": n, "error": "out of memory"})
+            print(f"{mode:<32} T={n:>6}  out of memory")
+            torch.cuda.empty_cache()
+            return None
+        except Exception as exc:
+            errors.append({"mode": mode, "T": n, "error": traceback.format_exc()[-1500:]})
+            rows.append({"mode": mode, "T": n, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"{mode:<32} T={n:>6}  FAILED {type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+            return None
+        rows.append({"mode": mode, "T": n, "ms": ms, "peak_mib": mib})
+        print(f"{mode:<32} T={n:>6}  {ms:10.1f} ms  peak {mib:10.1f} MiB")
+        return result
+
+    def ids_of(n):
+        return torch.randint(0, vocab, (1, n), device="cuda", generator=gen)
+
+    backend = NativeBackend(model)
+    try:
+        warm = ids_of(1024)  # compiles the kernels and warms the allocator outside the timings
+        run_census(model, backend, warm)
+        with torch.no_grad():
+            model.hf.model(input_ids=warm, use_cache=False)
+        for n in sorted(set(args.lengths + args.eager_lengths)):
+            ids = ids_of(n)
+            with torch.no_grad():
+                record("sdpa forward (no reads)", n, lambda: model.hf.model(input_ids=ids, use_cache=False))
+            per_layer = record("census (triton stats)", n, lambda: run_census(model, backend, ids))
+            if per_layer is not None:
+                kernel_columns[n] = [per_layer[layer]["column_sum"] for layer in range(info.n_layers)]
+                layers_out[str(n)] = [{"layer": layer, "alpha_0": (per_layer[layer]["column_sum"][:, 0] / n).tolist(),
+                                       **{key: value for key, value in per_layer[layer].items() if key != "column_sum"}}
+                                      for layer in range(info.n_layers)]
+    finally:
+        backend.close()
+
+    eager_done = None
+    for n in sorted(args.eager_lengths):
+        ids = ids_of(n)
+        columns = record("eager output_attentions", n, lambda: eager_column_sums(model, ids))
+        if columns is None:
+            break
+        eager_done = n
+        if n in kernel_columns:
+            diff = max(float((c - e).abs().max() / e.abs().max()) for c, e in zip(kernel_columns[n], columns))
+            rows.append({"mode": "check: census vs eager column sums", "T": n, "max_rel_error": diff})
+            print(f"{'check: census vs eager columns':<32} T={n:>6}  max relative error {diff:.2e}")
+        del columns
+        torch.cuda.empty_cache()
+
+    print(f"\nlargest eager length: {eager_done}")
+    print(f"{'mode':<32} {'T':>6} {'ms':>10} {'peak MiB':>10}")
+    for row in rows:
+        if "ms" in row:
+            print(f"{row['mode']:<32} {row['T']:>6} {row['ms']:>10.1f} {row['peak_mib']:>10.1f}")
+    report = {"model": info.to_dict(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "dtype": args.dtype, "largest_eager_length": eager_done, "rows": rows, "errors": errors,
+              "per_layer": layers_out, "wall_s": time.time() - started}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {args.out} in {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

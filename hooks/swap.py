@@ -1,0 +1,131 @@
+"""Replace heads of a loaded model by a kernel in place, and gather the softmax teacher to fit one.
+
+The pretrained W_q, W_k, W_v, W_o, RoPE and GQA grouping stay; only the map from the heads' q, k, v
+(after RoPE) to z changes. During generation with a KV cache a replaced head decodes from its own
+recurrent state, kept in `edit.state` (prefill stores it, each decode step advances it), instead of
+recomputing over the cache:
+
+    edits = swap_edits(model, "hedgehog", layers=[3, 4])               # fresh kernels, all heads
+    edits = swap_edits(model, load_fit("fits/hedgehog"), heads=[0, 2])  # fitted kernels, some heads
+    with backend.patched(edits):
+        model.hf.generate(ids, max_new_tokens=20)
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from attnprobe.kernels.fit import DEFAULT_STEPS, FitResult, TeacherLayer, fit_kernels
+from attnprobe.kernels.registry import make_kernel, select_heads
+from attnprobe.kernels.softmax import Kernel
+
+from .backend import Backend
+from .edits import AttentionCall, Edit, replace_heads
+from .errors import AttnprobeError
+from .model import Model
+from .native import decoder_layers
+from .reducers import Keep
+from .sites import Site
+
+Heads = Sequence[int] | Mapping[int, Sequence[int]] | None
+
+
+def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: bool = False) -> Edit:
+    """Replace `heads` of `layer` by `kernel` (which covers exactly those heads, in that order).
+
+    recompute=True runs the quadratic reference over the whole call each time (no state, no KV cache).
+    """
+    heads = list(heads)
+    if kernel.n_heads != len(heads):
+        raise AttnprobeError(f"the {kernel.name} kernel covers {kernel.n_heads} heads, not the {len(heads)} chosen in layer {layer}")
+
+    def head_fn(call: AttentionCall, chosen: list[int], state: dict) -> torch.Tensor:
+        group = call.q.shape[1] // call.k.shape[1]
+        kv_heads = [head // group for head in chosen]
+        q, k, v = call.q[:, chosen], call.k[:, kv_heads], call.v[:, kv_heads]
+        if recompute:
+            if call.is_decode:
+                raise AttnprobeError("recompute=True needs the whole sequence in each call: generate with use_cache=False")
+            z = kernel.quadratic(q, k, v, call.scaling)
+        elif not call.is_decode:
+            z, state["kernel"] = kernel.prefill(q, k, v, call.scaling)
+            state["length"] = k.shape[2]
+        else:
+            new = q.shape[2]
+            if state.get("length") != k.shape[2] - new:
+                raise AttnprobeError(f"layer {layer}: the {kernel.name} state does not match the KV cache; start generation inside backend.patched(edits)")
+            z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
+            state["length"] = k.shape[2]
+        return z.transpose(1, 2)
+
+    edit = replace_heads(layer, heads, head_fn)
+    edit.label = f"{kernel.name} L{layer} H{heads}"
+    return edit
+
+
+def _heads_for(layer: int, heads: Heads, default: Sequence[int]) -> list[int]:
+    if heads is None:
+        return list(default)
+    if isinstance(heads, Mapping):
+        return list(heads.get(layer, default))
+    return list(heads)
+
+
+def swap_edits(model: Model, kernel: str | FitResult, layers: Sequence[int] | None = None, heads: Heads = None,
+               recompute: bool = False, **options) -> list[Edit]:
+    """Edits replacing `heads` (all, one list for every layer, or per layer) of `layers` by a kernel.
+
+    `kernel` is a name from `kernels.registry.KERNELS` (fresh parameters, `options` passed on) or a
+    FitResult, whose layers and heads are the default and bound what may be chosen.
+    """
+    info = model.info
+    fitted = kernel if isinstance(kernel, FitResult) else None
+    if fitted is not None and options:
+        raise AttnprobeError("options belong to the fit: pass a kernel name to build fresh kernels with options")
+    layers = list(layers) if layers is not None else (sorted(fitted.kernels) if fitted else list(range(info.n_layers)))
+    edits = []
+    for layer in layers:
+        if not 0 <= layer < info.n_layers:
+            raise AttnprobeError(f"layer {layer} is out of range: this model has layers 0-{info.n_layers - 1}")
+        if fitted is not None and layer not in fitted.kernels:
+            raise AttnprobeError(f"layer {layer} was not fitted: fitted layers are {sorted(fitted.kernels)}")
+        available = fitted.heads[layer] if fitted else list(range(info.n_heads))
+        chosen = _heads_for(layer, heads, available)
+        missing = [h for h in chosen if h not in available]
+        if missing:
+            raise AttnprobeError(f"heads {missing} of layer {layer} are not available: choose among {available}")
+        if fitted is not None:
+            replacement = select_heads(fitted.kernels[layer], [available.index(h) for h in chosen])
+        else:
+            replacement = make_kernel(kernel, len(chosen), info.head_dim, **options)
+        replacement.to(model.device)
+        edits.append(kernel_edit(layer, chosen, replacement, recompute))
+    return edits
+
+
+def collect_teacher(backend: Backend, ids: torch.Tensor, layers: Sequence[int]) -> dict[int, TeacherLayer]:
+    """One softmax pass over `ids` (B, T) keeping each layer's q, k, v (GQA-repeated) and z, (B, H, T, d)."""
+    sites = (Site.Q, Site.K, Site.V, Site.Z)
+    reads = {(layer, site): Keep() for layer in layers for site in sites}
+    backend.run(ids, reads)
+    attention = decoder_layers(backend.model.hf)
+    teachers = {}
+    for layer in layers:
+        q, k, v, z = (reads[(layer, site)].result() for site in sites)
+        group = q.shape[1] // k.shape[1]
+        module = attention[layer].self_attn
+        scaling = float(getattr(module, "scaling", q.shape[-1] ** -0.5))
+        teachers[layer] = TeacherLayer(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), z.transpose(1, 2).contiguous(), scaling)
+    return teachers
+
+
+def fit_heads(backend: Backend, ids: torch.Tensor, kernel: str, layers: Sequence[int], heads: Heads = None,
+              steps: int = DEFAULT_STEPS, progress: bool = False, **options) -> FitResult:
+    """Collect the teacher over `ids` in one pass and fit `kernel` to the chosen heads of `layers`."""
+    chosen = {layer: _heads_for(layer, heads, range(backend.info.n_heads)) for layer in layers}
+    bad = sorted({h for hs in chosen.values() for h in hs if not 0 <= h < backend.info.n_heads})
+    if bad:
+        raise AttnprobeError(f"heads {bad} are out of range: this model has heads 0-{backend.info.n_heads - 1}")
+    teachers = collect_teacher(backend, ids, layers)
+    return fit_kernels(kernel, teachers, chosen, steps=steps, progress=progress, **options)

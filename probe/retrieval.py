@@ -1,0 +1,344 @@
+"""Retrieval heads (Wu et al. 2024, arXiv 2404.15574): needle-in-a-haystack samples and copy-paste scores.
+
+A sample is a haystack of `length` tokens with a needle sentence inserted at a depth (a fraction
+0-1 of the haystack), moved back to the nearest sentence end as the model's own tokenizer splits
+the text, then a question. The model answers greedily (at most 50 tokens, stopping at a newline or
+EOS). At each decoding step that emits token w, head (l, h) copy-pastes when the key its last query
+attends to most lies inside the needle's *answer* span and the prompt token there is w; each such
+event adds 1 / |answer tokens| to the head's score for the sample.
+
+Differences from the reference code, on purpose: the span scored is the answer inside the needle
+(the reference scores the whole needle sentence), sentence ends come from decoding with the model's
+tokenizer (the reference hard-codes Llama's period ids), and a sample is accepted when ROUGE-1
+recall of the *answer* in the response exceeds 0.5 (the reference compares with the whole needle).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from contextlib import nullcontext
+from importlib import resources
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.reducers import PatternStats
+from attnprobe.hooks.sites import Site
+
+from . import texts
+
+DEFAULT_LENGTHS = (512, 1024, 2048)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_NEEDLES = 2
+MAX_NEW_TOKENS = 50
+ACCEPT_RECALL = 0.5
+_PLACEHOLDER = "\x00CONTENT\x00"
+
+
+# ---- needles and prompts ---------------------------------------------------------------------
+
+def load_needles(path=None) -> list[dict]:
+    """Needle/question/answer triples: the packaged set, or a JSON list of such objects at `path`."""
+    try:
+        if path is None:
+            raw = resources.files("attnprobe.probe").joinpath("data/needles.json").read_text()
+        else:
+            with open(path) as handle:
+                raw = handle.read()
+        needles = json.loads(raw)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AttnprobeError(f"could not read needles from {path}: {exc}; pass a JSON list of {{needle, question, answer}}") from None
+    for item in needles:
+        if not {"needle", "question", "answer"} <= set(item) or item["answer"] not in item["needle"]:
+            raise AttnprobeError(f"needle {item!r} needs 'needle', 'question' and an 'answer' that appears in the needle")
+    return needles
+
+
+def _choose_needles(needles) -> list[dict]:
+    if needles is None:
+        return load_needles()[:DEFAULT_NEEDLES]
+    if isinstance(needles, int):
+        available = load_needles()
+        if not 1 <= needles <= len(available):
+            raise AttnprobeError(f"asked for {needles} needles; choose 1-{len(available)}")
+        return available[:needles]
+    return list(needles)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def adds_bos(tokenizer) -> bool:
+    """The tokenizer's own convention: does encoding plain text start with BOS?"""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def resolve_format(tokenizer, prompt_format: str) -> str:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "plain"
+    if prompt_format == "chat" and not has_template:
+        raise AttnprobeError("this tokenizer has no chat template: use prompt_format='plain'")
+    if prompt_format not in ("chat", "plain"):
+        raise AttnprobeError(f"unknown prompt format '{prompt_format}': choose auto, chat or plain")
+    return prompt_format
+
+
+def wrap_prompt(tokenizer, body_ids: list[int], tail_text: str, prompt_format: str = "auto",
+                bos: bool | None = None) -> tuple[list[int], int]:
+    """Ids of `body_ids` + `tail_text`, inside the chat template or plain; returns (ids, offset of the body).
+
+    BOS: None keeps the tokenizer's convention (the template's own tokens in chat format), True
+    forces one at the start, False removes it."""
+    prompt_format = resolve_format(tokenizer, prompt_format)
+    if prompt_format == "chat":
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
+                                                 add_generation_prompt=True)
+        head, tail = rendered.split(_PLACEHOLDER)
+        head_ids, tail_ids = _encode(tokenizer, head), _encode(tokenizer, tail_text + tail)
+    else:
+        head_ids, tail_ids = [], _encode(tokenizer, tail_text)
+        if bos is None:
+            bos = adds_bos(tokenizer)
+    bos_id = tokenizer.bos_token_id
+    if bos and (not head_ids or head_ids[0] != bos_id):
+        if bos_id is None:
+            raise AttnprobeError("this tokenizer has no BOS token: run with BOS off")
+        head_ids = [bos_id] + head_ids
+    elif bos is False and head_ids and head_ids[0] == bos_id:
+        head_ids = head_ids[1:]
+    return head_ids + body_ids + tail_ids, len(head_ids)
+
+
+def insertion_point(tokenizer, haystack: Sequence[int], depth: float) -> int:
+    """Token index for a needle at `depth` (0-1), moved back to just after the nearest sentence end."""
+    if not 0.0 <= depth <= 1.0:
+        raise AttnprobeError(f"depth {depth} is outside 0-1: give depths as fractions of the haystack")
+    target = round(depth * len(haystack))
+    starts = [end + 1 for end in texts.sentence_boundaries(tokenizer, haystack) if end + 1 <= target]
+    return max(starts, default=0)
+
+
+def build_sample(tokenizer, haystack: Sequence[int], needle: dict, depth: float, prompt_format: str = "auto",
+                 bos: bool | None = None) -> dict:
+    """One NIAH prompt with the exact token spans of the needle and of its answer.
+
+    The needle is tokenized in three pieces (before the answer, the answer, after it) so that the
+    answer span is exact; pieces split at word starts, where BPE tokenizers split anyway."""
+    haystack = [int(t) for t in haystack]
+    insert = insertion_point(tokenizer, haystack, depth)
+    before_piece = tokenizer.decode([haystack[insert - 1]]) if insert > 0 else "\n"
+    after_piece = tokenizer.decode([haystack[insert]]) if insert < len(haystack) else " "
+    lead = "" if before_piece[-1:].isspace() else " "
+    trail = "" if after_piece[:1].isspace() else ("\n" if before_piece.endswith("\n") else " ")
+    sentence, answer = needle["needle"], needle["answer"]
+    at = sentence.index(answer)
+    before, after = lead + sentence[:at], sentence[at + len(answer):] + trail
+    if before.endswith(" "):  # the answer's leading space belongs to its first token
+        before, answer = before[:-1], " " + answer
+    before_ids, answer_ids, after_ids = (_encode(tokenizer, piece) for piece in (before, answer, after))
+    needle_ids = before_ids + answer_ids + after_ids
+    body = haystack[:insert] + needle_ids + haystack[insert:]
+    question = f"\n\nQuestion: {needle['question']} Answer in a few words."
+    if resolve_format(tokenizer, prompt_format) == "plain":
+        question += "\nAnswer:"
+    prompt, offset = wrap_prompt(tokenizer, body, question, prompt_format, bos)
+    needle_start = offset + insert
+    answer_start = needle_start + len(before_ids)
+    return {
+        "prompt_ids": prompt,
+        "needle_span": [needle_start, needle_start + len(needle_ids)],
+        "answer_span": [answer_start, answer_start + len(answer_ids)],
+        "insert_depth": insert / max(len(haystack), 1),
+        "needle": needle["needle"], "question": needle["question"], "answer": needle["answer"],
+        "format": resolve_format(tokenizer, prompt_format), "bos": bool(prompt and prompt[0] == tokenizer.bos_token_id),
+    }
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+def _stop_ids(tokenizer) -> set[int]:
+    """EOS (and pad) ids, plus the end-of-turn tokens of common chat templates that the vocabulary has."""
+    stops = set()
+    for name in ("eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        stops |= set(value) if isinstance(value, (list, tuple)) else ({value} if value is not None else set())
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    stops |= {vocab[token] for token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>") if token in vocab}
+    return stops
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS,
+                  stop_at_newline: bool = True, prefill_context=None, decode_context=None) -> list[int]:
+    """Greedy continuation of `prompt_ids` with a KV cache; stops at EOS/end of turn, or a newline after text.
+
+    The prompt minus its last token is prefilled in `prefill_context`; every token-producing step
+    (the first one feeds the prompt's last token) runs in `decode_context`. Both default to no
+    context, so the caller's active `backend.patched(...)` edits apply throughout."""
+    if max(len(prompt_ids), 1) + max_new_tokens > model.info.max_context > 0:
+        raise AttnprobeError(f"prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceeds the model's "
+                             f"window of {model.info.max_context}; use a shorter length")
+    tokenizer, device = model.tokenizer, model.device
+    stops = _stop_ids(tokenizer)
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    cache = None
+    if ids.shape[1] > 1:
+        with prefill_context or nullcontext():
+            cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    step_input, generated, text = ids[:, -1:], [], ""
+    with decode_context or nullcontext():
+        for _ in range(max_new_tokens):
+            out = model.hf(input_ids=step_input, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            generated.append(token)
+            if token in stops:
+                break
+            piece = tokenizer.decode([token])
+            if stop_at_newline and "\n" in piece and (text + piece.split("\n")[0]).strip():
+                break
+            text += piece
+            step_input = torch.tensor([[token]], device=device)
+    return generated
+
+
+def answer_text(tokenizer, generated: Sequence[int]) -> str:
+    """The response up to its first non-leading newline, without special tokens."""
+    text = tokenizer.decode(list(generated), skip_special_tokens=True).strip()
+    return text.split("\n")[0].strip()
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def rouge1_recall(response: str, reference: str) -> float:
+    """ROUGE-1 recall: share of the reference's lowercase alphanumeric words found in the response (clipped counts)."""
+    wanted = Counter(_words(reference))
+    if not wanted:
+        return 0.0
+    found = Counter(_words(response))
+    return sum(min(count, found[word]) for word, count in wanted.items()) / sum(wanted.values())
+
+
+def accepted(response: str, answer: str) -> bool:
+    return rouge1_recall(response, answer) > ACCEPT_RECALL
+
+
+def copy_counts(argmax: torch.Tensor, generated: Sequence[int], prompt_ids: Sequence[int],
+                answer_span: Sequence[int]) -> np.ndarray:
+    """Copy-paste events per head, (L, H) ints.
+
+    argmax[t, l, h] is the key position head (l, h) attended to most from the query that produced
+    generated[t]; an event needs that key inside the answer span and the prompt token there to be
+    generated[t]."""
+    start, end = answer_span
+    steps = min(argmax.shape[0], len(generated))
+    keys = argmax[:steps].long()
+    prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    inside = (keys >= start) & (keys < end)
+    token_at_key = prompt[keys.clamp(max=len(prompt) - 1)]
+    emitted = torch.as_tensor(list(generated[:steps]), dtype=torch.long).view(-1, 1, 1)
+    return (inside & (token_at_key == emitted)).sum(dim=0).numpy()
+
+
+def sample_scores(sample: dict) -> np.ndarray:
+    """Per-head retrieval score of one sample: copy events / answer tokens, (L, H)."""
+    start, end = sample["answer_span"]
+    return np.asarray(sample["copy_counts"], dtype=float) / max(end - start, 1)
+
+
+def heads_table(samples: list[dict], n_layers: int, n_heads: int, n_kv_heads: int | None = None) -> pd.DataFrame:
+    """retrieval_score (mean over accepted samples) and retrieval_activation (share copying >= 1 token) per head."""
+    kept = [sample_scores(s) for s in samples if s["accepted"]]
+    if kept:
+        stack = np.stack(kept)
+        score, activation = stack.mean(axis=0), (stack > 0).mean(axis=0)
+    else:  # no sample recalled its needle: the score is undefined, not zero
+        score = activation = np.full((n_layers, n_heads), math.nan)
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    table = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(),
+                          "retrieval_score": score.ravel(), "retrieval_activation": activation.ravel()})
+    if n_kv_heads:
+        table["kv_head"] = table["head"] // (n_heads // n_kv_heads)
+    return table
+
+
+def retrieval_heads_json(samples_or_scores, n_layers: int | None = None, n_heads: int | None = None) -> dict:
+    """{"layer-head": [score of each accepted sample]}, the reference code's retrieval_heads.json format.
+
+    Takes the sample dicts of a census (only accepted ones count) or an array (samples, L, H) of scores."""
+    if isinstance(samples_or_scores, (list, tuple)) and (not samples_or_scores or isinstance(samples_or_scores[0], dict)):
+        scores = [sample_scores(s) for s in samples_or_scores if s["accepted"]]
+        if scores:
+            n_layers, n_heads = scores[0].shape
+        elif n_layers is None or n_heads is None:
+            raise AttnprobeError("no accepted samples: pass n_layers and n_heads to write empty score lists")
+        stack = np.stack(scores) if scores else np.zeros((0, n_layers, n_heads))
+    else:
+        stack = np.asarray(samples_or_scores, dtype=float)
+    return {f"{layer}-{head}": [float(v) for v in stack[:, layer, head]]
+            for layer in range(stack.shape[1]) for head in range(stack.shape[2])}
+
+
+# ---- the census ------------------------------------------------------------------------------
+
+def sample_key(length: int, depth: float, needle_index: int) -> str:
+    return f"len{length}-depth{round(depth * 100):03d}-needle{needle_index}"
+
+
+def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """Decode one built sample with last-row argmax reads on every layer; add generation, acceptance and copy counts."""
+    n_layers = model.info.n_layers
+    reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(n_layers)}
+    generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens,
+                              prefill_context=backend.patched(list(edits)),
+                              decode_context=backend.patched(list(edits), reads))
+    argmax = torch.stack([torch.stack(reads[(layer, Site.PATTERN)].argmax_steps)[:, 0] for layer in range(n_layers)], dim=1)
+    response = answer_text(model.tokenizer, generated)
+    recall = rouge1_recall(response, sample["answer"])
+    return {**sample, "generated_ids": generated, "generated_text": response, "rouge1_recall": recall,
+            "accepted": recall > ACCEPT_RECALL,
+            "copy_counts": copy_counts(argmax, generated, sample["prompt_ids"], sample["answer_span"]).tolist()}
+
+
+def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, depths: Sequence[float] = DEFAULT_DEPTHS,
+                     needles=None, haystack=None, on_sample: Callable[[dict], None] | None = None,
+                     done: dict | None = None, bos: bool | None = None, prompt_format: str = "auto",
+                     edits=(), max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[pd.DataFrame, list[dict]]:
+    """Retrieval scores of every head over a length x depth x needle grid.
+
+    needles: None (the first two packaged ones), a count, or a list of {needle, question, answer}.
+    haystack: path of a text file (default: the standard library's documentation prose).
+    done: sample key -> finished sample dict, skipped (resume); on_sample(sample) sees each new one.
+    Returns (heads table [layer, head, retrieval_score, retrieval_activation, kv_head], samples)."""
+    chosen = _choose_needles(needles)
+    done = dict(done or {})
+    hay = texts.haystack_ids(model.tokenizer, max(lengths), path=haystack)
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for index, needle in enumerate(chosen):
+                key = sample_key(length, depth, index)
+                if key in done:
+                    samples.append(done[key])
+                    continue
+                built = build_sample(model.tokenizer, hay[:length], needle, depth, prompt_format, bos)
+                sample = run_sample(model, backend, {"key": key, "length": length, "depth": depth,
+                                                     "needle_index": index, **built}, edits, max_new_tokens)
+                samples.append(sample)
+                if on_sample is not None:
+                    on_sample(sample)
+    info = model.info
+    return heads_table(samples, info.n_layers, info.n_heads, info.n_kv_heads), samples

@@ -1,0 +1,76 @@
+"""A run directory: atomic writes (temp file + rename) and finished-shard bookkeeping for resuming."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are ordinary files
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    def write(temp):
+        with open(temp, "w") as handle:
+            json.dump(data, handle, indent=1, default=_plain)
+    return _atomic(Path(path), write)
+
+
+def write_parquet(path: Path, table: pd.DataFrame) -> Path:
+    return _atomic(Path(path), lambda temp: table.to_parquet(temp, index=False))
+
+
+def write_jsonl(path: Path, records) -> Path:
+    def write(temp):
+        with open(temp, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record, default=_plain) + "\n")
+    return _atomic(Path(path), write)
+
+
+def read_json(path: Path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+class RunDir:
+    """Paths of one run, plus `shards/` where finished stages and samples are kept until the run ends."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.shards = self.root / "shards"
+
+    def shard(self, name: str) -> Path:
+        return self.shards / name
+
+    def done(self, name: str) -> bool:
+        return self.shard(name).exists()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name

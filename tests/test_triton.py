@@ -1,0 +1,197 @@
+"""Triton kernels against torch references, on CPU through Triton's interpreter (CI has no GPU).
+
+TRITON_INTERPRET is read when a function is decorated with triton.jit. The fixture sets it and
+reloads the kernel modules, then restores both for the tests that run next. Where triton itself was
+imported earlier in the session (transformers imports it), its own library functions (tl.sum,
+tl.zeros, ...) are compiled-mode objects that refuse to be called; the fixture then routes those
+calls through the interpreter too, for the duration of this module.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's import: its library functions interpret too
+
+import pytest
+import torch
+
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.reducers import PatternStats
+from attnprobe.kernels import attention_stats as reference
+
+pytest.importorskip("triton", reason="triton is not installed on this platform")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        patch.setattr(JITFunction, "__call__", lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs))
+        from attnprobe.kernels import triton_linear, triton_stats
+
+        stats, linear = importlib.reload(triton_stats), importlib.reload(triton_linear)
+        yield stats, linear
+    importlib.reload(stats)
+    importlib.reload(linear)
+
+
+def eager_pattern(q, k, scaling, window=None):
+    positions = torch.arange(k.shape[2] - q.shape[2], k.shape[2])
+    allowed = reference.allowed_keys(positions, k.shape[2], window)
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1), positions
+
+
+def diagonal_from_pattern(pattern, positions, off, start=0):
+    rows = [i for i, p in enumerate(positions.tolist()) if p >= max(off, start)]
+    return torch.stack([pattern[:, :, i, positions[i] - off] for i in rows], dim=-1).mean(-1)
+
+
+def random_qk(batch, heads, n_queries, n_keys, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n_queries, dim, generator=gen) * 1.5
+    k = torch.randn(batch, heads, n_keys, dim, generator=gen) * 1.5
+    return q, k
+
+
+def assert_stats_match_pattern(stats, pattern, lse, positions, offsets, rows, start=0):
+    torch.testing.assert_close(stats.lse, lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.column_sum, pattern.sum(dim=2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.first_token, pattern[..., 0], atol=1e-6, rtol=1e-5)
+    for off in offsets:
+        torch.testing.assert_close(stats.diagonal[off], diagonal_from_pattern(pattern, positions, off, start),
+                                   atol=1e-6, rtol=1e-5)
+    index = [positions.tolist().index(r) for r in rows]
+    assert torch.equal(stats.argmax, pattern[:, :, index].argmax(dim=-1))
+
+
+# (queries, keys, head dim, window): a prefill, a partial last block, padding of d, queries after a prefix, a sliding window
+STATS_CASES = [(128, 128, 32, None), (100, 100, 16, None), (70, 90, 24, None), (96, 96, 16, 17), (64, 128, 32, 40)]
+
+
+@pytest.mark.parametrize("n_queries,n_keys,dim,window", STATS_CASES)
+def test_triton_stats_equal_eager_pattern(kernels, n_queries, n_keys, dim, window):
+    stats_mod, _ = kernels
+    q, k = random_qk(1, 2, n_queries, n_keys, dim)
+    pattern, lse, positions = eager_pattern(q, k, dim ** -0.5, window)
+    rows = [n_keys - 1, n_keys - n_queries + 5]
+    stats = stats_mod.attention_stats(q, k, dim ** -0.5, window, diagonals=(1, 4), argmax_rows=rows, diagonal_start=8)
+    assert_stats_match_pattern(stats, pattern, lse, positions, (1, 4), rows, start=8)
+
+
+@pytest.mark.parametrize("n_queries,n_keys,dim,window", STATS_CASES[::2])
+def test_reference_stats_equal_eager_pattern(monkeypatch, n_queries, n_keys, dim, window):
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 6 * n_keys * 7)  # several query chunks of 7 rows
+    q, k = random_qk(2, 3, n_queries, n_keys, dim, seed=1)
+    pattern, lse, positions = eager_pattern(q, k, dim ** -0.5, window)
+    rows = [n_keys - 1]
+    stats = reference.reference_stats(q, k, dim ** -0.5, window, diagonals=(2,), argmax_rows=rows)
+    assert_stats_match_pattern(stats, pattern, lse, positions, (2,), rows)
+
+
+def test_given_lse_skips_the_lse_pass_and_agrees(kernels):
+    stats_mod, _ = kernels
+    q, k = random_qk(1, 2, 64, 64, 16, seed=2)
+    pattern, lse, _ = eager_pattern(q, k, 0.3)
+    stats = stats_mod.attention_stats(q, k, 0.3, lse=lse)
+    assert stats.lse is not None and torch.equal(stats.lse, lse)
+    torch.testing.assert_close(stats.column_sum, pattern.sum(dim=2), atol=1e-5, rtol=1e-5)
+
+
+def test_column_sums_agree_with_the_pattern_reducer(kernels):
+    """The reducer the chunked backend feeds and the kernel must give the same alpha and diagonals."""
+    stats_mod, _ = kernels
+    q, k = random_qk(1, 3, 80, 80, 32, seed=3)
+    pattern, _, _ = eager_pattern(q, k, 32 ** -0.5)
+    reducer = PatternStats(diagonals=(1,))
+    reducer.update(pattern[:, :, :50], torch.arange(50))
+    reducer.update(pattern[:, :, 50:], torch.arange(50, 80))
+    stats = stats_mod.attention_stats(q, k, 32 ** -0.5, diagonals=(1,))
+    torch.testing.assert_close(stats.column_sum, reducer.column_sum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.diagonal[1], reducer.diagonal(1), atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_and_errors(kernels):
+    stats_mod, _ = kernels
+    q, k = random_qk(1, 2, 32, 32, 16, seed=4)
+    forced_torch = stats_mod.attention_stats(q, k, 0.25, use_triton=False)
+    kernel = stats_mod.attention_stats(q, k, 0.25, use_triton=True)
+    torch.testing.assert_close(forced_torch.column_sum, kernel.column_sum, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AttnprobeError, match="repeat k for GQA"):
+        stats_mod.attention_stats(q, k[:, :1], 0.25)
+    with pytest.raises(AttnprobeError, match="argmax rows"):
+        stats_mod.attention_stats(q, k, 0.25, argmax_rows=[32])
+
+
+def test_triton_refused_on_cpu_without_interpreter(kernels, monkeypatch):
+    stats_mod, linear = kernels
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, k = random_qk(1, 1, 16, 16, 16)
+    assert stats_mod.attention_stats(q, k, 0.25).column_sum.shape == (1, 1, 16)  # falls back to torch
+    with pytest.raises(AttnprobeError, match="CUDA tensors"):
+        stats_mod.attention_stats(q, k, 0.25, use_triton=True)
+    with pytest.raises(AttnprobeError, match="CUDA tensors"):
+        linear.chunked_linear_attention(q.abs(), k.abs(), q)
+
+
+def features(batch, heads, n, width, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, heads, n, width, generator=gen), torch.rand(batch, heads, n, width, generator=gen)
+
+
+@pytest.mark.parametrize("n,width,dv", [(128, 32, 32), (100, 16, 24), (64, 20, 16)])
+def test_chunked_linear_equals_quadratic(kernels, n, width, dv):
+    _, linear = kernels
+    phi_q, phi_k = features(1, 2, n, width, seed=n)
+    v = torch.randn(1, 2, n, dv, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(linear.chunked_linear_attention(phi_q, phi_k, v),
+                               linear.linear_attention_reference(phi_q, phi_k, v), atol=1e-5, rtol=1e-4)
+    raw = linear.linear_attention_reference(phi_q, phi_k, v, normalize=False)
+    torch.testing.assert_close(linear.chunked_linear_attention(phi_q, phi_k, v, normalize=False), raw,
+                               atol=1e-4 * raw.abs().max().item(), rtol=1e-4)
+
+
+def test_decode_steps_continue_the_quadratic_form(kernels):
+    _, linear = kernels
+    phi_q, phi_k = features(1, 2, 6, 20, seed=5)
+    v = torch.randn(1, 2, 6, 24)
+    state, norm = torch.zeros(1, 2, 20, 24), torch.zeros(1, 2, 20)
+    ref_state, ref_norm = state.clone(), norm.clone()
+    outputs = []
+    for t in range(6):
+        outputs.append(linear.linear_decode_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state, norm))
+        _, ref_state, ref_norm = linear.decode_step_reference(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], ref_state, ref_norm)
+    torch.testing.assert_close(torch.stack(outputs, dim=2), linear.linear_attention_reference(phi_q, phi_k, v),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state, ref_state)
+    torch.testing.assert_close(norm, ref_norm)
+
+
+@pytest.mark.parametrize("window,segment", [(17, 64), (None, 64), (40, 128)])
+def test_hybrid_kernel_equals_per_head_references(kernels, window, segment):
+    _, linear = kernels
+    q, k = random_qk(2, 4, 128, 128, 32, seed=6)
+    v = torch.randn(2, 4, 128, 24, generator=torch.Generator().manual_seed(8))
+    modes = [0, 1, 1, 0]
+    phi_q, phi_k = features(2, 2, 128, 20, seed=9)
+    out = linear.hybrid_attention(q, k, v, phi_q, phi_k, modes, 32 ** -0.5, window, segment=segment)
+    expected = linear.hybrid_reference(q, k, v, phi_q, phi_k, modes, 32 ** -0.5, window)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    softmax_head = linear.window_softmax_reference(q[:, :1], k[:, :1], v[:, :1], 32 ** -0.5, window)
+    torch.testing.assert_close(out[:, :1], softmax_head, atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_rejects_bad_modes(kernels):
+    _, linear = kernels
+    q, k = random_qk(1, 2, 64, 64, 16)
+    phi_q, phi_k = features(1, 1, 64, 16, seed=1)
+    with pytest.raises(AttnprobeError, match="modes"):
+        linear.hybrid_attention(q, k, q, phi_q, phi_k, [0, 2], 0.25, 8)
+    with pytest.raises(AttnprobeError, match="linear heads"):
+        linear.hybrid_attention(q, k, q, phi_q, phi_k, [1, 1], 0.25, 8)
