@@ -6,7 +6,8 @@ skips that call and computes attention in query chunks, exactly like the native 
 layers keep SDPA. z is the input of `o_proj`, reshaped to (B, T, H, d). nnsight hands values over in
 forward order, so the trace visits layers in order and, within a layer, sites in the order they run.
 
-Wrapping installs nnsight's forward controllers on the HF modules; they do nothing outside a trace.
+Wrapping installs nnsight's forward controllers on the HF modules (an instance `forward` and a state
+entry in each module's `__dict__`); they are inert outside a trace, and `close()` removes them.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from nnsight import NNsight
 from nnsight.intervention.interleaver import OutOfOrderError
+from nnsight.intervention.source import STATE
 
 from .backend import Backend, SiteNotFired
 from .edits import AttentionCall
@@ -45,6 +47,7 @@ class NnsightBackend(Backend):
 
     def __init__(self, model):
         super().__init__(model)
+        self._own_forwards = {module: module.__dict__.get("forward") for module in model.hf.modules()}
         self.wrapped = NNsight(model.hf)
         path = {module: name for name, module in model.hf.named_modules()}
         envoy = lambda module: self.wrapped.get(path[module]) if path[module] else self.wrapped  # noqa: E731
@@ -130,4 +133,9 @@ class NnsightBackend(Backend):
         return call
 
     def close(self) -> None:
-        """Nothing to undo: nnsight's controllers stay on the modules but are inert outside a trace."""
+        """Take nnsight's controllers off the HF modules, putting back any forward a module had of its own."""
+        for module, forward in self._own_forwards.items():
+            module.__dict__.pop(STATE, None)
+            module.__dict__.pop("forward", None)
+            if forward is not None:
+                module.__dict__["forward"] = forward

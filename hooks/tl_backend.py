@@ -3,8 +3,8 @@
 The bridge recomputes attention itself (eager: scores, softmax, pattern), so every site has a hook
 and the whole pattern is handed to reducers as one chunk. Building a bridge changes the HF module in
 place: its submodules are swapped for bridge components, a zero `lm_head.bias` buffer appears, and
-its configs are set to eager attention (eager masks are the only ones that carry the sliding
-window). `close()` undoes all three.
+its configs are set to eager attention (as `boot_transformers` does: bridges that delegate to the HF
+attention only see a pattern under eager). `close()` undoes all three.
 
 TransformerLens fires `hook_v`, then `hook_rot_q`, then `hook_rot_k`. Q/K/V edits need the whole
 call, so q and v are cloned when they pass and edited in place once k arrives; the bridge has not

@@ -225,7 +225,9 @@ class Census:
         for shard in ("sinks", "induction", "hidden", "retrieval"):
             path = self.run.shard(f"{shard}.parquet")
             if path.exists():
-                heads = heads.merge(pd.read_parquet(path), on=["layer", "head"], how="left")
+                scores = pd.read_parquet(path)
+                fresh = ["layer", "head"] + [c for c in scores.columns if c not in heads.columns]
+                heads = heads.merge(scores[fresh], on=["layer", "head"], how="left")
         heads["roles"] = heads.apply(lambda row: ",".join(self._roles(row)), axis=1)
         return heads
 

@@ -19,10 +19,14 @@ def repeated_random_tokens(vocab_size: int, length: int = 50, batch: int = 10, s
                            bos_id: int | None = None, low: int = 100) -> torch.Tensor:
     """(batch, [1 +] 2 * length) ids: a random string and its exact repeat, optionally after BOS.
 
-    Ids below `low` are avoided: small vocab ids are special or byte tokens in most tokenizers."""
+    Tokens are drawn without replacement within a row, so each position of the second copy has one
+    induction target. Ids below `low` are avoided: small ids are special or byte tokens in most
+    tokenizers."""
     generator = torch.Generator().manual_seed(seed)
-    low = min(low, max(0, vocab_size - 2 * length))
-    half = torch.randint(low, vocab_size, (batch, length), generator=generator)
+    low = min(low, max(2, vocab_size - 2 * length))
+    if vocab_size - low < length:
+        raise ValueError(f"a vocabulary of {vocab_size} cannot give {length} distinct tokens")
+    half = torch.stack([torch.randperm(vocab_size - low, generator=generator)[:length] + low for _ in range(batch)])
     return with_bos(torch.cat([half, half], dim=1), bos_id)
 
 

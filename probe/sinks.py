@@ -37,8 +37,11 @@ def hidden_sinks(alpha: torch.Tensor, tokens: list[str], threshold: float = 0.1,
                  min_queries: int = 16) -> pd.DataFrame:
     """Non-initial positions k > first with alpha_k > threshold, per head: (layer, head, position, token, alpha).
 
-    Keys seen by fewer than `min_queries` queries are skipped: alpha of the last keys is the weight of a
-    handful of queries on themselves, not a sink (a documented departure from ACT's plain rule)."""
+    Keys seen by fewer than `min_queries` queries are skipped (a departure from ACT's plain rule): a
+    previous-token head alone gives alpha_k = 1 / (T - k), which passes 0.1 for the last ten keys.
+    `min_queries` must stay above 1 / threshold."""
+    if min_queries * threshold <= 1:
+        raise ValueError(f"min_queries ({min_queries}) must exceed 1 / threshold ({1 / threshold:.0f})")
     n_layers, n_heads, n_keys = alpha.shape
     last = n_keys - min_queries
     rows = []

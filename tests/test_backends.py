@@ -187,16 +187,22 @@ def test_site_that_never_fires_raises(name, site):
         backend.run(torch.randint(3, 100, (1, 8)), {(1, Site.RESID_POST): Keep(), (2, site): Keep()})
 
 
-def test_transformer_lens_close_gives_the_model_back():
+@pytest.mark.parametrize("name", OTHERS)
+def test_close_gives_the_model_back(name):
     hf = tiny_llama()
     ids = torch.randint(3, 100, (1, 8))
     with torch.no_grad():
         before = hf(input_ids=ids).logits
-    layer_types = [type(m) for m in hf.modules()]
-    backend = make_backend("transformer-lens", wrap(hf, TinyTokenizer()))
-    assert [type(m) for m in hf.modules()] != layer_types and hf.config._attn_implementation == "eager"
+
+    def layout():
+        return [(type(m), sorted(m.__dict__), sorted(m._parameters), sorted(m._buffers)) for m in hf.modules()]
+
+    original = layout()
+    backend = make_backend(name, wrap(hf, TinyTokenizer()))
+    backend.run(ids, {(1, Site.PATTERN): Keep(), (2, Site.Z): Keep()})
+    assert layout() != original
     backend.close()
-    assert [type(m) for m in hf.modules()] == layer_types
+    assert layout() == original
     assert hf.config._attn_implementation == "sdpa"
     native = make_backend("native", wrap(hf, TinyTokenizer()))
     reads = {(2, Site.PATTERN): Keep()}

@@ -1,0 +1,104 @@
+"""The census on a model whose answer is known: every planted mechanism is found, and nothing else."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from attnprobe.hooks import native
+from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.reducers import PatternStats
+from attnprobe.hooks.sites import Site
+from attnprobe.probe.census import Census, CensusConfig
+from attnprobe.probe.retrieval import run_sample
+
+from planted import BOS, COPY_HEAD, MASSIVE_DIM, MASSIVE_VALUE, PREVIOUS_HEAD, SINK_HEAD, planted_model
+
+SMALL = dict(sink_sequences=20, prose_sequences=2, prose_length=128, induction_length=20, perplexity_windows=2,
+             perplexity_length=64)
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory):
+    model = planted_model()
+    out = tmp_path_factory.mktemp("planted")
+    heads = Census(model, NativeBackend(model), CensusConfig(**SMALL), out).execute(
+        ("sinks", "induction", "prose", "massive_intervention"))
+    return heads, out
+
+
+def heads_with(heads, role):
+    return {(r.layer, r.head) for r in heads.itertuples() if role in r.roles.split(",")}
+
+
+def test_planted_head_roles_are_found_exactly(census_run):
+    heads, _ = census_run
+    assert heads_with(heads, "previous_token") == {PREVIOUS_HEAD}
+    assert heads_with(heads, "induction") == {COPY_HEAD}
+    assert heads_with(heads, "sink") == {SINK_HEAD}
+    assert heads_with(heads, "duplicate") == set()
+    row = heads.set_index(["layer", "head"])
+    assert row.loc[PREVIOUS_HEAD, "prev_token_score"] > 0.99
+    assert row.loc[COPY_HEAD, "induction_score"] > 0.99
+    assert row.loc[SINK_HEAD, "alpha_1"] > 0.99
+
+
+def test_sink_rate_counts_the_one_sink_head_only_with_bos(census_run):
+    _, out = census_run
+    rate = json.loads((out / "sink_rate.json").read_text())
+    assert rate["with_bos"] == pytest.approx(100 / 8)  # 1 of 2 x 4 heads
+    assert rate["without_bos"] == 0.0  # without BOS there is no massive key to attend to
+
+
+def test_massive_activation_is_the_planted_entry(census_run):
+    _, out = census_run
+    massive = pd.read_parquet(out / "massive.parquet")
+    assert set(massive["dim"]) == {MASSIVE_DIM}
+    assert set(massive["position"]) == {0}
+    assert set(massive["layer"]) == {0, 1}
+    assert massive["value"].abs().min() == pytest.approx(MASSIVE_VALUE, rel=1e-3)
+    intervention = pd.read_parquet(out / "massive_intervention.parquet")
+    assert list(intervention["intervention"]) == ["none", "zero", "mean"]
+
+
+def test_no_hidden_or_secondary_sinks_are_invented(census_run):
+    _, out = census_run
+    assert pd.read_parquet(out / "sinks.parquet").empty
+    secondary = pd.read_parquet(out / "secondary_sinks.parquet")
+    assert not (secondary["sink_class"].isin(["primary", "secondary"])).any()
+
+
+def test_copy_head_is_the_only_retrieval_head():
+    model = planted_model()
+    g = torch.Generator().manual_seed(1)
+    filler = (torch.randperm(30, generator=g) + 2).tolist()
+    key, answer = filler[0], filler[1:5]
+    haystack = filler[5:]
+    prompt = [BOS] + haystack[:12] + [key] + answer + haystack[12:] + [key]
+    start = 1 + 12 + 1
+    sample = {"prompt_ids": prompt, "answer_span": [start, start + 4], "answer": model.tokenizer.decode(answer)}
+    result = run_sample(model, NativeBackend(model), sample, max_new_tokens=4)
+    assert result["generated_ids"][:4] == answer
+    assert result["accepted"]
+    counts = torch.tensor(result["copy_counts"])
+    assert counts[COPY_HEAD] == 4
+    assert int(counts.sum()) == 4
+
+
+def test_chunked_statistics_equal_the_eager_pattern(monkeypatch):
+    """Statistics computed in query chunks, never holding T x T, equal those from the full eager pattern."""
+    model = planted_model()
+    ids = torch.cat([torch.tensor([[BOS]]), torch.randint(2, 32, (2, 90), generator=torch.Generator().manual_seed(0))[:1]], 1)
+    ids = ids.repeat(2, 1)
+    monkeypatch.setattr(native, "CHUNK_ELEMENTS", 4 * 4 * ids.shape[1] * 7)  # 7 query rows per chunk
+    stats = PatternStats(diagonals=(1, 5), track_argmax=True)
+    NativeBackend(model).run(ids, reads={(1, Site.PATTERN): stats})
+    model.hf.config._attn_implementation = "eager"
+    eager = model.hf(ids, output_attentions=True).attentions[1]
+    T = ids.shape[1]
+    assert torch.allclose(stats.column_sum, eager.sum(dim=2), atol=1e-5)
+    assert torch.allclose(stats.alpha(), eager.sum(dim=2) / torch.arange(T, 0, -1), atol=1e-6)
+    for off in (1, 5):
+        diag = torch.stack([eager[:, :, i, i - off] for i in range(off, T)], dim=-1).mean(-1)
+        assert torch.allclose(stats.diagonal(off), diag, atol=1e-6)
+    assert torch.equal(stats.argmax_steps[0], eager[:, :, -1].argmax(-1))
