@@ -111,6 +111,25 @@ def census(
     print_summary(out, heads)
 
 
+@app.command()
+def figures(
+    run_dir: Path = typer.Argument(..., help="a run directory written by census, ablate or swap"),
+    formats: str = typer.Option("png,svg", "--format", help="comma-separated: png, svg, pdf"),
+) -> None:
+    """Draw every figure the run's tables allow into RUN_DIR/figures/ and write RUN_DIR/report.html.
+
+    The report is one self-contained file (images inlined, no network). Figures whose tables the run
+    lacks are skipped and listed."""
+    from attnprobe.analyses.report import write_report
+
+    if not run_dir.is_dir():
+        raise AttnprobeError(f"run directory not found: {run_dir}")
+    with console.status("drawing figures"):
+        report = write_report(run_dir, tuple(f.strip() for f in formats.split(",") if f.strip()))
+    drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
+    console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
+
+
 def print_summary(out: Path, heads) -> None:
     """Top retrieval heads, sink rate, massive activations and induction heads of a run."""
     import json

@@ -35,6 +35,17 @@ class Backend:
     def __init__(self, model: Model) -> None:
         self.model = model
         self.info = model.info
+        self.standing: list[Edit] = []
+
+    @contextmanager
+    def standing_edits(self, edits: Sequence[Edit]) -> Iterator[None]:
+        """Apply `edits` in every run and patched block inside this context: a census of a modified model."""
+        self.check({}, edits)
+        previous, self.standing = self.standing, self.standing + list(edits)
+        try:
+            yield
+        finally:
+            self.standing = previous
 
     def check(self, reads: Reads, edits: Sequence[Edit]) -> None:
         n_layers = self.info.n_layers
@@ -51,7 +62,7 @@ class Backend:
         ids = ids.to(self.model.device)
         if ids.shape[1] > self.info.max_context > 0:
             raise AttnprobeError(f"context of {ids.shape[1]} tokens is longer than the model's window of {self.info.max_context}")
-        logits = self._run(ids, reads, list(edits))
+        logits = self._run(ids, reads, self.standing + list(edits))
         silent = [f"({layer}, {site.value})" for (layer, site), r in reads.items() if not r.fired]
         if silent:
             raise SiteNotFired(f"reads never fired on the {self.name} backend: {', '.join(silent)}")

@@ -44,6 +44,10 @@ class Edit:
     fn: EditFn
     label: str = ""
     state: dict = field(default_factory=dict)  # per-edit memory, e.g. a linear head's recurrent state
+    heads: list[int] = field(default_factory=list)  # Z edits: the heads whose output is replaced
+    # Z edits that replace attention: the effective attention rows (B, len(heads), rows, S) of those
+    # heads, so pattern reads of a modified model see what the heads now do
+    pattern_fn: Callable[["AttentionCall", torch.Tensor], torch.Tensor] | None = None
 
 
 def _heads_list(heads: Sequence[int] | int) -> list[int]:
@@ -59,7 +63,7 @@ def zero_heads(layer: int, heads: Sequence[int] | int) -> Edit:
         z[:, :, chosen, :] = 0
         return z
 
-    return Edit(layer, Site.Z, fn, f"zero L{layer} H{chosen}")
+    return Edit(layer, Site.Z, fn, f"zero L{layer} H{chosen}", heads=chosen)
 
 
 def mean_heads(layer: int, heads: Sequence[int] | int, means: torch.Tensor) -> Edit:
@@ -71,7 +75,7 @@ def mean_heads(layer: int, heads: Sequence[int] | int, means: torch.Tensor) -> E
         z[:, :, chosen, :] = means[chosen].to(z)
         return z
 
-    return Edit(layer, Site.Z, fn, f"mean L{layer} H{chosen}")
+    return Edit(layer, Site.Z, fn, f"mean L{layer} H{chosen}", heads=chosen)
 
 
 def uniform_heads(layer: int, heads: Sequence[int] | int) -> Edit:
@@ -105,7 +109,7 @@ def overwrite_entries(layer: int, entries: Sequence[tuple[int, int]], values: Se
 def replace_heads(layer: int, heads: Sequence[int] | int, head_fn: Callable[[AttentionCall, list[int], dict], torch.Tensor]) -> Edit:
     """Replace the heads' z by `head_fn(call, heads, state) -> (B, T, len(heads), d)`; other heads keep softmax."""
     chosen = _heads_list(heads)
-    edit = Edit(layer, Site.Z, lambda z, call: z, f"replace L{layer} H{chosen}")
+    edit = Edit(layer, Site.Z, lambda z, call: z, f"replace L{layer} H{chosen}", heads=chosen)
 
     def fn(z, call):
         if call is None:

@@ -106,7 +106,11 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
     else:
         call, pattern_readers = None, ()
     if pattern_readers or softcap is not None:
+        replaced = [e for e in session.edits.get((layer, Site.Z), ()) if e.pattern_fn is not None] if session else []
+
         def on_chunk(probs, rows):
+            for edit in replaced:  # a replaced head shows its kernel's attention, not the softmax it lost
+                probs[:, edit.heads] = edit.pattern_fn(call, rows).to(probs)
             for reducer in pattern_readers:
                 reducer.update(probs, rows)
 
@@ -176,7 +180,7 @@ class NativeBackend(Backend):
     def patched(self, edits, reads=None):
         reads = dict(reads or {})
         self.check(reads, edits)
-        previous, self.session = self.session, Session(reads, list(edits))
+        previous, self.session = self.session, Session(reads, self.standing + list(edits))
         try:
             yield
         finally:

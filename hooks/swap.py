@@ -59,8 +59,16 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
             state["length"] = k.shape[2]
         return z.transpose(1, 2)
 
+    def pattern_fn(call: AttentionCall, rows: torch.Tensor) -> torch.Tensor:
+        group = call.q.shape[1] // call.k.shape[1]
+        kv_heads = [head // group for head in heads]
+        offset = call.k.shape[2] - call.q.shape[2]  # query index = position - offset
+        q = call.q[:, heads][:, :, (rows - offset).to(call.q.device)]
+        return kernel.attention_weights(q, call.k[:, kv_heads], call.scaling, rows)
+
     edit = replace_heads(layer, heads, head_fn)
     edit.label = f"{kernel.name} L{layer} H{heads}"
+    edit.pattern_fn = pattern_fn
     return edit
 
 

@@ -90,6 +90,22 @@ class HybridKernel(Kernel):
         fk, vs = phi_k[:, :, start:stop], v[:, :, start:stop]
         return LinearState(linear.s + fk.transpose(-1, -2) @ vs, linear.n + fk.sum(dim=2), linear.ref)
 
+    def attention_weights(self, q, k, scaling, rows):
+        q, k = as_fp32(q, k)
+        rows = rows.to(q.device)
+        k_pos = torch.arange(k.shape[2], device=q.device)
+        offset = rows[:, None] - k_pos[None, :]
+        visible = offset >= 0
+        exact = visible & ((offset < self.window) | (k_pos < self.sinks)[None, :])
+        scores = ((q @ k.transpose(-1, -2)) * scaling).masked_fill(~exact, float("-inf"))
+        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        if self.feature_map is not None:
+            share = torch.sigmoid(self.window_logit)[None, :, None, None]
+            phi_q, phi_k = self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+            middle = visible & ~exact & (k_pos >= self.sinks)[None, :]
+            weights = share * weights + (1 - share) * (phi_q @ phi_k.transpose(-1, -2)) * middle
+        return safe_ratio(weights, weights.sum(-1))
+
     def quadratic(self, q, k, v, scaling):
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)

@@ -58,6 +58,15 @@ class LinearKernel(Kernel):
         weights = (phi_q @ phi_k.transpose(-1, -2)) * causal_mask(q.shape[2], k.shape[2], q.device)
         return safe_ratio(weights @ v, weights.sum(-1)).to(dtype)
 
+    def attention_weights(self, q, k, scaling, rows):
+        q, k = as_fp32(q, k)
+        phi_q, _ = self.feature_map(q, scaling)
+        phi_k, log_k = self.feature_map(k, scaling)
+        _, phi_k = rescale_keys(self.empty_state(q, 1), phi_k, log_k)
+        visible = torch.arange(k.shape[2], device=q.device)[None, :] <= rows[:, None].to(q.device)
+        weights = (phi_q @ phi_k.transpose(-1, -2)) * visible
+        return safe_ratio(weights, weights.sum(-1))
+
     def prefill(self, q, k, v, scaling):
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)

@@ -58,6 +58,11 @@ class Kernel(nn.Module):
     def prefill(self, q, k, v, scaling: float):
         raise NotImplementedError
 
+    def attention_weights(self, q, k, scaling: float, rows: torch.Tensor) -> torch.Tensor:
+        """The effective attention of queries `q` (B, H, R, d) at absolute positions `rows` over keys
+        k (B, H, S, d): (B, H, R, S), rows summing to 1. What a census sees of a replaced head."""
+        raise NotImplementedError
+
     def step(self, state, q, k, v, scaling: float):
         """One token: q, k, v are (B, H, 1, d) in fp32; returns (z (B, H, 1, d), new state)."""
         raise NotImplementedError
@@ -90,6 +95,12 @@ class SoftmaxKernel(Kernel):
         scores = (q @ k.transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
         return (torch.softmax(scores, dim=-1) @ v).to(dtype)
+
+    def attention_weights(self, q, k, scaling, rows):
+        q, k = as_fp32(q, k)
+        scores = (q @ k.transpose(-1, -2)) * scaling
+        visible = torch.arange(k.shape[2], device=q.device)[None, :] <= rows[:, None].to(q.device)
+        return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
     def prefill(self, q, k, v, scaling):
         dtype = q.dtype

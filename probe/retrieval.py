@@ -14,6 +14,7 @@ recall of the *answer* in the response exceeds 0.5 (the reference compares with 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -177,23 +178,24 @@ def _stop_ids(tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS,
-                  stop_at_newline: bool = True, prefill_context=None, decode_context=None) -> list[int]:
+def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS, stop_at_newline: bool = True,
+                  prefill_context=None, decode_context=None, past: tuple[object, int] | None = None) -> list[int]:
     """Greedy continuation of `prompt_ids` with a KV cache; stops at EOS/end of turn, or a newline after text.
 
     The prompt minus its last token is prefilled in `prefill_context`; every token-producing step
     (the first one feeds the prompt's last token) runs in `decode_context`. Both default to no
-    context, so the caller's active `backend.patched(...)` edits apply throughout."""
-    if max(len(prompt_ids), 1) + max_new_tokens > model.info.max_context > 0:
+    context, so the caller's active `backend.patched(...)` edits apply throughout. `past` is
+    (cache, n): a KV cache of the prompt's first n tokens to start from (it is consumed)."""
+    if len(prompt_ids) + max_new_tokens > model.info.max_context > 0:
         raise AttnprobeError(f"prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceeds the model's "
                              f"window of {model.info.max_context}; use a shorter length")
     tokenizer, device = model.tokenizer, model.device
     stops = _stop_ids(tokenizer)
     ids = torch.tensor([list(prompt_ids)], device=device)
-    cache = None
-    if ids.shape[1] > 1:
+    cache, done = past if past is not None else (None, 0)
+    if ids.shape[1] - 1 > done:
         with prefill_context or nullcontext():
-            cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            cache = extend_cache(model, cache, ids[:, done:-1])
     step_input, generated, text = ids[:, -1:], [], ""
     with decode_context or nullcontext():
         for _ in range(max_new_tokens):
@@ -209,6 +211,11 @@ def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NE
             text += piece
             step_input = torch.tensor([[token]], device=device)
     return generated
+
+
+def extend_cache(model, cache, ids: torch.Tensor):
+    """Feed `ids` (1, n) on top of `cache` (None: a new one) and return the cache; no logits are kept."""
+    return model.hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
 
 
 def answer_text(tokenizer, generated: Sequence[int]) -> str:
@@ -298,11 +305,11 @@ def sample_key(length: int, depth: float, needle_index: int) -> str:
     return f"len{length}-depth{round(depth * 100):03d}-needle{needle_index}"
 
 
-def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX_NEW_TOKENS, past=None) -> dict:
     """Decode one built sample with last-row argmax reads on every layer; add generation, acceptance and copy counts."""
     n_layers = model.info.n_layers
     reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(n_layers)}
-    generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens,
+    generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens, past=past,
                               prefill_context=backend.patched(list(edits)),
                               decode_context=backend.patched(list(edits), reads))
     argmax = torch.stack([torch.stack(reads[(layer, Site.PATTERN)].argmax_steps)[:, 0] for layer in range(n_layers)], dim=1)
@@ -311,6 +318,27 @@ def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX
     return {**sample, "generated_ids": generated, "generated_text": response, "rouge1_recall": recall,
             "accepted": recall > ACCEPT_RECALL,
             "copy_counts": copy_counts(argmax, generated, sample["prompt_ids"], sample["answer_span"]).tolist()}
+
+
+class SharedPrefix:
+    """One running KV cache over the common start of many prompts (template + haystack before the needle).
+
+    Prompts are visited in order of their shared length; each gets a copy of the cache grown to its
+    needle, so the haystack before a needle is prefilled once for the whole grid, not once per sample."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache, self.ids = None, []
+
+    @torch.no_grad()
+    def upto(self, prompt_ids: Sequence[int], n: int) -> tuple[object, int]:
+        prompt_ids = list(prompt_ids)
+        if prompt_ids[:len(self.ids)] != self.ids or n < len(self.ids):
+            self.cache, self.ids = None, []  # a different start: begin again
+        if n > len(self.ids):
+            self.cache = extend_cache(self.model, self.cache, torch.tensor([prompt_ids[len(self.ids):n]], device=self.model.device))
+            self.ids = prompt_ids[:n]
+        return copy.deepcopy(self.cache), n
 
 
 def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, depths: Sequence[float] = DEFAULT_DEPTHS,
@@ -322,23 +350,28 @@ def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, d
     needles: None (the first two packaged ones), a count, or a list of {needle, question, answer}.
     haystack: path of a text file (default: the standard library's documentation prose).
     done: sample key -> finished sample dict, skipped (resume); on_sample(sample) sees each new one.
-    Returns (heads table [layer, head, retrieval_score, retrieval_activation, kv_head], samples)."""
+    edits: kept on during the whole sample (then no prefix is shared, since an edit may hold state).
+    Returns (heads table [layer, head, retrieval_score, retrieval_activation, kv_head], samples in grid order)."""
     chosen = _choose_needles(needles)
     done = dict(done or {})
     hay = texts.haystack_ids(model.tokenizer, max(lengths), path=haystack)
-    samples = []
+    finished, todo = {}, []
     for length in lengths:
         for depth in depths:
             for index, needle in enumerate(chosen):
                 key = sample_key(length, depth, index)
                 if key in done:
-                    samples.append(done[key])
+                    finished[key] = done[key]
                     continue
                 built = build_sample(model.tokenizer, hay[:length], needle, depth, prompt_format, bos)
-                sample = run_sample(model, backend, {"key": key, "length": length, "depth": depth,
-                                                     "needle_index": index, **built}, edits, max_new_tokens)
-                samples.append(sample)
-                if on_sample is not None:
-                    on_sample(sample)
+                todo.append({"key": key, "length": length, "depth": depth, "needle_index": index, **built})
+    prefix = SharedPrefix(model) if not edits else None
+    for sample in sorted(todo, key=lambda s: s["needle_span"][0]):
+        past = prefix.upto(sample["prompt_ids"], sample["needle_span"][0]) if prefix is not None else None
+        finished[sample["key"]] = result = run_sample(model, backend, sample, edits, max_new_tokens, past)
+        if on_sample is not None:
+            on_sample(result)
+    samples = [finished[sample_key(length, depth, index)] for length in lengths for depth in depths
+               for index in range(len(chosen))]
     info = model.info
     return heads_table(samples, info.n_layers, info.n_heads, info.n_kv_heads), samples

@@ -1,0 +1,53 @@
+"""A replaced head's effective attention: weights @ v is the kernel's own output, and census reads see it."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from attnprobe.hooks.model import Model, describe
+from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.reducers import Keep
+from attnprobe.hooks.sites import Site
+from attnprobe.hooks.swap import swap_edits
+from attnprobe.kernels.registry import KERNELS, make_kernel
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_weights_times_values_is_the_kernel_output(name):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    options = {"window": 8} if "window" in name else {}
+    kernel = make_kernel(name, 3, 16, **options)
+    rows = torch.arange(40)
+    weights = kernel.attention_weights(q, k, 0.25, rows)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 40), atol=1e-5)
+    assert torch.all(weights.triu(1) == 0)  # causal
+    assert torch.allclose(weights @ v, kernel.quadratic(q, k, v, 0.25), atol=1e-4)
+
+
+class _Tok:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        return type("E", (), {"input_ids": [5]})()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    hf = LlamaForCausalLM(config).eval()
+    return Model(hf, _Tok(), describe(hf, _Tok(), "tiny", "none", "test"))
+
+
+def test_pattern_reads_of_a_swapped_model_show_the_kernel():
+    model = _tiny()
+    backend = NativeBackend(model)
+    ids = torch.randint(0, 64, (1, 30))
+    original, softmax_swap, elu_swap = Keep(), Keep(), Keep()
+    backend.run(ids, reads={(1, Site.PATTERN): original})
+    backend.run(ids, reads={(1, Site.PATTERN): softmax_swap}, edits=swap_edits(model, "softmax", layers=[1]))
+    with backend.standing_edits(swap_edits(model, "elu", layers=[1], heads=[2])):
+        backend.run(ids, reads={(1, Site.PATTERN): elu_swap})
+    assert torch.allclose(original.result(), softmax_swap.result(), atol=1e-6)
+    changed = (original.result() - elu_swap.result()).abs().amax(dim=(0, 2, 3))
+    assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3]] == 0)
