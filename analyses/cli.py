@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -128,6 +129,195 @@ def figures(
         report = write_report(run_dir, tuple(f.strip() for f in formats.split(",") if f.strip()))
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
+
+
+HeadsOption = typer.Option(None, "--heads", help="3.1,7.4 | top:K:SCORE (needs --from) | random:K | all")
+LayersOption = typer.Option(None, "--layers", help="every head of these layers: 0-29, 3,5,7 or 0-29:every4")
+FromOption = typer.Option(None, "--from", help="census run directory whose heads.parquet ranks heads")
+
+
+def _run_dir(out: Optional[Path], kind: str, model: str) -> Path:
+    return out or Path("runs") / f"{kind}-{Path(model).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _write_manifest(out: Path, loaded, backend: str, extra: dict, started: float) -> None:
+    from attnprobe.probe.rundir import write_json
+
+    write_json(out / "manifest.json", {"model_id": loaded.info.model_id, "weights_sha256": loaded.info.weights_sha256,
+                                       "backend": backend, "info": loaded.info.to_dict(),
+                                       "wall_time_s": time.time() - started, **extra})
+
+
+@app.command()
+def ablate(
+    model: str = ModelOption,
+    heads: Optional[str] = HeadsOption,
+    layers: Optional[str] = LayersOption,
+    from_run: Optional[Path] = FromOption,
+    exclude: Optional[str] = typer.Option(None, help="heads random:K never draws (same syntax as --heads)"),
+    seed: int = typer.Option(0, help="seed for random:K"),
+    mode: str = typer.Option("uniform", help="zero | mean | uniform (query zeroed, the retrieval-head paper's masking) | calibrate (ACT, beta 0.4)"),
+    sweep: Optional[str] = typer.Option(None, help="K values, e.g. 5,10,20: mask top-K by --score against random-K (needs --from)"),
+    seeds: int = typer.Option(3, help="random draws per K in a sweep"),
+    score: str = typer.Option("retrieval_score", help="heads.parquet column that ranks heads in a sweep"),
+    lengths: str = typer.Option("512,1024", help="NIAH / passkey context lengths"),
+    depths: str = typer.Option("0,0.5,1", help="needle depths (0-1)"),
+    task: str = typer.Option("niah", help="niah | passkey"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/ablate-MODEL-TIME)"),
+) -> None:
+    """Ablate heads and measure recall, or sweep top-K against random-K heads.
+
+    Writes ablation.parquet (task, selection, k, seed, accuracy, n, 95 % Wilson interval), niah.parquet
+    (every sample: variant, task, length, depth, correct) and manifest.json."""
+    from attnprobe.analyses import recall
+    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, masking_sweep, wilson_interval
+    from attnprobe.analyses.selection import parse_heads
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.probe.rundir import write_parquet
+
+    if mode not in MODES:
+        raise AttnprobeError(f"unknown ablation mode '{mode}': choose one of {', '.join(MODES)}")
+    if task not in ("niah", "passkey"):
+        raise AttnprobeError(f"unknown task '{task}': choose niah or passkey")
+    if sweep is None and not heads and not layers:
+        raise AttnprobeError("say which heads: --heads (e.g. 3.1,7.4 or top:10:retrieval_score --from RUN) or --layers, or --sweep 5,10,20")
+    length_list, depth_list = [int(x) for x in _floats(lengths, "--lengths")], _floats(depths, "--depths")
+
+    def run_task(m, label):
+        if task == "niah":
+            return recall.niah(m, length_list, depth_list, variant=label)
+        return recall.passkey(m, length_list, depth_list, samples=2, variant=label)
+
+    loaded = _load(model)
+    backend_impl = make_backend("native", loaded)
+    out = _run_dir(out, "ablate", model)
+    started = time.time()
+    if sweep is not None:
+        ks = [int(k) for k in _floats(sweep, "--sweep")]
+        with console.status("sweeping") as status:
+            summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score,
+                                          progress=lambda message: status.update(f"sweep: {message}"))
+        chosen_label = f"sweep {ks} by {score}"
+    else:
+        chosen = parse_heads(heads, loaded.info, from_run, seed, exclude, layers)
+        console.print(f"ablating {len(chosen)} heads ({mode}): " + ", ".join(f"{l}.{h}" for l, h in chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
+        with console.status("evaluating"):
+            original = evaluate(loaded, backend_impl, [], run_task, "original").assign(selection="none", k=0, seed=-1)
+            ablated = evaluate(loaded, backend_impl, ablation_edits(loaded, backend_impl, chosen, mode), run_task,
+                               "ablated").assign(selection="chosen", k=len(chosen), seed=seed)
+        rows = pd.concat([original, ablated], ignore_index=True)
+        summary = []
+        for (name, selection, k, s), group in rows.groupby(["task", "selection", "k", "seed"]):
+            low, high = wilson_interval(int(group["correct"].sum()), len(group))
+            summary.append({"task": name, "selection": selection, "k": int(k), "seed": int(s),
+                            "accuracy": float(group["correct"].mean()), "n": len(group), "ci_low": low, "ci_high": high})
+        summary = pd.DataFrame(summary)
+        chosen_label = ",".join(f"{l}.{h}" for l, h in chosen)
+    write_parquet(out / "ablation.parquet", summary)
+    write_parquet(out / "niah.parquet", rows.drop(columns=[c for c in ("response",) if c in rows]))
+    _write_manifest(out, loaded, "native", {"command": "ablate", "mode": mode, "heads": chosen_label, "task": task,
+                                            "lengths": length_list, "depths": depth_list}, started)
+    table = Table(title=f"ablation ({mode}) -> {out}")
+    for column in ("selection", "k", "seed", "accuracy", "n", "ci_low", "ci_high"):
+        table.add_column(column)
+    for r in summary.itertuples():
+        table.add_row(r.selection, str(r.k), str(r.seed), f"{r.accuracy:.2f}", str(r.n), f"{r.ci_low:.2f}", f"{r.ci_high:.2f}")
+    console.print(table)
+
+
+@app.command()
+def swap(
+    model: str = ModelOption,
+    kernel: Optional[str] = typer.Option(None, help="softmax | elu | relu | taylor | performer | hedgehog | window+linear | sink+window | sink+window+linear"),
+    heads: Optional[str] = HeadsOption,
+    layers: Optional[str] = LayersOption,
+    from_run: Optional[Path] = FromOption,
+    fit_tokens: int = typer.Option(2048, help="calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)"),
+    fit_steps: int = typer.Option(30, help="Adam steps of attention transfer per layer"),
+    matrix: bool = typer.Option(False, "--matrix", help="evaluate the named architectures and write the mechanism-loss matrix"),
+    variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all; --list-variants shows them)"),
+    list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
+    census: bool = typer.Option(True, help="re-run a small census on each modified model"),
+    quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume a matrix"),
+) -> None:
+    """Replace heads in place with linear or hybrid kernels and measure what is lost.
+
+    One swap (--kernel with --heads/--layers) or the whole matrix (--matrix). Writes matrix.parquet and
+    matrix.md (rows: architectures; columns: sinks, massive activations, retrieval and induction heads
+    present, passkey / key-value / copy accuracy, perplexity, KV or state bytes per token),
+    recall.parquet (every sample), fits/ (fitted kernels as safetensors + manifest) and census/ per
+    architecture."""
+    from attnprobe.analyses.architectures import MatrixSizes, Variant, catalogue, evaluate_variant
+    from attnprobe.analyses.selection import parse_heads
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.kernels.registry import KERNELS
+    from attnprobe.probe.rundir import read_json, write_json, write_parquet
+
+    loaded = _load(model)
+    names = catalogue(loaded)
+    if list_variants:
+        for variant in names.values():
+            console.print(f"{variant.name:<24} {variant.description}")
+        return
+    heads_table = None
+    if from_run is not None:
+        if not (from_run / "heads.parquet").exists():
+            raise AttnprobeError(f"{from_run / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
+        heads_table = pd.read_parquet(from_run / "heads.parquet")
+    if matrix:
+        wanted = [v.strip() for v in variants.split(",")] if variants else list(names)
+        unknown = [v for v in wanted if v not in names]
+        if unknown:
+            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+        if heads_table is None:
+            skipped = [v for v in wanted if v.startswith("keep-")]
+            if skipped:
+                console.print(f"[yellow]skipping {', '.join(skipped)}: they need --from a census run[/yellow]")
+            wanted = [v for v in wanted if v not in skipped]
+        chosen_variants = [names[v] for v in wanted]
+    else:
+        if kernel is None:
+            raise AttnprobeError("say what to swap: --kernel NAME with --heads/--layers, or --matrix")
+        if kernel not in KERNELS:
+            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
+        replaced = set(parse_heads(heads, loaded.info, from_run, 0, None, layers or (None if heads else f"0-{loaded.info.n_layers - 1}")))
+        everyone = {(l, h) for l in range(loaded.info.n_layers) for h in range(loaded.info.n_heads)}
+        keep = everyone - replaced
+        chosen_variants = [names["original"], Variant(f"swap-{kernel}", kernel, lambda m, t: keep, f"{len(replaced)} heads {kernel}")]
+    sizes = MatrixSizes(census=census, fit_tokens=fit_tokens, fit_steps=fit_steps)
+    if quick:
+        sizes = MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
+                            perplexity_tokens=256, census=census, census_lengths=(128,), fit_tokens=256, fit_steps=2)
+    out = _run_dir(out, "swap", model)
+    backend_impl = make_backend("native", loaded)
+    started = time.time()
+    rows, recall_rows = [], []
+    with console.status("evaluating") as status:
+        for variant in chosen_variants:
+            done = out / "variants" / f"{variant.name}.json"
+            if done.exists():  # resume: a finished architecture is not evaluated again
+                rows.append(read_json(done))
+                recall_rows.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
+                continue
+            row, samples = evaluate_variant(loaded, backend_impl, variant, heads_table, out, sizes,
+                                            progress=lambda message: status.update(message))
+            write_parquet(out / "variants" / f"{variant.name}.parquet", samples.drop(columns=["response"], errors="ignore"))
+            write_json(done, row)
+            rows.append(row)
+            recall_rows.append(samples)
+            console.print(f"{variant.name}: passkey {row['passkey_acc']:.2f}, kv {row['kv_recall_acc']:.2f}, "
+                          f"copy {row['copy_acc']:.2f}, ppl {row['perplexity']:.2f}")
+    table = pd.DataFrame(rows)
+    recall_table = pd.concat(recall_rows, ignore_index=True).drop(columns=["response"], errors="ignore")
+    write_parquet(out / "matrix.parquet", table)
+    write_parquet(out / "recall.parquet", recall_table)
+    write_parquet(out / "niah.parquet", recall_table[recall_table["task"] == "passkey"])
+    (out / "matrix.md").write_text(table.drop(columns=["description"]).to_markdown(index=False, floatfmt=".3g") + "\n")
+    _write_manifest(out, loaded, "native", {"command": "swap", "variants": [v.name for v in chosen_variants],
+                                            "sizes": sizes.__dict__}, started)
+    console.print(table.drop(columns=["description"]).to_string(index=False))
+    console.print(f"-> {out / 'matrix.md'}")
 
 
 def print_summary(out: Path, heads) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from functools import lru_cache
 from typing import Sequence
 
 import pandas as pd
@@ -51,7 +52,7 @@ def _fits(model, n_tokens: int) -> None:
 
 
 def passkey(model, lengths: Sequence[int] = (256, 512, 1024), depths: Sequence[float] = (0.0, 0.5, 1.0),
-            samples: int = 2, seed: int = 0, variant: str = "base", bos: bool | None = None) -> pd.DataFrame:
+            samples: int = 1, seed: int = 0, variant: str = "base", bos: bool | None = None) -> pd.DataFrame:
     """Passkey retrieval: a 5-digit key hidden in repetitive filler of `length` tokens at `depth` (0-1).
 
     Plain completion format ('... The pass key is'); correct when the first number generated is the key."""
@@ -90,9 +91,14 @@ def niah(model, lengths: Sequence[int] = (512, 1024), depths: Sequence[float] = 
     return pd.DataFrame(rows, columns=COLUMNS + ["answer", "response"])
 
 
+@lru_cache(maxsize=1)
+def _vocabulary() -> tuple[str, ...]:
+    return tuple(sorted(set(re.findall(r"\b[a-z]{4,9}\b", texts.prose()))))
+
+
 def _key_words(n: int, rng: random.Random) -> list[str]:
     """n distinct lowercase words from the offline prose, drawn with `rng`."""
-    vocabulary = sorted(set(re.findall(r"\b[a-z]{4,9}\b", texts.prose())))
+    vocabulary = _vocabulary()
     if len(vocabulary) < n:
         raise AttnprobeError(f"only {len(vocabulary)} distinct words for {n} keys; use fewer pairs")
     return rng.sample(vocabulary, n)
@@ -121,8 +127,11 @@ def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 4, see
     return pd.DataFrame(rows, columns=COLUMNS + ["answer", "response"])
 
 
-def copy_candidates(tokenizer) -> list[int]:
-    """Token ids that decode to one alphabetic word and encode back to themselves (word tokens with a leading space preferred)."""
+def copy_candidates(tokenizer, wanted: int = 1000) -> list[int]:
+    """Token ids that decode to one alphabetic word and encode back to themselves.
+
+    Scans ids in order and stops at `wanted` word tokens with a leading space (single letters or
+    bare words are used only when a small vocabulary has too few)."""
     vocab_size = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     spaced, bare = [], []
     for token in range(vocab_size):
@@ -131,6 +140,8 @@ def copy_candidates(tokenizer) -> list[int]:
         if not word.isascii() or not word.isalpha() or _encode(tokenizer, text) != [token]:
             continue
         (spaced if text.startswith(" ") and len(word) >= 3 else bare).append(token)
+        if len(spaced) >= wanted:
+            return spaced
     return spaced if len(spaced) >= 100 else spaced + bare
 
 
@@ -163,7 +174,7 @@ def copying(model, lengths: Sequence[int] = (8, 16, 32, 64), samples: int = 4, s
     return pd.DataFrame(rows, columns=COLUMNS + ["token_accuracy"])
 
 
-def perplexity(model, n_tokens: int = 4096, chunk: int = 512, variant: str = "base", bos: bool | None = None,
+def perplexity(model, n_tokens: int = 2048, chunk: int = 512, variant: str = "base", bos: bool | None = None,
                path=None) -> pd.DataFrame:
     """Perplexity on held-out text (disjoint from the haystacks), in chunks of `chunk` tokens.
 

@@ -33,15 +33,19 @@ class Reducer:
 
 
 class Keep(Reducer):
-    """Keep the tensor of each call (pattern chunks are joined along the query axis)."""
+    """Keep the tensor of each call (pattern chunks are joined along the query axis).
 
-    def __init__(self) -> None:
+    Kept in fp32 on the CPU unless `on_device` (e.g. a teacher pass that a GPU fit will use)."""
+
+    def __init__(self, on_device: bool = False) -> None:
         super().__init__()
+        self.on_device = on_device
         self.parts: list[torch.Tensor] = []
         self.row_parts: list[torch.Tensor] = []
 
     def _update(self, x, rows):
-        self.parts.append(x.detach().float().cpu().clone())
+        kept = x.detach().float()
+        self.parts.append(kept.clone() if self.on_device else kept.cpu().clone())
         if rows is not None:
             self.row_parts.append(rows.cpu())
 

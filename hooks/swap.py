@@ -115,7 +115,7 @@ def swap_edits(model: Model, kernel: str | FitResult, layers: Sequence[int] | No
 def collect_teacher(backend: Backend, ids: torch.Tensor, layers: Sequence[int]) -> dict[int, TeacherLayer]:
     """One softmax pass over `ids` (B, T) keeping each layer's q, k, v (GQA-repeated) and z, (B, H, T, d)."""
     sites = (Site.Q, Site.K, Site.V, Site.Z)
-    reads = {(layer, site): Keep() for layer in layers for site in sites}
+    reads = {(layer, site): Keep(on_device=True) for layer in layers for site in sites}
     backend.run(ids, reads)
     attention = decoder_layers(backend.model.hf)
     teachers = {}

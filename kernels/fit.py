@@ -107,7 +107,7 @@ def fit_kernels(name: str, teachers: Mapping[int, TeacherLayer], heads: Mapping[
         teacher = teachers[layer]
         chosen[layer] = list(heads[layer]) if heads and layer in heads else list(range(teacher.q.shape[1]))
         teacher = teacher.heads(chosen[layer])
-        kernels[layer] = make_kernel(name, len(chosen[layer]), teacher.q.shape[-1], **options)
+        kernels[layer] = make_kernel(name, len(chosen[layer]), teacher.q.shape[-1], **options).to(teacher.q.device)
         losses[layer] = fit_layer(kernels[layer], teacher, steps, lr).tolist()
     tokens = teachers[layers[0]].tokens if layers else 0
     options = next(iter(kernels.values())).options() if kernels else dict(options)

@@ -34,7 +34,7 @@ from attnprobe.hooks.sites import Site
 from . import texts
 
 DEFAULT_LENGTHS = (512, 1024, 2048)
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_DEPTHS = (0.0, 0.5, 1.0)
 DEFAULT_NEEDLES = 2
 MAX_NEW_TOKENS = 50
 ACCEPT_RECALL = 0.5

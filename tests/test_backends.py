@@ -82,13 +82,20 @@ def smollm2_case() -> Case:
     model = load_model("smollm2-135m", device="cpu")
     ids = torch.tensor([model.tokenizer("The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire.").input_ids])
     # fp32 through 30 layers: logits move by ~6e-5 between SDPA, chunked and eager attention, and the
-    # residual stream (massive activations near 2e4) by a few 1e-8 of its size.
-    return Case(model.hf, model.tokenizer, ids, atol=1e-4, rtol=1e-5)
+    # residual stream (massive activations near 2e4) by up to 2e-7 of its largest entry.
+    return Case(model.hf, model.tokenizer, ids, atol=1e-4, rtol=1e-6)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", pytest.param("smollm2", marks=pytest.mark.real_model)])
 def case(request):
     return tiny_case() if request.param == "tiny-llama" else smollm2_case()
+
+
+def assert_near(got, want, case, what=""):
+    """Max difference within atol + rtol x the tensor's largest entry (residuals hold massive activations)."""
+    assert got.shape == want.shape, what
+    error, bound = float((got - want).abs().max()), case.atol + case.rtol * float(want.abs().max())
+    assert error <= bound, f"{what}: max difference {error:.2e} > {bound:.2e}"
 
 
 def keep_all(layers, sites):
@@ -108,7 +115,7 @@ def softmax_heads(call, heads, state):
 def test_logits_match_plain_transformers(case, name):
     logits = case.backend(name).run(case.ids)
     assert logits.shape == case.logits.shape
-    torch.testing.assert_close(logits, case.logits, atol=case.atol, rtol=case.rtol)
+    assert_near(logits, case.logits, case)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -118,7 +125,7 @@ def test_pattern_matches_eager_attention(case, name):
     case.backend(name).run(case.ids, reads)
     for layer in layers:
         pattern = reads[(layer, Site.PATTERN)].result()
-        torch.testing.assert_close(pattern, case.attentions[layer], atol=case.atol, rtol=case.rtol)
+        assert_near(pattern, case.attentions[layer], case)
         torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]), atol=1e-5, rtol=0)
 
 
@@ -136,7 +143,7 @@ def test_every_site_matches_native(case, name):
     for (layer, site), reducer in reads.items():
         got = reducer.result()
         assert got.shape == shapes.get(site, (batch, length, info.d_model)), (layer, site)
-        torch.testing.assert_close(got, reference[(layer, site)].result(), atol=case.atol, rtol=case.rtol, msg=f"{layer} {site}")
+        assert_near(got, reference[(layer, site)].result(), case, f"{layer} {site}")
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -144,14 +151,14 @@ def test_head_edits_agree(case, name):
     layer = case.info.n_layers // 2
     backend, native = case.backend(name), case.backend("native")
     zeroed = backend.run(case.ids, edits=[zero_heads(layer, 1)])
-    torch.testing.assert_close(zeroed, native.run(case.ids, edits=[zero_heads(layer, 1)]), atol=case.atol, rtol=case.rtol)
+    assert_near(zeroed, native.run(case.ids, edits=[zero_heads(layer, 1)]), case)
     assert (zeroed - case.logits).abs().max() > 1e-3
     uniform = backend.run(case.ids, edits=[uniform_heads(layer, [0, 2])])
-    torch.testing.assert_close(uniform, native.run(case.ids, edits=[uniform_heads(layer, [0, 2])]), atol=case.atol, rtol=case.rtol)
+    assert_near(uniform, native.run(case.ids, edits=[uniform_heads(layer, [0, 2])]), case)
     assert (uniform - case.logits).abs().max() > 1e-4
     # Replacing heads by softmax recomputed from the call gives back the model: the call holds the true q, k, v.
     recomputed = backend.run(case.ids, edits=[replace_heads(layer, [0, 1], softmax_heads)])
-    torch.testing.assert_close(recomputed, case.logits, atol=case.atol, rtol=case.rtol)
+    assert_near(recomputed, case.logits, case)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -165,7 +172,21 @@ def test_identity_edits_leave_logits_unchanged(case, name):
     edits = [Edit(1, site, identity) for site in Site if site != Site.PATTERN or name == "transformer-lens"]
     logits = case.backend(name).run(case.ids, edits=edits)
     assert len(seen) == len(edits)
-    torch.testing.assert_close(logits, case.logits, atol=case.atol, rtol=case.rtol)
+    assert_near(logits, case.logits, case)
+
+
+@pytest.mark.parametrize("name", OTHERS)
+@pytest.mark.parametrize("site", [site for site in Site if site != Site.PATTERN])
+def test_an_edit_at_each_site_agrees_with_native(case, name, site):
+    def halve_first_slice(tensor, call):
+        tensor = tensor.clone()
+        tensor[:, :1] *= 0.5  # first head (q, k, v) or first position (z and residual sites)
+        return tensor
+
+    edit = Edit(1, site, halve_first_slice)
+    logits = case.backend(name).run(case.ids, edits=[edit])
+    assert_near(logits, case.backend("native").run(case.ids, edits=[edit]), case)
+    assert (logits - case.logits).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -227,16 +248,16 @@ def test_gemma3_sliding_window(gemma, name):
     layers = range(gemma.info.n_layers)
     reads = keep_all(layers, [Site.PATTERN])
     logits = gemma.backend(name).run(gemma.ids, reads)
-    torch.testing.assert_close(logits, gemma.logits, atol=gemma.atol, rtol=0)
+    assert_near(logits, gemma.logits, gemma)
     window = gemma.hf.config.sliding_window
     beyond = torch.ones(12, 12).tril(-window).bool()  # query i, key j with i - j >= window
     for layer in layers:
         pattern = reads[(layer, Site.PATTERN)].result()
-        torch.testing.assert_close(pattern, gemma.attentions[layer], atol=gemma.atol, rtol=0)
+        assert_near(pattern, gemma.attentions[layer], gemma)
         mass_beyond = pattern[..., beyond].abs().max()
         if gemma.info.window(layer) is None:
             assert mass_beyond > 1e-3
         else:
             assert mass_beyond == 0
     zeroed = gemma.backend(name).run(gemma.ids, edits=[zero_heads(2, 3)])
-    torch.testing.assert_close(zeroed, gemma.backend("native").run(gemma.ids, edits=[zero_heads(2, 3)]), atol=gemma.atol, rtol=0)
+    assert_near(zeroed, gemma.backend("native").run(gemma.ids, edits=[zero_heads(2, 3)]), gemma)

@@ -1,0 +1,198 @@
+"""Named architectures built from a softmax model by replacing heads in place, and the
+mechanism-loss matrix: which mechanisms and how much recall each architecture keeps.
+
+Learned kernels are fitted once per kernel over every head (attention transfer) and each variant takes
+the heads it replaces from that fit, so variants differ only in which heads stay softmax.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.edits import Edit
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.model import Model
+from attnprobe.hooks.swap import fit_heads, swap_edits
+from attnprobe.kernels.fit import FitResult, load_fit, save_fit
+from attnprobe.kernels.registry import HYBRIDS, KERNELS
+from attnprobe.probe import texts
+from attnprobe.probe.census import Census, CensusConfig
+
+from . import recall
+
+LEARNED = ("hedgehog", "window+linear", "sink+window+linear")
+Head = tuple[int, int]
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: str | None  # None: the original model
+    keep: Callable[[Model, pd.DataFrame | None], set[Head]]  # heads that stay softmax
+    description: str
+
+
+def _none(model, heads):
+    return set()
+
+
+def _every_nth_layer(n: int):
+    def keep(model, heads):
+        return {(layer, h) for layer in range(model.info.n_layers) if layer % n == n - 1 for h in range(model.info.n_heads)}
+    return keep
+
+
+def _by_score(column: str, threshold: float):
+    def keep(model, heads):
+        if heads is None or column not in heads:
+            raise AttnprobeError(f"this variant keeps heads by {column}: pass --from a census run directory")
+        chosen = heads[heads[column] > threshold]
+        return {(int(r.layer), int(r.head)) for r in chosen.itertuples()}
+    return keep
+
+
+def _full_layers(model, heads):
+    return {(layer, h) for layer, kind in enumerate(model.info.layer_types) if kind == "full" for h in range(model.info.n_heads)}
+
+
+def catalogue(model: Model) -> dict[str, Variant]:
+    """Every named architecture that makes sense for `model`."""
+    variants = [Variant("original", None, _none, "the pretrained softmax model")]
+    for kernel in ("elu", "relu", "taylor", "performer", "hedgehog"):
+        variants.append(Variant(f"all-{kernel}", kernel, _none, f"every head {kernel} linear attention"))
+    for n in (2, 4, 6):
+        variants.append(Variant(f"layers-1of{n}-softmax", "hedgehog", _every_nth_layer(n),
+                                f"1 of every {n} layers softmax, the rest hedgehog"))
+    variants.append(Variant("keep-retrieval-heads", "hedgehog", _by_score("retrieval_score", 0.1),
+                            "census retrieval heads (score > 0.1) softmax, the rest hedgehog"))
+    variants.append(Variant("keep-sink-heads", "hedgehog", _by_score("alpha_1", 0.3),
+                            "census sink heads (alpha_1 > 0.3) softmax, the rest hedgehog"))
+    for kernel in HYBRIDS:
+        variants.append(Variant(kernel, kernel, _none, f"every head {kernel}"))
+    if "sliding" in model.info.layer_types:
+        variants.append(Variant("linear-sliding-layers", "hedgehog", _full_layers,
+                                "the native sliding-window layers hedgehog, the full layers softmax"))
+    return {v.name: v for v in variants}
+
+
+def fitted_kernel(model: Model, backend: Backend, kernel: str, fit_dir: Path, tokens: int, steps: int) -> FitResult | str:
+    """A fit over every head, loaded from `fit_dir/kernel` or made and saved there; a name for parameter-free kernels."""
+    if kernel not in LEARNED:
+        return kernel
+    where = fit_dir / kernel.replace("+", "_")
+    if (where / "manifest.json").exists():
+        return load_fit(where, model.info.weights_sha256)
+    length = min(512, tokens)
+    ids = torch.tensor(texts.held_out_ids(model.tokenizer, tokens)[: (tokens // length) * length]).view(-1, length)
+    result = fit_heads(backend, ids, kernel, list(range(model.info.n_layers)), steps=steps, progress=True)
+    save_fit(result, where, model.info.weights_sha256)
+    return result
+
+
+def variant_edits(model: Model, kernel: FitResult | str | None, keep: set[Head]) -> list[Edit]:
+    if kernel is None:
+        return []
+    edits = []
+    for layer in range(model.info.n_layers):
+        replaced = [h for h in range(model.info.n_heads) if (layer, h) not in keep]
+        if replaced:
+            edits += swap_edits(model, kernel, layers=[layer], heads=replaced)
+    return edits
+
+
+def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, bytes_per_value: int = 2) -> tuple[int, int]:
+    """(bytes per token that grow with context, fixed state bytes) at `bytes_per_value` (fp16/bf16).
+
+    A KV head must cache K and V for every token if any of its query heads is softmax (or a sliding
+    layer's window, which is fixed); replaced heads keep a fixed-size state."""
+    info = model.info
+    group = info.n_heads // info.n_kv_heads
+    per_token, fixed = 0, 0
+    window = HYBRIDS.get(kernel, (None,))[0] if kernel else None
+    for layer in range(info.n_layers):
+        for kv in range(info.n_kv_heads):
+            query_heads = range(kv * group, (kv + 1) * group)
+            if kernel is None or any((layer, h) in keep for h in query_heads):
+                if info.window(layer):
+                    fixed += 2 * info.head_dim * info.window(layer) * bytes_per_value
+                else:
+                    per_token += 2 * info.head_dim * bytes_per_value
+            elif window:
+                sinks = HYBRIDS[kernel][1]
+                fixed += 2 * info.head_dim * (window + sinks) * bytes_per_value
+        if kernel is not None and kernel != "sink+window":
+            linear_heads = sum(1 for h in range(info.n_heads) if (layer, h) not in keep)
+            fixed += linear_heads * (2 * info.head_dim) * (info.head_dim + 1) * bytes_per_value  # hedgehog-sized state
+    return per_token, fixed
+
+
+@dataclass
+class MatrixSizes:
+    """Sizes of each variant's evaluation; the defaults run on a 2-core CPU in a few minutes per variant."""
+
+    passkey_lengths: tuple[int, ...] = (256, 512, 1024)
+    passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    kv_pairs: tuple[int, ...] = (4, 16, 32)
+    copy_lengths: tuple[int, ...] = (16, 32)
+    samples: int = 2
+    perplexity_tokens: int = 2048
+    census: bool = True
+    census_lengths: tuple[int, ...] = (512, 1024)
+    fit_tokens: int = 2048
+    fit_steps: int = 30
+
+
+def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes) -> dict:
+    """Re-run a small census on the (edited) model and say which mechanisms are still there."""
+    config = CensusConfig(sink_sequences=20, prose_sequences=1, prose_length=256, lengths=list(sizes.census_lengths),
+                          depths=[0.25, 0.75], needles=2)
+    census = Census(model, backend, config, out)
+    heads = census.execute(("sinks", "induction", "prose", "retrieval"))
+    massive = pd.read_parquet(out / "massive.parquet")
+    rate = json.loads((out / "sink_rate.json").read_text())
+    return {
+        "sink_rate": rate["with_bos" if census.bos else "without_bos"], "sinks_present": bool((heads["alpha_1"] > config.sink_eps).any()),
+        "massive_present": not massive.empty, "massive_max": float(massive["value"].abs().max()) if not massive.empty else 0.0,
+        "retrieval_heads": int((heads["retrieval_score"] > config.retrieval_threshold).sum()),
+        "retrieval_present": bool((heads["retrieval_score"] > config.retrieval_threshold).any()),
+        "induction_heads": int((heads["induction_score"] > config.induction_threshold).sum()),
+        "induction_present": bool((heads["induction_score"] > config.induction_threshold).any()),
+    }
+
+
+def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd.DataFrame | None, out: Path,
+                     sizes: MatrixSizes, progress: Callable[[str], None] = lambda m: None) -> tuple[dict, pd.DataFrame]:
+    """Recall, perplexity and (optionally) a census of one architecture: (matrix row, recall rows)."""
+    keep = variant.keep(model, heads)
+    kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps) if variant.kernel else None
+    edits = variant_edits(model, kernel, keep)
+    name = variant.name
+    with backend.patched(edits):
+        progress(f"{name}: passkey")
+        tables = [recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.samples, variant=name)]
+        progress(f"{name}: key-value recall")
+        tables.append(recall.kv_recall(model, sizes.kv_pairs, sizes.samples, variant=name))
+        progress(f"{name}: copying")
+        tables.append(recall.copying(model, sizes.copy_lengths, sizes.samples, variant=name))
+        progress(f"{name}: perplexity")
+        ppl = recall.overall_perplexity(recall.perplexity(model, sizes.perplexity_tokens, variant=name))
+    rows = pd.concat(tables, ignore_index=True)
+    per_token, fixed = cache_bytes_per_token(model, keep, variant.kernel)
+    accuracy = rows.groupby("task")["correct"].mean()
+    row = {"architecture": name, "description": variant.description, "kernel": variant.kernel or "softmax",
+           "softmax_heads": len(keep) if variant.kernel else model.info.n_layers * model.info.n_heads,
+           "passkey_acc": float(accuracy.get("passkey", math.nan)), "kv_recall_acc": float(accuracy.get("kv_recall", math.nan)),
+           "copy_acc": float(accuracy.get("copying", math.nan)), "perplexity": ppl,
+           "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
+    if sizes.census:
+        progress(f"{name}: census")
+        with backend.standing_edits(edits):
+            row.update(census_presence(model, backend, out / "census" / name, sizes))
+    return row, rows
