@@ -26,9 +26,9 @@ from attnprobe.probe.retrieval import (accepted, answer_text, build_sample, gree
                                        load_needles, wrap_prompt)
 
 COLUMNS = ["variant", "task", "length", "depth", "sample", "correct"]
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                 "Find it and memorize it. I will quiz you about it.\n")
+                 "Find it and memorize it. I will quiz you about it.")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -64,7 +64,7 @@ def passkey(model, lengths: Sequence[int] = (256, 512, 1024), depths: Sequence[f
             for sample in range(samples):
                 key = str(rng.randint(10000, 99999))
                 at = insertion_point(tokenizer, filler, depth)
-                needle = _encode(tokenizer, f"The pass key is {key}. Remember it. {key} is the pass key. ")
+                needle = _encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key.")
                 body = _encode(tokenizer, PASSKEY_INTRO) + filler[:at] + needle + filler[at:]
                 prompt, _ = wrap_prompt(tokenizer, body, "\nWhat is the pass key? The pass key is", "plain", bos)
                 generated = greedy_decode(model, prompt, max_new_tokens=8)
@@ -106,7 +106,8 @@ def _key_words(n: int, rng: random.Random) -> list[str]:
 
 def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 4, seed: int = 0, variant: str = "base",
               bos: bool | None = None) -> pd.DataFrame:
-    """Key-value recall: n lines 'word: 4-digit number', then one key again; correct if its number comes next.
+    """Key-value recall: n lines 'word: 4-digit number', then one key again as a new line 'word:';
+    correct if the first number generated is its value.
 
     `length` is the number of pairs, `depth` where the queried pair sits in the list (0-1)."""
     tokenizer, rows = model.tokenizer, []
@@ -118,7 +119,7 @@ def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 4, see
             index = rng.randrange(n)
             lines = "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
             body = _encode(tokenizer, "Remember these keys and values.\n" + lines)
-            prompt, _ = wrap_prompt(tokenizer, body, f"\nThe value of {keys[index]} is", "plain", bos)
+            prompt, _ = wrap_prompt(tokenizer, body, f"{keys[index]}:", "plain", bos)
             generated = greedy_decode(model, prompt, max_new_tokens=8)
             answer = _first_number(tokenizer.decode(generated, skip_special_tokens=True))
             rows.append({"variant": variant, "task": "kv_recall", "length": n, "depth": index / max(n - 1, 1),

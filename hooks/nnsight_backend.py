@@ -122,7 +122,11 @@ class NnsightBackend(Backend):
         call = AttentionCall(layer, query, key, value, scaling, window, positions)
         pattern_readers = session.reads.get((layer, Site.PATTERN), ())
         if pattern_readers:
+            replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
+
             def on_chunk(probs, rows):
+                for edit in replaced:  # a replaced head shows its kernel's attention, as in the native backend
+                    probs[:, edit.heads] = edit.pattern_fn(call, rows).to(probs)
                 for reducer in pattern_readers:
                     reducer.update(probs, rows)
 

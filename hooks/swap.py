@@ -53,8 +53,11 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
             state["length"] = k.shape[2]
         else:
             new = q.shape[2]
-            if state.get("length") != k.shape[2] - new:
-                raise AttnprobeError(f"layer {layer}: the {kernel.name} state does not match the KV cache; start generation inside backend.patched(edits)")
+            past = k.shape[2] - new
+            if state.get("length") != past:
+                # the state missed part of the cache (a prefill outside these edits, or a cache the caller
+                # built otherwise): rebuild it from the cached keys and values, which alone determine it
+                _, state["kernel"] = kernel.prefill(k[:, :, :past], k[:, :, :past], v[:, :, :past], call.scaling)
             z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
             state["length"] = k.shape[2]
         return z.transpose(1, 2)

@@ -98,8 +98,15 @@ class TransformerLensBackend(Backend):
             seen["call"] = AttentionCall(layer, q, new_k, v, scaling, window, positions)
             return new_k.transpose(1, 2)
 
+        replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
+
         def pattern(probs, hook):
-            return session.apply(layer, Site.PATTERN, probs, seen["call"])
+            call = seen["call"]
+            if replaced:  # a replaced head shows its kernel's attention; its softmax output is overwritten at z
+                probs = probs.clone()
+                for edit in replaced:
+                    probs[:, edit.heads] = edit.pattern_fn(call, call.query_positions).to(probs)
+            return session.apply(layer, Site.PATTERN, probs, call)
 
         def z(heads, hook):
             return session.apply(layer, Site.Z, heads, seen["call"])

@@ -323,8 +323,8 @@ def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX
 class SharedPrefix:
     """One running KV cache over the common start of many prompts (template + haystack before the needle).
 
-    Prompts are visited in order of their shared length; each gets a copy of the cache grown to its
-    needle, so the haystack before a needle is prefilled once for the whole grid, not once per sample."""
+    Prompts come in order; each gets a copy of the running cache, grown to the point it shares with
+    later prompts, so common text is prefilled once for the whole grid, not once per sample."""
 
     def __init__(self, model):
         self.model = model
@@ -332,13 +332,38 @@ class SharedPrefix:
 
     @torch.no_grad()
     def upto(self, prompt_ids: Sequence[int], n: int) -> tuple[object, int]:
+        """(copy of a cache of the prompt's first m tokens, m), with m >= n when the running cache already covers more."""
         prompt_ids = list(prompt_ids)
-        if prompt_ids[:len(self.ids)] != self.ids or n < len(self.ids):
+        covered = len(self.ids)
+        if covered >= len(prompt_ids) or prompt_ids[:covered] != self.ids:
             self.cache, self.ids = None, []  # a different start: begin again
         if n > len(self.ids):
             self.cache = extend_cache(self.model, self.cache, torch.tensor([prompt_ids[len(self.ids):n]], device=self.model.device))
             self.ids = prompt_ids[:n]
-        return copy.deepcopy(self.cache), n
+        return copy.deepcopy(self.cache), len(self.ids)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _shared_plan(todo: list[dict]) -> list[tuple[dict, int]]:
+    """Samples in prefill order, each with how far its prompt start is worth caching for the ones after it.
+
+    Ordered by needle position, then needle, then length: haystack before the needle is shared across
+    the grid, and at depth 0 one needle's prompts of growing length extend each other."""
+    order = sorted(todo, key=lambda s: (s["needle_span"][0], s["needle_index"], s["length"]))
+    plan = []
+    for index, sample in enumerate(order):
+        ids = sample["prompt_ids"]
+        later = max((_common_prefix(ids, other["prompt_ids"]) for other in order[index + 1:]), default=0)
+        plan.append((sample, min(max(later, sample["needle_span"][0]), len(ids) - 1)))
+    return plan
 
 
 def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, depths: Sequence[float] = DEFAULT_DEPTHS,
@@ -366,8 +391,8 @@ def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, d
                 built = build_sample(model.tokenizer, hay[:length], needle, depth, prompt_format, bos)
                 todo.append({"key": key, "length": length, "depth": depth, "needle_index": index, **built})
     prefix = SharedPrefix(model) if not edits else None
-    for sample in sorted(todo, key=lambda s: s["needle_span"][0]):
-        past = prefix.upto(sample["prompt_ids"], sample["needle_span"][0]) if prefix is not None else None
+    for sample, shared in _shared_plan(todo):
+        past = prefix.upto(sample["prompt_ids"], shared) if prefix is not None else None
         finished[sample["key"]] = result = run_sample(model, backend, sample, edits, max_new_tokens, past)
         if on_sample is not None:
             on_sample(result)

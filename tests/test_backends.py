@@ -162,6 +162,23 @@ def test_head_edits_agree(case, name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_replaced_heads_show_their_own_attention_to_pattern_reads(case, name):
+    def uniform_rows(call, rows):
+        allowed = causal_allowed(rows, call.k.shape[2], call.window).float()
+        return (allowed / allowed.sum(-1, keepdim=True)).expand(call.q.shape[0], 2, -1, -1)
+
+    edit = replace_heads(1, [0, 2], softmax_heads)
+    edit.pattern_fn = uniform_rows
+    reads = {(1, Site.PATTERN): Keep()}
+    logits = case.backend(name).run(case.ids, reads, edits=[edit])
+    assert_near(logits, case.logits, case)
+    pattern = reads[(1, Site.PATTERN)].result()
+    assert_near(pattern[:, [1, 3]], case.attentions[1][:, [1, 3]], case)
+    causal = torch.ones(case.ids.shape[1], case.ids.shape[1]).tril()
+    assert_near(pattern[:, [0, 2]], (causal / causal.sum(-1, keepdim=True)).expand_as(pattern[:, [0, 2]]), case)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_identity_edits_leave_logits_unchanged(case, name):
     seen = []
 

@@ -168,3 +168,24 @@ def test_swap_errors_say_how_to_fix(tiny, tmp_path):
         swap_edits(model, fitted, layers=[1])
     with pytest.raises(AttnprobeError, match="no fitted kernel"):
         load_fit(tmp_path)
+
+
+def test_decode_rebuilds_a_state_that_missed_the_prefill():
+    """A decode step whose kernel state missed the prefill rebuilds it from the KV cache, exactly."""
+    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.swap import swap_edits
+    from test_effective_attention import _tiny
+
+    model = _tiny()
+    backend = NativeBackend(model)
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        for name in ("hedgehog", "sink+window+linear"):
+            edits = swap_edits(model, name, layers=[0, 1], window=4, sinks=1) if "window" in name else swap_edits(model, name, layers=[0, 1])
+            with backend.patched(edits):
+                cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+                for edit in edits:
+                    edit.state.clear()  # the recurrent states are lost; the KV cache remains
+                stepped = model.hf(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+                whole = model.hf(input_ids=ids, use_cache=False).logits[0, -1]
+            assert torch.allclose(stepped, whole, atol=1e-4), name

@@ -204,8 +204,21 @@ def test_shared_prefix_cache_gives_the_same_greedy_tokens():
     prefix = retrieval.SharedPrefix(model)
     prefix.upto(sample["prompt_ids"], 100)  # grow, then reuse the same start
     past = prefix.upto(sample["prompt_ids"], sample["needle_span"][0])
+    assert past[1] == max(100, sample["needle_span"][0])  # the running cache already covers more: reuse it
     shared = retrieval.greedy_decode(model, sample["prompt_ids"], max_new_tokens=6, stop_at_newline=False, past=past)
     assert shared == plain and len(plain) == 6
+
+
+def test_prefill_plan_shares_text_across_the_grid():
+    tok = CharTokenizer()
+    hay = texts.haystack_ids(tok, 240)
+    todo = [{"needle_index": 0, "length": length, **retrieval.build_sample(tok, hay[:length], NEEDLE, depth)}
+            for length in (240, 120) for depth in (0.0, 1.0)]
+    plan = retrieval._shared_plan(todo)
+    assert [(s["length"], s["needle_span"][0] > 0) for s, _ in plan] == [(120, False), (240, False), (120, True), (240, True)]
+    first, shared = plan[0]
+    assert shared > first["needle_span"][1]  # at depth 0 the longer prompt starts with the shorter one's needle and haystack
+    assert all(shared >= s["needle_span"][0] and shared < len(s["prompt_ids"]) for s, shared in plan)
 
 
 def test_census_records_samples_and_resumes():
