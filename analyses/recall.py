@@ -104,7 +104,7 @@ def _key_words(n: int, rng: random.Random) -> list[str]:
     return rng.sample(vocabulary, n)
 
 
-def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 4, seed: int = 0, variant: str = "base",
+def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 8, seed: int = 0, variant: str = "base",
               bos: bool | None = None) -> pd.DataFrame:
     """Key-value recall: n lines 'word: 4-digit number', then one key again as a new line 'word:';
     correct if the first number generated is its value.
@@ -146,7 +146,7 @@ def copy_candidates(tokenizer, wanted: int = 1000) -> list[int]:
     return spaced if len(spaced) >= 100 else spaced + bare
 
 
-def copying(model, lengths: Sequence[int] = (8, 16, 32, 64), samples: int = 4, seed: int = 0, variant: str = "base",
+def copying(model, lengths: Sequence[int] = (8, 16, 32, 64), samples: int = 8, seed: int = 0, variant: str = "base",
             bos: bool | None = None) -> pd.DataFrame:
     """Copy a random token string: 'Repeat: <string>\\n<first token>' must continue with the rest of the string.
 

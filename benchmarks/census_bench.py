@@ -111,17 +111,15 @@ def _decode(spec: dict, model, ids) -> dict:
     for fn in modes.values():  # warm-up: first calls pay one-time allocation and dispatch costs
         fn(copy.deepcopy(cache))
     times = {name: [] for name in modes}
-    tokens, peaks = {}, {name: 0.0 for name in modes}
+    tokens = {}
     for _ in range(spec["repeats"]):
         for name, fn in modes.items():
             past = copy.deepcopy(cache)
-            memory.reset()
             start = time.perf_counter()
             tokens[name] = fn(past)
             times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], memory.peak_mb())
     return {"prompt_tokens": len(prompt), "prefill_s": prefill_s, "prefill_peak_mb": prefill_mb,
-            "tokens": tokens, "seconds": {name: min(t) for name, t in times.items()}, "decode_peak_mb": peaks,
+            "tokens": tokens, "seconds": {name: min(t) for name, t in times.items()},
             "peak_exact": memory.exact}
 
 
@@ -200,15 +198,14 @@ def tables(results: list[dict], lengths) -> str:
                 "HF generate ms/tok": per_token["generate"], "greedy_decode ms/tok": per_token["loop"],
                 "census argmax reads ms/tok": per_token["census"],
                 "census / generate": per_token["census"] / per_token["generate"],
-                "census / greedy_decode": per_token["census"] / per_token["loop"],
-                "census decode peak MB": decode["decode_peak_mb"]["census"]})
+                "census / greedy_decode": per_token["census"] / per_token["loop"]})
         elif decode:
             decode_rows.append({"prompt T": length, "prefill s": decode.get("error")})
     forward_columns = ["T", "plain s", "census stats s", "stats / plain", "runs", "plain peak MB", "stats peak MB",
                        "plain MB/1K tok", "stats MB/1K tok", "eager+attn s", "eager peak MB", "eager / plain"]
     decode_columns = ["prompt T", "prefill s", "prefill peak MB", "new tokens", "HF generate ms/tok",
                       "greedy_decode ms/tok", "census argmax reads ms/tok", "census / generate",
-                      "census / greedy_decode", "census decode peak MB"]
+                      "census / greedy_decode"]
     slopes = []
     for kind in ("plain", "stats", "eager"):
         points = [(r["length"], r["peak_mb"]) for r in results if r["kind"] == kind and r.get("peak_mb") is not None]

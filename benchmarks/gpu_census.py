@@ -146,7 +146,7 @@ def main() -> int:
     print(f"model {info.model_id}: {info.n_layers} layers x {info.n_heads} heads ({info.n_kv_heads} KV), d={info.head_dim}, {args.dtype}")
     vocab = model.hf.config.vocab_size
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows, errors, layers_out, kernel_columns = [], [], {}, {}
+    rows, errors, layers_out, kernel_columns, inputs = [], [], {}, {}, {}
 
     def record(mode, n, fn):
         try:
@@ -176,7 +176,7 @@ def main() -> int:
         with torch.no_grad():
             model.hf.model(input_ids=warm, use_cache=False)
         for n in sorted(set(args.lengths + args.eager_lengths)):
-            ids = ids_of(n)
+            ids = inputs[n] = ids_of(n)
             with torch.no_grad():
                 record("sdpa forward (no reads)", n, lambda: model.hf.model(input_ids=ids, use_cache=False))
             per_layer = record("census (triton stats)", n, lambda: run_census(model, backend, ids))
@@ -190,7 +190,7 @@ def main() -> int:
 
     eager_done = None
     for n in sorted(args.eager_lengths):
-        ids = ids_of(n)
+        ids = inputs[n]  # the very inputs the census saw, so the columns can be compared
         columns = record("eager output_attentions", n, lambda: eager_column_sums(model, ids))
         if columns is None:
             break

@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", help=f"prefill lengths (default {DEFAULT_LENGTHS})")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants per length")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants per length (best of them is reported)")
     parser.add_argument("--quick", action="store_true", help="smoke run: T=128, 256, 4 new tokens")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1,
