@@ -20,6 +20,7 @@ from .sites import Site
 IMPLEMENTATION = "attnprobe"
 ATTENTION_SITES = (Site.Q, Site.K, Site.V, Site.PATTERN, Site.Z)
 CHUNK_ELEMENTS = 1 << 25  # score elements per query chunk (128 MB in fp32)
+MAX_CHUNK_ROWS = 256  # small enough chunks that causal skipping drops most of the upper triangle
 
 
 class Session:
@@ -66,18 +67,23 @@ def chunked_softmax_attention(q, k, v, scaling, query_positions, window=None, so
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     batch, heads, n_queries, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * k.shape[2]))
+    chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, batch * heads * k.shape[2])))
+    n_keys = k.shape[2]
+    k, v = k.float(), v.float()
     out = []
     for start in range(0, n_queries, chunk):
         rows = query_positions[start:start + chunk]
-        scores = torch.matmul(q[:, :, start:start + chunk].float(), k.float().transpose(-1, -2)) * scaling
+        # only keys some query of the chunk can see: causal (and window) masking skips the rest
+        high = int(rows[-1]) + 1
+        low = max(0, int(rows[0]) - window + 1) if window is not None else 0
+        scores = torch.matmul(q[:, :, start:start + chunk].float(), k[:, :, low:high].transpose(-1, -2)) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        scores.masked_fill_(~causal_allowed(rows, k.shape[2], window), float("-inf"))
+        scores.masked_fill_(~causal_allowed(rows, high, window)[:, low:], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        out.append(torch.matmul(probs, v[:, :, low:high]).to(q.dtype))
         if on_chunk is not None:
-            on_chunk(probs, rows)
-        out.append(torch.matmul(probs, v.float()).to(q.dtype))
+            on_chunk(probs, rows, low, n_keys)
     return torch.cat(out, dim=2)
 
 
@@ -108,11 +114,11 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if pattern_readers or softcap is not None:
         replaced = [e for e in session.edits.get((layer, Site.Z), ()) if e.pattern_fn is not None] if session else []
 
-        def on_chunk(probs, rows):
+        def on_chunk(probs, rows, low, n_keys):
             for edit in replaced:  # a replaced head shows its kernel's attention, not the softmax it lost
-                probs[:, edit.heads] = edit.pattern_fn(call, rows).to(probs)
+                probs[:, edit.heads] = edit.pattern_fn(call, rows)[..., low:low + probs.shape[-1]].to(probs)
             for reducer in pattern_readers:
-                reducer.update(probs, rows)
+                reducer.update(probs, rows, low, n_keys)
 
         z = chunked_softmax_attention(query, key, value, scaling, positions, window, softcap, on_chunk).transpose(1, 2)
     else:

@@ -124,11 +124,11 @@ class NnsightBackend(Backend):
         if pattern_readers:
             replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
 
-            def on_chunk(probs, rows):
+            def on_chunk(probs, rows, low, n_keys):
                 for edit in replaced:  # a replaced head shows its kernel's attention, as in the native backend
-                    probs[:, edit.heads] = edit.pattern_fn(call, rows).to(probs)
+                    probs[:, edit.heads] = edit.pattern_fn(call, rows)[..., low:low + probs.shape[-1]].to(probs)
                 for reducer in pattern_readers:
-                    reducer.update(probs, rows)
+                    reducer.update(probs, rows, low, n_keys)
 
             z = chunked_softmax_attention(query, key, value, scaling, positions, window, kwargs.get("softcap"), on_chunk)
             attention_call.skip((z.transpose(1, 2).contiguous(), None))

@@ -2,7 +2,9 @@
 
 A reducer sees every call of its site during a run (prefill, then each decode step). Attention
 patterns arrive in chunks of query rows (`rows` gives their absolute query positions), so no run
-ever holds a T x T matrix for every layer; a backend that has the whole pattern sends one chunk.
+ever holds a T x T matrix for every layer; a backend that has the whole pattern sends one chunk. A
+chunk may cover only the keys its queries can see: its last axis then starts at key `key_offset`
+(every key outside it has weight 0).
 """
 from __future__ import annotations
 
@@ -21,9 +23,17 @@ class Reducer:
     def fired(self) -> bool:
         return self.calls > 0
 
-    def update(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, rows: torch.Tensor | None = None, key_offset: int = 0, n_keys: int | None = None) -> None:
         self.calls += 1
+        if key_offset or (n_keys is not None and n_keys != x.shape[-1]):
+            x = self._widen(x, key_offset, n_keys)
         self._update(x, rows)
+
+    @staticmethod
+    def _widen(x: torch.Tensor, key_offset: int, n_keys: int | None) -> torch.Tensor:
+        full = x.new_zeros(*x.shape[:-1], n_keys if n_keys is not None else key_offset + x.shape[-1])
+        full[..., key_offset:key_offset + x.shape[-1]] = x
+        return full
 
     def _update(self, x: torch.Tensor, rows: torch.Tensor | None) -> None:
         raise NotImplementedError
@@ -95,29 +105,32 @@ class PatternStats(Reducer):
         self.argmax_steps: list[torch.Tensor] = []
         self.n_keys = 0
 
-    def _update(self, x, rows):
+    def update(self, x, rows=None, key_offset: int = 0, n_keys: int | None = None):
+        self.calls += 1  # works on the visible keys directly: no widening to all keys
+        self._update(x, rows, key_offset, n_keys if n_keys is not None else key_offset + x.shape[-1])
+
+    def _update(self, x, rows, key_offset=0, n_keys=None):
         x = x.float()
-        batch, heads, n_rows, n_keys = x.shape
+        batch, heads, n_rows, width = x.shape
+        n_keys = n_keys if n_keys is not None else width
         if rows is None:
             rows = torch.arange(n_keys - n_rows, n_keys, device=x.device)
         rows = rows.to(x.device)
         if self.track_argmax and int(rows.max()) == n_keys - 1:
-            self.argmax_steps.append(x[:, :, int(torch.argmax(rows)), :].argmax(dim=-1).cpu())
+            self.argmax_steps.append((x[:, :, int(torch.argmax(rows)), :].argmax(dim=-1) + key_offset).cpu())
         if n_rows == 1 and n_keys > 1 and self.column_sum is not None:
             return  # a decode step: the prefill statistics are already complete
         self.n_keys = max(self.n_keys, n_keys)
-        col = x.sum(dim=2)
         if self.column_sum is None or self.column_sum.shape[-1] != n_keys:
             self.column_sum = torch.zeros(batch, heads, n_keys, device="cpu")
-        self.column_sum += col.cpu()
+        self.column_sum[..., key_offset:key_offset + width] += x.sum(dim=2).cpu()
         for off in self.diagonals:
-            keep = rows >= max(off, self.diagonal_start)
+            keep = (rows >= max(off, self.diagonal_start)) & (rows - off >= key_offset)
             if not bool(keep.any()):
                 continue
-            q_idx = rows[keep]
-            values = x[:, :, keep.nonzero().squeeze(1), :].gather(
-                -1, (q_idx - off).view(1, 1, -1, 1).expand(batch, heads, -1, 1)).squeeze(-1)
-            total = values.sum(dim=-1).cpu()
+            columns = (rows - off - key_offset).clamp(min=0, max=width - 1)
+            values = x.gather(-1, columns.view(1, 1, -1, 1).expand(batch, heads, -1, 1)).squeeze(-1)
+            total = (values * keep).sum(dim=-1).cpu()
             self._diag_sum[off] = total if self._diag_sum[off] is None else self._diag_sum[off] + total
             self._diag_count[off] += int(keep.sum())
 
