@@ -31,6 +31,7 @@ class SiteNotFired(AttnprobeError):
 
 class Backend:
     name = "base"
+    keeps_edits_for_generation = False  # whether `patched` works (plain HF generate under edits and reads)
 
     def __init__(self, model: Model) -> None:
         self.model = model

@@ -146,6 +146,7 @@ def _set_implementation(hf: torch.nn.Module, name: str) -> None:
 
 class NativeBackend(Backend):
     name = "native"
+    keeps_edits_for_generation = True
 
     def __init__(self, model):
         super().__init__(model)

@@ -203,14 +203,40 @@ def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NE
             cache = out.past_key_values
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
-            if token in stops:
+            stop, text = _ends_answer(tokenizer, stops, token, text, stop_at_newline)
+            if stop:
                 break
-            piece = tokenizer.decode([token])
-            if stop_at_newline and "\n" in piece and (text + piece.split("\n")[0]).strip():
-                break
-            text += piece
             step_input = torch.tensor([[token]], device=device)
     return generated
+
+
+def _ends_answer(tokenizer, stops: set[int], token: int, text: str, stop_at_newline: bool = True) -> tuple[bool, str]:
+    """(whether `token` ends the answer, the answer text so far): EOS / end of turn, or a newline after text."""
+    if token in stops:
+        return True, text
+    piece = tokenizer.decode([token])
+    if stop_at_newline and "\n" in piece and (text + piece.split("\n")[0]).strip():
+        return True, text
+    return False, text + piece
+
+
+def decode_with_reruns(model, backend, prompt_ids: Sequence[int], edits=(), max_new_tokens: int = MAX_NEW_TOKENS):
+    """Greedy decoding through `backend.run` alone, re-running the whole sequence at each step (no KV cache).
+
+    For backends that cannot keep reads on across HF calls (transformer-lens, nnsight): slower, same tokens.
+    Returns (generated ids, argmax (steps, L, H) of each step's last query row)."""
+    stops, ids, generated, text, steps = _stop_ids(model.tokenizer), list(prompt_ids), [], "", []
+    for _ in range(max_new_tokens):
+        reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(model.info.n_layers)}
+        logits = backend.run(torch.tensor([ids]), reads=reads, edits=list(edits))
+        steps.append(torch.stack([reads[(layer, Site.PATTERN)].argmax_steps[-1][0] for layer in range(model.info.n_layers)]))
+        token = int(logits[0, -1].argmax())
+        generated.append(token)
+        ids.append(token)
+        stop, text = _ends_answer(model.tokenizer, stops, token, text)
+        if stop:
+            break
+    return generated, torch.stack(steps)
 
 
 def extend_cache(model, cache, ids: torch.Tensor):
@@ -308,11 +334,14 @@ def sample_key(length: int, depth: float, needle_index: int) -> str:
 def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX_NEW_TOKENS, past=None) -> dict:
     """Decode one built sample with last-row argmax reads on every layer; add generation, acceptance and copy counts."""
     n_layers = model.info.n_layers
-    reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(n_layers)}
-    generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens, past=past,
-                              prefill_context=backend.patched(list(edits)),
-                              decode_context=backend.patched(list(edits), reads))
-    argmax = torch.stack([torch.stack(reads[(layer, Site.PATTERN)].argmax_steps)[:, 0] for layer in range(n_layers)], dim=1)
+    if not backend.keeps_edits_for_generation:
+        generated, argmax = decode_with_reruns(model, backend, sample["prompt_ids"], edits, max_new_tokens)
+    else:
+        reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(n_layers)}
+        generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens, past=past,
+                                  prefill_context=backend.patched(list(edits)),
+                                  decode_context=backend.patched(list(edits), reads))
+        argmax = torch.stack([torch.stack(reads[(layer, Site.PATTERN)].argmax_steps)[:, 0] for layer in range(n_layers)], dim=1)
     response = answer_text(model.tokenizer, generated)
     recall = rouge1_recall(response, sample["answer"])
     return {**sample, "generated_ids": generated, "generated_text": response, "rouge1_recall": recall,
@@ -390,7 +419,9 @@ def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, d
                     continue
                 built = build_sample(model.tokenizer, hay[:length], needle, depth, prompt_format, bos)
                 todo.append({"key": key, "length": length, "depth": depth, "needle_index": index, **built})
-    prefix = SharedPrefix(model) if not edits else None
+    # the shared prefix is prefilled by plain HF calls, outside any edits: only for an unedited model
+    unedited = not edits and not backend.standing and backend.keeps_edits_for_generation
+    prefix = SharedPrefix(model) if unedited else None
     for sample, shared in _shared_plan(todo):
         past = prefix.upto(sample["prompt_ids"], shared) if prefix is not None else None
         finished[sample["key"]] = result = run_sample(model, backend, sample, edits, max_new_tokens, past)

@@ -51,3 +51,27 @@ def test_pattern_reads_of_a_swapped_model_show_the_kernel():
     assert torch.allclose(original.result(), softmax_swap.result(), atol=1e-6)
     changed = (original.result() - elu_swap.result()).abs().amax(dim=(0, 2, 3))
     assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3]] == 0)
+
+
+def test_retrieval_census_of_a_swapped_model_prefills_under_the_edits(monkeypatch):
+    """A shared softmax prefix (plain HF prefill) is used only for an unedited model."""
+    from attnprobe.probe import retrieval
+    from planted import planted_model
+
+    built = []
+    original = retrieval.SharedPrefix
+
+    class Recording(original):
+        def __init__(self, model):
+            built.append(model)
+            super().__init__(model)
+
+    monkeypatch.setattr(retrieval, "SharedPrefix", Recording)
+    model = planted_model()
+    backend = NativeBackend(model)
+    needles = [{"needle": "kq zv", "question": "?", "answer": "zv"}]
+    with backend.standing_edits(swap_edits(model, "elu", layers=[0, 1])):
+        retrieval.retrieval_census(model, backend, lengths=[64], depths=[0.5], needles=needles, max_new_tokens=3)
+    assert built == []
+    retrieval.retrieval_census(model, backend, lengths=[64], depths=[0.5], needles=needles, max_new_tokens=3)
+    assert len(built) == 1
