@@ -427,6 +427,8 @@ def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
         if column.endswith("_present"):  # present = 1, absent = 0, whatever the other rows hold
             colour[column] = values
             continue
+        if column == "perplexity":  # spans orders of magnitude once heads are linearised
+            values = np.log(values.clip(lower=1e-9))
         span = values.max() - values.min()
         scaled = (values - values.min()) / span if span > 0 else values * 0 + 0.5
         colour[column] = scaled if _MATRIX_COLUMNS[column][1] else 1 - scaled
