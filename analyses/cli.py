@@ -116,17 +116,26 @@ def census(
 def figures(
     run_dir: Path = typer.Argument(..., help="a run directory written by census, ablate or swap"),
     formats: str = typer.Option("png,svg", "--format", help="comma-separated: png, svg, pdf"),
+    prompt: Optional[str] = typer.Option(None, help="also draw attention maps of this prompt (runs the run's model)"),
+    layer: Optional[int] = typer.Option(None, help="with --prompt: the layer whose heads are drawn (default: the middle layer)"),
+    head: Optional[int] = typer.Option(None, help="with --prompt: also draw this head alone"),
+    kernel: Optional[str] = typer.Option(None, help="with --prompt and --head: also compare the head with this kernel in its place"),
+    log: bool = typer.Option(False, help="with --prompt: logarithmic colour"),
 ) -> None:
     """Draw every figure the run's tables allow into RUN_DIR/figures/ and write RUN_DIR/report.html.
 
     The report is one self-contained file (images inlined, no network). Figures whose tables the run
-    lacks are skipped and listed."""
+    lacks are skipped and listed. With --prompt, attention maps (a grid of the layer's heads, one head,
+    and the head against a kernel replacing it) are drawn first and included in the report."""
     from attnprobe.analyses.report import write_report
 
     if not run_dir.is_dir():
         raise AttnprobeError(f"run directory not found: {run_dir}")
+    chosen_formats = tuple(f.strip() for f in formats.split(",") if f.strip())
+    if prompt is not None:
+        _attention_figures(run_dir, prompt, layer, head, kernel, log, chosen_formats)
     with console.status("drawing figures"):
-        report = write_report(run_dir, tuple(f.strip() for f in formats.split(",") if f.strip()))
+        report = write_report(run_dir, chosen_formats)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
 
@@ -318,6 +327,35 @@ def swap(
                                             "sizes": sizes.__dict__}, started)
     console.print(table.drop(columns=["description"]).to_string(index=False))
     console.print(f"-> {out / 'matrix.md'}")
+
+
+def _attention_figures(run_dir: Path, prompt: str, layer: Optional[int], head: Optional[int], kernel: Optional[str],
+                       log: bool, formats: tuple[str, ...]) -> None:
+    import json
+
+    from attnprobe.analyses import figures
+    from attnprobe.analyses.style import save
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.swap import swap_edits
+
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        raise AttnprobeError(f"{manifest} not found: attention maps need the run's model")
+    loaded = _load(json.loads(manifest.read_text())["model_id"])
+    backend = make_backend("native", loaded)
+    layer = loaded.info.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < loaded.info.n_layers:
+        raise AttnprobeError(f"layer {layer} is out of range: this model has layers 0-{loaded.info.n_layers - 1}")
+    out = run_dir / "figures"
+    save(figures.layer_grid(loaded, backend, prompt, layer, log=log), out, f"attention_L{layer}", formats)
+    if head is not None:
+        save(figures.attention_map(loaded, backend, prompt, layer, head, log=log), out, f"attention_L{layer}H{head}", formats)
+        if kernel is not None:
+            original, labels = figures.attention_pattern(loaded, backend, prompt, layer)
+            with backend.standing_edits(swap_edits(loaded, kernel, layers=[layer], heads=[head])):
+                replaced, _ = figures.attention_pattern(loaded, backend, prompt, layer)
+            fig = figures.compare_maps(original[head], replaced[head], labels, log=log, titles=("softmax", kernel))
+            save(fig, out, f"attention_L{layer}H{head}_{kernel.replace('+', '_')}", formats)
 
 
 def print_summary(out: Path, heads) -> None:

@@ -137,7 +137,8 @@ def write_report(run_dir: Path | str, formats: Sequence[str] = ("png", "svg")) -
     run = load_run(run_dir)
     drawn, skipped = render(run, tuple(dict.fromkeys(("png", *formats))))
     body = [f"<h1>attnprobe report: {_text((run.manifest or {}).get('model_id', run.directory.name))}</h1>",
-            _manifest_section(run), _figure_section(drawn, skipped), _tables_section(run), _problems_section(run)]
+            _manifest_section(run), _figure_section(drawn, skipped), _attention_section(run.directory),
+            _tables_section(run), _problems_section(run)]
     page = _PAGE.format(title=_text(f"attnprobe report: {run.directory.name}"), css=_CSS, body="\n".join(body))
     target = run.directory / "report.html"
     _write_atomic(target, page)
@@ -186,6 +187,22 @@ def _figure_section(drawn: dict[str, list[Path]], skipped: dict[str, str]) -> st
                      f"src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
                      f"<figcaption><b>{spec.name}</b>: {_text(spec.caption)}</figcaption></figure>")
     return "\n".join(parts)
+
+
+def _inline(png: Path, name: str, caption: str) -> str:
+    data = png.read_bytes()
+    width = _png_width(data) / style.PNG_DPI * 130  # about print size on a screen
+    return (f"<figure id='{_text(name)}'><img alt='{_text(name)}' style='width:{width:.0f}px' "
+            f"src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
+            f"<figcaption><b>{_text(name)}</b>: {_text(caption)}</figcaption></figure>")
+
+
+def _attention_section(directory: Path) -> str:
+    """Attention maps drawn by `attnprobe figures --prompt` (they need the model, so they are not redrawn here)."""
+    maps = sorted((directory / "figures").glob("attention_*.png"))
+    if not maps:
+        return ""
+    return "\n".join(["<h2>Attention maps</h2>"] + [_inline(png, png.stem, "attention of a prompt, rows = queries") for png in maps])
 
 
 def _png_width(data: bytes) -> int:

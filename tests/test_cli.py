@@ -122,3 +122,15 @@ def test_corrupt_or_truncated_gguf_is_named(tmp_path):
         result = attnprobe("info", "--model", path)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert path.name in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_figures_draw_attention_maps_of_a_prompt(census_dir):
+    out, _ = census_dir
+    result = attnprobe("figures", out, "--prompt", "The cat sat on the mat. The cat", "--layer", "1", "--head", "2",
+                       "--kernel", "elu", "--format", "png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stem in ("attention_L1", "attention_L1H2", "attention_L1H2_elu"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+    assert "Attention maps" in (out / "report.html").read_text()
+    bad = attnprobe("figures", out, "--prompt", "x", "--layer", "7")
+    assert bad.returncode == 2 and "layer 7 is out of range" in bad.stderr
