@@ -181,11 +181,7 @@ def _figure_section(drawn: dict[str, list[Path]], skipped: dict[str, str]) -> st
             parts.append(f"<p class='skip'>Skipped <b>{spec.name}</b>: {_text(skipped[spec.name])}.</p>")
             continue
         png = next(path for path in drawn[spec.name] if path.suffix == ".png")
-        data = png.read_bytes()
-        width = _png_width(data) / style.PNG_DPI * 130  # about print size on a screen
-        parts.append(f"<figure id='{spec.name}'><img alt='{_text(spec.name)}' style='width:{width:.0f}px' "
-                     f"src='data:image/png;base64,{base64.b64encode(data).decode('ascii')}'>"
-                     f"<figcaption><b>{spec.name}</b>: {_text(spec.caption)}</figcaption></figure>")
+        parts.append(_inline(png, spec.name, spec.caption))
     return "\n".join(parts)
 
 
