@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from attnprobe.kernels.attention_stats import allowed_keys as causal_allowed
+
 from .backend import Backend
 from .edits import AttentionCall
 from .sites import Site
@@ -32,6 +34,14 @@ class Session:
         for edit in edits:
             self.edits[(edit.layer, edit.site)].append(edit)
         self.attention_layers = {layer for (layer, site) in list(self.reads) + list(self.edits) if site in ATTENTION_SITES}
+
+    def edit_qkv(self, layer, query, key, value, scaling, window, positions):
+        """Apply Q/K/V edits and reads; return the (possibly edited) q, k, v and their AttentionCall."""
+        call = AttentionCall(layer, query, key, value, scaling, window, positions)
+        query = self.apply(layer, Site.Q, query, call)
+        key = self.apply(layer, Site.K, key, call)
+        value = self.apply(layer, Site.V, value, call)
+        return query, key, value, AttentionCall(layer, query, key, value, scaling, window, positions)
 
     def apply(self, layer, site, tensor, call=None):
         for edit in self.edits.get((layer, site), ()):
@@ -53,12 +63,6 @@ def residual_writers(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return layer.self_attn, layer.mlp
 
 
-def causal_allowed(query_positions: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
-    keys = torch.arange(n_keys, device=query_positions.device)
-    allowed = keys[None, :] <= query_positions[:, None]
-    if window is not None:
-        allowed &= (query_positions[:, None] - keys[None, :]) < window
-    return allowed
 
 
 def chunked_softmax_attention(q, k, v, scaling, query_positions, window=None, softcap=None, on_chunk=None):
@@ -103,11 +107,7 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
     n_keys = key.shape[2]
     positions = torch.arange(n_keys - query.shape[2], n_keys, device=query.device)
     if session is not None:
-        call = AttentionCall(layer, query, key, value, scaling, window, positions)
-        query = session.apply(layer, Site.Q, query, call)
-        key = session.apply(layer, Site.K, key, call)
-        value = session.apply(layer, Site.V, value, call)
-        call = AttentionCall(layer, query, key, value, scaling, window, positions)
+        query, key, value, call = session.edit_qkv(layer, query, key, value, scaling, window, positions)
         pattern_readers = session.reads.get((layer, Site.PATTERN), ())
     else:
         call, pattern_readers = None, ()

@@ -19,7 +19,6 @@ from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.source import STATE
 
 from .backend import Backend, SiteNotFired
-from .edits import AttentionCall
 from .errors import AttnprobeError
 from .native import Session, chunked_softmax_attention, decoder_layers, residual_writers
 from .sites import Site
@@ -115,11 +114,7 @@ class NnsightBackend(Backend):
         window = kwargs.get("sliding_window") or self.info.window(layer)
         n_keys = key.shape[2]
         positions = torch.arange(n_keys - query.shape[2], n_keys, device=query.device)
-        call = AttentionCall(layer, query, key, value, scaling, window, positions)
-        query = session.apply(layer, Site.Q, query, call)
-        key = session.apply(layer, Site.K, key, call)
-        value = session.apply(layer, Site.V, value, call)
-        call = AttentionCall(layer, query, key, value, scaling, window, positions)
+        query, key, value, call = session.edit_qkv(layer, query, key, value, scaling, window, positions)
         pattern_readers = session.reads.get((layer, Site.PATTERN), ())
         if pattern_readers:
             replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
