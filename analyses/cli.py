@@ -24,12 +24,35 @@ ModelOption = typer.Option("smollm2-135m", "--model", "-m",
 BackendOption = typer.Option("native", "--backend", "-b", help="native | transformer-lens | nnsight")
 
 
+LOAD_OPTIONS: dict = {}  # set once by the app's options (dtype, device, device_map)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+@app.callback()
+def main_options(
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16: the dtype the model runs in"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced: spread a model too large for one GPU over the GPUs (accelerate)"),
+    torch_kernels: bool = typer.Option(False, "--torch-kernels", help="use the torch paths even on CUDA, not the Triton kernels"),
+) -> None:
+    """Options for every command; give them before the command: attnprobe --dtype bfloat16 census ..."""
+    import torch
+
+    from attnprobe.kernels.dispatch import force_torch
+
+    if dtype not in DTYPES:
+        raise AttnprobeError(f"unknown --dtype '{dtype}': choose float32, bfloat16 or float16")
+    LOAD_OPTIONS.clear()
+    LOAD_OPTIONS.update(dtype=getattr(torch, DTYPES[dtype]), device=device, device_map=device_map)
+    force_torch(torch_kernels)
+
+
 def _load(spec: str):
     from attnprobe.hooks.model import load_model
 
     with console.status(f"loading {spec}"):
         start = time.time()
-        model = load_model(spec)
+        model = load_model(spec, **LOAD_OPTIONS)
     console.print(f"[dim]loaded {spec} in {time.time() - start:.1f} s[/dim]")
     return model
 
@@ -108,8 +131,16 @@ def census(
 
         census_run = Census(loaded, make_backend(backend, loaded), config, out, progress)
         heads = census_run.execute(tuple(s for s in Census.STAGES if s not in skip.split(",")))
-    console.print(f"census of {model} finished in {time.time() - start:.0f} s -> {out}")
+    console.print(f"census of {model} finished in {time.time() - start:.0f} s -> {out}{_peak_gpu_memory()}")
     print_summary(out, heads)
+
+
+def _peak_gpu_memory() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    return f" (peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB)"
 
 
 @app.command()

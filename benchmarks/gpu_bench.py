@@ -156,10 +156,15 @@ def check_against_references(rec: Recorder, dtype, dim: int, n: int = 1000) -> N
         phi_q, phi_k = F.elu(q.float()).add(1).to(dtype), F.elu(k.float()).add(1).to(dtype)
         z = lin.chunked_linear_attention(phi_q, phi_k, v)
         checks["linear_chunked"] = (z.float() - lin.linear_attention_reference(phi_q, phi_k, v).float()).abs().max().item()
-        modes = [0, 1] * (heads // 2)
-        hq, hk = phi_q[:, 1::2], phi_k[:, 1::2]
-        h = lin.hybrid_attention(q, k, v, hq, hk, modes, scaling, 128)
-        checks["hybrid"] = (h.float() - lin.hybrid_reference(q, k, v, hq, hk, modes, scaling, 128).float()).abs().max().item()
+        for label, modes in (("mixed", [0, 1] * (heads // 2)), ("softmax", [0] * heads), ("linear", [1] * heads)):
+            slots = [h for h, m in enumerate(modes) if m == 1]
+            hq, hk = phi_q[:, slots], phi_k[:, slots]
+            for window in (128, None):
+                for stages in (None, 1):
+                    name = f"hybrid_{label}_w{window}" + ("" if stages is None else f"_stages{stages}")
+                    h = lin.hybrid_attention(q, k, v, hq, hk, modes, scaling, window, num_stages=stages)
+                    want = lin.hybrid_reference(q, k, v, hq, hk, modes, scaling, window).float()
+                    checks[name] = (h.float() - want).abs().max().item()
         state = torch.zeros(1, heads, dim, dim, device=DEVICE)
         norm = torch.zeros(1, heads, dim, device=DEVICE)
         steps = torch.stack([lin.linear_decode_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], state, norm) for t in range(8)], 2)
@@ -172,7 +177,13 @@ def check_against_references(rec: Recorder, dtype, dim: int, n: int = 1000) -> N
         print(f"  [check] {name:<34} max error {value:.2e}")
 
 
-def bench_shape(rec: Recorder, fla, n: int, dim: int, dtype, heads: int, window: int) -> None:
+# launch configurations of the column-sum pass tried by --sweep (BLOCK_N keys per program, BLOCK_M queries per step)
+COLUMN_CONFIGS = [dict(BLOCK_N=bn, BLOCK_M=bm, num_warps=w, num_stages=st) for bn, bm, w, st in [
+    (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+    (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (256, 64, 8, 3), (64, 32, 4, 2)]]
+
+
+def bench_shape(rec: Recorder, fla, n: int, dim: int, dtype, heads: int, window: int, sweep_lengths=()) -> None:
     from attnprobe.kernels import triton_linear as lin
     from attnprobe.kernels import triton_stats as st
 
@@ -197,7 +208,16 @@ def bench_shape(rec: Recorder, fla, n: int, dim: int, dtype, heads: int, window:
     own = rec.measure("a", "sdpa+stats(own lse)", sdpa_then_stats, **shape)
     given = rec.measure("a", "flash(lse)+stats(given lse)", flash_then_stats, **shape)
     rec.measure("a", "stats alone (own lse)", lambda: st.attention_stats(q, k, scaling, **stats_kwargs), **shape)
-    rec.measure("a", "column sums alone", lambda: st.triton_column_sums(q, k, torch.zeros(1, heads, n, device=DEVICE), scaling), **shape)
+    _, flash_lse = flash_with_lse(q, k, v, scaling)
+    rec.measure("a", "flash(lse) alone", lambda: flash_with_lse(q, k, v, scaling), **shape)
+    rec.measure("a", "lse pass alone", lambda: st.triton_lse(q, k, scaling), **shape)
+    rec.measure("a", "column sums alone", lambda: st.triton_column_sums(q, k, flash_lse, scaling), **shape)
+    rec.measure("a", "entries + argmax alone", lambda: (st.triton_entries(q, k, flash_lse, scaling, [(0, 0), (-1, 1)]),
+                                                       st.last_rows_argmax(q, k, scaling, [n - 1])), **shape)
+    if n in sweep_lengths:
+        for config in COLUMN_CONFIGS:
+            label = "column sums BN{BLOCK_N} BM{BLOCK_M} w{num_warps} s{num_stages}".format(**config)
+            rec.measure("sweep", label, lambda: st.triton_column_sums(q, k, flash_lse, scaling, config=config), **shape)
     rec.ratio("a", "ratio sdpa+stats / sdpa", own, sdpa, **shape)
     rec.ratio("a", "ratio flash(lse)+stats / sdpa", given, sdpa, **shape)
 
@@ -246,6 +266,8 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--window", type=int, default=512, help="sliding window of the hybrid's softmax heads")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new shape is started")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to time every COLUMN_CONFIGS launch of the column-sum pass")
+    parser.add_argument("--checks-only", action="store_true", help="run the correctness checks and stop")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU")
@@ -265,14 +287,15 @@ def main() -> int:
             print(f"check d={dim} {dtype}")
             check_against_references(rec, dtype, dim)
     skipped = []
-    for n in sorted(args.lengths):
+    for n in ([] if args.checks_only else sorted(args.lengths)):
         for dim in args.dims:
             for dtype in dtypes:
                 if time.time() - started > args.budget:
                     skipped.append({"T": n, "dim": dim, "dtype": str(dtype)})
                     continue
                 try:
-                    bench_shape(rec, fla, n, dim, dtype, args.heads, args.window)
+                    bench_shape(rec, fla, n, dim, dtype, args.heads, args.window,
+                                sweep_lengths=args.sweep if dtype == dtypes[0] else ())
                 except Exception as exc:
                     rec.errors.append({"section": "shape", "T": n, "dim": dim, "dtype": str(dtype), "error": traceback.format_exc()[-1500:]})
                     print(f"  shape FAILED: {type(exc).__name__}: {exc}")

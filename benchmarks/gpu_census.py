@@ -3,9 +3,9 @@
     python benchmarks/gpu_census.py --out census.json [--gguf PATH] [--lengths 8192 32768]
 
 Builds SmolLM2-135M's shape with random weights (or loads `--gguf PATH`), then for each length runs
-the decoder once through the native backend with a Q read and a K read on every layer: the K read
-repeats k for GQA and calls the Triton statistics kernel (column sums, first-token mass, previous-token
-diagonal, last-row argmax) on the post-RoPE q and k. It reports time and peak memory against a plain
+the decoder once through the native backend with a PatternStats read on every layer (what the census
+runs: column sums, previous-token diagonal, last-row argmax), computed on CUDA by SDPA's flash kernel and
+the Triton statistics kernels, and with --torch-path-max also by the chunked torch softmax. It reports time and peak memory against a plain
 SDPA forward and against eager attention with `output_attentions=True` at the largest length eager
 manages (2K, 4K, 8K tried; out-of-memory is caught), and checks the kernel's column sums against the
 eager pattern there. Prints a table and writes JSON to --out.
@@ -64,48 +64,26 @@ def timed(fn):
     return result, (time.perf_counter() - start) * 1000, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def stats_reads(model, per_layer: dict):
-    """Q and K reads on every layer; the K read computes the layer's statistics from the stored q."""
-    from attnprobe.hooks.reducers import Apply
+def run_census(model, backend, ids, torch_path: bool = False):
+    """The census's statistics pass: a PatternStats read on every layer, as the sinks and prose stages run it.
+
+    On CUDA the native backend computes it with SDPA's flash kernel (output + log-sum-exp) and the Triton
+    statistics kernels; `torch_path` forces the chunked torch softmax instead."""
+    from attnprobe.hooks.reducers import PatternStats
     from attnprobe.hooks.sites import Site
-    from attnprobe.kernels.triton_stats import attention_stats
+    from attnprobe.kernels import dispatch
 
-    info = model.info
-    scaling = info.head_dim ** -0.5
-    pending = {}
-    reads = {}
-    for layer in range(info.n_layers):
-        def keep_q(q, layer=layer):
-            pending[layer] = q
-            return None
-
-        def compute(k, layer=layer):
-            q = pending.pop(layer)
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            n = k.shape[2]
-            stats = attention_stats(q, k, scaling, info.window(layer), diagonals=(1,), argmax_rows=[n - 1])
-            per_layer[layer] = {
-                "column_sum": stats.column_sum[0].float().cpu(),  # (H, S)
-                "first_token_mean": stats.first_token[0].float().mean(-1).cpu().tolist(),
-                "diag_1": stats.diagonal[1][0].float().cpu().tolist(),
-                "last_row_argmax": stats.argmax[0, :, 0].cpu().tolist(),
-            }
-            return None
-
-        reads[(layer, Site.Q)] = Apply(keep_q)
-        reads[(layer, Site.K)] = Apply(compute)
-    return reads
-
-
-def run_census(model, backend, ids):
-    per_layer: dict = {}
-    reads = stats_reads(model, per_layer)
-    with backend.patched([], reads), torch.no_grad():
-        model.hf.model(input_ids=ids, use_cache=False)
-    missing = [layer for layer in range(model.info.n_layers) if layer not in per_layer]
-    if missing:
-        raise RuntimeError(f"statistics missing for layers {missing}")
-    return per_layer
+    reads = {(layer, Site.PATTERN): PatternStats(diagonals=(1,), track_argmax=True) for layer in range(model.info.n_layers)}
+    dispatch.force_torch(torch_path)
+    try:
+        with backend.patched([], reads), torch.no_grad():
+            model.hf.model(input_ids=ids, use_cache=False)
+    finally:
+        dispatch.force_torch(False)
+    return {layer: {"column_sum": reads[(layer, Site.PATTERN)].column_sum[0],  # (H, S)
+                    "diag_1": reads[(layer, Site.PATTERN)].diagonal(1)[0].tolist(),
+                    "last_row_argmax": reads[(layer, Site.PATTERN)].argmax_steps[0][0].tolist()}
+            for layer in range(model.info.n_layers)}
 
 
 def set_attention(model, name: str) -> None:
@@ -132,6 +110,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--eager-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--torch-path-max", type=int, default=8192, help="longest T at which the chunked torch path is timed too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this census benchmark needs a GPU")
@@ -180,6 +159,13 @@ def main() -> int:
             with torch.no_grad():
                 record("sdpa forward (no reads)", n, lambda: model.hf.model(input_ids=ids, use_cache=False))
             per_layer = record("census (triton stats)", n, lambda: run_census(model, backend, ids))
+            if n <= args.torch_path_max:
+                chunked = record("census (chunked torch)", n, lambda: run_census(model, backend, ids, torch_path=True))
+                if per_layer is not None and chunked is not None:
+                    diff = max(float((per_layer[l]["column_sum"] - chunked[l]["column_sum"]).abs().max()
+                                     / chunked[l]["column_sum"].abs().max()) for l in range(info.n_layers))
+                    rows.append({"mode": "check: triton vs chunked torch column sums", "T": n, "max_rel_error": diff})
+                    print(f"{'check: triton vs chunked columns':<32} T={n:>6}  max relative error {diff:.2e}")
             if per_layer is not None:
                 kernel_columns[n] = [per_layer[layer]["column_sum"] for layer in range(info.n_layers)]
                 layers_out[str(n)] = [{"layer": layer, "alpha_0": (per_layer[layer]["column_sum"][:, 0] / n).tolist(),

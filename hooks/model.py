@@ -185,8 +185,11 @@ def _save_cache(hf, tokenizer, target: Path) -> None:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None,
-               trust_remote_code: bool = False) -> Model:
-    """Load `spec` (see module docstring) in `dtype` on `device` (default: cuda if present, else cpu)."""
+               trust_remote_code: bool = False, device_map: str | dict | None = None) -> Model:
+    """Load `spec` (see module docstring) in `dtype` on `device` (default: cuda if present, else cpu).
+
+    `device_map` ("auto", "balanced", or a dict) instead lets accelerate spread the layers over the
+    GPUs (and CPU) for a model too large for one device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -202,7 +205,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         source, kwargs = str(cached), {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        placement = {"device_map": device_map} if device_map is not None else {}
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  **placement, **kwargs)
     except AttnprobeError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -210,7 +215,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         raise AttnprobeError(f"could not load model '{spec}': {first_line}") from None
     if cached is not None and not from_cache and dtype == torch.float32:
         _save_cache(hf, tokenizer, cached)
-    hf.to(device).eval()
+    if device_map is None:
+        hf.to(device)
+    hf.eval()
     hf.requires_grad_(False)
     info = describe(hf, tokenizer, spec, digest, str(weights_file or source))
     return Model(hf=hf, tokenizer=tokenizer, info=info)

@@ -4,7 +4,10 @@ The model's attention implementation is switched to `attnprobe`, a function regi
 transformers' AttentionInterface. Layers with nothing to read or edit go straight to SDPA (same
 numbers, same speed). A layer whose pattern is read computes softmax attention in chunks of query
 rows, hands each chunk to the reducers and builds the output from the same chunk, so memory stays
-O(chunk x T) instead of O(T^2). Residual, attention-out and MLP-out sites use module hooks.
+O(chunk x T) instead of O(T^2). On CUDA, a layer read only by `PatternStats` skips the chunks: SDPA
+computes the output (its flash kernel also returns the row log-sum-exp) and the Triton kernels of
+`kernels.triton_stats` compute the statistics from q, k and that log-sum-exp in O(T) memory
+(`kernels.dispatch.force_torch` turns this off). Residual, attention-out and MLP-out sites use module hooks.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from contextlib import contextmanager
 import torch
 
 from attnprobe.kernels.attention_stats import allowed_keys as causal_allowed
+from attnprobe.kernels.dispatch import use_triton
 
 from .backend import Backend
 from .edits import AttentionCall
+from .reducers import PatternStats
 from .sites import Site
 
 IMPLEMENTATION = "attnprobe"
@@ -91,6 +96,38 @@ def chunked_softmax_attention(q, k, v, scaling, query_positions, window=None, so
     return torch.cat(out, dim=2)
 
 
+def sdpa_with_triton_stats(module, query, key, value, attention_mask, scaling, window, sliding_window, readers, **kwargs):
+    """Output from SDPA, statistics for `readers` (PatternStats) from the Triton kernels: no pattern is formed."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from attnprobe.kernels import triton_stats
+
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    flash = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and n_queries == n_keys
+             and (window is None or window >= n_keys) and query.shape[-1] <= 256)
+    lse = None
+    if flash:  # the flash kernel returns the row log-sum-exp beside the output
+        v = value.repeat_interleave(group, dim=1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)[:2]
+        z = out.transpose(1, 2)
+    else:
+        z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    argmax = None
+    if any(r.track_argmax for r in readers):
+        argmax = triton_stats.last_rows_argmax(query, k, scaling, [n_keys - 1], window)[..., 0]
+    if n_queries == 1 and all(r.column_sum is not None for r in readers):  # a decode step: argmax only
+        column_sum, entries = None, {}
+    else:
+        diagonals = sorted({off for r in readers for off in r.diagonals})
+        column_sum, entries = triton_stats.pattern_statistics(query, k, scaling, window, lse, diagonals)
+    for reader in readers:
+        reader.update_from_stats(column_sum, entries, n_keys - n_queries, n_keys, argmax)
+    return z
+
+
 def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                         sliding_window=None, softcap=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -113,6 +150,11 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
         call, pattern_readers = None, ()
     if pattern_readers or softcap is not None:
         replaced = [e for e in session.edits.get((layer, Site.Z), ()) if e.pattern_fn is not None] if session else []
+        if (softcap is None and not replaced and use_triton(query)
+                and all(type(reader) is PatternStats for reader in pattern_readers)):
+            z = sdpa_with_triton_stats(module, query, key, value, attention_mask, scaling, window, sliding_window,
+                                       pattern_readers, dropout=dropout, **kwargs)
+            return session.apply(layer, Site.Z, z.contiguous(), call), None
 
         def on_chunk(probs, rows, low, n_keys):
             for edit in replaced:  # a replaced head shows its kernel's attention, not the softmax it lost

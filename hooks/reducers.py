@@ -134,6 +134,31 @@ class PatternStats(Reducer):
             self._diag_sum[off] = total if self._diag_sum[off] is None else self._diag_sum[off] + total
             self._diag_count[off] += int(keep.sum())
 
+    def update_from_stats(self, column_sum: torch.Tensor | None, entries: dict[int, torch.Tensor],
+                          first_position: int, n_keys: int, last_row_argmax: torch.Tensor | None) -> None:
+        """The same accumulation from statistics computed without the pattern (the Triton path).
+
+        column_sum (B, H, n_keys) over this call's queries (None on a decode step); entries[off]
+        (B, H, T) = A[i, i - off] for the call's queries at positions first_position.. (0 where unseen);
+        last_row_argmax (B, H) for the query at position n_keys - 1."""
+        self.calls += 1
+        if self.track_argmax and last_row_argmax is not None:
+            self.argmax_steps.append(last_row_argmax.cpu())
+        if column_sum is None:
+            return
+        self.n_keys = max(self.n_keys, n_keys)
+        if self.column_sum is None or self.column_sum.shape[-1] != n_keys:
+            self.column_sum = torch.zeros(*column_sum.shape[:2], n_keys, device="cpu")
+        self.column_sum += column_sum.float().cpu()
+        for off in self.diagonals:
+            first = max(off, self.diagonal_start) - first_position  # first query index that counts
+            values = entries[off][..., max(first, 0):]
+            if values.shape[-1] == 0:
+                continue
+            total = values.float().sum(dim=-1).cpu()
+            self._diag_sum[off] = total if self._diag_sum[off] is None else self._diag_sum[off] + total
+            self._diag_count[off] += values.shape[-1]
+
     def alpha(self, window: int | None = None) -> torch.Tensor:
         """alpha_k: mean attention key k receives from the queries that can see it, (B, H, S).
 

@@ -6,6 +6,7 @@
 
 Maps with a key log-scale (Performer) keep S and n relative to the running maximum `ref` of the
 key log-scales, rescaling both when it grows; queries' own scale cancels in the ratio.
+On CUDA, the prefill of the other maps runs the Triton chunked kernel (`triton_linear`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import use_triton
 from .feature_maps import FeatureMap
 from .softmax import CHUNK, Kernel, as_fp32, causal_mask, safe_ratio
 
@@ -73,6 +75,11 @@ class LinearKernel(Kernel):
         phi_q, _ = self.feature_map(q, scaling)
         phi_k, log_k = self.feature_map(k, scaling)
         state = self.empty_state(q, v.shape[-1])
+        if log_k is None and use_triton(q) and max(phi_q.shape[-1], v.shape[-1]) <= 256:
+            from .triton_linear import chunked_linear_attention
+
+            z = chunked_linear_attention(phi_q, phi_k, v)
+            return z.to(dtype), LinearState(phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=2), state.ref)
         outputs = []
         for start in range(0, q.shape[2], self.chunk):
             part = slice(start, start + self.chunk)

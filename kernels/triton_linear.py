@@ -196,20 +196,25 @@ def _linear_segment(FQ, FK, V, O, head, lin_head, seg_start, seg_end, T, eps,
     offs_v = tl.arange(0, DV)
     state = tl.zeros([F, DV], dtype=tl.float32)
     norm = tl.zeros([F], dtype=tl.float32)
-    for start in range(0, seg_end, BLOCK):
+    for start in range(0, seg_start, BLOCK):  # the tokens before our segment: state only
+        rows = start + offs_b
+        k = tl.load(FK + lin_head * T * F + rows[:, None] * F + offs_f[None, :])
+        v = tl.load(V + head * T * DV + rows[:, None] * DV + offs_v[None, :])
+        state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
+        norm += tl.sum(k.to(tl.float32), axis=0)
+    for start in range(seg_start, seg_end, BLOCK):  # our chunks: read the state out, then add the chunk
         rows = start + offs_b
         in_range = rows[:, None] < T
+        q = tl.load(FQ + lin_head * T * F + rows[:, None] * F + offs_f[None, :], mask=in_range, other=0.0)
         k = tl.load(FK + lin_head * T * F + rows[:, None] * F + offs_f[None, :], mask=in_range, other=0.0)
         v = tl.load(V + head * T * DV + rows[:, None] * DV + offs_v[None, :], mask=in_range, other=0.0)
-        if start >= seg_start:  # this chunk is ours: read the state out before adding the chunk
-            q = tl.load(FQ + lin_head * T * F + rows[:, None] * F + offs_f[None, :], mask=in_range, other=0.0)
-            weights = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            weights = tl.where(offs_b[:, None] >= offs_b[None, :], weights, 0.0)
-            out = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
-            out += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-            den = tl.sum(q.to(tl.float32) * norm[None, :], axis=1) + tl.sum(weights, axis=1)
-            out = out / (den + eps)[:, None]
-            tl.store(O + head * T * DV + rows[:, None] * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=in_range)
+        weights = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        weights = tl.where(offs_b[:, None] >= offs_b[None, :], weights, 0.0)
+        out = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
+        out += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        den = tl.sum(q.to(tl.float32) * norm[None, :], axis=1) + tl.sum(weights, axis=1)
+        out = out / (den + eps)[:, None]
+        tl.store(O + head * T * DV + rows[:, None] * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=in_range)
         state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
         norm += tl.sum(k.to(tl.float32), axis=0)
 
@@ -300,11 +305,11 @@ def _segment_length(n: int, programs_per_segment: int, device) -> int:
 
 
 def hybrid_attention(q, k, v, phi_q, phi_k, modes, scaling: float, window: int | None, eps: float = EPS,
-                     segment: int | None = None) -> torch.Tensor:
+                     segment: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """One layer's heads in one launch: head h is softmax (mode 0, sliding `window`; full causal if None)
     or normalized linear (mode 1). q, k, v (B,H,T,d) with k, v repeated for GQA; phi_q, phi_k
     (B, H_linear, T, F) hold the linear heads in head order. `segment` (a multiple of 64) overrides the
-    sequence split. Returns (B,H,T,Dv) in v's dtype."""
+    sequence split; `num_stages` the software pipelining depth of the launch. Returns (B,H,T,Dv) in v's dtype."""
     _require_triton(v)
     batch, heads, n, dv = v.shape
     modes = [int(m) for m in modes]
@@ -328,6 +333,8 @@ def hybrid_attention(q, k, v, phi_q, phi_k, modes, scaling: float, window: int |
     segment = segment or _segment_length(n, batch * heads, v.device)
     out = torch.empty_like(vf)
     warps = {} if interpreting() else {"num_warps": 8 if max(fq.shape[-1], vf.shape[-1]) > 64 else 4}
+    if num_stages is not None and not interpreting():
+        warps["num_stages"] = num_stages
     _hybrid_kernel[(triton.cdiv(n, segment), batch * heads)](
         qf, kf, fq, fk, vf, out, modes_t, slots_t, heads, max(n_linear, 1), n, segment, window or 0,
         scaling * LOG2E, eps, D=qf.shape[-1], F=fq.shape[-1], DV=vf.shape[-1], BLOCK=CHUNK,

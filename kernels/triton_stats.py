@@ -6,8 +6,10 @@
      loop of flash attention's dK/dV backward), so every column sum is owned by one program: no
      atomics, deterministic.
 Both split their loop into blocks that need the causal mask and blocks that need none.
-The O(T) statistics (first-token mass, diagonals, argmax rows) are dot products done in torch
-(`attention_stats.py`). Set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU.
+  3. `_entries_kernel`: the O(T) statistics, A[i, key(i)] for every query and a few key rules
+     key(i) = base + coef * position(i) (first token: 0 + 0 i; diagonal off: -off + 1 i), one launch.
+The argmax of a few rows is a small torch product. Nothing here waits on the GPU, so the passes
+queue behind the forward pass. Set TRITON_INTERPRET=1 before importing triton to run them on CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import triton.language as tl
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from .attention_stats import AttentionStats, argmax_keys, diagonal_means, first_token_mass, reference_stats
+from .attention_stats import AttentionStats, allowed_keys, reference_stats
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -147,6 +149,28 @@ def _column_sum_kernel(Q, K, LSE, COL, T, S, window, scale_log2,
     tl.store(COL + head * S + offs_n, col, mask=offs_n < S)
 
 
+@triton.jit
+def _entries_kernel(Q, K, LSE, BASE, COEF, OUT, T, S, N_RULES, window, scale_log2,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    pid_m = tl.program_id(0)
+    rule = tl.program_id(1)
+    head = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    in_range = offs_m < T
+    pos = offs_m + (S - T)
+    key = tl.load(BASE + rule) + tl.load(COEF + rule) * pos
+    visible = in_range & (key >= 0) & (key <= pos)
+    if HAS_WINDOW:
+        visible &= (pos - key) < window
+    q = tl.load(Q + head * T * D + offs_m[:, None] * D + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    k = tl.load(K + head * S * D + key[:, None].to(tl.int64) * D + offs_d[None, :], mask=visible[:, None], other=0.0)
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale_log2
+    lse2 = tl.load(LSE + head * T + offs_m, mask=in_range, other=0.0) * 1.4426950408889634
+    p = tl.where(visible, tl.exp2(s - lse2), 0.0)
+    tl.store(OUT + (head * N_RULES + rule) * T + offs_m, p, mask=in_range)
+
+
 def _padded_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, d) -> contiguous (B*H, L, D) with D a power of two >= 16 (zero columns leave q . k as is)."""
     d = x.shape[-1]
@@ -166,31 +190,77 @@ def _launch_config(head_dim: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
 
-def triton_lse(q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
-    """Row log-sum-exp (B, H, T) fp32, natural log."""
-    batch, heads, n_queries, _ = q.shape
-    qf, kf = _padded_heads(q), _padded_heads(k)
-    lse = torch.empty(batch * heads, n_queries, device=q.device, dtype=torch.float32)
-    config = _launch_config(qf.shape[-1])
-    grid = (triton.cdiv(n_queries, config["BLOCK_M"]), batch * heads)
+def triton_lse(q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """Row log-sum-exp (B, H, T) fp32, natural log. `config` overrides the launch (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return _lse(_padded_heads(q), _padded_heads(k), q.shape[:2], scaling, window, config)
+
+
+def triton_column_sums(q, k, lse, scaling: float, window: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """sum_i A[i, k] for every key, (B, H, S) fp32. In `config`, BLOCK_N is the key block, BLOCK_M the query block."""
+    return _column_sums(_padded_heads(q), _padded_heads(k), lse, q.shape[:2], scaling, window, config)
+
+
+def triton_entries(q, k, lse, scaling: float, rules, window: int | None = None) -> torch.Tensor:
+    """A[i, base + coef * position_i] for each rule (base, coef) and query i, (B, H, R, T) fp32; 0 where not visible."""
+    return _entries(_padded_heads(q), _padded_heads(k), lse, q.shape[:2], scaling, rules, window)
+
+
+def _lse(qf, kf, batch_heads, scaling, window, config=None):
+    n_queries = qf.shape[1]
+    lse = torch.empty(qf.shape[0], n_queries, device=qf.device, dtype=torch.float32)
+    config = {**_launch_config(qf.shape[-1]), **(config or {})}
+    grid = (triton.cdiv(n_queries, config["BLOCK_M"]), qf.shape[0])
     _lse_kernel[grid](qf, kf, lse, n_queries, kf.shape[1], window or 0, scaling * LOG2E, D=qf.shape[-1],
-                      HAS_WINDOW=window is not None, PRECISION=_precision(q), **config)
-    return lse.view(batch, heads, n_queries)
+                      HAS_WINDOW=window is not None, PRECISION=_precision(qf), **config)
+    return lse.view(*batch_heads, n_queries)
 
 
-def triton_column_sums(q, k, lse, scaling: float, window: int | None = None) -> torch.Tensor:
-    """sum_i A[i, k] for every key, (B, H, S) fp32."""
-    batch, heads, n_queries, _ = q.shape
-    qf, kf = _padded_heads(q), _padded_heads(k)
-    n_keys = kf.shape[1]
-    lse = lse.float().reshape(batch * heads, n_queries).contiguous()
-    col = torch.empty(batch * heads, n_keys, device=q.device, dtype=torch.float32)
-    config = dict(_launch_config(qf.shape[-1]))
-    config["BLOCK_M"], config["BLOCK_N"] = config["BLOCK_N"], config["BLOCK_M"]  # keys are the long side here
-    grid = (triton.cdiv(n_keys, config["BLOCK_N"]), batch * heads)
+def _column_sums(qf, kf, lse, batch_heads, scaling, window, config=None):
+    n_queries, n_keys = qf.shape[1], kf.shape[1]
+    lse = lse.float().reshape(qf.shape[0], n_queries).contiguous()
+    col = torch.empty(qf.shape[0], n_keys, device=qf.device, dtype=torch.float32)
+    defaults = dict(_launch_config(qf.shape[-1]))
+    defaults["BLOCK_M"], defaults["BLOCK_N"] = defaults["BLOCK_N"], defaults["BLOCK_M"]  # keys are the long side here
+    config = {**defaults, **(config or {})}
+    grid = (triton.cdiv(n_keys, config["BLOCK_N"]), qf.shape[0])
     _column_sum_kernel[grid](qf, kf, lse, col, n_queries, n_keys, window or 0, scaling * LOG2E, D=qf.shape[-1],
-                             HAS_WINDOW=window is not None, PRECISION=_precision(q), **config)
-    return col.view(batch, heads, n_keys)
+                             HAS_WINDOW=window is not None, PRECISION=_precision(qf), **config)
+    return col.view(*batch_heads, n_keys)
+
+
+def _entries(qf, kf, lse, batch_heads, scaling, rules, window):
+    n_queries, n_keys = qf.shape[1], kf.shape[1]
+    base = torch.tensor([int(b) for b, _ in rules], dtype=torch.int32).to(qf.device, non_blocking=True)
+    coef = torch.tensor([int(c) for _, c in rules], dtype=torch.int32).to(qf.device, non_blocking=True)
+    lse = lse.float().reshape(qf.shape[0], n_queries).contiguous()
+    out = torch.empty(qf.shape[0], len(rules), n_queries, device=qf.device, dtype=torch.float32)
+    block = 32 if interpreting() else 64
+    grid = (triton.cdiv(n_queries, block), len(rules), qf.shape[0])
+    _entries_kernel[grid](qf, kf, lse, base, coef, out, n_queries, n_keys, len(rules), window or 0, scaling * LOG2E,
+                          D=qf.shape[-1], BLOCK_M=block, HAS_WINDOW=window is not None)
+    return out.view(*batch_heads, len(rules), n_queries)
+
+
+def pattern_statistics(q, k, scaling: float, window: int | None = None, lse: torch.Tensor | None = None,
+                       diagonals=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """What a streaming pattern reducer accumulates: column sums (B, H, S) and, per diagonal offset,
+    the entries A[i, i - off] of every query (B, H, T). `lse` as in `attention_stats`."""
+    qf, kf = _padded_heads(q), _padded_heads(k)
+    lse = _lse(qf, kf, q.shape[:2], scaling, window) if lse is None else lse.float()
+    entries = _entries(qf, kf, lse, q.shape[:2], scaling, [(-off, 1) for off in diagonals], window) if diagonals else None
+    return (_column_sums(qf, kf, lse, q.shape[:2], scaling, window),
+            {off: entries[:, :, j] for j, off in enumerate(diagonals)})
+
+
+def last_rows_argmax(q, k, scaling: float, rows, window: int | None = None) -> torch.Tensor:
+    """Argmax key of query positions `rows` (Python ints), (B, H, R), with no host-device sync."""
+    rows = [int(r) for r in rows]
+    shift = k.shape[2] - q.shape[2]
+    index = torch.tensor([r - shift for r in rows]).to(q.device, non_blocking=True)
+    positions = torch.tensor(rows).to(q.device, non_blocking=True)
+    scores = torch.matmul(q[:, :, index].float(), k.float().transpose(-1, -2)) * scaling
+    return scores.masked_fill(~allowed_keys(positions, k.shape[2], window), float("-inf")).argmax(dim=-1)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -224,11 +294,25 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, scaling: float, window: in
         return reference_stats(q, k, scaling, window, lse, diagonals, argmax_rows, diagonal_start)
     if not triton_usable(q):
         raise AttnprobeError("Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones): move q, k to the GPU or pass use_triton=False")
-    lse = triton_lse(q, k, scaling, window) if lse is None else lse.float()
+    qf, kf = _padded_heads(q), _padded_heads(k)
+    batch_heads = q.shape[:2]
+    lse = _lse(qf, kf, batch_heads, scaling, window) if lse is None else lse.float()
+    rules = [(0, 0)] + [(-off, 1) for off in diagonals]  # first token, then each diagonal
+    entries = _entries(qf, kf, lse, batch_heads, scaling, rules, window)
     return AttentionStats(
         lse=lse,
-        column_sum=triton_column_sums(q, k, lse, scaling, window),
-        first_token=first_token_mass(q, k, lse, scaling, window),
-        diagonal=diagonal_means(q, k, lse, scaling, diagonals, diagonal_start, window),
-        argmax=None if argmax_rows is None else argmax_keys(q, k, scaling, argmax_rows, window),
+        column_sum=_column_sums(qf, kf, lse, batch_heads, scaling, window),
+        first_token=entries[:, :, 0],
+        diagonal=diagonal_means_from_entries(entries[:, :, 1:], diagonals, k.shape[2] - q.shape[2], diagonal_start),
+        argmax=None if argmax_rows is None else last_rows_argmax(q, k, scaling, argmax_rows, window),
     )
+
+
+def diagonal_means_from_entries(entries, offsets, first_position: int, start: int = 0) -> dict[int, torch.Tensor]:
+    """{off: mean of entries[..., j, i] over queries at positions >= max(off, start)} from (B, H, len(offsets), T)."""
+    means = {}
+    for j, off in enumerate(offsets):
+        first = max(off, start) - first_position  # first query index that counts
+        if first < entries.shape[-1]:
+            means[off] = entries[:, :, j, max(first, 0):].mean(dim=-1)
+    return means

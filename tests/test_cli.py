@@ -42,6 +42,17 @@ def test_info_prints_the_model_facts(tiny):
     assert "n_layers" in result.stdout and "n_kv_heads" in result.stdout
 
 
+def test_global_options_load_with_a_device_map_and_a_dtype(tiny):
+    result = attnprobe("--device-map", "auto", "--dtype", "bfloat16", "--torch-kernels", "info", "--model", tiny)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from attnprobe.hooks.model import load_model
+
+    import torch
+    model = load_model(str(tiny), dtype=torch.bfloat16, device_map="auto")
+    assert model.device.type == "cpu" and next(model.hf.parameters()).dtype == torch.bfloat16  # no GPU here: all on the CPU
+    assert model.hf(input_ids=torch.tensor([[1, 5, 9]])).logits.shape[:2] == (1, 3)
+
+
 def test_census_writes_a_complete_run_directory(census_dir):
     out, stdout = census_dir
     for name in ("manifest.json", "heads.parquet", "sink_rate.json", "sinks.parquet", "secondary_sinks.parquet",
@@ -98,9 +109,10 @@ def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
     (["swap", "--kernel", "cosine", "--layers", "0"], "unknown kernel 'cosine'"),
     (["ablate", "--heads", "99.0"], "layer 99 is out of range"),
     (["census", "--lengths", "9000"], "does not fit the model's window"),
+    (["--dtype", "float8", "info"], "unknown --dtype 'float8'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, args, message):
-    if args[0] != "info":
+    if args[0] not in ("info", "--dtype"):
         args = args[:1] + ["--model", str(tiny)] + args[1:]
     result = attnprobe(*args)
     assert result.returncode == 2, (result.stdout, result.stderr[-2000:])

@@ -195,3 +195,84 @@ def test_hybrid_rejects_bad_modes(kernels):
         linear.hybrid_attention(q, k, q, phi_q, phi_k, [0, 2], 0.25, 8)
     with pytest.raises(AttnprobeError, match="linear heads"):
         linear.hybrid_attention(q, k, q, phi_q, phi_k, [1, 1], 0.25, 8)
+
+
+def test_hybrid_kernel_on_a_length_that_is_no_multiple_of_the_block(kernels):
+    _, linear = kernels
+    q, k = random_qk(1, 3, 100, 100, 16, seed=10)
+    v = torch.randn(1, 3, 100, 16, generator=torch.Generator().manual_seed(11))
+    phi_q, phi_k = features(1, 2, 100, 16, seed=12)
+    modes = [1, 0, 1]
+    out = linear.hybrid_attention(q, k, v, phi_q, phi_k, modes, 0.25, 30, segment=64)
+    torch.testing.assert_close(out, linear.hybrid_reference(q, k, v, phi_q, phi_k, modes, 0.25, 30), atol=1e-5, rtol=1e-4)
+
+
+def test_entries_kernel_reads_first_token_and_diagonals(kernels):
+    stats_mod, _ = kernels
+    q, k = random_qk(1, 2, 50, 70, 16, seed=13)
+    pattern, lse, positions = eager_pattern(q, k, 0.25, window=9)
+    entries = stats_mod.triton_entries(q, k, lse, 0.25, [(0, 0), (-1, 1), (-12, 1)], window=9)
+    index = torch.arange(50)
+    torch.testing.assert_close(entries[:, :, 0], pattern[..., 0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(entries[:, :, 1], pattern[:, :, index, positions - 1], atol=1e-6, rtol=1e-5)
+    assert torch.equal(entries[:, :, 2], torch.zeros_like(entries[:, :, 2]))  # offset 12 lies outside the window
+
+
+def native_pattern_reads(model_fn, ids, monkeypatch):
+    """PatternStats of every layer through the native backend: chunked torch path, then the Triton path."""
+    from attnprobe.hooks import native
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.sites import Site
+    from attnprobe.kernels import dispatch
+    from tests.test_backends import TinyTokenizer, wrap
+
+    backend = make_backend("native", wrap(model_fn(), TinyTokenizer()))
+    triton_calls = []
+    original = native.sdpa_with_triton_stats
+    monkeypatch.setattr(native, "sdpa_with_triton_stats", lambda *a, **kw: triton_calls.append(1) or original(*a, **kw))
+    results = []
+    for on_triton in (False, True):
+        reads = {(layer, Site.PATTERN): PatternStats(diagonals=(1, 3), diagonal_start=4, track_argmax=True)
+                 for layer in range(backend.info.n_layers)}
+        if on_triton:
+            with dispatch.triton_on_cpu():
+                logits = backend.run(ids, reads)
+        else:
+            logits = backend.run(ids, reads)
+        results.append((logits, reads))
+        assert len(triton_calls) == (backend.info.n_layers if on_triton else 0)
+    return results
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_native_backend_statistics_through_triton_equal_the_chunked_path(kernels, model_name, monkeypatch):
+    """On CUDA the native backend reads PatternStats through the Triton kernels; here, through the interpreter."""
+    import tests.test_backends as tb
+
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(14))
+    (torch_logits, torch_reads), (triton_logits, triton_reads) = native_pattern_reads(getattr(tb, model_name), ids, monkeypatch)
+    torch.testing.assert_close(triton_logits, torch_logits, atol=1e-5, rtol=1e-5)
+    for key, want in torch_reads.items():
+        got = triton_reads[key]
+        torch.testing.assert_close(got.alpha(), want.alpha(), atol=1e-5, rtol=1e-5)
+        for off in (1, 3):
+            torch.testing.assert_close(got.diagonal(off), want.diagonal(off), atol=1e-6, rtol=1e-5)
+        assert [a.tolist() for a in got.argmax_steps] == [a.tolist() for a in want.argmax_steps]
+
+
+def test_linear_kernel_prefill_through_triton_equals_torch(kernels):
+    from attnprobe.kernels import dispatch
+    from attnprobe.kernels.registry import make_kernel
+
+    kernel = make_kernel("elu", 2, 16)
+    q, k = random_qk(1, 2, 100, 100, 16, seed=15)
+    v = torch.randn(1, 2, 100, 16, generator=torch.Generator().manual_seed(16))
+    want, want_state = kernel.prefill(q, k, v, 0.25)
+    with dispatch.triton_on_cpu():
+        got, got_state = kernel.prefill(q, k, v, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_state.s, want_state.s, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_state.n, want_state.n, atol=1e-4, rtol=1e-5)
+    step_q, step_k, step_v = (x[:, :, -1:] for x in (q, k, v))  # decoding goes on from the Triton state alike
+    torch.testing.assert_close(kernel.step(got_state, step_q, step_k, step_v, 0.25)[0],
+                               kernel.step(want_state, step_q, step_k, step_v, 0.25)[0], atol=1e-5, rtol=1e-4)

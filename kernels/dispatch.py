@@ -1,0 +1,43 @@
+"""Which implementation runs a kernel: Triton on CUDA tensors, torch everywhere else or when asked.
+
+`force_torch()` (the CLI's --torch-kernels, or ATTNPROBE_TORCH_KERNELS=1) makes every caller take its
+torch path. Tests turn on `triton_on_cpu` to send CPU tensors through Triton's interpreter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+
+_force_torch = os.environ.get("ATTNPROBE_TORCH_KERNELS") == "1"
+_triton_on_cpu = False
+
+
+def force_torch(flag: bool = True) -> None:
+    global _force_torch
+    _force_torch = flag
+
+
+@contextmanager
+def triton_on_cpu():
+    """Within the block, CPU tensors take the Triton path too (needs TRITON_INTERPRET=1)."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, True
+    try:
+        yield
+    finally:
+        _triton_on_cpu = previous
+
+
+@cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if _force_torch or not triton_installed():
+        return False
+    return x.is_cuda or (_triton_on_cpu and x.device.type == "cpu")
