@@ -5,6 +5,7 @@ a local HF directory, a `.gguf` file, or a hub id (only where a network exists).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -92,7 +93,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path) -> bool | None:
+    """Refuse a file that is not a readable GGUF; return its `tokenizer.ggml.add_bos_token` (None if absent)."""
+    stat = path.stat()
+    return _read_gguf(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf(path: str, size: int, mtime_ns: int) -> bool | None:  # size and mtime key the cache
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != b"GGUF":
@@ -100,9 +108,20 @@ def _check_gguf(path: Path) -> None:
     try:
         import gguf
 
-        gguf.GGUFReader(str(path))
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
     except Exception as exc:  # the reader raises many kinds of errors on truncated files
         raise AttnprobeError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-download or re-assemble it") from None
+    return None if field is None else bool(field.contents())
+
+
+def _follow_gguf_bos(tokenizer, adds_bos: bool | None) -> None:
+    """Make the tokenizer add BOS exactly when the GGUF says so: some transformers releases drop the flag
+    when they convert a GGUF tokenizer, and Gemma without BOS loses its sink and most of its skill."""
+    if adds_bos is None or tokenizer.bos_token_id is None:
+        return
+    ids = tokenizer("a").input_ids
+    if bool(ids) and (ids[0] == tokenizer.bos_token_id) != adds_bos:
+        tokenizer.add_bos_token = adds_bos
 
 
 def _resolve(spec: str) -> tuple[str, dict, Path | None]:
@@ -205,6 +224,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         source, kwargs = str(cached), {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        if "gguf_file" in kwargs:  # a first load from the GGUF (the cached copy keeps the fixed tokenizer)
+            _follow_gguf_bos(tokenizer, _check_gguf(weights_file))
         placement = {"device_map": device_map} if device_map is not None else {}
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                   **placement, **kwargs)

@@ -5,7 +5,7 @@ transformers' AttentionInterface. Layers with nothing to read or edit go straigh
 numbers, same speed). A layer whose pattern is read computes softmax attention in chunks of query
 rows, hands each chunk to the reducers and builds the output from the same chunk, so memory stays
 O(chunk x T) instead of O(T^2). On CUDA, a layer read only by `PatternStats` skips the chunks: SDPA
-computes the output (its flash kernel also returns the row log-sum-exp) and the Triton kernels of
+computes the output (its cuDNN or flash kernel also returns the row log-sum-exp) and the Triton kernels of
 `kernels.triton_stats` compute the statistics from q, k and that log-sum-exp in O(T) memory
 (`kernels.dispatch.force_torch` turns this off). Residual, attention-out and MLP-out sites use module hooks.
 """
@@ -105,12 +105,12 @@ def sdpa_with_triton_stats(module, query, key, value, attention_mask, scaling, w
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, dim=1)
     n_queries, n_keys = query.shape[2], key.shape[2]
-    flash = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and n_queries == n_keys
-             and (window is None or window >= n_keys) and query.shape[-1] <= 256)
+    fused = None
+    if window is None or window >= n_keys:  # a fused kernel returns the row log-sum-exp beside the output
+        fused = triton_stats.sdpa_with_lse(query, k, value.repeat_interleave(group, dim=1), scaling)
     lse = None
-    if flash:  # the flash kernel returns the row log-sum-exp beside the output
-        v = value.repeat_interleave(group, dim=1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)[:2]
+    if fused is not None:
+        out, lse = fused
         z = out.transpose(1, 2)
     else:
         z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,

@@ -1,7 +1,8 @@
 """Causal linear attention and per-head hybrids as Triton forward kernels, each beside a torch reference.
 
 Inputs are already feature-mapped: phi(q), phi(k) of width F, values of width Dv. The normalized
-output is z_t = sum_{s<=t} (phi_q_t . phi_k_s) v_s / (sum_{s<=t} phi_q_t . phi_k_s + eps).
+output is z_t = sum_{s<=t} (phi_q_t . phi_k_s) v_s / max(sum_{s<=t} phi_q_t . phi_k_s, eps), eps the
+smallest normal fp32 (as the torch kernels): feature maps like Hedgehog give sums far below 1e-6.
 
   - chunked prefill (two launches, as flash-linear-attention does it): `_chunk_state_kernel` scans the
     chunks of a head and writes the state S = sum phi_k v^T (and n = sum phi_k) before each chunk;
@@ -25,7 +26,7 @@ from .triton_stats import LOG2E, interpreting
 
 CHUNK = 64
 MAX_WIDTH = 256
-EPS = 1e-6
+EPS = torch.finfo(torch.float32).tiny
 SOFTMAX, LINEAR = 0, 1
 
 
@@ -36,7 +37,7 @@ def linear_attention_reference(phi_q, phi_k, v, normalize: bool = True, eps: flo
     weights = torch.matmul(phi_q.float(), phi_k.float().transpose(-1, -2)).tril()
     out = torch.matmul(weights, v.float())
     if normalize:
-        out = out / (weights.sum(-1, keepdim=True) + eps)
+        out = out / weights.sum(-1, keepdim=True).clamp_min(eps)
     return out.to(v.dtype)
 
 
@@ -46,7 +47,7 @@ def decode_step_reference(phi_q, phi_k, v, state, normalizer, normalize: bool = 
     normalizer = normalizer + phi_k.float()
     out = torch.einsum("bhf,bhfv->bhv", phi_q.float(), state)
     if normalize:
-        out = out / ((phi_q.float() * normalizer).sum(-1, keepdim=True) + eps)
+        out = out / (phi_q.float() * normalizer).sum(-1, keepdim=True).clamp_min(eps)
     return out.to(v.dtype), state, normalizer
 
 
@@ -123,7 +124,7 @@ def _chunk_output_kernel(Q, K, V, STATES, NORMS, O, T, eps,
     if NORMALIZE:
         norm = tl.load(NORMS + slot * F + offs_f)
         den = tl.sum(q.to(tl.float32) * norm[None, :], axis=1) + tl.sum(weights, axis=1)
-        out = out / (den + eps)[:, None]
+        out = out / tl.maximum(den, eps)[:, None]
     tl.store(O + head * T * DV + rows[:, None] * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=in_range)
 
 
@@ -147,7 +148,7 @@ def _decode_step_kernel(Q, K, V, STATE, NORM, O, F, DV, eps,
     tl.store(NORM + head * F + offs_f, norm, mask=offs_f + pid_v * F_PAD < F)  # value block 0 writes n
     out = tl.sum(q[:, None] * state, axis=0)
     if NORMALIZE:
-        out = out / (tl.sum(q * norm, axis=0) + eps)
+        out = out / tl.maximum(tl.sum(q * norm, axis=0), eps)
     tl.store(O + head * DV + offs_v, out.to(O.dtype.element_ty), mask=v_ok)
 
 
@@ -213,7 +214,7 @@ def _linear_segment(FQ, FK, V, O, head, lin_head, seg_start, seg_end, T, eps,
         out = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
         out += tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         den = tl.sum(q.to(tl.float32) * norm[None, :], axis=1) + tl.sum(weights, axis=1)
-        out = out / (den + eps)[:, None]
+        out = out / tl.maximum(den, eps)[:, None]
         tl.store(O + head * T * DV + rows[:, None] * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=in_range)
         state += tl.dot(tl.trans(k), v, input_precision=PRECISION)
         norm += tl.sum(k.to(tl.float32), axis=0)
@@ -305,11 +306,11 @@ def _segment_length(n: int, programs_per_segment: int, device) -> int:
 
 
 def hybrid_attention(q, k, v, phi_q, phi_k, modes, scaling: float, window: int | None, eps: float = EPS,
-                     segment: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     segment: int | None = None) -> torch.Tensor:
     """One layer's heads in one launch: head h is softmax (mode 0, sliding `window`; full causal if None)
     or normalized linear (mode 1). q, k, v (B,H,T,d) with k, v repeated for GQA; phi_q, phi_k
     (B, H_linear, T, F) hold the linear heads in head order. `segment` (a multiple of 64) overrides the
-    sequence split; `num_stages` the software pipelining depth of the launch. Returns (B,H,T,Dv) in v's dtype."""
+    sequence split. Returns (B,H,T,Dv) in v's dtype."""
     _require_triton(v)
     batch, heads, n, dv = v.shape
     modes = [int(m) for m in modes]
@@ -333,8 +334,6 @@ def hybrid_attention(q, k, v, phi_q, phi_k, modes, scaling: float, window: int |
     segment = segment or _segment_length(n, batch * heads, v.device)
     out = torch.empty_like(vf)
     warps = {} if interpreting() else {"num_warps": 8 if max(fq.shape[-1], vf.shape[-1]) > 64 else 4}
-    if num_stages is not None and not interpreting():
-        warps["num_stages"] = num_stages
     _hybrid_kernel[(triton.cdiv(n, segment), batch * heads)](
         qf, kf, fq, fk, vf, out, modes_t, slots_t, heads, max(n_linear, 1), n, segment, window or 0,
         scaling * LOG2E, eps, D=qf.shape[-1], F=fq.shape[-1], DV=vf.shape[-1], BLOCK=CHUNK,

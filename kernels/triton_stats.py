@@ -13,6 +13,7 @@ queue behind the forward pass. Set TRITON_INTERPRET=1 before importing triton to
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -229,10 +230,16 @@ def _column_sums(qf, kf, lse, batch_heads, scaling, window, config=None):
     return col.view(*batch_heads, n_keys)
 
 
+@functools.lru_cache(maxsize=64)
+def _rule_tensors(rules: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rules' bases and coefficients on the device, made once (a copy to the GPU would wait for it)."""
+    return (torch.tensor([b for b, _ in rules], dtype=torch.int32, device=device),
+            torch.tensor([c for _, c in rules], dtype=torch.int32, device=device))
+
+
 def _entries(qf, kf, lse, batch_heads, scaling, rules, window):
     n_queries, n_keys = qf.shape[1], kf.shape[1]
-    base = torch.tensor([int(b) for b, _ in rules], dtype=torch.int32).to(qf.device, non_blocking=True)
-    coef = torch.tensor([int(c) for _, c in rules], dtype=torch.int32).to(qf.device, non_blocking=True)
+    base, coef = _rule_tensors(tuple((int(b), int(c)) for b, c in rules), qf.device)
     lse = lse.float().reshape(qf.shape[0], n_queries).contiguous()
     out = torch.empty(qf.shape[0], len(rules), n_queries, device=qf.device, dtype=torch.float32)
     block = 32 if interpreting() else 64
@@ -240,6 +247,43 @@ def _entries(qf, kf, lse, batch_heads, scaling, rules, window):
     _entries_kernel[grid](qf, kf, lse, base, coef, out, n_queries, n_keys, len(rules), window or 0, scaling * LOG2E,
                           D=qf.shape[-1], BLOCK_M=block, HAS_WINDOW=window is not None)
     return out.view(*batch_heads, len(rules), n_queries)
+
+
+_FUSED_OPS = ("cudnn", "flash")
+_fused_choice: dict = {}  # (device, dtype, head dim) -> the op that works there, or None
+
+
+def _fused_call(name, q, k, v, scaling):
+    if name == "cudnn":  # the fastest SDPA backend on Hopper; it returns the log-sum-exp on request
+        result = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scaling)
+    else:
+        result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scaling)
+    return result[0], result[1]
+
+
+def sdpa_with_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention (B,H,T,d) and its row log-sum-exp (B,H,T) fp32, natural log, from one fused CUDA
+    kernel (cuDNN's, else FlashAttention-2's) for a prefill (T queries over the same T keys, k and v
+    repeated for GQA). None where neither takes these inputs. The first use on a device, dtype and head
+    dim checks the kernel's log-sum-exp against `triton_lse` and keeps the first op that agrees."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[2] != k.shape[2] or q.shape[-1] > 256:
+        return None
+    key = (q.device, q.dtype, q.shape[-1])
+    if key in _fused_choice and _fused_choice[key] is None:
+        return None
+    for name in [_fused_choice[key]] if key in _fused_choice else _FUSED_OPS:
+        try:
+            out, lse = _fused_call(name, q, k, v, scaling)
+        except RuntimeError:
+            continue
+        lse = lse.float().reshape(*q.shape[:2], -1)[..., :q.shape[2]]
+        if key not in _fused_choice:
+            if not torch.allclose(lse, triton_lse(q, k, scaling), atol=1e-3, rtol=1e-4):
+                continue
+            _fused_choice[key] = name
+        return out, lse
+    _fused_choice[key] = None
+    return None
 
 
 def pattern_statistics(q, k, scaling: float, window: int | None = None, lse: torch.Tensor | None = None,
@@ -257,9 +301,13 @@ def last_rows_argmax(q, k, scaling: float, rows, window: int | None = None) -> t
     """Argmax key of query positions `rows` (Python ints), (B, H, R), with no host-device sync."""
     rows = [int(r) for r in rows]
     shift = k.shape[2] - q.shape[2]
-    index = torch.tensor([r - shift for r in rows]).to(q.device, non_blocking=True)
-    positions = torch.tensor(rows).to(q.device, non_blocking=True)
-    scores = torch.matmul(q[:, :, index].float(), k.float().transpose(-1, -2)) * scaling
+    if rows == list(range(rows[0], rows[0] + len(rows))):  # a run of rows (the census asks for the last): a slice
+        picked = q[:, :, rows[0] - shift:rows[0] - shift + len(rows)]
+        positions = torch.arange(rows[0], rows[0] + len(rows), device=q.device)
+    else:
+        picked = q[:, :, torch.tensor([r - shift for r in rows], device=q.device)]
+        positions = torch.tensor(rows, device=q.device)
+    scores = torch.matmul(picked.float(), k.float().transpose(-1, -2)) * scaling
     return scores.masked_fill(~allowed_keys(positions, k.shape[2], window), float("-inf")).argmax(dim=-1)
 
 

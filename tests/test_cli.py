@@ -120,6 +120,28 @@ def test_bad_input_is_one_line_and_exit_2(tiny, args, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_tokenizer_follows_the_bos_flag_of_the_gguf(tiny):
+    """Some transformers releases drop `tokenizer.ggml.add_bos_token` when converting a GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    from attnprobe.hooks.model import _follow_gguf_bos
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    assert tokenizer("a").input_ids[0] != tokenizer.bos_token_id
+    _follow_gguf_bos(tokenizer, None)  # no flag in the file: the tokenizer's own convention stays
+    assert tokenizer("a").input_ids[0] != tokenizer.bos_token_id
+    _follow_gguf_bos(tokenizer, True)
+    assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id
+    _follow_gguf_bos(tokenizer, False)
+    assert tokenizer("a").input_ids[0] != tokenizer.bos_token_id
+
+
+def test_embedded_gguf_bos_flags_are_read():
+    from attnprobe.hooks.model import _check_gguf, embedded_gguf_path
+
+    assert _check_gguf(embedded_gguf_path("smollm2-135m")) is False
+
+
 def test_corrupt_or_truncated_gguf_is_named(tmp_path):
     from attnprobe.hooks.model import embedded_gguf_path
 

@@ -260,12 +260,14 @@ def test_native_backend_statistics_through_triton_equal_the_chunked_path(kernels
         assert [a.tolist() for a in got.argmax_steps] == [a.tolist() for a in want.argmax_steps]
 
 
-def test_linear_kernel_prefill_through_triton_equals_torch(kernels):
+@pytest.mark.parametrize("name", ["elu", "hedgehog"])  # hedgehog's softmax features give sums far below 1e-6
+def test_linear_kernel_prefill_through_triton_equals_torch(kernels, name):
     from attnprobe.kernels import dispatch
     from attnprobe.kernels.registry import make_kernel
 
-    kernel = make_kernel("elu", 2, 16)
+    kernel = make_kernel(name, 2, 16)
     q, k = random_qk(1, 2, 100, 100, 16, seed=15)
+    q, k = q * 4, k * 4  # sharp features
     v = torch.randn(1, 2, 100, 16, generator=torch.Generator().manual_seed(16))
     want, want_state = kernel.prefill(q, k, v, 0.25)
     with dispatch.triton_on_cpu():
