@@ -1,10 +1,12 @@
 """GPU benchmark of the Triton kernels (needs CUDA, torch and triton; flash-linear-attention optional).
 
-    python benchmarks/gpu_bench.py --out bench.json [--quick]
+    python benchmarks/gpu_bench.py --out bench.json [--dtypes bfloat16] [--sweep 32768] [--checks-only]
 
 For T in 2K, 8K, 32K, head dim 64 and 128, bf16 and fp16 (B=1, H=8) it prints and writes as JSON:
-  (a) attention statistics + SDPA forward against SDPA forward alone (goal: ratio <= 1.5), with the
-      log-sum-exp computed by our kernel or taken from SDPA's flash op;
+  (a) attention statistics + SDPA forward against SDPA forward alone (goal: ratio <= 1.5): the census
+      path (cuDNN's SDPA with its log-sum-exp, then our passes), and the variants with the log-sum-exp
+      from our own pass or from FlashAttention-2's op, each part alone, and with --sweep the column
+      pass under every launch in COLUMN_CONFIGS;
   (b) our chunked linear attention against fla's chunk_linear_attn (when importable) and SDPA;
   (c) the one-launch hybrid kernel (half sliding-window softmax, half linear heads) against its two
       parts launched separately;
