@@ -48,6 +48,8 @@ class Edit:
     # Z edits that replace attention: the effective attention rows (B, len(heads), rows, S) of those
     # heads, so pattern reads of a modified model see what the heads now do
     pattern_fn: Callable[["AttentionCall", torch.Tensor], torch.Tensor] | None = None
+    # Z edits that put a kernel in the heads' place: that kernel, so a backend may run the layer fused
+    kernel: object | None = None
 
 
 def _heads_list(heads: Sequence[int] | int) -> list[int]:

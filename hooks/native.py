@@ -7,7 +7,9 @@ rows, hands each chunk to the reducers and builds the output from the same chunk
 O(chunk x T) instead of O(T^2). On CUDA, a layer read only by `PatternStats` skips the chunks: SDPA
 computes the output (its cuDNN or flash kernel also returns the row log-sum-exp) and the Triton kernels of
 `kernels.triton_stats` compute the statistics from q, k and that log-sum-exp in O(T) memory
-(`kernels.dispatch.force_torch` turns this off). Residual, attention-out and MLP-out sites use module hooks.
+(`kernels.dispatch.force_torch` turns this off). Likewise a prefill whose layer has some heads replaced
+by linear kernels runs the whole layer in one Triton hybrid launch. Residual, attention-out and MLP-out
+sites use module hooks.
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ class Session:
         value = self.apply(layer, Site.V, value, call)
         return query, key, value, AttentionCall(layer, query, key, value, scaling, window, positions)
 
-    def apply(self, layer, site, tensor, call=None):
-        for edit in self.edits.get((layer, site), ()):
+    def apply(self, layer, site, tensor, call=None, edits: bool = True):
+        for edit in self.edits.get((layer, site), ()) if edits else ():
             tensor = edit.fn(tensor, call)
         for reducer in self.reads.get((layer, site), ()):
             reducer.update(tensor)
@@ -128,6 +130,45 @@ def sdpa_with_triton_stats(module, query, key, value, attention_mask, scaling, w
     return z
 
 
+def kernels_replace_every_head(session, layer, n_heads) -> bool:
+    """True when the layer's Z edits are all kernel replacements that together cover every head: the
+    softmax output would be overwritten whole, so it need not be computed."""
+    edits = session.edits.get((layer, Site.Z), ())
+    return bool(edits) and all(e.kernel is not None for e in edits) and {h for e in edits for h in e.heads} == set(range(n_heads))
+
+
+def fused_linear_heads(session, layer, query, key, value, scaling, window):
+    """On CUDA, the prefill of a layer whose only Z edits replace some of its heads by linear kernels runs
+    all its heads in one Triton launch (softmax heads over `window`, linear heads on their features) and
+    leaves each edit the recurrent state its decode steps continue from. Returns z (B, T, H, d), or None
+    when the layer does not qualify (decode step, other edits, every head replaced, fp16, a kernel
+    Triton cannot run)."""
+    from attnprobe.kernels.linear import LinearKernel
+
+    edits = session.edits.get((layer, Site.Z), ())
+    if (not edits or query.shape[2] != key.shape[2] or query.dtype == torch.float16
+            or not all(isinstance(e.kernel, LinearKernel) and e.kernel.fits_triton(query, value.shape[-1]) for e in edits)):
+        return None
+    replaced = [head for e in edits for head in e.heads]
+    if len(set(replaced)) != len(replaced) or len(replaced) == query.shape[1]:
+        return None  # overlapping edits; or no softmax head left, which the chunked kernel alone serves best
+    from attnprobe.kernels.triton_linear import LINEAR, SOFTMAX, hybrid_attention
+
+    group = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    features = {}
+    for edit in edits:
+        phi_q, phi_k = edit.kernel.features(query[:, edit.heads], k[:, edit.heads], scaling)
+        edit.state["kernel"] = edit.kernel.state_from(phi_k, v[:, edit.heads])
+        edit.state["length"] = key.shape[2]
+        features.update({head: (phi_q[:, i], phi_k[:, i]) for i, head in enumerate(edit.heads)})
+    linear_heads = sorted(features)
+    phi_q = torch.stack([features[h][0] for h in linear_heads], dim=1)
+    phi_k = torch.stack([features[h][1] for h in linear_heads], dim=1)
+    modes = [LINEAR if head in features else SOFTMAX for head in range(query.shape[1])]
+    return hybrid_attention(query, k, v, phi_q, phi_k, modes, scaling, window).transpose(1, 2)
+
+
 def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                         sliding_window=None, softcap=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -164,8 +205,16 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
         z = chunked_softmax_attention(query, key, value, scaling, positions, window, softcap, on_chunk).transpose(1, 2)
     else:
-        z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
+        fused = None
+        if session is not None and softcap is None and use_triton(query):
+            fused = fused_linear_heads(session, layer, query, key, value, scaling, window)
+        if fused is not None:  # the kernel edits are done: only the Z reads remain
+            return session.apply(layer, Site.Z, fused.contiguous(), call, edits=False), None
+        if session is not None and kernels_replace_every_head(session, layer, query.shape[1]):
+            z = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # all overwritten
+        else:
+            z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, sliding_window=sliding_window, **kwargs)
     if session is not None:
         z = session.apply(layer, Site.Z, z.contiguous(), call)
     return z, None

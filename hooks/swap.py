@@ -72,6 +72,7 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
     edit = replace_heads(layer, heads, head_fn)
     edit.label = f"{kernel.name} L{layer} H{heads}"
     edit.pattern_fn = pattern_fn
+    edit.kernel = None if recompute else kernel
     return edit
 
 

@@ -17,6 +17,7 @@ from attnprobe.hooks.errors import AttnprobeError
 
 class FeatureMap(nn.Module):
     name = "map"
+    log_scaled = False  # True when forward returns a log-scale (the Triton kernels take exact features only)
 
     def __init__(self, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -106,6 +107,7 @@ class PerformerMap(FeatureMap):
     """
 
     name = "performer"
+    log_scaled = True
 
     def __init__(self, n_heads, head_dim, n_features: int | None = None, seed: int = 0):
         super().__init__(n_heads, head_dim)

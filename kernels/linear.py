@@ -75,11 +75,10 @@ class LinearKernel(Kernel):
         phi_q, _ = self.feature_map(q, scaling)
         phi_k, log_k = self.feature_map(k, scaling)
         state = self.empty_state(q, v.shape[-1])
-        if log_k is None and use_triton(q) and max(phi_q.shape[-1], v.shape[-1]) <= 256:
+        if self.fits_triton(q, v.shape[-1]):
             from .triton_linear import chunked_linear_attention
 
-            z = chunked_linear_attention(phi_q, phi_k, v)
-            return z.to(dtype), LinearState(phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=2), state.ref)
+            return chunked_linear_attention(phi_q, phi_k, v).to(dtype), self.state_from(phi_k, v)
         outputs = []
         for start in range(0, q.shape[2], self.chunk):
             part = slice(start, start + self.chunk)
@@ -91,6 +90,20 @@ class LinearKernel(Kernel):
             outputs.append(safe_ratio(num, den))
             state = LinearState(state.s + fk.transpose(-1, -2) @ vc, state.n + fk.sum(dim=2), state.ref)
         return torch.cat(outputs, dim=2).to(dtype), state
+
+    def fits_triton(self, x: torch.Tensor, d_v: int) -> bool:
+        """Whether the Triton kernels can run this kernel on tensors like x: exact features, widths <= 256."""
+        return not self.feature_map.log_scaled and use_triton(x) and max(self.feature_map.dim, d_v) <= 256
+
+    def features(self, q, k, scaling):
+        """phi(q), phi(k) in fp32, for a map without a log-scale."""
+        q, k = as_fp32(q, k)
+        return self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+
+    def state_from(self, phi_k, v) -> LinearState:
+        """The recurrent state after keys with features phi_k (B,H,T,f) and values v (B,H,T,d_v)."""
+        phi_k, v = as_fp32(phi_k, v)
+        return LinearState(phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=2), phi_k.new_full(phi_k.shape[:2], float("-inf")))
 
     def step(self, state, q, k, v, scaling):
         phi_q, _ = self.feature_map(q, scaling)

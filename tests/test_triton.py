@@ -278,3 +278,38 @@ def test_linear_kernel_prefill_through_triton_equals_torch(kernels, name):
     step_q, step_k, step_v = (x[:, :, -1:] for x in (q, k, v))  # decoding goes on from the Triton state alike
     torch.testing.assert_close(kernel.step(got_state, step_q, step_k, step_v, 0.25)[0],
                                kernel.step(want_state, step_q, step_k, step_v, 0.25)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["elu", "hedgehog"])
+def test_swapped_layers_prefill_in_one_hybrid_launch_and_decode_on(kernels, name, monkeypatch):
+    """On CUDA a layer with heads replaced by linear kernels runs fused; decoding continues from its state."""
+    from attnprobe.hooks import native
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.swap import kernel_edit
+    from attnprobe.kernels import dispatch
+    from attnprobe.kernels.registry import make_kernel
+    from tests.test_backends import TinyTokenizer, tiny_llama, wrap
+
+    hf = tiny_llama()
+    hf.generation_config.eos_token_id = None
+    backend = make_backend("native", wrap(hf, TinyTokenizer()))
+    layers, heads = [0, 2], [0, 3]
+    torch.manual_seed(3)
+    replacements = {layer: make_kernel(name, len(heads), 16) for layer in layers}
+    fused_layers = []
+    original = native.fused_linear_heads
+
+    def spy(session, layer, *args):
+        z = original(session, layer, *args)
+        if z is not None:
+            fused_layers.append(layer)
+        return z
+
+    monkeypatch.setattr(native, "fused_linear_heads", spy)
+    prompt = torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(17))
+    stateful = [kernel_edit(layer, heads, replacements[layer]) for layer in layers]
+    with dispatch.triton_on_cpu(), backend.patched(stateful):
+        out = hf.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert fused_layers == layers  # the prefill of both swapped layers ran in the hybrid kernel
+    reference = backend.run(out.sequences, edits=[kernel_edit(layer, heads, replacements[layer], recompute=True) for layer in layers])
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), reference[:, prompt.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)
