@@ -224,7 +224,7 @@ def native_pattern_reads(model_fn, ids, monkeypatch):
     from attnprobe.hooks.backend import make_backend
     from attnprobe.hooks.sites import Site
     from attnprobe.kernels import dispatch
-    from tests.test_backends import TinyTokenizer, wrap
+    from test_backends import TinyTokenizer, wrap
 
     backend = make_backend("native", wrap(model_fn(), TinyTokenizer()))
     triton_calls = []
@@ -247,7 +247,7 @@ def native_pattern_reads(model_fn, ids, monkeypatch):
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
 def test_native_backend_statistics_through_triton_equal_the_chunked_path(kernels, model_name, monkeypatch):
     """On CUDA the native backend reads PatternStats through the Triton kernels; here, through the interpreter."""
-    import tests.test_backends as tb
+    import test_backends as tb
 
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(14))
     (torch_logits, torch_reads), (triton_logits, triton_reads) = native_pattern_reads(getattr(tb, model_name), ids, monkeypatch)
@@ -288,7 +288,7 @@ def test_swapped_layers_prefill_in_one_hybrid_launch_and_decode_on(kernels, name
     from attnprobe.hooks.swap import kernel_edit
     from attnprobe.kernels import dispatch
     from attnprobe.kernels.registry import make_kernel
-    from tests.test_backends import TinyTokenizer, tiny_llama, wrap
+    from test_backends import TinyTokenizer, tiny_llama, wrap
 
     hf = tiny_llama()
     hf.generation_config.eos_token_id = None
