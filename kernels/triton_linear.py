@@ -22,10 +22,9 @@ import triton.language as tl
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from .triton_stats import LOG2E, interpreting
+from .triton_stats import LOG2E, interpreting, padded_heads
 
 CHUNK = 64
-MAX_WIDTH = 256
 EPS = torch.finfo(torch.float32).tiny
 SOFTMAX, LINEAR = 0, 1
 
@@ -240,14 +239,7 @@ def _hybrid_kernel(Q, K, FQ, FK, V, O, MODES, SLOTS, H, H_LINEAR, T, SEGMENT, wi
 # ---------------------------------------------------------------- wrappers
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, w) -> contiguous (B*H, T, W), W the next power of two >= 16 (zero padding changes no dot product)."""
-    width = x.shape[-1]
-    if width > MAX_WIDTH:
-        raise AttnprobeError(f"feature width {width} is above the Triton kernels' {MAX_WIDTH}: project the features down or use the torch kernels")
-    padded = max(16, triton.next_power_of_2(width))
-    if padded != width:
-        x = torch.nn.functional.pad(x, (0, padded - width))
-    return x.flatten(0, 1).contiguous()
+    return padded_heads(x, what="feature or value width")
 
 
 def _precision(x: torch.Tensor) -> str:

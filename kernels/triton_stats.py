@@ -172,11 +172,11 @@ def _entries_kernel(Q, K, LSE, BASE, COEF, OUT, T, S, N_RULES, window, scale_log
     tl.store(OUT + (head * N_RULES + rule) * T + offs_m, p, mask=in_range)
 
 
-def _padded_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, d) -> contiguous (B*H, L, D) with D a power of two >= 16 (zero columns leave q . k as is)."""
+def padded_heads(x: torch.Tensor, what: str = "head dim") -> torch.Tensor:
+    """(B, H, L, d) -> contiguous (B*H, L, D) with D a power of two >= 16 (zero columns leave every dot product as is)."""
     d = x.shape[-1]
     if d > MAX_HEAD_DIM:
-        raise AttnprobeError(f"head dim {d} is above the Triton kernels' {MAX_HEAD_DIM}: pass use_triton=False")
+        raise AttnprobeError(f"{what} {d} is above the Triton kernels' {MAX_HEAD_DIM}: use the torch path (--torch-kernels, use_triton=False)")
     width = max(16, triton.next_power_of_2(d))
     if width != d:
         x = torch.nn.functional.pad(x, (0, width - d))
@@ -194,17 +194,17 @@ def _launch_config(head_dim: int) -> dict:
 def triton_lse(q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None = None,
                config: dict | None = None) -> torch.Tensor:
     """Row log-sum-exp (B, H, T) fp32, natural log. `config` overrides the launch (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lse(_padded_heads(q), _padded_heads(k), q.shape[:2], scaling, window, config)
+    return _lse(padded_heads(q), padded_heads(k), q.shape[:2], scaling, window, config)
 
 
 def triton_column_sums(q, k, lse, scaling: float, window: int | None = None, config: dict | None = None) -> torch.Tensor:
     """sum_i A[i, k] for every key, (B, H, S) fp32. In `config`, BLOCK_N is the key block, BLOCK_M the query block."""
-    return _column_sums(_padded_heads(q), _padded_heads(k), lse, q.shape[:2], scaling, window, config)
+    return _column_sums(padded_heads(q), padded_heads(k), lse, q.shape[:2], scaling, window, config)
 
 
 def triton_entries(q, k, lse, scaling: float, rules, window: int | None = None) -> torch.Tensor:
     """A[i, base + coef * position_i] for each rule (base, coef) and query i, (B, H, R, T) fp32; 0 where not visible."""
-    return _entries(_padded_heads(q), _padded_heads(k), lse, q.shape[:2], scaling, rules, window)
+    return _entries(padded_heads(q), padded_heads(k), lse, q.shape[:2], scaling, rules, window)
 
 
 def _lse(qf, kf, batch_heads, scaling, window, config=None):
@@ -290,7 +290,7 @@ def pattern_statistics(q, k, scaling: float, window: int | None = None, lse: tor
                        diagonals=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """What a streaming pattern reducer accumulates: column sums (B, H, S) and, per diagonal offset,
     the entries A[i, i - off] of every query (B, H, T). `lse` as in `attention_stats`."""
-    qf, kf = _padded_heads(q), _padded_heads(k)
+    qf, kf = padded_heads(q), padded_heads(k)
     lse = _lse(qf, kf, q.shape[:2], scaling, window) if lse is None else lse.float()
     entries = _entries(qf, kf, lse, q.shape[:2], scaling, [(-off, 1) for off in diagonals], window) if diagonals else None
     return (_column_sums(qf, kf, lse, q.shape[:2], scaling, window),
@@ -342,7 +342,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, scaling: float, window: in
         return reference_stats(q, k, scaling, window, lse, diagonals, argmax_rows, diagonal_start)
     if not triton_usable(q):
         raise AttnprobeError("Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones): move q, k to the GPU or pass use_triton=False")
-    qf, kf = _padded_heads(q), _padded_heads(k)
+    qf, kf = padded_heads(q), padded_heads(k)
     batch_heads = q.shape[:2]
     lse = _lse(qf, kf, batch_heads, scaling, window) if lse is None else lse.float()
     rules = [(0, 0)] + [(-off, 1) for off in diagonals]  # first token, then each diagonal
