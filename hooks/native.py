@@ -109,7 +109,7 @@ def sdpa_with_triton_stats(module, query, key, value, attention_mask, scaling, w
     n_queries, n_keys = query.shape[2], key.shape[2]
     fused = None
     if window is None or window >= n_keys:  # a fused kernel returns the row log-sum-exp beside the output
-        fused = triton_stats.sdpa_with_lse(query, k, value.repeat_interleave(group, dim=1), scaling)
+        fused = triton_stats.sdpa_with_lse(query, k, value, scaling)
     lse = None
     if fused is not None:
         out, lse = fused

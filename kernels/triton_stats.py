@@ -263,14 +263,16 @@ def _fused_call(name, q, k, v, scaling):
 
 def sdpa_with_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Causal attention (B,H,T,d) and its row log-sum-exp (B,H,T) fp32, natural log, from one fused CUDA
-    kernel (cuDNN's, else FlashAttention-2's) for a prefill (T queries over the same T keys, k and v
-    repeated for GQA). None where neither takes these inputs. The first use on a device, dtype and head
+    kernel (cuDNN's, else FlashAttention-2's) for a prefill (T queries over the same T keys; k repeated
+    for GQA, v repeated here when it has fewer heads). None where neither takes these inputs. The first use on a device, dtype and head
     dim checks the kernel's log-sum-exp against `triton_lse` and keeps the first op that agrees."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[2] != k.shape[2] or q.shape[-1] > 256:
         return None
     key = (q.device, q.dtype, q.shape[-1])
     if key in _fused_choice and _fused_choice[key] is None:
         return None
+    if v.shape[1] != q.shape[1]:
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     for name in [_fused_choice[key]] if key in _fused_choice else _FUSED_OPS:
         try:
             out, lse = _fused_call(name, q, k, v, scaling)
@@ -286,15 +288,20 @@ def sdpa_with_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Tensor] 
     return None
 
 
+def _passes(q, k, scaling, window, lse, rules):
+    """The two O(T^2) passes and the entries launch: (lse, column sums (B,H,S), entries (B,H,R,T) or None)."""
+    qf, kf = padded_heads(q), padded_heads(k)
+    lse = _lse(qf, kf, q.shape[:2], scaling, window) if lse is None else lse.float()
+    entries = _entries(qf, kf, lse, q.shape[:2], scaling, rules, window) if rules else None
+    return lse, _column_sums(qf, kf, lse, q.shape[:2], scaling, window), entries
+
+
 def pattern_statistics(q, k, scaling: float, window: int | None = None, lse: torch.Tensor | None = None,
                        diagonals=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """What a streaming pattern reducer accumulates: column sums (B, H, S) and, per diagonal offset,
     the entries A[i, i - off] of every query (B, H, T). `lse` as in `attention_stats`."""
-    qf, kf = padded_heads(q), padded_heads(k)
-    lse = _lse(qf, kf, q.shape[:2], scaling, window) if lse is None else lse.float()
-    entries = _entries(qf, kf, lse, q.shape[:2], scaling, [(-off, 1) for off in diagonals], window) if diagonals else None
-    return (_column_sums(qf, kf, lse, q.shape[:2], scaling, window),
-            {off: entries[:, :, j] for j, off in enumerate(diagonals)})
+    _, column_sum, entries = _passes(q, k, scaling, window, lse, [(-off, 1) for off in diagonals])
+    return column_sum, {off: entries[:, :, j] for j, off in enumerate(diagonals)}
 
 
 def last_rows_argmax(q, k, scaling: float, rows, window: int | None = None) -> torch.Tensor:
@@ -342,14 +349,11 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, scaling: float, window: in
         return reference_stats(q, k, scaling, window, lse, diagonals, argmax_rows, diagonal_start)
     if not triton_usable(q):
         raise AttnprobeError("Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones): move q, k to the GPU or pass use_triton=False")
-    qf, kf = padded_heads(q), padded_heads(k)
-    batch_heads = q.shape[:2]
-    lse = _lse(qf, kf, batch_heads, scaling, window) if lse is None else lse.float()
     rules = [(0, 0)] + [(-off, 1) for off in diagonals]  # first token, then each diagonal
-    entries = _entries(qf, kf, lse, batch_heads, scaling, rules, window)
+    lse, column_sum, entries = _passes(q, k, scaling, window, lse, rules)
     return AttentionStats(
         lse=lse,
-        column_sum=_column_sums(qf, kf, lse, batch_heads, scaling, window),
+        column_sum=column_sum,
         first_token=entries[:, :, 0],
         diagonal=diagonal_means_from_entries(entries[:, :, 1:], diagonals, k.shape[2] - q.shape[2], diagonal_start),
         argmax=None if argmax_rows is None else last_rows_argmax(q, k, scaling, argmax_rows, window),
