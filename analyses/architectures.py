@@ -6,7 +6,6 @@ the heads it replaces from that fit, so variants differ only in which heads stay
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from attnprobe.kernels.fit import FitResult, load_fit, save_fit
 from attnprobe.kernels.registry import HYBRIDS, KERNELS
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
+from attnprobe.probe.mechanisms import mechanisms
 
 from . import recall
 
@@ -49,11 +49,11 @@ def _every_nth_layer(n: int):
     return keep
 
 
-def _by_score(column: str, threshold: float):
+def _by_role(role: str):
     def keep(model, heads):
-        if heads is None or column not in heads:
-            raise AttnprobeError(f"this variant keeps heads by {column}: pass --from a census run directory")
-        chosen = heads[heads[column] > threshold]
+        if heads is None or "roles" not in heads:
+            raise AttnprobeError(f"this variant keeps the census's {role} heads: pass --from a census run directory")
+        chosen = heads[heads["roles"].fillna("").str.split(",").map(lambda roles: role in roles)]
         return {(int(r.layer), int(r.head)) for r in chosen.itertuples()}
     return keep
 
@@ -70,10 +70,10 @@ def catalogue(model: Model) -> dict[str, Variant]:
     for n in (2, 4, 6):
         variants.append(Variant(f"layers-1of{n}-softmax", "hedgehog", _every_nth_layer(n),
                                 f"1 of every {n} layers softmax, the rest hedgehog"))
-    variants.append(Variant("keep-retrieval-heads", "hedgehog", _by_score("retrieval_score", 0.1),
-                            "census retrieval heads (score > 0.1) softmax, the rest hedgehog"))
-    variants.append(Variant("keep-sink-heads", "hedgehog", _by_score("alpha_1", 0.3),
-                            "census sink heads (alpha_1 > 0.3) softmax, the rest hedgehog"))
+    variants.append(Variant("keep-retrieval-heads", "hedgehog", _by_role("retrieval"),
+                            "census retrieval heads (by the census's threshold) softmax, the rest hedgehog"))
+    variants.append(Variant("keep-sink-heads", "hedgehog", _by_role("sink"),
+                            "census sink heads (alpha_1 above the census's eps) softmax, the rest hedgehog"))
     for kernel in HYBRIDS:
         variants.append(Variant(kernel, kernel, _none, f"every head {kernel}"))
     if "sliding" in model.info.layer_types:
@@ -150,21 +150,12 @@ class MatrixSizes:
 
 
 def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes) -> dict:
-    """Re-run a small census on the (edited) model and say which mechanisms are still there."""
+    """Re-run a small census on the (edited) model and say which mechanisms are still there (the registry's matrix columns)."""
     config = CensusConfig(sink_sequences=20, prose_sequences=1, prose_length=256, lengths=list(sizes.census_lengths),
                           depths=[0.25, 0.75], needles=2)
-    census = Census(model, backend, config, out)
-    heads = census.execute(("sinks", "induction", "prose", "retrieval"))
-    massive = pd.read_parquet(out / "massive.parquet")
-    rate = json.loads((out / "sink_rate.json").read_text())
-    return {
-        "sink_rate": rate["with_bos" if census.bos else "without_bos"], "sinks_present": bool((heads["alpha_1"] > config.sink_eps).any()),
-        "massive_present": not massive.empty, "massive_max": float(massive["value"].abs().max()) if not massive.empty else 0.0,
-        "retrieval_heads": int((heads["retrieval_score"] > config.retrieval_threshold).sum()),
-        "retrieval_present": bool((heads["retrieval_score"] > config.retrieval_threshold).any()),
-        "induction_heads": int((heads["induction_score"] > config.induction_threshold).sum()),
-        "induction_present": bool((heads["induction_score"] > config.induction_threshold).any()),
-    }
+    in_matrix = [m for m in mechanisms() if m.matrix]
+    heads = Census(model, backend, config, out).execute(tuple(dict.fromkeys(m.stage for m in in_matrix)))
+    return {key: value for m in in_matrix for key, value in m.matrix_columns(out, heads, config.thresholds).items()}
 
 
 def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd.DataFrame | None, out: Path,

@@ -1,8 +1,12 @@
 """The `attnprobe` command line. User errors print one line and exit 2; no tracebacks."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import sys
 import time
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -13,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.probe import mechanisms
+from attnprobe.probe.census import CensusConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnprobe: find attention mechanisms (retrieval heads, sinks, massive activations, induction "
@@ -64,6 +70,63 @@ def _floats(text: str, name: str) -> list[float]:
         raise AttnprobeError(f"{name} takes comma-separated numbers, got '{text}'") from None
 
 
+def _list_option(text: str, name: str, kind: type) -> list:
+    values = _floats(text, name)
+    if kind is int:
+        if any(v != int(v) for v in values):
+            raise AttnprobeError(f"{name} takes whole numbers, got '{text}'")
+        return [int(v) for v in values]
+    return values
+
+
+def config_options(config_class, exclude: tuple[str, ...] = ()):
+    """Decorator: give a command one option per field of the dataclass `config_class` (help from the field's
+    metadata, default from the field) and one --ROLE-threshold per registered role threshold; the command
+    receives the built `config` instead. A new setting is a new field, never a restated option."""
+    hints = typing.get_type_hints(config_class)
+    fields = [f for f in dataclasses.fields(config_class) if f.name not in exclude and f.metadata.get("cli", True)]
+
+    def option_for(f):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        if typing.get_origin(kind) is list:
+            return str, ",".join(str(v) for v in default)
+        if type(None) in typing.get_args(kind):
+            return Optional[str], default
+        return kind, default
+
+    def decorate(command):
+        own = inspect.signature(command)
+        params = [p for p in own.parameters.values() if p.name != "config"]
+        for f in fields:
+            annotation, default = option_for(f)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=typer.Option(default, help=f.metadata.get("help"))))
+        thresholds = mechanisms.default_thresholds() if "thresholds" in hints else {}
+        for role, default in thresholds.items():
+            params.append(inspect.Parameter(f"{role}_threshold", inspect.Parameter.KEYWORD_ONLY, annotation=float,
+                                            default=typer.Option(default, help=f"threshold of the {role.replace('_', ' ')} role")))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {}
+            for f in fields:
+                value = kwargs.pop(f.name)
+                if typing.get_origin(hints[f.name]) is list:
+                    value = _list_option(value, f"--{f.name.replace('_', '-')}", typing.get_args(hints[f.name])[0])
+                values[f.name] = value
+            if thresholds:
+                values["thresholds"] = {role: kwargs.pop(f"{role}_threshold") for role in thresholds}
+            return command(config=config_class(**values), **kwargs)
+
+        del wrapper.__wrapped__  # typer reads the signature below, not the command's own
+        wrapper.__signature__ = own.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
 @app.command()
 def info(model: str = ModelOption) -> None:
     """Print a model's facts: layers, heads, KV heads, head dim, attention type per layer, BOS, window, hash."""
@@ -78,25 +141,13 @@ def info(model: str = ModelOption) -> None:
 
 
 @app.command()
+@config_options(CensusConfig)
 def census(
+    config: CensusConfig,
     model: str = ModelOption,
     backend: str = BackendOption,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/census-MODEL-TIME); rerun with the same --out to resume"),
-    lengths: str = typer.Option("512,1024,2048", help="NIAH context lengths in tokens"),
-    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle depths (0-1)"),
-    needles: int = typer.Option(2, help="needles per (length, depth)"),
-    bos: str = typer.Option("auto", help="prepend BOS: auto (tokenizer's convention) | on | off"),
-    texts: Optional[Path] = typer.Option(None, help="natural text file for sinks, massive activations, perplexity (default: pydoc prose)"),
-    haystack: Optional[Path] = typer.Option(None, help="haystack text file for NIAH (default: pydoc prose)"),
-    sink_sequences: int = typer.Option(100, help="sequences for the sink rate (T=64 reference protocol)"),
-    sink_eps: float = typer.Option(0.3, help="sink threshold eps"),
-    hidden_threshold: float = typer.Option(0.1, help="alpha_k above which a non-initial token is a hidden sink"),
-    retrieval_threshold: float = typer.Option(0.1, help="retrieval score above which a head is a retrieval head"),
-    induction_threshold: float = typer.Option(0.4, help="threshold for induction heads"),
-    previous_threshold: float = typer.Option(0.4, help="threshold for previous-token heads"),
-    prose_length: int = typer.Option(512, help="tokens per prose sequence (hidden/secondary sinks, massive activations)"),
-    seed: int = typer.Option(0),
-    skip: str = typer.Option("", help="comma-separated stages to skip: sinks, induction, prose, massive_intervention, retrieval"),
+    skip: str = typer.Option("", help="comma-separated census stages to skip: " + ", ".join(s.name for s in mechanisms.stages())),
 ) -> None:
     """Run the head census and write a run directory.
 
@@ -107,16 +158,12 @@ def census(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from attnprobe.hooks.backend import make_backend
-    from attnprobe.probe.census import Census, CensusConfig
+    from attnprobe.probe.census import Census
 
-    config = CensusConfig(bos=bos, seed=seed, texts=str(texts) if texts else None, haystack=str(haystack) if haystack else None,
-                          lengths=[int(x) for x in _floats(lengths, "--lengths")], depths=_floats(depths, "--depths"),
-                          needles=needles, sink_sequences=sink_sequences, sink_eps=sink_eps, hidden_threshold=hidden_threshold,
-                          retrieval_threshold=retrieval_threshold, induction_threshold=induction_threshold,
-                          previous_threshold=previous_threshold, prose_length=prose_length)
-    unknown = [s for s in skip.split(",") if s and s not in Census.STAGES]
-    if unknown:
-        raise AttnprobeError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(Census.STAGES)}")
+    skipped = {s for s in skip.split(",") if s}
+    stages = tuple(s.name for s in mechanisms.stages() if s.name not in skipped)
+    for name in skipped:
+        mechanisms.stage(name)  # an unknown name is refused before the model loads
     loaded = _load(model)
     out = out or Path("runs") / f"census-{Path(model).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     start = time.time()
@@ -130,7 +177,7 @@ def census(
             bar.update(tasks[stage], completed=done, total=total)
 
         census_run = Census(loaded, make_backend(backend, loaded), config, out, progress)
-        heads = census_run.execute(tuple(s for s in Census.STAGES if s not in skip.split(",")))
+        heads = census_run.execute(stages)
     console.print(f"census of {model} finished in {time.time() - start:.0f} s -> {out}{_peak_gpu_memory()}")
     print_summary(out, heads)
 
@@ -390,39 +437,16 @@ def _attention_figures(run_dir: Path, prompt: str, layer: Optional[int], head: O
 
 
 def print_summary(out: Path, heads) -> None:
-    """Top retrieval heads, sink rate, massive activations and induction heads of a run."""
-    import json
+    """One line per registered mechanism, judged by the run's own thresholds (its manifest's config)."""
+    from attnprobe.probe.rundir import read_json
 
-    import pandas as pd
-
-    rate = json.loads((out / "sink_rate.json").read_text()) if (out / "sink_rate.json").exists() else {}
-    if rate:
-        parts = [f"{k.replace('_', ' ')} {rate[k]:.1f} %" for k in ("with_bos", "without_bos") if k in rate]
-        console.print(f"[bold]sink rate[/bold] Sink_1^{rate['eps']} at T={rate['T']}: " + ", ".join(parts))
-    if "retrieval_score" in heads:
-        top = heads.sort_values("retrieval_score", ascending=False).head(10)
-        n_ret = int((heads["retrieval_score"] > 0.1).sum())
-        zero = 100 * float((heads["retrieval_score"] == 0).mean())
-        console.print(f"[bold]retrieval heads[/bold] {n_ret} of {len(heads)} score > 0.1 ({zero:.0f} % score 0); top: "
-                      + ", ".join(f"{r.layer}.{r.head}={r.retrieval_score:.2f}" for r in top.itertuples()))
-    if (out / "massive.parquet").exists():
-        massive = pd.read_parquet(out / "massive.parquet")
-        if massive.empty:
-            console.print("[bold]massive activations[/bold] none found")
-        else:
-            dims = massive.groupby("dim")["value"].agg(lambda v: v.abs().max()).sort_values(ascending=False)
-            tokens = massive["token"].value_counts().head(4)
-            console.print(f"[bold]massive activations[/bold] layers {massive['layer'].min()}-{massive['layer'].max()}, dims "
-                          + ", ".join(f"{d} (max {v:,.0f})" for d, v in dims.head(4).items())
-                          + "; tokens " + ", ".join(f"{t!r} x{n}" for t, n in tokens.items()))
-    if "induction_score" in heads:
-        top = heads[heads["induction_score"] > 0.4].sort_values("induction_score", ascending=False)
-        console.print(f"[bold]induction heads[/bold] {len(top)} above 0.4: "
-                      + ", ".join(f"{r.layer}.{r.head}={r.induction_score:.2f}" for r in top.head(10).itertuples()))
-    if "prev_token_score" in heads:
-        top = heads[heads["prev_token_score"] > 0.4].sort_values("prev_token_score", ascending=False)
-        console.print(f"[bold]previous-token heads[/bold] {len(top)} above 0.4: "
-                      + ", ".join(f"{r.layer}.{r.head}={r.prev_token_score:.2f}" for r in top.head(10).itertuples()))
+    manifest = out / "manifest.json"
+    thresholds = read_json(manifest).get("config", {}).get("thresholds") if manifest.exists() else None
+    thresholds = {**mechanisms.default_thresholds(), **(thresholds or {})}
+    for mechanism in mechanisms.mechanisms():
+        line = mechanism.summarise(out, heads, thresholds)
+        if line is not None:
+            console.print(f"[bold]{mechanism.label}[/bold] {line}", highlight=False)
 
 
 def main() -> None:

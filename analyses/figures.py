@@ -21,18 +21,13 @@ from matplotlib.patches import Patch
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
+from attnprobe.probe.mechanisms import default_thresholds, mechanisms
 
 from . import style
 from .style import styled
 
-SCORE_PANELS = (  # heads.parquet column, panel title; all are attention fractions in [0, 1]
-    ("alpha_1", "sink α₁"),
-    ("hidden_sink_max", "hidden sink"),
-    ("prev_token_score", "prev. token"),
-    ("induction_score", "induction"),
-    ("duplicate_score", "duplicate"),
-    ("retrieval_score", "retrieval"),
-)
+# heads.parquet column, panel title, from the mechanism registry (weakest claim first); all are attention fractions
+SCORE_PANELS = tuple((m.panel_column or m.column, m.panel) for m in reversed(mechanisms()) if m.panel)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,7 +165,7 @@ def role_map(heads: pd.DataFrame) -> Figure:
 def sink_alpha(heads: pd.DataFrame, sink_rate: dict | None = None) -> Figure:
     """alpha_1 of every head against its layer; the sink threshold and sink rate when known."""
     require(heads, ["layer", "head", "alpha_1"], "heads.parquet")
-    eps = float((sink_rate or {}).get("eps", 0.3))
+    eps = float((sink_rate or {}).get("eps", default_thresholds()["sink"]))
     fig = style.new_figure("column", aspect=0.7)
     ax = fig.add_subplot()
     layer_types = _layer_types(heads)
@@ -390,9 +385,8 @@ def ablation_curves(ablation: pd.DataFrame) -> Figure:
     return fig
 
 
-_MATRIX_COLUMNS = {  # column -> (label, higher is better)
-    "sinks_present": ("sinks", True), "massive_present": ("massive act.", True),
-    "retrieval_present": ("retrieval heads", True), "induction_present": ("induction heads", True),
+_MATRIX_COLUMNS = {  # column -> (label, higher is better); presence columns from the mechanism registry
+    **{f"{m.matrix}_present": (m.matrix_label, True) for m in reversed(mechanisms()) if m.matrix},
     "passkey_acc": ("passkey", True), "kv_recall_acc": ("KV recall", True), "copy_acc": ("copy", True),
     "perplexity": ("perplexity ↓", False), "state_bytes_per_token": ("state B/token ↓", False),
 }

@@ -14,6 +14,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.probe.mechanisms import roles
 
 COLUMN_WIDTH = 3.3
 FULL_WIDTH = 7.0
@@ -24,11 +25,10 @@ SEQUENTIAL = "viridis"  # attention, scores, accuracy: dark = low, so white can 
 MASKED_COLOR = "white"
 MISSING_COLOR = "#d9d9d9"
 
-ROLES = ("retrieval", "induction", "previous_token", "duplicate", "hidden_sink", "sink")
-ROLE_ABBREVIATIONS = {"retrieval": "R", "induction": "I", "previous_token": "P", "duplicate": "D",
-                      "hidden_sink": "H", "sink": "S"}
+ROLES = tuple(m.name for m in roles())  # the registry's roles, strongest claim first
+ROLE_ABBREVIATIONS = {m.name: m.letter for m in roles()}
 _colorblind = sns.color_palette("colorblind")
-ROLE_COLORS = {role: _colorblind[index] for index, role in enumerate(ROLES)}
+ROLE_COLORS = {role: _colorblind[index % len(_colorblind)] for index, role in enumerate(ROLES)}
 ROLE_COLORS["none"] = MISSING_COLOR
 LAYER_TYPE_COLORS = {"full": "#333333", "sliding": "#b8b8b8"}
 SINK_CLASS_COLORS = {"primary": _colorblind[3], "secondary": _colorblind[0], "noise": "#9a9a9a"}

@@ -1,12 +1,15 @@
-"""The census: run every probe on one model and write a run directory.
+"""The census: run every registered probe stage on one model and write a run directory.
 
-Stages run in order and each is saved the moment it finishes (retrieval saves every NIAH sample), so
-a killed census rerun with the same command resumes where it stopped and ends with the same tables.
+The stages and what they add to the heads table are declared by the probe modules themselves
+(`mechanisms.stages()`); this module runs them in order and saves each the moment it finishes
+(retrieval saves every NIAH sample), so a killed census rerun with the same command resumes where it
+stopped and ends with the same tables.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -17,53 +20,64 @@ from attnprobe.hooks.backend import Backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 
-from . import texts
-from .head_types import induction_scores, repeated_random_tokens
-from .massive import massive_intervention, massive_scan
-from .rundir import RunDir, read_json, write_json, write_jsonl, write_parquet
-from .secondary import secondary_sinks
-from .sinks import hidden_sink_summary, hidden_sinks, sink_rate, sink_scan, with_bos
+from . import mechanisms, texts
+from .rundir import RunDir, read_json, write_json, write_parquet
+from .sinks import with_bos
+
+
+def _option(default, help: str, **extra):
+    """A setting with the help text the command line shows for it (`attnprobe census --help`)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class CensusConfig:
-    bos: str = "auto"  # auto (the tokenizer's convention) | on | off
-    seed: int = 0
-    texts: str | None = None  # natural text for the sink rate, hidden sinks, massive activations, perplexity
-    haystack: str | None = None
+    """Every setting of a census; the CLI's census options are built from these fields."""
+
+    bos: str = _option("auto", "prepend BOS: auto (the tokenizer's convention) | on | off")
+    seed: int = _option(0, "seed of the random inputs")
+    texts: str | None = _option(None, "UTF-8 text file for sinks, massive activations, perplexity (default: pydoc prose)")
+    haystack: str | None = _option(None, "UTF-8 haystack text file for NIAH (default: pydoc prose)")
     # primary sinks: the reference protocol
-    sink_length: int = 64
-    sink_sequences: int = 100
-    sink_eps: float = 0.3
+    sink_length: int = _option(64, "tokens per sink-rate sequence (T of the reference protocol)")
+    sink_sequences: int = _option(100, "sequences for the sink rate (fewer when a short --texts has no more)")
     # hidden / secondary sinks and massive activations: prose prefills
-    prose_sequences: int = 4
-    prose_length: int = 512
-    hidden_threshold: float = 0.1
-    hidden_min_queries: int = 16
-    massive_absolute: float = 100.0
-    massive_relative: float = 1000.0
-    perplexity_windows: int = 8
-    perplexity_length: int = 256
+    prose_sequences: int = _option(4, "prose sequences for hidden/secondary sinks and massive activations")
+    prose_length: int = _option(512, "tokens per prose sequence")
+    hidden_threshold: float = _option(0.1, "alpha_k above which a non-initial token is a hidden sink")
+    hidden_min_queries: int = _option(16, "queries that must see a key before it can be a hidden sink")
+    massive_absolute: float = _option(100.0, "|activation| above which an entry can be massive")
+    massive_relative: float = _option(1000.0, "times the layer's median |activation| a massive entry exceeds")
+    perplexity_windows: int = _option(8, "held-out windows for the massive-activation intervention")
+    perplexity_length: int = _option(256, "tokens per held-out window")
     # head types
-    induction_length: int = 50
-    induction_batch: int = 10
+    induction_length: int = _option(50, "length of the repeated random string for induction heads")
+    induction_batch: int = _option(10, "repeated random strings for induction heads")
     # retrieval heads
-    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    needles: int = 2
-    # role thresholds
-    retrieval_threshold: float = 0.1
-    previous_threshold: float = 0.4
-    induction_threshold: float = 0.4
-    duplicate_threshold: float = 0.4
+    lengths: list[int] = _option(lambda: [512, 1024, 2048], "NIAH context lengths in tokens")
+    depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
+    needles: int = _option(2, "needles per (length, depth)")
+    # role thresholds: role name -> threshold, defaults declared by each probe (mechanisms.py)
+    thresholds: dict[str, float] = _option(lambda: mechanisms.default_thresholds(), "role thresholds", cli=False)
+
+    def __post_init__(self) -> None:
+        self.thresholds = {**mechanisms.default_thresholds(), **self.thresholds}
+        unknown = sorted(set(self.thresholds) - set(mechanisms.default_thresholds()))
+        if unknown:
+            raise AttnprobeError(f"unknown role threshold(s) {', '.join(unknown)}: choose from {', '.join(mechanisms.default_thresholds())}")
+        for name, value in self.thresholds.items():
+            if not 0 <= value < 1:
+                raise AttnprobeError(f"--{name.replace('_', '-')}-threshold must be at least 0 and below 1, got {value}")
 
     def check(self, model: Model) -> None:
         window = model.info.max_context
         too_long = [n for n in self.lengths + [self.prose_length, self.sink_length] if window and n + 64 > window]
         if too_long:
             raise AttnprobeError(f"context length {max(too_long)} does not fit the model's window of {window} tokens (keep lengths <= {window - 64})")
-        if not 0 < self.sink_eps < 1:
-            raise AttnprobeError(f"--sink-eps must be between 0 and 1, got {self.sink_eps}")
+        if not 0 < self.thresholds["sink"] < 1:
+            raise AttnprobeError(f"--sink-threshold (eps) must be between 0 and 1, got {self.thresholds['sink']}")
 
 
 def use_bos(config: CensusConfig, model: Model) -> bool:
@@ -87,6 +101,11 @@ def _strip_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
 
 
 class Census:
+    """One census run: the model, its backend, the settings and the run directory the stages write to.
+
+    A stage (`mechanisms.Stage.run`) reads `census.model`, `.backend`, `.config`, `.run`, `.info`,
+    `.bos`, `.progress`, and the shared inputs `natural(...)` and `prose_inputs`."""
+
     def __init__(self, model: Model, backend: Backend, config: CensusConfig, out: Path,
                  progress: Callable[[str, int, int], None] | None = None):
         config.check(model)
@@ -97,98 +116,26 @@ class Census:
         self.progress = progress or (lambda stage, done, total: None)
         torch.manual_seed(config.seed)
 
-    # ---- inputs -------------------------------------------------------------------------------
-    def _natural(self, n: int, length: int, bos: bool, seed_offset: int = 0) -> torch.Tensor:
+    # ---- inputs shared by stages ----------------------------------------------------------------
+    def natural(self, n: int, length: int, bos: bool, seed_offset: int = 0) -> torch.Tensor:
         ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts, seed=self.config.seed + seed_offset)
         ids = _strip_bos(ids, self.info.bos_id)
         return with_bos(ids, self.info.bos_id) if bos else ids
 
-    # ---- stages -------------------------------------------------------------------------------
-    def stage_sinks(self) -> None:
-        c = self.config
-        rates, first = {}, {}
-        for label, bos in (("with_bos", True), ("without_bos", False)):
-            if bos and self.info.bos_id is None:
-                continue
-            ids = self._natural(c.sink_sequences, c.sink_length, bos)
-            alpha, previous = sink_scan(self.backend, ids)
-            rates[label] = sink_rate(alpha[:, :, 0], c.sink_eps)
-            first[label] = (alpha[:, :, 0], previous)
-        chosen = "with_bos" if self.bos else "without_bos"
-        alpha_first, previous = first[chosen]
-        table = self._per_head({"alpha_1": alpha_first, "prev_token_score": previous})
-        write_json(self.run / "sink_rate.json", {"T": c.sink_length, "eps": c.sink_eps, "n_sequences": c.sink_sequences,
-                                                 "bos_used_for_heads": self.bos, **rates})
-        write_parquet(self.run.shard("sinks.parquet"), table)
+    @cached_property
+    def prose_inputs(self) -> tuple[torch.Tensor, list[list[str]]]:
+        """(ids, token strings) of the prose prefills that hidden sinks, massive activations and secondary sinks share."""
+        ids = self.natural(self.config.prose_sequences, self.config.prose_length, self.bos, seed_offset=1)
+        return ids, token_strings(self.model.tokenizer, ids)
 
-    def stage_induction(self) -> None:
-        c = self.config
-        ids = repeated_random_tokens(self.model.hf.config.vocab_size, c.induction_length, c.induction_batch, c.seed,
-                                     self.info.bos_id if self.bos else None)
-        induction, duplicate = induction_scores(self.backend, ids, c.induction_length)
-        write_parquet(self.run.shard("induction.parquet"), self._per_head({"induction_score": induction, "duplicate_score": duplicate}))
-
-    def stage_prose(self) -> None:
-        c = self.config
-        ids = self._natural(c.prose_sequences, c.prose_length, self.bos, seed_offset=1)
-        tokens = token_strings(self.model.tokenizer, ids)
-        first = 0
-        events = []
-        for sequence in range(ids.shape[0]):
-            alpha, _ = sink_scan(self.backend, ids[sequence:sequence + 1])
-            found = hidden_sinks(alpha, tokens[sequence], c.hidden_threshold, first, c.hidden_min_queries)
-            events.append(found.assign(sequence=sequence))
-        events = pd.concat(events, ignore_index=True)
-        summary = hidden_sink_summary(events, self.info.n_layers, self.info.n_heads)
-        summary["hidden_sink_count"] = summary["hidden_sink_count"] / ids.shape[0]  # per sequence
-        write_parquet(self.run / "sinks.parquet", events)
-        write_parquet(self.run.shard("hidden.parquet"), summary)
-        layers, entries = massive_scan(self.backend, ids, tokens, c.massive_absolute, c.massive_relative)
-        write_parquet(self.run / "massive_layers.parquet", layers)
-        write_parquet(self.run / "massive.parquet", entries)
-        secondary, windows = secondary_sinks(self.backend, ids, tokens)
-        write_parquet(self.run / "secondary_sinks.parquet", secondary)
-        write_parquet(self.run.shard("prose.parquet"), windows)
-
-    def stage_massive_intervention(self) -> None:
-        c = self.config
-        entries = pd.read_parquet(self.run / "massive.parquet")
-        held = texts.held_out_ids(self.model.tokenizer, c.perplexity_windows * c.perplexity_length, path=c.texts)
-        windows = torch.as_tensor(held[: c.perplexity_windows * c.perplexity_length]).view(c.perplexity_windows, c.perplexity_length)
-        if self.bos:
-            windows = with_bos(windows, self.info.bos_id)
-        table = massive_intervention(self.backend, entries, windows)
-        write_parquet(self.run.shard("massive_intervention.parquet"), table)
-        write_parquet(self.run / "massive_intervention.parquet", table)
-
-    def stage_retrieval(self) -> None:
-        from .retrieval import retrieval_census, retrieval_heads_json
-
-        c = self.config
-        sample_dir = self.run.shard("niah")
-        done = {p.stem: read_json(p) for p in sample_dir.glob("*.json")} if sample_dir.exists() else {}
-        total = len(c.lengths) * len(c.depths) * c.needles
-
-        def on_sample(sample: dict) -> None:
-            write_json(sample_dir / f"{sample['key']}.json", sample)
-            self.progress("retrieval", len(list(sample_dir.glob("*.json"))), total)
-
-        heads, samples = retrieval_census(self.model, self.backend, lengths=c.lengths, depths=c.depths, needles=c.needles,
-                                          haystack=c.haystack, bos=self.bos, on_sample=on_sample, done=done)
-        write_jsonl(self.run / "niah_samples.jsonl", samples)
-        write_json(self.run / "retrieval_heads.json", retrieval_heads_json(samples, self.info.n_layers, self.info.n_heads))
-        write_parquet(self.run.shard("retrieval.parquet"), heads)
-
-    STAGES = ("sinks", "induction", "prose", "massive_intervention", "retrieval")
-
-    # ---- driver -------------------------------------------------------------------------------
-    def _per_head(self, scores: dict[str, torch.Tensor]) -> pd.DataFrame:
+    def per_head(self, scores: dict[str, torch.Tensor]) -> pd.DataFrame:
         rows = []
         for layer in range(self.info.n_layers):
             for head in range(self.info.n_heads):
                 rows.append({"layer": layer, "head": head, **{k: float(v[layer, head]) for k, v in scores.items()}})
         return pd.DataFrame(rows)
 
+    # ---- driver -------------------------------------------------------------------------------
     def _check_resume(self) -> None:
         config_path = self.run.shard("config.json")
         wanted = {"model": self.info.model_id, "weights_sha256": self.info.weights_sha256, "backend": self.backend.name,
@@ -201,46 +148,43 @@ class Census:
         else:
             write_json(config_path, wanted)
 
+    def plan(self, stages: tuple[str, ...] | None = None) -> list[mechanisms.Stage]:
+        """The stages to run, in order; a stage whose inputs another (skipped, unfinished) stage makes is refused."""
+        chosen = [mechanisms.stage(name) for name in stages] if stages is not None else list(mechanisms.stages())
+        names = {s.name for s in chosen}
+        for stage in chosen:
+            missing = [n for n in stage.needs if n not in names and not self.run.done(f"{n}.done")]
+            if missing:
+                raise AttnprobeError(f"census stage {stage.name} needs {', '.join(missing)}: do not skip {', '.join(missing)}")
+        return sorted(chosen, key=list(mechanisms.stages()).index)
+
     def execute(self, stages: tuple[str, ...] | None = None) -> pd.DataFrame:
+        order = self.plan(stages)
         self._check_resume()
         start = time.time()
-        order = [s for s in self.STAGES if stages is None or s in stages]
-        for index, stage in enumerate(order):
-            marker = self.run.shard(f"{stage}.done")
-            self.progress(stage, 0, 1)
+        for stage in order:
+            marker = self.run.shard(f"{stage.name}.done")
+            self.progress(stage.name, 0, 1)
             if not marker.exists():
-                getattr(self, f"stage_{stage}")()
+                stage.run(self)
                 write_json(marker, {"finished": time.time()})
-            self.progress(stage, 1, 1)
+            self.progress(stage.name, 1, 1)
         heads = self.heads_table()
         write_parquet(self.run / "heads.parquet", heads)
         self.write_manifest(time.time() - start)
         return heads
 
     def heads_table(self) -> pd.DataFrame:
-        info, c = self.info, self.config
-        heads = self._per_head({})
+        info = self.info
+        heads = self.per_head({})
         heads["kv_head"] = heads["head"].map(info.kv_head)
         heads["layer_type"] = heads["layer"].map(lambda l: info.layer_types[l])
-        for shard in ("sinks", "induction", "hidden", "retrieval"):
-            path = self.run.shard(f"{shard}.parquet")
-            if path.exists():
-                scores = pd.read_parquet(path)
-                fresh = ["layer", "head"] + [c for c in scores.columns if c not in heads.columns]
-                heads = heads.merge(scores[fresh], on=["layer", "head"], how="left")
-        heads["roles"] = heads.apply(lambda row: ",".join(self._roles(row)), axis=1)
+        for stage in mechanisms.stages():
+            path = self.run.shard(stage.shard) if stage.shard else None
+            if path is not None and path.exists():
+                heads = heads.merge(pd.read_parquet(path)[["layer", "head", *stage.columns]], on=["layer", "head"], how="left")
+        heads["roles"] = heads.apply(lambda row: ",".join(mechanisms.head_roles(row, self.config.thresholds)), axis=1)
         return heads
-
-    def _roles(self, row) -> list[str]:
-        c = self.config
-        checks = [("retrieval", "retrieval_score", c.retrieval_threshold), ("sink", "alpha_1", c.sink_eps),
-                  ("previous_token", "prev_token_score", c.previous_threshold),
-                  ("induction", "induction_score", c.induction_threshold),
-                  ("duplicate", "duplicate_score", c.duplicate_threshold)]
-        roles = [name for name, column, threshold in checks if column in row and pd.notna(row[column]) and row[column] > threshold]
-        if "hidden_sink_count" in row and pd.notna(row["hidden_sink_count"]) and row["hidden_sink_count"] > 0:
-            roles.insert(2, "hidden_sink")
-        return roles
 
     def write_manifest(self, wall_time: float) -> None:
         import importlib.metadata as metadata

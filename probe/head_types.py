@@ -11,7 +11,9 @@ import torch
 
 from attnprobe.hooks.backend import Backend
 
+from .mechanisms import Mechanism, Stage
 from .patterns import diagonal_by_layer, pattern_stats
+from .rundir import write_parquet
 from .sinks import with_bos
 
 
@@ -35,3 +37,21 @@ def induction_scores(backend: Backend, ids: torch.Tensor, length: int) -> tuple[
     offset = ids.shape[1] - 2 * length  # 1 when a BOS leads
     stats = pattern_stats(backend, ids, diagonals=(length - 1, length), diagonal_start=offset + length)
     return diagonal_by_layer(stats, length - 1), diagonal_by_layer(stats, length)
+
+
+def induction_stage(census) -> None:
+    c = census.config
+    ids = repeated_random_tokens(census.model.hf.config.vocab_size, c.induction_length, c.induction_batch, c.seed,
+                                 census.info.bos_id if census.bos else None)
+    induction, duplicate = induction_scores(census.backend, ids, c.induction_length)
+    write_parquet(census.run.shard("induction.parquet"), census.per_head({"induction_score": induction, "duplicate_score": duplicate}))
+
+
+CENSUS = (
+    Stage("induction", induction_stage, order=20, shard="induction.parquet", columns=("induction_score", "duplicate_score"),
+          description="induction and duplicate-token scores on repeated random strings"),
+    Mechanism("induction", "induction", "induction heads", column="induction_score", threshold=0.4, letter="I", rank=20,
+              panel="induction", matrix="induction", matrix_label="induction heads"),
+    Mechanism("duplicate", "induction", "duplicate-token heads", column="duplicate_score", threshold=0.4, letter="D",
+              rank=40, panel="duplicate"),
+)

@@ -7,6 +7,7 @@ they appear, with 0 or with their mean over a reference set, and measures perple
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -17,7 +18,11 @@ from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 
+from . import texts
+from .mechanisms import Mechanism, Stage
 from .perplexity import perplexity
+from .rundir import write_parquet
+from .sinks import with_bos
 
 
 def _is_massive(h: torch.Tensor, median: torch.Tensor, absolute: float, relative: float) -> torch.Tensor:
@@ -106,3 +111,57 @@ def massive_intervention(backend: Backend, entries: pd.DataFrame, held_out: torc
         mean_log = total_log / rows_seen  # every row has the same length, so rows weigh equally
         rows.append({"intervention": name, "layer": first, "perplexity": math.exp(mean_log) if math.isfinite(mean_log) else math.inf})
     return pd.DataFrame(rows).assign(dims=" ".join(map(str, dims)))
+
+
+# ---- census declarations ----------------------------------------------------------------------
+
+def massive_stage(census) -> None:
+    c = census.config
+    ids, tokens = census.prose_inputs
+    layers, entries = massive_scan(census.backend, ids, tokens, c.massive_absolute, c.massive_relative)
+    write_parquet(census.run / "massive_layers.parquet", layers)
+    write_parquet(census.run / "massive.parquet", entries)
+
+
+def massive_intervention_stage(census) -> None:
+    c = census.config
+    entries = pd.read_parquet(census.run / "massive.parquet")
+    n_tokens = c.perplexity_windows * c.perplexity_length
+    held = texts.held_out_ids(census.model.tokenizer, n_tokens, path=c.texts)
+    windows = torch.as_tensor(held[:n_tokens]).view(c.perplexity_windows, c.perplexity_length)
+    if census.bos:
+        windows = with_bos(windows, census.info.bos_id)
+    table = massive_intervention(census.backend, entries, windows)
+    write_parquet(census.run / "massive_intervention.parquet", table)
+
+
+def _entries(run_dir: Path) -> pd.DataFrame | None:
+    path = run_dir / "massive.parquet"
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
+    massive = _entries(run_dir)
+    if massive is None:
+        return None
+    if massive.empty:
+        return "none found"
+    dims = massive.groupby("dim")["value"].agg(lambda v: v.abs().max()).sort_values(ascending=False)
+    tokens = massive["token"].value_counts().head(4)
+    return (f"layers {massive['layer'].min()}-{massive['layer'].max()}, dims "
+            + ", ".join(f"{d} (max {v:,.0f})" for d, v in dims.head(4).items())
+            + "; tokens " + ", ".join(f"{t!r} x{n}" for t, n in tokens.items()))
+
+
+def _presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
+    massive = _entries(run_dir)
+    return {"massive_present": not massive.empty, "massive_max": float(massive["value"].abs().max()) if not massive.empty else 0.0}
+
+
+CENSUS = (
+    Stage("massive", massive_stage, order=40, description="massive activations in the residual stream"),
+    Stage("massive_intervention", massive_intervention_stage, order=60, needs=("massive",),
+          description="perplexity with massive activations zeroed or set to their mean"),
+    Mechanism("massive", "massive", "massive activations", rank=45, summary=_summary, matrix="massive",
+              matrix_label="massive act.", presence=_presence),
+)

@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from contextlib import nullcontext
 from importlib import resources
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site
 
 from . import texts
+from .mechanisms import Mechanism, Stage
+from .rundir import read_json, write_json, write_jsonl, write_parquet
 
 DEFAULT_LENGTHS = (512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.5, 1.0)
@@ -431,3 +434,41 @@ def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, d
                for index in range(len(chosen))]
     info = model.info
     return heads_table(samples, info.n_layers, info.n_heads, info.n_kv_heads), samples
+
+
+# ---- census declarations ----------------------------------------------------------------------
+
+def retrieval_stage(census) -> None:
+    """The NIAH grid, every sample saved as it finishes (a rerun decodes only the missing ones)."""
+    c, info = census.config, census.info
+    sample_dir = census.run.shard("niah")
+    done = {p.stem: read_json(p) for p in sample_dir.glob("*.json")} if sample_dir.exists() else {}
+    total = len(c.lengths) * len(c.depths) * c.needles
+
+    def on_sample(sample: dict) -> None:
+        write_json(sample_dir / f"{sample['key']}.json", sample)
+        census.progress("retrieval", len(list(sample_dir.glob("*.json"))), total)
+
+    heads, samples = retrieval_census(census.model, census.backend, lengths=c.lengths, depths=c.depths, needles=c.needles,
+                                      haystack=c.haystack, bos=census.bos, on_sample=on_sample, done=done)
+    write_jsonl(census.run / "niah_samples.jsonl", samples)
+    write_json(census.run / "retrieval_heads.json", retrieval_heads_json(samples, info.n_layers, info.n_heads))
+    write_parquet(census.run.shard("retrieval.parquet"), heads)
+
+
+def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
+    if "retrieval_score" not in heads:
+        return None
+    top = heads.sort_values("retrieval_score", ascending=False).head(10)
+    found = int((heads["retrieval_score"] > thresholds["retrieval"]).sum())
+    zero = 100 * float((heads["retrieval_score"] == 0).mean())
+    return (f"{found} of {len(heads)} score > {thresholds['retrieval']:g} ({zero:.0f} % score 0); top: "
+            + ", ".join(f"{r.layer}.{r.head}={r.retrieval_score:.2f}" for r in top.itertuples()))
+
+
+CENSUS = (
+    Stage("retrieval", retrieval_stage, order=70, shard="retrieval.parquet", columns=("retrieval_score", "retrieval_activation"),
+          description="retrieval heads from needle-in-a-haystack decoding"),
+    Mechanism("retrieval", "retrieval", "retrieval heads", column="retrieval_score", threshold=0.1, letter="R", rank=10,
+              panel="retrieval", summary=_summary, matrix="retrieval", matrix_label="retrieval heads"),
+)

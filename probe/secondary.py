@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -21,6 +22,9 @@ import torch
 from attnprobe.hooks.backend import Backend
 from attnprobe.hooks.reducers import Keep, PatternStats
 from attnprobe.hooks.sites import Site
+
+from .mechanisms import Mechanism, Stage
+from .rundir import write_parquet
 
 COLUMNS = ["sequence", "position", "token", "creation_layer", "lifetime", "sink_class", "mlp_cos", "mlp_norm",
            "alpha", "level"]
@@ -85,3 +89,25 @@ def secondary_sinks(backend: Backend, ids: torch.Tensor, tokens: Sequence[Sequen
     levels = sink_levels(table.loc[table["sink_class"] != "noise", "creation_layer"].tolist())
     table["level"] = table["creation_layer"].map(levels).fillna(-1).astype(int)
     return table, pd.DataFrame(windows)
+
+
+def secondary_sinks_stage(census) -> None:
+    ids, tokens = census.prose_inputs
+    secondary, windows = secondary_sinks(census.backend, ids, tokens)
+    write_parquet(census.run / "secondary_sinks.parquet", secondary)
+    write_parquet(census.run.shard("prose_windows.parquet"), windows)
+
+
+def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
+    path = run_dir / "secondary_sinks.parquet"
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    counts = table["sink_class"].value_counts()
+    return f"{int(counts.get('secondary', 0))} secondary and {int(counts.get('primary', 0))} primary sink tokens"
+
+
+CENSUS = (
+    Stage("secondary_sinks", secondary_sinks_stage, order=50, description="secondary sinks (cosine to the first token)"),
+    Mechanism("secondary_sink", "secondary_sinks", "secondary sinks", rank=55, summary=_summary),
+)

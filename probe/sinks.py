@@ -6,12 +6,17 @@ the queries that can see it. The sink rate Sink_1^eps is the percentage of all h
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import torch
 
 from attnprobe.hooks.backend import Backend
 
+from .mechanisms import Mechanism, Stage
 from .patterns import alpha_by_layer, diagonal_by_layer, pattern_stats
+from .rundir import write_json, write_parquet
 
 
 def with_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
@@ -69,3 +74,67 @@ def hidden_sink_summary(events: pd.DataFrame, n_layers: int, n_heads: int) -> pd
     summary["hidden_sink_max"] = summary["hidden_sink_max"].fillna(0.0)
     summary["hidden_sink_tokens"] = summary["hidden_sink_tokens"].fillna("")
     return summary.reset_index()
+
+
+# ---- census declarations ----------------------------------------------------------------------
+
+def sinks_stage(census) -> None:
+    """Sink rate with and without BOS; alpha_1 and previous-token scores per head (BOS as the run uses it)."""
+    c, info = census.config, census.info
+    eps = c.thresholds["sink"]
+    rates, first = {}, {}
+    for label, bos in (("with_bos", True), ("without_bos", False)):
+        if bos and info.bos_id is None:
+            continue
+        ids = census.natural(c.sink_sequences, c.sink_length, bos)
+        alpha, previous = sink_scan(census.backend, ids)
+        rates[label] = sink_rate(alpha[:, :, 0], eps)
+        first[label] = (alpha[:, :, 0], previous)
+    alpha_first, previous = first["with_bos" if census.bos else "without_bos"]
+    write_json(census.run / "sink_rate.json", {"T": c.sink_length, "eps": eps, "n_sequences": c.sink_sequences,
+                                               "bos_used_for_heads": census.bos, **rates})
+    write_parquet(census.run.shard("sinks.parquet"), census.per_head({"alpha_1": alpha_first, "prev_token_score": previous}))
+
+
+def hidden_sinks_stage(census) -> None:
+    """Hidden-sink events on the prose prefills (sinks.parquet) and their per-head summary."""
+    c, info = census.config, census.info
+    ids, tokens = census.prose_inputs
+    events = []
+    for sequence in range(ids.shape[0]):
+        alpha, _ = sink_scan(census.backend, ids[sequence:sequence + 1])
+        events.append(hidden_sinks(alpha, tokens[sequence], c.hidden_threshold, 0, c.hidden_min_queries).assign(sequence=sequence))
+    events = pd.concat(events, ignore_index=True)
+    summary = hidden_sink_summary(events, info.n_layers, info.n_heads)
+    summary["hidden_sink_count"] = summary["hidden_sink_count"] / ids.shape[0]  # per sequence
+    write_parquet(census.run / "sinks.parquet", events)
+    write_parquet(census.run.shard("hidden.parquet"), summary)
+
+
+def _sink_rate_line(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
+    path = run_dir / "sink_rate.json"
+    if not path.exists():
+        return None
+    rate = json.loads(path.read_text())
+    parts = [f"{k.replace('_', ' ')} {rate[k]:.1f} %" for k in ("with_bos", "without_bos") if k in rate]
+    return f"Sink_1^{rate['eps']} at T={rate['T']}: " + ", ".join(parts)
+
+
+def _sink_presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
+    rate = json.loads((run_dir / "sink_rate.json").read_text())
+    return {"sink_rate": rate["with_bos" if rate["bos_used_for_heads"] else "without_bos"],
+            "sinks_present": bool((heads["alpha_1"] > thresholds["sink"]).any())}
+
+
+CENSUS = (
+    Stage("sinks", sinks_stage, order=10, shard="sinks.parquet", columns=("alpha_1", "prev_token_score"),
+          description="sink rate and first-token alpha, previous-token scores"),
+    Stage("hidden_sinks", hidden_sinks_stage, order=30, shard="hidden.parquet",
+          columns=("hidden_sink_count", "hidden_sink_max", "hidden_sink_tokens"), description="hidden (non-initial) sinks"),
+    Mechanism("sink", "sinks", "sink rate", column="alpha_1", threshold=0.3, letter="S", rank=60, panel="sink α₁",
+              summary=_sink_rate_line, matrix="sinks", matrix_label="sinks", presence=_sink_presence),
+    Mechanism("previous_token", "sinks", "previous-token heads", column="prev_token_score", threshold=0.4, letter="P",
+              rank=30, panel="prev. token"),
+    Mechanism("hidden_sink", "hidden_sinks", "hidden-sink heads", column="hidden_sink_count", letter="H", rank=50,
+              panel="hidden sink", panel_column="hidden_sink_max"),
+)

@@ -23,7 +23,7 @@ def census_run(tmp_path_factory):
     model = planted_model()
     out = tmp_path_factory.mktemp("planted")
     heads = Census(model, NativeBackend(model), CensusConfig(**SMALL), out).execute(
-        ("sinks", "induction", "prose", "massive_intervention"))
+        ("sinks", "induction", "hidden_sinks", "massive", "secondary_sinks", "massive_intervention"))
     return heads, out
 
 

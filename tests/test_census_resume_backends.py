@@ -11,7 +11,7 @@ from planted import planted_model
 
 SMALL = dict(sink_sequences=8, prose_sequences=1, prose_length=96, induction_length=20, induction_batch=4,
              perplexity_windows=2, perplexity_length=48, lengths=[64, 96], depths=[0.0, 1.0], needles=1)
-STAGES = ("sinks", "induction", "prose", "retrieval")
+STAGES = ("sinks", "induction", "hidden_sinks", "massive", "secondary_sinks", "retrieval")
 
 
 def run(out, backend="native", progress=None):
