@@ -20,14 +20,13 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import fit_heads, swap_edits
 from attnprobe.kernels.fit import FitResult, load_fit, save_fit
-from attnprobe.kernels.registry import HYBRIDS, KERNELS
+from attnprobe.kernels.registry import make_kernel, names
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.mechanisms import mechanisms
 
 from . import recall
 
-LEARNED = ("hedgehog", "window+linear", "sink+window+linear")
 Head = tuple[int, int]
 
 
@@ -65,7 +64,7 @@ def _full_layers(model, heads):
 def catalogue(model: Model) -> dict[str, Variant]:
     """Every named architecture that makes sense for `model`."""
     variants = [Variant("original", None, _none, "the pretrained softmax model")]
-    for kernel in ("elu", "relu", "taylor", "performer", "hedgehog"):
+    for kernel in names("linear"):
         variants.append(Variant(f"all-{kernel}", kernel, _none, f"every head {kernel} linear attention"))
     for n in (2, 4, 6):
         variants.append(Variant(f"layers-1of{n}-softmax", "hedgehog", _every_nth_layer(n),
@@ -74,7 +73,7 @@ def catalogue(model: Model) -> dict[str, Variant]:
                             "census retrieval heads (by the census's threshold) softmax, the rest hedgehog"))
     variants.append(Variant("keep-sink-heads", "hedgehog", _by_role("sink"),
                             "census sink heads (alpha_1 above the census's eps) softmax, the rest hedgehog"))
-    for kernel in HYBRIDS:
+    for kernel in names("hybrid"):
         variants.append(Variant(kernel, kernel, _none, f"every head {kernel}"))
     if "sliding" in model.info.layer_types:
         variants.append(Variant("linear-sliding-layers", "hedgehog", _full_layers,
@@ -84,7 +83,7 @@ def catalogue(model: Model) -> dict[str, Variant]:
 
 def fitted_kernel(model: Model, backend: Backend, kernel: str, fit_dir: Path, tokens: int, steps: int) -> FitResult | str:
     """A fit over every head, loaded from `fit_dir/kernel` or made and saved there; a name for parameter-free kernels."""
-    if kernel not in LEARNED:
+    if not make_kernel(kernel, 1, model.info.head_dim).learnable:
         return kernel
     where = fit_dir / kernel.replace("+", "_")
     if (where / "manifest.json").exists():
@@ -111,25 +110,28 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
     """(bytes per token that grow with context, fixed state bytes) at `bytes_per_value` (fp16/bf16).
 
     A KV head must cache K and V for every token if any of its query heads is softmax (or a sliding
-    layer's window, which is fixed); replaced heads keep a fixed-size state."""
+    layer's window, which is fixed); otherwise it keeps the tokens the kernel keeps exact (a hybrid's
+    sinks and window; every token for the softmax kernel). Each replaced query head also keeps the
+    kernel's own fixed-size state (`Kernel.state_numbers`)."""
     info = model.info
     group = info.n_heads // info.n_kv_heads
+    replacement = make_kernel(kernel, 1, info.head_dim) if kernel else None
     per_token, fixed = 0, 0
-    window = HYBRIDS.get(kernel, (None,))[0] if kernel else None
+    kv_numbers = 2 * info.head_dim * bytes_per_value  # K and V of one token
     for layer in range(info.n_layers):
         for kv in range(info.n_kv_heads):
             query_heads = range(kv * group, (kv + 1) * group)
-            if kernel is None or any((layer, h) in keep for h in query_heads):
-                if info.window(layer):
-                    fixed += 2 * info.head_dim * info.window(layer) * bytes_per_value
-                else:
-                    per_token += 2 * info.head_dim * bytes_per_value
-            elif window:
-                sinks = HYBRIDS[kernel][1]
-                fixed += 2 * info.head_dim * (window + sinks) * bytes_per_value
-        if kernel is not None and kernel != "sink+window":
-            linear_heads = sum(1 for h in range(info.n_heads) if (layer, h) not in keep)
-            fixed += linear_heads * (2 * info.head_dim) * (info.head_dim + 1) * bytes_per_value  # hedgehog-sized state
+            if replacement is None or any((layer, h) in keep for h in query_heads):
+                tokens = info.window(layer)  # None in a full layer: every token
+            else:
+                tokens = replacement.cached_tokens
+            if tokens is None:
+                per_token += kv_numbers
+            else:
+                fixed += kv_numbers * tokens
+        if replacement is not None:
+            replaced = sum(1 for h in range(info.n_heads) if (layer, h) not in keep)
+            fixed += replaced * replacement.state_numbers(info.head_dim) * bytes_per_value
     return per_token, fixed
 
 

@@ -18,7 +18,7 @@ import torch
 
 from attnprobe.kernels.fit import DEFAULT_STEPS, FitResult, TeacherLayer, fit_kernels
 from attnprobe.kernels.registry import make_kernel, select_heads
-from attnprobe.kernels.softmax import Kernel
+from attnprobe.kernels.base import Kernel
 
 from .backend import Backend
 from .edits import AttentionCall, Edit, replace_heads

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .base import allowed_keys
+
 CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk (64 MB in fp32)
 
 
@@ -38,15 +40,6 @@ class AttentionStats:
 
 def query_positions(n_queries: int, n_keys: int, device) -> torch.Tensor:
     return torch.arange(n_keys - n_queries, n_keys, device=device)
-
-
-def allowed_keys(rows: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
-    """(R, S) bool: which keys each query position may attend to."""
-    keys = torch.arange(n_keys, device=rows.device)
-    allowed = keys[None, :] <= rows[:, None]
-    if window is not None:
-        allowed &= (rows[:, None] - keys[None, :]) < window
-    return allowed
 
 
 def _chunk_rows(q: torch.Tensor, n_keys: int) -> int:

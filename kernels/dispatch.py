@@ -1,4 +1,8 @@
-"""Which implementation runs a kernel: Triton on CUDA tensors, torch everywhere else or when asked.
+"""Which implementation runs a kernel: the one "can Triton run here" check of every kernel.
+
+`triton_runs_on(x)` says whether Triton can run on tensors like x at all (CUDA, or CPU under
+TRITON_INTERPRET=1); `use_triton(x)` whether a kernel should take its Triton path (CUDA tensors,
+Triton installed, not forced off; CPU tensors only inside `triton_on_cpu`).
 
 `force_torch()` (the CLI's --torch-kernels, or ATTNPROBE_TORCH_KERNELS=1) makes every caller take its
 torch path. Tests turn on `triton_on_cpu` to send CPU tensors through Triton's interpreter.
@@ -35,6 +39,15 @@ def triton_on_cpu():
 @cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    return x.is_cuda or (interpreting() and x.device.type == "cpu")
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from attnprobe.hooks.errors import AttnprobeError
 
 from .registry import make_kernel
-from .softmax import Kernel
+from .base import Kernel
 
 LOSS_SCALE = 1000.0  # as the reference: keeps Adam's steps sensible on small MSEs
 # Budget: 30 full-batch Adam steps on 4 x 256 calibration tokens took 10 s (hedgehog) to 28 s

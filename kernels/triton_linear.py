@@ -22,10 +22,11 @@ import triton.language as tl
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from .triton_stats import LOG2E, interpreting, padded_heads
+from .base import CHUNK
+from .base import TINY as EPS
+from .dispatch import interpreting, triton_runs_on
+from .triton_stats import LOG2E, padded_heads
 
-CHUNK = 64
-EPS = torch.finfo(torch.float32).tiny
 SOFTMAX, LINEAR = 0, 1
 
 
@@ -247,7 +248,7 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _require_triton(x: torch.Tensor) -> None:
-    if not (x.is_cuda or (interpreting() and x.device.type == "cpu")):
+    if not triton_runs_on(x):
         raise AttnprobeError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU ones): use the torch reference instead")
 
 

@@ -14,7 +14,6 @@ queue behind the forward pass. Set TRITON_INTERPRET=1 before importing triton to
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -23,18 +22,10 @@ import triton.language as tl
 from attnprobe.hooks.errors import AttnprobeError
 
 from .attention_stats import AttentionStats, allowed_keys, reference_stats
+from .dispatch import interpreting, triton_runs_on
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_usable(x: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    return x.is_cuda or (interpreting() and x.device.type == "cpu")
 
 
 @triton.jit
@@ -344,10 +335,10 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, scaling: float, window: in
     """
     _check(q, k, argmax_rows)
     if use_triton is None:
-        use_triton = triton_usable(q)
+        use_triton = triton_runs_on(q)
     if not use_triton:
         return reference_stats(q, k, scaling, window, lse, diagonals, argmax_rows, diagonal_start)
-    if not triton_usable(q):
+    if not triton_runs_on(q):
         raise AttnprobeError("Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU ones): move q, k to the GPU or pass use_triton=False")
     rules = [(0, 0)] + [(-off, 1) for off in diagonals]  # first token, then each diagonal
     lse, column_sum, entries = _passes(q, k, scaling, window, lse, rules)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.kernels.feature_maps import PerformerMap, TaylorMap
+from attnprobe.kernels.linear.feature_maps import PerformerMap, TaylorMap
 from attnprobe.kernels.registry import KERNELS, make_kernel, select_heads
 
 # small windows and chunks, so that short sequences cross every chunk and window boundary

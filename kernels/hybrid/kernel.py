@@ -20,9 +20,10 @@ from torch import nn
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from .feature_maps import FeatureMap, PerformerMap
-from .linear import LinearState
-from .softmax import CHUNK, Kernel, as_fp32, safe_ratio
+from ..base import CHUNK, Kernel, as_fp32, safe_ratio
+from ..linear import FeatureMap, LinearState
+from ..linear.feature_maps import PerformerMap
+from .naive import hybrid_weights
 
 
 @dataclass
@@ -48,6 +49,13 @@ class HybridKernel(Kernel):
         if feature_map is not None:
             logit = math.log(window_weight / (1 - window_weight))
             self.window_logit = nn.Parameter(torch.full((n_heads,), logit))
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.window + self.sinks
+
+    def state_numbers(self, d_v=None):
+        return 0 if self.feature_map is None else self.feature_map.dim * ((d_v or self.head_dim) + 1)
 
     def options(self):
         options = {"window": self.window, "sinks": self.sinks, "chunk": self.chunk}
@@ -90,28 +98,20 @@ class HybridKernel(Kernel):
         fk, vs = phi_k[:, :, start:stop], v[:, :, start:stop]
         return LinearState(linear.s + fk.transpose(-1, -2) @ vs, linear.n + fk.sum(dim=2), linear.ref)
 
+    def _weights(self, q, k, scaling, rows):
+        if self.feature_map is None:
+            return hybrid_weights(q, k, scaling, rows, self.window, self.sinks)
+        phi_q, phi_k = self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+        return hybrid_weights(q, k, scaling, rows, self.window, self.sinks, phi_q, phi_k, torch.sigmoid(self.window_logit))
+
     def attention_weights(self, q, k, scaling, rows):
         q, k = as_fp32(q, k)
-        rows = rows.to(q.device)
-        k_pos = torch.arange(k.shape[2], device=q.device)
-        offset = rows[:, None] - k_pos[None, :]
-        visible = offset >= 0
-        exact = visible & ((offset < self.window) | (k_pos < self.sinks)[None, :])
-        scores = ((q @ k.transpose(-1, -2)) * scaling).masked_fill(~exact, float("-inf"))
-        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        if self.feature_map is not None:
-            share = torch.sigmoid(self.window_logit)[None, :, None, None]
-            phi_q, phi_k = self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
-            middle = visible & ~exact & (k_pos >= self.sinks)[None, :]
-            weights = share * weights + (1 - share) * (phi_q @ phi_k.transpose(-1, -2)) * middle
-        return safe_ratio(weights, weights.sum(-1))
+        return self._weights(q, k, scaling, rows)
 
     def quadratic(self, q, k, v, scaling):
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)
-        phi_q, phi_k, linear = self._features(q, k, scaling)
-        positions = torch.arange(q.shape[2], device=q.device)
-        return self._attend(q, k, v, positions, positions, scaling, phi_q, phi_k, linear).to(dtype)
+        return (self._weights(q, k, scaling, torch.arange(q.shape[2], device=q.device)) @ v).to(dtype)
 
     def prefill(self, q, k, v, scaling):
         dtype = q.dtype

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import use_triton
+from ..base import CHUNK, Kernel, as_fp32, causal_mask, safe_ratio
+from ..dispatch import use_triton
 from .feature_maps import FeatureMap
-from .softmax import CHUNK, Kernel, as_fp32, causal_mask, safe_ratio
+from .naive import linear_attention, linear_weights
 
 
 @dataclass
@@ -45,6 +46,9 @@ class LinearKernel(Kernel):
     def options(self):
         return {**self.feature_map.options(), "chunk": self.chunk}
 
+    def state_numbers(self, d_v=None):
+        return self.feature_map.dim * ((d_v or self.head_dim) + 1)  # S (f x d_v) and n (f)
+
     def empty_state(self, like: torch.Tensor, d_v: int) -> LinearState:
         batch, heads = like.shape[:2]
         f = self.feature_map.dim
@@ -57,17 +61,14 @@ class LinearKernel(Kernel):
         phi_q, _ = self.feature_map(q, scaling)
         phi_k, log_k = self.feature_map(k, scaling)
         _, phi_k = rescale_keys(self.empty_state(q, v.shape[-1]), phi_k, log_k)
-        weights = (phi_q @ phi_k.transpose(-1, -2)) * causal_mask(q.shape[2], k.shape[2], q.device)
-        return safe_ratio(weights @ v, weights.sum(-1)).to(dtype)
+        return linear_attention(phi_q, phi_k, v).to(dtype)
 
     def attention_weights(self, q, k, scaling, rows):
         q, k = as_fp32(q, k)
         phi_q, _ = self.feature_map(q, scaling)
         phi_k, log_k = self.feature_map(k, scaling)
         _, phi_k = rescale_keys(self.empty_state(q, 1), phi_k, log_k)
-        visible = torch.arange(k.shape[2], device=q.device)[None, :] <= rows[:, None].to(q.device)
-        weights = (phi_q @ phi_k.transpose(-1, -2)) * visible
-        return safe_ratio(weights, weights.sum(-1))
+        return linear_weights(phi_q, phi_k, rows)
 
     def prefill(self, q, k, v, scaling):
         dtype = q.dtype
@@ -76,7 +77,7 @@ class LinearKernel(Kernel):
         phi_k, log_k = self.feature_map(k, scaling)
         state = self.empty_state(q, v.shape[-1])
         if self.fits_triton(q, v.shape[-1]):
-            from .triton_linear import chunked_linear_attention
+            from ..triton_linear import chunked_linear_attention
 
             return chunked_linear_attention(phi_q, phi_k, v).to(dtype), self.state_from(phi_k, v)
         outputs = []

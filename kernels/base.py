@@ -1,0 +1,130 @@
+"""The kernel interface every family implements, its one causal/window mask and its constants.
+
+A kernel maps one layer's q, k, v (B, H, T, d), after RoPE and after repeating k/v for GQA, to the
+heads' outputs z (B, H, T, d). Every kernel offers three forms that tests hold equal:
+
+    quadratic(q, k, v, scaling)                 the T x T reference (small T only); differentiable
+    prefill(q, k, v, scaling) -> (z, state)     chunked over the sequence; `forward` returns its z
+    decode(state, q, k, v, scaling)             token by token from the state (generation)
+
+and describes itself, so callers ask it instead of listing names:
+
+    attention_weights(q, k, scaling, rows)      its exact effective attention A, z = A v
+    learnable                                   whether it has parameters to fit (`parameters()` are exactly those)
+    state_numbers(d_v)                          numbers of its fixed-size decode state per head
+    cached_tokens                               KV tokens per head it keeps beside that state (None: all of them)
+    normalized                                  whether rows of A sum to 1 (gated and delta-rule kernels: no)
+
+Learnable parameters are per head, shaped (H, ...). Any float input is computed in fp32 and the
+output comes back in the input's dtype; states stay fp32. A family is one folder with a `naive.py`
+reference written from its paper beside its fast forms, registered by one line in `registry.py`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attnprobe.hooks.errors import AttnprobeError
+
+CHUNK = 64  # tokens per chunk of the chunked prefills (and of the Triton linear kernels)
+TINY = torch.finfo(torch.float32).tiny  # the floor of every normalizing denominator
+
+
+def as_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() for t in tensors]
+
+
+def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with den (.., T) >= 0; a zero den means every weight was 0, so num is 0 and z is 0."""
+    return num / den.clamp_min(TINY).unsqueeze(-1)
+
+
+def allowed_keys(rows: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """(R, S) bool: which of the keys 0..S-1 each query position in `rows` may attend to (causal, within `window`)."""
+    keys = torch.arange(n_keys, device=rows.device)
+    allowed = keys[None, :] <= rows[:, None]
+    if window is not None:
+        allowed &= (rows[:, None] - keys[None, :]) < window
+    return allowed
+
+
+def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
+    """True where query i (the last n_queries of n_keys positions) may see key j."""
+    return allowed_keys(torch.arange(n_keys - n_queries, n_keys, device=device), n_keys)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registered kernel name: how to build it and what it is (read by the catalogue and the CLI)."""
+
+    build: Callable[..., "Kernel"]  # (name, n_heads, head_dim, chunk, **options) -> Kernel
+    kind: str  # "softmax"; "linear": a fixed-size state only; "hybrid": some tokens stay exact softmax
+    summary: str
+
+
+def check_options(name: str, options: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise AttnprobeError(f"kernel '{name}' has no option {', '.join(unknown)}: valid options are {', '.join(sorted(allowed)) or 'none'}")
+
+
+def constructor_options(cls) -> set[str]:
+    """The keyword options of a kernel or feature-map class (its __init__ minus n_heads and head_dim)."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "n_heads", "head_dim"}
+
+
+class Kernel(nn.Module):
+    """Base of all kernels; subclasses give `quadratic`, `prefill`, `step` and `attention_weights`."""
+
+    name = "kernel"
+    normalized = True
+    cached_tokens: int | None = 0
+
+    def __init__(self, n_heads: int, head_dim: int, chunk: int = CHUNK) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.chunk = n_heads, head_dim, chunk
+
+    def options(self) -> dict:
+        """Constructor options that rebuild this kernel (saved beside fitted parameters)."""
+        return {}
+
+    @property
+    def learnable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    def state_numbers(self, d_v: int | None = None) -> int:
+        """Numbers in one head's fixed-size decode state (values of width d_v, default head_dim), cached tokens apart."""
+        return 0
+
+    def forward(self, q, k, v, scaling: float) -> torch.Tensor:
+        return self.prefill(q, k, v, scaling)[0]
+
+    def quadratic(self, q, k, v, scaling: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefill(self, q, k, v, scaling: float):
+        raise NotImplementedError
+
+    def attention_weights(self, q, k, scaling: float, rows: torch.Tensor) -> torch.Tensor:
+        """The effective attention of queries `q` (B, H, R, d) at absolute positions `rows` over keys
+        k (B, H, S, d): (B, H, R, S), with z = A v exactly (rows sum to 1 where `normalized`). What a
+        census sees of a replaced head."""
+        raise NotImplementedError
+
+    def step(self, state, q, k, v, scaling: float):
+        """One token: q, k, v are (B, H, 1, d) in fp32; returns (z (B, H, 1, d), new state)."""
+        raise NotImplementedError
+
+    def decode(self, state, q, k, v, scaling: float):
+        """Continue from `state` over the new tokens of q, k, v (B, H, n, d), one at a time."""
+        dtype = q.dtype
+        q, k, v = as_fp32(q, k, v)
+        outputs = [q.new_zeros(*q.shape[:2], 0, v.shape[-1])]  # keeps the result defined for no new tokens
+        for t in range(q.shape[2]):
+            z, state = self.step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], scaling)
+            outputs.append(z)
+        return torch.cat(outputs, dim=2).to(dtype), state

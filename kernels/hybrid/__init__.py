@@ -1,0 +1,34 @@
+"""Token hybrids: exact softmax over sink and window tokens, optionally a linear term for the rest."""
+from attnprobe.hooks.errors import AttnprobeError
+
+from ..base import Family, check_options, constructor_options
+from ..linear import FEATURE_MAPS
+from .kernel import HybridKernel, HybridState
+
+DEFAULTS = {  # name -> (window, sinks, default feature map)
+    "window+linear": (64, 0, "hedgehog"),
+    "sink+window": (64, 4, None),
+    "sink+window+linear": (64, 4, "hedgehog"),
+}
+SUMMARIES = {
+    "window+linear": "LoLCATs: softmax on the last `window` tokens + linear for older ones, one denominator",
+    "sink+window": "StreamingLLM: softmax on the first `sinks` and the last `window` tokens, nothing else",
+    "sink+window+linear": "the above plus a linear term for the evicted middle",
+}
+
+
+def build(name: str, n_heads: int, head_dim: int, chunk: int, **options) -> HybridKernel:
+    window, sinks, map_name = DEFAULTS[name]
+    map_name = options.pop("feature_map", map_name) if map_name else None
+    if map_name is not None and map_name not in FEATURE_MAPS:
+        raise AttnprobeError(f"unknown feature map '{map_name}' for {name}: choose one of {', '.join(FEATURE_MAPS)}")
+    own = {"window", "sinks", "window_weight"} if map_name else {"window", "sinks"}
+    map_allowed = constructor_options(FEATURE_MAPS[map_name]) if map_name else set()
+    check_options(name, options, own | map_allowed)
+    feature_map = FEATURE_MAPS[map_name](n_heads, head_dim, **{k: options[k] for k in map_allowed & set(options)}) if map_name else None
+    hybrid = {"window": window, "sinks": sinks, **{k: options[k] for k in own & set(options)}}
+    return HybridKernel(n_heads, head_dim, name, feature_map=feature_map, chunk=chunk, **hybrid)
+
+
+FAMILY = {name: Family(build, "hybrid", SUMMARIES[name]) for name in DEFAULTS}
+__all__ = ["DEFAULTS", "HybridKernel", "HybridState", "FAMILY"]

@@ -1,0 +1,78 @@
+"""Token hybrids against references written out here from their papers (not the kernel's own naive.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnprobe.kernels.registry import make_kernel
+
+
+def _qkv(seed, length=23, heads=2, dim=6):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, length, dim, generator=generator) for _ in range(3)]
+
+
+def _forms(kernel, q, k, v, scaling, split=9):
+    with torch.no_grad():
+        head, state = kernel.prefill(q[:, :, :split], k[:, :, :split], v[:, :, :split], scaling)
+        tail, _ = kernel.decode(state, q[:, :, split:], k[:, :, split:], v[:, :, split:], scaling)
+        rows = torch.arange(q.shape[2])
+        return {"quadratic": kernel.quadratic(q, k, v, scaling), "chunked": kernel(q, k, v, scaling),
+                "recurrent": torch.cat([head, tail], dim=2), "weights @ v": kernel.attention_weights(q, k, scaling, rows) @ v}
+
+
+@pytest.mark.parametrize("window,sinks", [(5, 2), (3, 0), (1, 4)])
+def test_sink_window_is_softmax_over_the_sinks_and_the_window(window, sinks):
+    """StreamingLLM: each query attends by softmax to keys s < sinks and t - window < s <= t, to no other."""
+    q, k, v = _qkv(window)
+    scaling = 0.4
+    expected = torch.zeros_like(v)
+    for t in range(q.shape[2]):
+        keys = sorted({s for s in range(t + 1) if s < sinks or t - s < window})
+        scores = torch.stack([(q[:, :, t] * k[:, :, s]).sum(-1) * scaling for s in keys], dim=-1)
+        weights = torch.softmax(scores, dim=-1)
+        expected[:, :, t] = sum(weights[..., i, None] * v[:, :, s] for i, s in enumerate(keys))
+    kernel = make_kernel("sink+window", 2, 6, window=window, sinks=sinks, chunk=4)
+    for form, z in _forms(kernel, q, k, v, scaling).items():
+        torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-4, msg=form)
+
+
+@pytest.mark.parametrize("name,sinks", [("window+linear", 0), ("sink+window+linear", 3)])
+def test_window_linear_is_the_lolcats_formula(name, sinks):
+    """LoLCATs eq. (6): y_t = [sum_{window} f exp(q.k/sqrt d - c) v + sum_{older} (1-f) phi(q).phi(k) v]
+    / [the same sums without v], with phi Hedgehog's softmax([Wx, -Wx]) and f = sigmoid(window logit)."""
+    q, k, v = _qkv(sinks + 1)
+    scaling, window = 0.4, 4
+    kernel = make_kernel(name, 2, 6, window=window, sinks=sinks, chunk=4)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        kernel.feature_map.weight.add_(0.3 * torch.randn(kernel.feature_map.weight.shape, generator=generator))
+        kernel.window_logit.copy_(torch.tensor([-1.0, 0.5]))
+
+    def phi(x, head):
+        y = x @ kernel.feature_map.weight[head]
+        return torch.softmax(torch.cat([y, -y]), dim=0)
+
+    expected = torch.zeros_like(v)
+    with torch.no_grad():
+        _lolcats(kernel, q, k, v, scaling, window, sinks, phi, expected)
+    for form, z in _forms(kernel, q, k, v, scaling).items():
+        torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-4, msg=form)
+
+
+def _lolcats(kernel, q, k, v, scaling, window, sinks, phi, expected):
+    for head in range(2):
+        f = 1 / (1 + math.exp(-kernel.window_logit[head].item()))
+        for t in range(q.shape[2]):
+            exact = [s for s in range(t + 1) if t - s < window or s < sinks]
+            c = max(float(q[0, head, t] @ k[0, head, s]) * scaling for s in exact)
+            num, den = torch.zeros(6), 0.0
+            for s in range(t + 1):
+                if s in exact:
+                    weight = f * math.exp(float(q[0, head, t] @ k[0, head, s]) * scaling - c)
+                else:
+                    weight = (1 - f) * float(phi(q[0, head, t], head) @ phi(k[0, head, s], head))
+                num, den = num + weight * v[0, head, s], den + weight
+            expected[0, head, t] = num / den

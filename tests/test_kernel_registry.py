@@ -1,0 +1,60 @@
+"""Kernels describe themselves: the registry, learnable parameters, state sizes and the matrix's state bytes."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from attnprobe.analyses.architectures import cache_bytes_per_token, catalogue
+from attnprobe.kernels.registry import FAMILIES, KERNELS, make_kernel, names
+
+
+def smollm2_like(layer_types=None):
+    """SmolLM2-135M's attention shape: 30 layers x 9 heads, 3 KV heads, d = 64."""
+    layer_types = layer_types or ["full"] * 30
+    info = SimpleNamespace(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, layer_types=layer_types,
+                           window=lambda layer: None)
+    return SimpleNamespace(info=info)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_parameters_are_exactly_the_learnable_ones(name):
+    kernel = make_kernel(name, 3, 8)
+    params = list(kernel.parameters())
+    assert kernel.learnable == bool(params)
+    assert all(p.requires_grad and p.shape[0] == 3 for p in params)  # per head, (H, ...)
+
+
+def test_learnable_kernels_are_the_fitted_ones():
+    assert sorted(n for n in KERNELS if make_kernel(n, 2, 8).learnable) == ["hedgehog", "sink+window+linear", "window+linear"]
+    assert make_kernel("taylor", 2, 8, feature_dim=3).learnable  # its projection is fitted
+
+
+@pytest.mark.parametrize("name,megabytes", [("taylor", 75.29), ("elu", 2.25), ("relu", 2.25), ("performer", 2.25),
+                                            ("hedgehog", 4.49), ("sink+window", 1.57), ("sink+window+linear", 6.06)])
+def test_fixed_state_bytes_are_each_kernels_own(name, megabytes):
+    per_token, fixed = cache_bytes_per_token(smollm2_like(), set(), name)
+    assert per_token == 0
+    assert fixed / 1e6 == pytest.approx(megabytes, abs=0.01)
+
+
+def test_taylor_state_counts_its_2145_features():
+    kernel = make_kernel("taylor", 1, 64)
+    assert kernel.feature_map.dim == 2145 and kernel.state_numbers(64) == 2145 * 65
+    assert make_kernel("softmax", 1, 64).cached_tokens is None and make_kernel("elu", 1, 64).cached_tokens == 0
+    assert make_kernel("sink+window", 1, 64, window=16, sinks=2).cached_tokens == 18
+
+
+def test_kept_heads_cache_every_token_for_their_kv_head():
+    model = smollm2_like()
+    per_token, fixed = cache_bytes_per_token(model, {(0, 0)}, "elu")
+    assert per_token == 2 * 64 * 2  # one KV head of one layer
+    assert fixed == (270 - 1) * 64 * 65 * 2
+    assert cache_bytes_per_token(model, set(), None) == (30 * 3 * 2 * 64 * 2, 0)
+
+
+def test_catalogue_rows_come_from_the_registry():
+    rows = catalogue(smollm2_like())
+    assert {f"all-{n}" for n in names("linear")} <= set(rows)
+    assert set(names("hybrid")) <= set(rows)
+    assert all(rows[name].kernel in FAMILIES for name in rows if name != "original")
