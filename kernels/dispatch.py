@@ -54,3 +54,14 @@ def use_triton(x: torch.Tensor) -> bool:
     if _force_torch or not triton_installed():
         return False
     return x.is_cuda or (_triton_on_cpu and x.device.type == "cpu")
+
+
+@cache
+def fla_installed() -> bool:
+    return importlib.util.find_spec("fla") is not None
+
+
+def use_fla(x: torch.Tensor) -> bool:
+    """Whether a gated or delta-rule kernel should run flash-linear-attention's Triton ops: CUDA tensors
+    where use_triton says yes and fla-core is installed (its ops do not run on CPU tensors)."""
+    return x.is_cuda and use_triton(x) and fla_installed()

@@ -12,10 +12,11 @@ import torch
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from . import hybrid, linear, softmax
+from . import decay, deltanet, gla, hybrid, linear, softmax
 from .base import CHUNK, Family, Kernel
 
-FAMILIES: dict[str, Family] = {**softmax.FAMILY, **linear.FAMILY, **hybrid.FAMILY}
+FAMILIES: dict[str, Family] = {**softmax.FAMILY, **linear.FAMILY, **gla.FAMILY, **decay.FAMILY, **deltanet.FAMILY,
+                               **hybrid.FAMILY}
 KERNELS = tuple(FAMILIES)
 
 

@@ -19,7 +19,8 @@ def test_weights_times_values_is_the_kernel_output(name):
     kernel = make_kernel(name, 3, 16, **options)
     rows = torch.arange(40)
     weights = kernel.attention_weights(q, k, 0.25, rows)
-    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 40), atol=1e-5)
+    if kernel.normalized:  # the delta rule's rows need not sum to 1 (nor stay >= 0)
+        assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 40), atol=1e-5)
     assert torch.all(weights.triu(1) == 0)  # causal
     assert torch.allclose(weights @ v, kernel.quadratic(q, k, v, 0.25), atol=1e-4)
 

@@ -25,6 +25,10 @@ CONFIGS = [
     ("sink+window", {"window": 5, "sinks": 2, "chunk": 8}),
     ("sink+window+linear", {"window": 5, "sinks": 3, "chunk": 8}),
     ("sink+window+linear", {"window": 6, "sinks": 2, "chunk": 4, "feature_map": "taylor"}),
+    ("gla", {"chunk": 8}),
+    ("decay", {"data_dependent": True, "chunk": 8}),
+    ("deltanet", {"chunk": 8}),
+    ("gated-deltanet", {"chunk": 8}),
 ]
 IDS = [f"{name}{options or ''}" for name, options in CONFIGS]
 EXAMPLES = settings(max_examples=5, deadline=None)

@@ -1,0 +1,45 @@
+"""flash-linear-attention's Triton ops as the CUDA prefill of the gated and delta-rule families.
+
+Our tensors are (B, H, T, d); fla's are (B, T, H, d). Every call passes scale = 1 (our kernels scale
+their features themselves) and asks for the final state, (B, H, d_k, d_v) as ours. Chosen by
+`dispatch.use_fla`; fla's ops are autograd functions, so training on CUDA goes through them too.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _fla(x: torch.Tensor, dtype) -> torch.Tensor:
+    return x.transpose(1, 2).to(dtype).contiguous()
+
+
+def prefill(op: str, phi_q, phi_k, values, log_alpha, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention: op "gla" (per-channel log gates (B, H, T, d)) or "simple_gla" (scalar: the
+    gates' first channel). Returns o (B, H, T, d_v) fp32 and the final state fp32."""
+    q, k, v = _fla(phi_q, dtype), _fla(phi_k, dtype), _fla(values, dtype)
+    if op == "gla":
+        from fla.ops.gla import chunk_gla
+
+        o, state = chunk_gla(q, k, v, g=_fla(log_alpha, torch.float32), scale=1.0, output_final_state=True)
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        o, state = chunk_simple_gla(q, k, v, g=log_alpha[..., 0].transpose(1, 2).float().contiguous(), scale=1.0,
+                                    output_final_state=True)
+    return o.transpose(1, 2).float(), state.float()
+
+
+def delta_prefill(q, k, v, beta, log_alpha, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule on L2-normalised q, k: gated when log a (B, H, T) is given. Returns o and the state, fp32."""
+    qf, kf, vf = _fla(q, dtype), _fla(k, dtype), _fla(v, dtype)
+    betaf = beta.transpose(1, 2).to(dtype).contiguous()
+    if log_alpha is None:
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        o, state = chunk_delta_rule(qf, kf, vf, betaf, scale=1.0, output_final_state=True)
+    else:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        o, state = chunk_gated_delta_rule(qf, kf, vf, log_alpha.transpose(1, 2).float().contiguous(), betaf, scale=1.0,
+                                          output_final_state=True)
+    return o.transpose(1, 2).float(), state.float()

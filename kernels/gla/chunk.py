@@ -1,0 +1,66 @@
+"""The fast forms of gated linear attention (per-channel or scalar decay), in torch.
+
+Every product of decays is taken as exp(G_t - G_s) with G the cumulative log gate and s <= t, so no
+factor exceeds 1 (no overflow, whatever the gates). Across blocks the decay factors through the
+block's last position e: exp(G_t - G_s) = exp(G_t - G_e) exp(G_e - G_s), a plain matmul; only the
+block on the diagonal needs the (rows x block x d) tensor. Normalization rides along as an extra
+value column of ones (the state is then d x (d_v + 1)), so one code path serves both.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 16  # keys per block on the diagonal (its (R, BLOCK, d) decay tensor bounds the memory)
+
+
+def blocked_weights(q, k, log_alpha, rows: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Unnormalized A (B, H, R, S) of queries at positions `rows` over keys 0..S-1, exactly."""
+    rows = rows.to(q.device)
+    total = log_alpha.cumsum(dim=2)
+    total_q = total[:, :, rows]
+    n_keys = k.shape[2]
+    parts = []
+    for start in range(0, n_keys, block):
+        stop = min(n_keys, start + block)
+        last = total[:, :, stop - 1:stop]
+        past = (rows >= stop - 1)[:, None]  # queries at or after the block's last key
+        k_block = k[:, :, start:stop] * torch.exp(last - total[:, :, start:stop])
+        q_past = q * torch.exp((total_q - last).clamp(max=0))  # clamped rows are masked below
+        weights = torch.where(past, q_past @ k_block.transpose(-1, -2), 0.0)
+        inside = (rows >= start) & (rows < stop - 1)
+        if bool(inside.any()):
+            index = inside.nonzero().squeeze(-1)
+            keys = torch.arange(start, stop, device=q.device)
+            visible = (keys[None, :] <= rows[index][:, None])[..., None]
+            log_decay = (total_q[:, :, index, None] - total[:, :, None, start:stop]).masked_fill(~visible, float("-inf"))
+            diagonal = torch.einsum("bhrc,bhsc,bhrsc->bhrs", q[:, :, index], k[:, :, start:stop], torch.exp(log_decay))
+            weights = weights.index_add(2, index, diagonal)
+        parts.append(weights)
+    return torch.cat(parts, dim=-1)
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def chunked(q, k, v, log_alpha, state: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, T, d_v) and the final state (B, H, d, d_v), continuing from `state` (None: zeros)."""
+    if state is None:
+        state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        part = slice(start, start + chunk)
+        qc, kc, vc, gc = q[:, :, part], k[:, :, part], v[:, :, part], log_alpha[:, :, part]
+        total = gc.cumsum(dim=2)  # within the chunk, from its start
+        inter = (qc * torch.exp(total)) @ state
+        intra = blocked_weights(qc, kc, gc, torch.arange(qc.shape[2], device=q.device)) @ vc
+        outputs.append(inter + intra)
+        last = total[:, :, -1:]
+        state = torch.exp(last).transpose(-1, -2) * state + (kc * torch.exp(last - total)).transpose(-1, -2) @ vc
+    return torch.cat(outputs, dim=2), state
+
+
+def step(q, k, v, log_alpha, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token, (B, H, 1, .) each: (o (B, H, 1, d_v), new state)."""
+    state = torch.exp(log_alpha[:, :, 0, :, None]) * state + k[:, :, 0, :, None] * v[:, :, 0, None, :]
+    return q @ state, state
