@@ -69,6 +69,8 @@ def catalogue(model: Model) -> dict[str, Variant]:
     for n in (2, 4, 6):
         variants.append(Variant(f"layers-1of{n}-softmax", "hedgehog", _every_nth_layer(n),
                                 f"1 of every {n} layers softmax, the rest hedgehog"))
+    variants.append(Variant("layers-1of4-softmax-gdn", "gated-deltanet", _every_nth_layer(4),
+                            "1 of every 4 layers softmax, the rest Gated DeltaNet"))
     variants.append(Variant("keep-retrieval-heads", "hedgehog", _by_role("retrieval"),
                             "census retrieval heads (by the census's threshold) softmax, the rest hedgehog"))
     variants.append(Variant("keep-sink-heads", "hedgehog", _by_role("sink"),

@@ -23,17 +23,22 @@ def _forms(kernel, q, k, v, scaling, split=9):
                 "recurrent": torch.cat([head, tail], dim=2), "weights @ v": kernel.attention_weights(q, k, scaling, rows) @ v}
 
 
-@pytest.mark.parametrize("window,sinks", [(5, 2), (3, 0), (1, 4)])
-def test_sink_window_is_softmax_over_the_sinks_and_the_window(window, sinks):
-    """StreamingLLM: each query attends by softmax to keys s < sinks and t - window < s <= t, to no other."""
-    q, k, v = _qkv(window)
-    scaling = 0.4
+def _sink_window(q, k, v, scaling, window, sinks):
     expected = torch.zeros_like(v)
     for t in range(q.shape[2]):
         keys = sorted({s for s in range(t + 1) if s < sinks or t - s < window})
         scores = torch.stack([(q[:, :, t] * k[:, :, s]).sum(-1) * scaling for s in keys], dim=-1)
         weights = torch.softmax(scores, dim=-1)
         expected[:, :, t] = sum(weights[..., i, None] * v[:, :, s] for i, s in enumerate(keys))
+    return expected
+
+
+@pytest.mark.parametrize("window,sinks", [(5, 2), (3, 0), (1, 4)])
+def test_sink_window_is_softmax_over_the_sinks_and_the_window(window, sinks):
+    """StreamingLLM: each query attends by softmax to keys s < sinks and t - window < s <= t, to no other."""
+    q, k, v = _qkv(window)
+    scaling = 0.4
+    expected = _sink_window(q, k, v, scaling, window, sinks)
     kernel = make_kernel("sink+window", 2, 6, window=window, sinks=sinks, chunk=4)
     for form, z in _forms(kernel, q, k, v, scaling).items():
         torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-4, msg=form)
@@ -76,3 +81,21 @@ def _lolcats(kernel, q, k, v, scaling, window, sinks, phi, expected):
                     weight = (1 - f) * float(phi(q[0, head, t], head) @ phi(k[0, head, s], head))
                 num, den = num + weight * v[0, head, s], den + weight
             expected[0, head, t] = num / den
+
+
+def test_sink_window_gdn_mixes_the_two_outputs():
+    """Liger Attention's form: f * (sink+window softmax) + (1 - f) * (Gated DeltaNet over every token)."""
+    from attnprobe.kernels.deltanet import l2_normalize
+    from attnprobe.kernels.deltanet.naive import delta_recurrent
+
+    q, k, v = _qkv(4)
+    kernel = make_kernel("sink+window+gdn", 2, 6, window=4, sinks=2, chunk=4)
+    with torch.no_grad():
+        kernel.mix_logit.copy_(torch.tensor([-1.0, 2.0]))
+        kernel.recurrent.beta_weight.normal_(generator=torch.Generator().manual_seed(0))
+        beta, log_alpha = kernel.recurrent.coefficients(k)
+        gdn = delta_recurrent(l2_normalize(q), l2_normalize(k), v, beta, log_alpha)
+    f = torch.sigmoid(torch.tensor([-1.0, 2.0]))[None, :, None, None]
+    expected = f * _sink_window(q, k, v, 0.4, 4, 2) + (1 - f) * gdn
+    for form, z in _forms(kernel, q, k, v, 0.4).items():
+        torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-4, msg=form)

@@ -4,6 +4,7 @@ from attnprobe.hooks.errors import AttnprobeError
 from ..base import Family, check_options, constructor_options
 from ..linear import FEATURE_MAPS
 from .kernel import HybridKernel, HybridState
+from .mix import MixKernel
 
 DEFAULTS = {  # name -> (window, sinks, default feature map)
     "window+linear": (64, 0, "hedgehog"),
@@ -30,5 +31,19 @@ def build(name: str, n_heads: int, head_dim: int, chunk: int, **options) -> Hybr
     return HybridKernel(n_heads, head_dim, name, feature_map=feature_map, chunk=chunk, **hybrid)
 
 
+def build_mix(name: str, n_heads: int, head_dim: int, chunk: int, **options) -> MixKernel:
+    """sink+window+gdn: sink+window softmax mixed with Gated DeltaNet (options: window, sinks, beta, half_life, exact_weight)."""
+    from ..deltanet import DeltaKernel
+
+    check_options(name, options, {"window", "sinks", "beta", "half_life", "exact_weight"})
+    window, sinks, _ = DEFAULTS["sink+window"]
+    exact = HybridKernel(n_heads, head_dim, "sink+window", window=options.get("window", window),
+                         sinks=options.get("sinks", sinks), chunk=chunk)
+    recurrent = DeltaKernel(n_heads, head_dim, "gated-deltanet", gated=True, chunk=chunk,
+                            **{k: options[k] for k in ("beta", "half_life") if k in options})
+    return MixKernel(name, exact, recurrent, options.get("exact_weight", 0.5))
+
+
 FAMILY = {name: Family(build, "hybrid", SUMMARIES[name]) for name in DEFAULTS}
-__all__ = ["DEFAULTS", "HybridKernel", "HybridState", "FAMILY"]
+FAMILY["sink+window+gdn"] = Family(build_mix, "hybrid", "Liger-style: f * sink+window softmax + (1 - f) * Gated DeltaNet, f learnable per head")
+__all__ = ["DEFAULTS", "HybridKernel", "HybridState", "MixKernel", "FAMILY"]
