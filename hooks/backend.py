@@ -16,7 +16,7 @@ import torch
 
 from .edits import Edit
 from .errors import AttnprobeError
-from .model import Model
+from .model import Model, check_ids
 from .reducers import Reducer
 from .sites import Site
 
@@ -60,9 +60,7 @@ class Backend:
         """Forward `ids` (B, T) with reads and edits; return logits (B, T, vocab) in fp32."""
         reads = dict(reads or {})
         self.check(reads, edits)
-        ids = ids.to(self.model.device)
-        if ids.shape[1] > self.info.max_context > 0:
-            raise AttnprobeError(f"context of {ids.shape[1]} tokens is longer than the model's window of {self.info.max_context}")
+        ids = check_ids(self.info, ids).to(self.model.device)
         logits = self._run(ids, reads, self.standing + list(edits))
         silent = [f"({layer}, {site.value})" for (layer, site), r in reads.items() if not r.fired]
         if silent:
@@ -80,6 +78,8 @@ class Backend:
 
 
 def make_backend(name: str, model: Model) -> Backend:
+    if not isinstance(model, Model):
+        raise AttnprobeError(f"make_backend needs a Model (from load_model), got {type(model).__name__}")
     if name == "native":
         from .native import NativeBackend
 

@@ -45,6 +45,7 @@ class ModelInfo:
     architecture: str
     source: str = ""
     extra: dict = field(default_factory=dict)
+    vocab_size: int = 0  # rows of the input embedding (0: unknown, ids unchecked)
 
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
@@ -65,6 +66,24 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+
+def check_ids(info: ModelInfo, ids) -> torch.Tensor:
+    """Token ids a model can run: an integer (batch, tokens) tensor, non-empty, inside the vocabulary and the window."""
+    if not isinstance(ids, torch.Tensor):
+        raise AttnprobeError(f"token ids must be a torch tensor of shape (batch, tokens), got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise AttnprobeError(f"token ids must have shape (batch, tokens), got shape {tuple(ids.shape)}: use ids[None] for one sequence")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise AttnprobeError(f"token ids must be integers, got dtype {ids.dtype}: use tokenizer(...).input_ids or ids.long()")
+    if ids.numel() == 0:
+        raise AttnprobeError(f"token ids are empty (shape {tuple(ids.shape)}): give at least one token")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= info.vocab_size > 0:
+        raise AttnprobeError(f"token id {low if low < 0 else high} is outside the vocabulary of {info.model_id} (0-{info.vocab_size - 1})")
+    if ids.shape[1] > info.max_context > 0:
+        raise AttnprobeError(f"context of {ids.shape[1]} tokens is longer than the model's window of {info.max_context}")
+    return ids.long()
 
 
 def _check_gguf(path: Path) -> bool | None:
@@ -121,6 +140,7 @@ def describe(hf: torch.nn.Module, tokenizer, model_id: str, weights_sha256: str,
         weights_sha256=weights_sha256,
         architecture=config.model_type,
         source=source,
+        vocab_size=int(getattr(config, "vocab_size", 0) or 0),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.model import check_ids
 
 from .mechanisms import Mechanism, Stage
 from .patterns import diagonal_by_layer, pattern_stats
@@ -34,6 +35,7 @@ def repeated_random_tokens(vocab_size: int, length: int = 50, batch: int = 10, s
 
 def induction_scores(backend: Backend, ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(induction, duplicate) scores (L, H) over the second copy of a repeated random string."""
+    ids = check_ids(backend.info, ids)
     offset = ids.shape[1] - 2 * length  # 1 when a BOS leads
     stats = pattern_stats(backend, ids, diagonals=(length - 1, length), diagonal_start=offset + length)
     return diagonal_by_layer(stats, length - 1), diagonal_by_layer(stats, length)

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
@@ -60,6 +61,7 @@ def massive_scan(backend: Backend, ids: torch.Tensor, tokens: Sequence[Sequence[
 def massive_positions(backend: Backend, ids: torch.Tensor, dims: Sequence[int], absolute: float = 100.0,
                       relative: float = 1000.0) -> torch.Tensor:
     """Boolean (B, T, len(dims)): where each input carries a massive value in `dims` at any layer."""
+    ids = check_ids(backend.info, ids)
     dims = list(dims)
     found = torch.zeros(ids.shape[0], ids.shape[1], len(dims), dtype=torch.bool)
 

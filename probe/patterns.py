@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site
 
@@ -13,6 +14,7 @@ def pattern_stats(backend: Backend, ids: torch.Tensor, diagonals: tuple[int, ...
     """Run `ids` (N, T) in batches; return one PatternStats per layer with statistics over all N rows.
 
     Column sums are kept per sequence (N, H, T); diagonal means are averaged over sequences."""
+    ids = check_ids(backend.info, ids)
     n_layers = backend.info.n_layers
     merged: list[PatternStats] = []
     for start in range(0, ids.shape[0], batch_size):

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.reducers import Keep, PatternStats
 from attnprobe.hooks.sites import Site
 
@@ -55,6 +56,7 @@ def sink_levels(creation_layers: Sequence[int]) -> dict[int, int]:
 def secondary_sinks(backend: Backend, ids: torch.Tensor, tokens: Sequence[Sequence[str]], cos_threshold: float = 0.9,
                     primary_min: int | None = None, secondary_min: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Sink tokens of each sequence in `ids` (N, T), and the per-sequence BOS-norm window."""
+    ids = check_ids(backend.info, ids)
     info = backend.info
     n_layers = info.n_layers
     primary_min = n_layers - 15 if primary_min is None else primary_min
