@@ -105,7 +105,7 @@ def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["info", "--model", "/no/such/model.gguf"], "not found"),
-    (["info", "--model", "nonsense-model"], "unknown model spec"),
+    (["info", "--model", "nonsense-model"], "is not an embedded model"),
     (["swap", "--kernel", "cosine", "--layers", "0"], "unknown kernel 'cosine'"),
     (["ablate", "--heads", "99.0"], "layer 99 is out of range"),
     (["census", "--lengths", "9000"], "does not fit the model's window"),

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Qwen2.5-Coder-0.5B-Instruct on the GPU machine: its census to the full 32K window and the statistics pass.
+#
+# The machine has no network and keeps /tmp only while warm (30 s between calls), and a call carries 64 MiB:
+# `python benchmarks/split_for_gpu.py` (here) cuts the GGUF into pieces under .m1 .. .mN and prints the calls.
+# Stages, run from the repository root on the GPU machine (several may follow one another in one call):
+#   piece    copy the pieces carried in this call (.m*/qwen.part*, the manifest, the gguf wheel) to /tmp/qwen
+#   setup    join the pieces, check size and sha256, install the gguf wheel and this checkout into /tmp/site,
+#            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt
+#   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens, stopped after
+#            $CENSUS_LIMIT s (default 540) and resumed by the same call: $OUT/census.json (wall time, peak GPU
+#            memory, rc), $OUT/census.log, $OUT/census_run.tar.gz (the run directory as it stands)
+#   stats    benchmarks/gpu_census.py on the real weights: the statistics pass at 2K/8K/32K against SDPA and
+#            eager: $OUT/stats.json, $OUT/stats.log
+set -uo pipefail
+OUT=${OUT:-/tmp/qwen/out}
+WORK=/tmp/qwen
+export ATTNPROBE_CACHE=$WORK/cache PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+GGUF=$ATTNPROBE_CACHE/gguf/qwen2.5-coder-0.5b-instruct.gguf  # where attnprobe's embedded spec looks first
+RUN=$WORK/run
+LENGTHS=${LENGTHS:-2048,8192,16384,32640}
+mkdir -p "$WORK" "$OUT" "$ATTNPROBE_CACHE/gguf"
+
+piece() {
+  for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl; do
+    [ -f "$f" ] && cp "$f" "$WORK/" && echo "have $(basename "$f")"
+  done
+  ls -l "$WORK"
+}
+
+setup() {
+  python3 - "$WORK" "$GGUF" "$OUT/setup.json" <<'EOF' || return 2
+import hashlib, json, os, sys, time
+work, target, report = sys.argv[1:]
+manifest = json.load(open(os.path.join(work, "qwen.manifest")))
+if os.path.isfile(target) and os.path.getsize(target) == manifest["size"]:
+    print("the GGUF is already assembled"); sys.exit(0)
+missing = [p["name"] for p in manifest["pieces"] if not os.path.isfile(os.path.join(work, p["name"]))
+           or os.path.getsize(os.path.join(work, p["name"])) != p["size"]]
+if missing:
+    print(f"missing or short pieces: {', '.join(missing)}: send their .mN folders again (back to back)"); sys.exit(2)
+start, digest = time.time(), hashlib.sha256()
+with open(target + ".partial", "wb") as out:
+    for p in manifest["pieces"]:
+        data = open(os.path.join(work, p["name"]), "rb").read()
+        digest.update(data); out.write(data)
+if digest.hexdigest() != manifest["sha256"]:
+    os.remove(target + ".partial"); print(f"sha256 {digest.hexdigest()} != {manifest['sha256']}"); sys.exit(2)
+os.replace(target + ".partial", target)
+json.dump({"assembled_s": time.time() - start, "sha256": digest.hexdigest()}, open(report, "w"))
+print(f"assembled and checked {target}")
+EOF
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl || return 2
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade --target /tmp/site . || return 2
+  rm -f "$WORK"/qwen.part*  # the assembled file holds them now
+  start=$(date +%s.%N)
+  python3 -m attnprobe.analyses.cli --dtype float32 info --model qwen2.5-coder-0.5b > "$OUT/info.txt" 2>&1 || { cat "$OUT/info.txt"; return 2; }
+  echo "first load (dequantize + fp32 copy): $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a "$OUT/info.txt"
+  cat "$OUT/info.txt"
+}
+
+census() {
+  timeout "${CENSUS_LIMIT:-540}" python3 - "$RUN" "$LENGTHS" "$OUT/census.json" <<'EOF' 2>&1 | tee -a "$OUT/census.log"
+import json, os, signal, sys, time
+import torch
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # timeout's signal: still record this call below
+from attnprobe.analyses.cli import main
+run, lengths, report = sys.argv[1:]
+previous = json.load(open(report)) if os.path.exists(report) else {"calls": []}
+start, rc = time.time(), 0
+sys.argv = ["attnprobe", "--dtype", "bfloat16", "--device", "cuda", "census", "--model", "qwen2.5-coder-0.5b",
+            "--out", run, "--lengths", lengths, "--prose-length", "2048"]
+try:
+    main()
+except SystemExit as exc:
+    rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+finally:
+    previous["calls"].append({"wall_s": time.time() - start, "rc": rc, "lengths": lengths,
+                              "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20,
+                              "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2 ** 20,
+                              "device": torch.cuda.get_device_name()})
+    json.dump(previous, open(report, "w"), indent=1)
+sys.exit(rc)
+EOF
+  rc=${PIPESTATUS[0]}
+  tar -czf "$OUT/census_run.tar.gz" -C "$WORK" run 2>/dev/null
+  if [ "$rc" -eq 124 ]; then echo "census stopped at its limit: resume with the same call (bash benchmarks/gpu_qwen.sh census)"; fi
+  return "$rc"
+}
+
+stats() {
+  python3 benchmarks/gpu_census.py --gguf "$GGUF" --lengths 2048 8192 32768 --eager-lengths 2048 4096 8192 \
+    --torch-path-max 8192 --out "$OUT/stats.json" 2>&1 | tee "$OUT/stats.log"
+}
+
+[ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
+for stage in "$@"; do
+  case "$stage" in
+    piece|setup|census|stats) "$stage" || exit $? ;;
+    *) echo "unknown stage '$stage': piece, setup, census or stats"; exit 2 ;;
+  esac
+done
