@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import AttentionCall, Edit, mean_heads, replace_heads, uniform_heads, zero_heads
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model

@@ -14,7 +14,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model

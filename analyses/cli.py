@@ -157,7 +157,7 @@ def census(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.census import Census
 
     skipped = {s for s in skip.split(",") if s}
@@ -259,7 +259,7 @@ def ablate(
     from attnprobe.analyses import recall
     from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, masking_sweep, wilson_interval
     from attnprobe.analyses.selection import parse_heads
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.rundir import write_parquet
 
     if mode not in MODES:
@@ -337,7 +337,7 @@ def swap(
     architecture."""
     from attnprobe.analyses.architectures import MatrixSizes, Variant, catalogue, evaluate_variant
     from attnprobe.analyses.selection import parse_heads
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.kernels.registry import KERNELS
     from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
@@ -413,7 +413,7 @@ def _attention_figures(run_dir: Path, prompt: str, layer: Optional[int], head: O
 
     from attnprobe.analyses import figures
     from attnprobe.analyses.style import save
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.swap import swap_edits
 
     manifest = run_dir / "manifest.json"

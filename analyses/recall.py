@@ -203,14 +203,3 @@ def perplexity(model, n_tokens: int = 2048, chunk: int = 512, variant: str = "ba
 
 def overall_perplexity(table: pd.DataFrame) -> float:
     return math.exp(min(table["nll"].sum() / max(table["tokens"].sum(), 1), 700))
-
-
-def recall_suite(model, variant: str = "base", seed: int = 0, bos: bool | None = None) -> dict[str, pd.DataFrame]:
-    """All five tasks at their default sizes, under whatever edits are active."""
-    return {
-        "passkey": passkey(model, seed=seed, variant=variant, bos=bos),
-        "niah": niah(model, variant=variant, bos=bos),
-        "kv_recall": kv_recall(model, seed=seed, variant=variant, bos=bos),
-        "copying": copying(model, seed=seed, variant=variant, bos=bos),
-        "perplexity": perplexity(model, variant=variant, bos=bos),
-    }

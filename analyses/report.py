@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.io import atomic_write_text
 
 from . import figures, style
 
@@ -141,7 +140,7 @@ def write_report(run_dir: Path | str, formats: Sequence[str] = ("png", "svg")) -
             _tables_section(run), _problems_section(run)]
     page = _PAGE.format(title=_text(f"attnprobe report: {run.directory.name}"), css=_CSS, body="\n".join(body))
     target = run.directory / "report.html"
-    _write_atomic(target, page)
+    atomic_write_text(target, page)
     return target
 
 
@@ -253,13 +252,6 @@ def _problems_section(run: Run) -> str:
         return ""
     items = "".join(f"<li>{_text(name)}: {_text(why)}</li>" for name, why in run.problems.items())
     return f"<h2>Files not used</h2><ul class='skip'>{items}</ul>"
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, target)
 
 
 _CSS = """

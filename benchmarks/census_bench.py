@@ -41,7 +41,7 @@ def _prompt(model, length: int):
 def _forward(spec: dict, model, ids) -> dict:
     import torch
 
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
     from attnprobe.hooks.reducers import PatternStats
     from attnprobe.hooks.sites import Site
 
@@ -79,7 +79,7 @@ def _decode(spec: dict, model, ids) -> dict:
 
     import torch
 
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
     from attnprobe.hooks.reducers import PatternStats
     from attnprobe.hooks.sites import Site
     from attnprobe.probe.retrieval import extend_cache, greedy_decode

@@ -15,7 +15,7 @@ import torch
 
 from attnprobe.analyses import recall
 from attnprobe.hooks.model import load_model
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.swap import collect_teacher, swap_edits
 from attnprobe.kernels.fit import fit_kernels, head_errors
 from attnprobe.kernels.registry import make_kernel

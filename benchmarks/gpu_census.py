@@ -116,7 +116,7 @@ def main() -> int:
         print("no CUDA device: this census benchmark needs a GPU")
         return 2
     import_attnprobe()
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
 
     dtype = getattr(torch, args.dtype)
     started = time.time()

@@ -33,7 +33,7 @@ def main() -> int:
         print("no CUDA device: this benchmark needs a GPU")
         return 2
     import_attnprobe()
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
     from attnprobe.hooks.swap import swap_edits
     from attnprobe.kernels import dispatch

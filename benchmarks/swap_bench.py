@@ -99,7 +99,7 @@ def softmax_kv_bytes_per_token(model, edits) -> int:
 
 def measure(args) -> tuple[list[dict], dict]:
     from attnprobe.hooks.model import load_model
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
     from attnprobe.probe import texts
 
     torch.set_num_threads(args.threads)

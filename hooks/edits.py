@@ -1,4 +1,4 @@
-"""Edits change a site in place during a run: ablate heads, replace heads by a kernel, overwrite entries.
+"""Edits change a site in place during a run: ablate heads, replace heads by a kernel.
 
 An edit is a function of the site's tensor (layouts in `sites.py`) and, at attention sites, of the
 `AttentionCall` that holds the layer's q, k, v after RoPE. It returns the new tensor.
@@ -15,7 +15,10 @@ from .sites import Site
 
 @dataclass
 class AttentionCall:
-    """What one attention call saw: q (B,H,T,d), k and v (B,KV,S,d), positions of the T queries."""
+    """What one attention call saw: q (B,H,T,d), k and v (B,KV,S,d), positions of the T queries.
+
+    `key_offset` is the position of k[:, :, 0]: 0 when k holds the whole past, the past length when a
+    compact cache (hooks/cache.py) hands over only the new tokens' keys."""
 
     layer: int
     q: torch.Tensor
@@ -24,10 +27,16 @@ class AttentionCall:
     scaling: float
     window: int | None
     query_positions: torch.Tensor
+    key_offset: int = 0
+
+    @property
+    def past(self) -> int:
+        """How many positions precede the call's queries."""
+        return self.key_offset + self.k.shape[2] - self.q.shape[2]
 
     @property
     def is_decode(self) -> bool:
-        return self.q.shape[2] < self.k.shape[2]
+        return self.past > 0
 
     def repeated_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.q.shape[1] // self.k.shape[1]
@@ -90,22 +99,6 @@ def uniform_heads(layer: int, heads: Sequence[int] | int) -> Edit:
         return q
 
     return Edit(layer, Site.Q, fn, f"uniform L{layer} H{chosen}")
-
-
-def overwrite_entries(layer: int, entries: Sequence[tuple[int, int]], values: Sequence[float] | float = 0.0,
-                      site: Site = Site.RESID_POST) -> Edit:
-    """Set residual entries (position, dim) to given values (massive-activation overwrite)."""
-    entries = list(entries)
-    vals = [values] * len(entries) if isinstance(values, (int, float)) else list(values)
-
-    def fn(h, call):
-        h = h.clone()
-        for (pos, dim), val in zip(entries, vals):
-            if pos < h.shape[1]:
-                h[:, pos, dim] = val
-        return h
-
-    return Edit(layer, site, fn, f"overwrite L{layer} {len(entries)} entries")
 
 
 def replace_heads(layer: int, heads: Sequence[int] | int, head_fn: Callable[[AttentionCall, list[int], dict], torch.Tensor]) -> Edit:

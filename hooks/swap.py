@@ -20,11 +20,11 @@ from attnprobe.kernels.fit import DEFAULT_STEPS, FitResult, TeacherLayer, fit_ke
 from attnprobe.kernels.registry import make_kernel, select_heads
 from attnprobe.kernels.base import Kernel
 
-from .backend import Backend
+from .backends import Backend
+from .backends.base import decoder_layers
 from .edits import AttentionCall, Edit, replace_heads
 from .errors import AttnprobeError
 from .model import Model
-from .native import decoder_layers
 from .reducers import Keep
 from .sites import Site
 
@@ -52,14 +52,16 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
             z, state["kernel"] = kernel.prefill(q, k, v, call.scaling)
             state["length"] = k.shape[2]
         else:
-            new = q.shape[2]
-            past = k.shape[2] - new
+            new, past = q.shape[2], call.past
             if state.get("length") != past:
+                if call.key_offset:
+                    raise AttnprobeError(f"layer {layer}'s kernel state missed part of the sequence and an ArchitectureCache "
+                                         "keeps no keys to rebuild it: prefill with the same edits on")
                 # the state missed part of the cache (a prefill outside these edits, or a cache the caller
                 # built otherwise): rebuild it from the cached keys and values, which alone determine it
                 _, state["kernel"] = kernel.prefill(k[:, :, :past], k[:, :, :past], v[:, :, :past], call.scaling)
             z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
-            state["length"] = k.shape[2]
+            state["length"] = past + new
         return z.transpose(1, 2)
 
     def pattern_fn(call: AttentionCall, rows: torch.Tensor) -> torch.Tensor:

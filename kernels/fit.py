@@ -11,8 +11,6 @@ beside `manifest.json` (model hash, kernel, options, layers and heads, steps, to
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.io import atomic_write
 
 from .registry import make_kernel
 from .base import Kernel
@@ -30,7 +29,6 @@ LOSS_SCALE = 1000.0  # as the reference: keeps Adam's steps sensible on small MS
 # Budget: 30 full-batch Adam steps on 4 x 256 calibration tokens took 10 s (hedgehog) to 28 s
 # (sink+window+linear) per SmolLM2 layer (9 heads) on 2 shared CPU cores: all 270 heads in 5-14 min.
 DEFAULT_STEPS = 30
-DEFAULT_CALIBRATION = (4, 256)  # sequences x tokens of the teacher pass
 DEFAULT_LR = 1e-2
 QUADRATIC_UP_TO = 1024  # sequence length up to which training uses the quadratic form (faster on CPU)
 PARAMS_FILE, MANIFEST_FILE = "params.safetensors", "manifest.json"
@@ -114,17 +112,6 @@ def fit_kernels(name: str, teachers: Mapping[int, TeacherLayer], heads: Mapping[
     return FitResult(name, options, kernels, chosen, losses, steps, tokens, time.perf_counter() - started)
 
 
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def save_fit(result: FitResult, directory: str | Path, model_hash: str) -> Path:
     """Write params.safetensors and manifest.json into `directory`; return the directory."""
     directory = Path(directory)
@@ -138,8 +125,8 @@ def save_fit(result: FitResult, directory: str | Path, model_hash: str) -> Path:
         "head_dim": next(iter(result.kernels.values())).head_dim if result.kernels else None,
         "final_loss": {str(k): v for k, v in result.losses.items()},
     }
-    _atomic_write(directory / PARAMS_FILE, lambda path: save_file(tensors, path))
-    _atomic_write(directory / MANIFEST_FILE, lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
+    atomic_write(directory / PARAMS_FILE, lambda path: save_file(tensors, path))
+    atomic_write(directory / MANIFEST_FILE, lambda path: Path(path).write_text(json.dumps(manifest, indent=1)))
     return directory
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 
 from .mechanisms import Mechanism, Stage

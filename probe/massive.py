@@ -13,7 +13,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.reducers import Apply

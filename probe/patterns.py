@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
 
 

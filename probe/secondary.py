@@ -19,7 +19,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.reducers import Keep, PatternStats
 from attnprobe.hooks.sites import Site

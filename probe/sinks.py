@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 
 from .mechanisms import Mechanism, Stage
 from .patterns import alpha_by_layer, diagonal_by_layer, pattern_stats

@@ -6,7 +6,7 @@ import torch
 from attnprobe.analyses.ablation import ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
 from attnprobe.analyses.selection import parse_heads
 from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 

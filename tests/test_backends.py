@@ -7,48 +7,18 @@ import copy
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from attnprobe.hooks.backend import SiteNotFired, make_backend
+from attnprobe.hooks.backends import BACKENDS as TABLE
+from attnprobe.hooks.backends import SiteNotFired, make_backend
 from attnprobe.hooks.edits import Edit, replace_heads, uniform_heads, zero_heads
 from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.hooks.model import Model, describe
-from attnprobe.hooks.native import causal_allowed
+from attnprobe.kernels.attention_stats import allowed_keys as causal_allowed
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
+from tiny_hf import TinyTokenizer, tiny_gemma3, tiny_llama, wrap
 
-BACKENDS = ["native", "transformer-lens", "nnsight"]
-OTHERS = ["transformer-lens", "nnsight"]
-
-
-class TinyTokenizer:
-    """All `describe` needs: a BOS id and `__call__(text).input_ids`."""
-
-    bos_token_id = 1
-
-    def __call__(self, text):
-        return type("Encoding", (), {"input_ids": [1] + [3 + ord(c) % 90 for c in text]})()
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gemma3() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return Gemma3ForCausalLM(config).eval()
-
-
-def wrap(hf, tokenizer) -> Model:
-    return Model(hf, tokenizer, describe(hf, tokenizer, "test", "none", "test"))
+BACKENDS = list(TABLE)  # every registered backend is held to plain HF and to the native one
+OTHERS = [name for name in BACKENDS if name != "native"]
 
 
 class Case:

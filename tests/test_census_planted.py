@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe.hooks import native
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends import base
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site
 from attnprobe.probe.census import Census, CensusConfig
@@ -90,7 +90,7 @@ def test_chunked_statistics_equal_the_eager_pattern(monkeypatch):
     model = planted_model()
     ids = torch.cat([torch.tensor([[BOS]]), torch.randint(2, 32, (2, 90), generator=torch.Generator().manual_seed(0))[:1]], 1)
     ids = ids.repeat(2, 1)
-    monkeypatch.setattr(native, "CHUNK_ELEMENTS", 4 * 4 * ids.shape[1] * 7)  # 7 query rows per chunk
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 4 * 4 * ids.shape[1] * 7)  # 7 query rows per chunk
     stats = PatternStats(diagonals=(1, 5), track_argmax=True)
     NativeBackend(model).run(ids, reads={(1, Site.PATTERN): stats})
     model.hf.config._attn_implementation = "eager"

@@ -3,7 +3,7 @@ tables; the three backends give the same heads table."""
 import pandas as pd
 import pytest
 
-from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.backends import BACKENDS, make_backend
 from attnprobe.probe import retrieval
 from attnprobe.probe.census import Census, CensusConfig
 
@@ -40,7 +40,7 @@ def test_interrupted_census_resumes_and_matches_an_uninterrupted_run(tmp_path, m
     assert (tmp_path / "whole" / "niah_samples.jsonl").read_text() == (tmp_path / "resumed" / "niah_samples.jsonl").read_text()
 
 
-@pytest.mark.parametrize("backend", ["transformer-lens", "nnsight"])
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "native"])
 def test_heads_table_is_the_same_on_every_backend(tmp_path, backend):
     """Tolerance: 1e-4 absolute on every score (they are attention fractions in [0, 1])."""
     native = run(tmp_path / "native")

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from attnprobe.hooks.model import Model, describe
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.hooks.swap import swap_edits

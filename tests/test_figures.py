@@ -159,7 +159,7 @@ class _TinyTokenizer:
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import Model, describe
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model, describe
 from attnprobe.hooks.swap import collect_teacher, fit_heads, kernel_edit, swap_edits
@@ -172,7 +172,7 @@ def test_swap_errors_say_how_to_fix(tiny, tmp_path):
 
 def test_decode_rebuilds_a_state_that_missed_the_prefill():
     """A decode step whose kernel state missed the prefill rebuilds it from the KV cache, exactly."""
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
     from attnprobe.hooks.swap import swap_edits
     from test_effective_attention import _tiny
 

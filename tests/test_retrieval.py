@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model, describe
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.probe import retrieval, texts
 
 
@@ -253,7 +253,7 @@ def test_prompt_longer_than_the_window_is_a_user_error():
 @pytest.mark.real_model
 def test_smollm2_passkey_and_tiny_census():
     from attnprobe.analyses.recall import passkey
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
 
     model = load_model("smollm2-135m")

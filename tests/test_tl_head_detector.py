@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from attnprobe.hooks.model import load_model
-from attnprobe.hooks.native import NativeBackend
-from attnprobe.hooks.tl_backend import TransformerLensBackend
+from attnprobe.hooks.backends.native import NativeBackend
+from attnprobe.hooks.backends.transformer_lens import TransformerLensBackend
 from attnprobe.probe.head_types import induction_scores, repeated_random_tokens
 from attnprobe.probe.patterns import diagonal_by_layer, pattern_stats
 

@@ -220,16 +220,12 @@ def test_entries_kernel_reads_first_token_and_diagonals(kernels):
 
 def native_pattern_reads(model_fn, ids, monkeypatch):
     """PatternStats of every layer through the native backend: chunked torch path, then the Triton path."""
-    from attnprobe.hooks import native
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.sites import Site
     from attnprobe.kernels import dispatch
-    from test_backends import TinyTokenizer, wrap
+    from tiny_hf import TinyTokenizer, wrap
 
     backend = make_backend("native", wrap(model_fn(), TinyTokenizer()))
-    triton_calls = []
-    original = native.sdpa_with_triton_stats
-    monkeypatch.setattr(native, "sdpa_with_triton_stats", lambda *a, **kw: triton_calls.append(1) or original(*a, **kw))
     results = []
     for on_triton in (False, True):
         reads = {(layer, Site.PATTERN): PatternStats(diagonals=(1, 3), diagonal_start=4, track_argmax=True)
@@ -240,14 +236,15 @@ def native_pattern_reads(model_fn, ids, monkeypatch):
         else:
             logits = backend.run(ids, reads)
         results.append((logits, reads))
-        assert len(triton_calls) == (backend.info.n_layers if on_triton else 0)
+        triton_calls = sum(n for (_, path), n in backend.paths.items() if path == "fused-statistics")
+        assert triton_calls == (backend.info.n_layers if on_triton else 0)
     return results
 
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
 def test_native_backend_statistics_through_triton_equal_the_chunked_path(kernels, model_name, monkeypatch):
     """On CUDA the native backend reads PatternStats through the Triton kernels; here, through the interpreter."""
-    import test_backends as tb
+    import tiny_hf as tb
 
     ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(14))
     (torch_logits, torch_reads), (triton_logits, triton_reads) = native_pattern_reads(getattr(tb, model_name), ids, monkeypatch)
@@ -283,12 +280,11 @@ def test_linear_kernel_prefill_through_triton_equals_torch(kernels, name):
 @pytest.mark.parametrize("name", ["elu", "hedgehog"])
 def test_swapped_layers_prefill_in_one_hybrid_launch_and_decode_on(kernels, name, monkeypatch):
     """On CUDA a layer with heads replaced by linear kernels runs fused; decoding continues from its state."""
-    from attnprobe.hooks import native
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.swap import kernel_edit
     from attnprobe.kernels import dispatch
     from attnprobe.kernels.registry import make_kernel
-    from test_backends import TinyTokenizer, tiny_llama, wrap
+    from tiny_hf import TinyTokenizer, tiny_llama, wrap
 
     hf = tiny_llama()
     hf.generation_config.eos_token_id = None
@@ -296,20 +292,11 @@ def test_swapped_layers_prefill_in_one_hybrid_launch_and_decode_on(kernels, name
     layers, heads = [0, 2], [0, 3]
     torch.manual_seed(3)
     replacements = {layer: make_kernel(name, len(heads), 16) for layer in layers}
-    fused_layers = []
-    original = native.fused_linear_heads
-
-    def spy(session, layer, *args):
-        z = original(session, layer, *args)
-        if z is not None:
-            fused_layers.append(layer)
-        return z
-
-    monkeypatch.setattr(native, "fused_linear_heads", spy)
     prompt = torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(17))
     stateful = [kernel_edit(layer, heads, replacements[layer]) for layer in layers]
     with dispatch.triton_on_cpu(), backend.patched(stateful):
         out = hf.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    fused_layers = sorted(layer for (layer, path), n in backend.paths.items() if path == "fused-hybrid" for _ in range(n))
     assert fused_layers == layers  # the prefill of both swapped layers ran in the hybrid kernel
     reference = backend.run(out.sequences, edits=[kernel_edit(layer, heads, replacements[layer], recompute=True) for layer in layers])
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference[:, prompt.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)

@@ -1,14 +1,51 @@
-"""A tiny random Llama saved as a local HF directory with a real (small, trained) BPE tokenizer, so the
-CLI can be driven end to end the way a user drives it, with no download."""
+"""Tiny random models built from a config, no download: a GQA Llama and a Gemma-3 with sliding layers
+(`wrap` makes them a Model), and a tiny Llama saved as a local HF directory with a real (small,
+trained) BPE tokenizer, so the CLI can be driven end to end the way a user drives it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
+from attnprobe.hooks.model import Model, describe
 from attnprobe.probe import texts
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+
+class TinyTokenizer:
+    """All `describe` needs: a BOS id and `__call__(text).input_ids`."""
+
+    bos_token_id = 1
+
+    def __call__(self, text):
+        return type("Encoding", (), {"input_ids": [1] + [3 + ord(c) % 90 for c in text]})()
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def wrap(hf, tokenizer) -> Model:
+    return Model(hf, tokenizer, describe(hf, tokenizer, "test", "none", "test"))
 
 
 def tiny_model_dir(root: Path, layers: int = 2, vocab: int = 400, max_positions: int = 2048) -> Path:

@@ -16,11 +16,10 @@ import copy
 
 import torch
 
-from .backend import Backend
-from .edits import AttentionCall
-from .errors import AttnprobeError
-from .native import ATTENTION_SITES, Session, decoder_layers
-from .sites import TL_NAMES, Site
+from ..edits import AttentionCall
+from ..errors import AttnprobeError
+from ..sites import TL_NAMES, Site
+from .base import ATTENTION_SITES, Backend, Session, decoder_layers
 
 # What the bridge rewires on the HF modules (it swaps submodules and adds e.g. a zero `lm_head.bias` buffer).
 TREE_SLOTS = ("_modules", "_parameters", "_buffers")
@@ -98,7 +97,7 @@ class TransformerLensBackend(Backend):
             seen["call"] = AttentionCall(layer, q, new_k, v, scaling, window, positions)
             return new_k.transpose(1, 2)
 
-        replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
+        replaced = session.replaced(layer)
 
         def pattern(probs, hook):
             call = seen["call"]

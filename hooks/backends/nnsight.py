@@ -2,7 +2,7 @@
 
 Attention sites are read at transformers' attention call (`attention_interface(self, q, k, v, mask,
 ...)` in the attention module's source): q, k, v there are after RoPE. A layer whose pattern is read
-skips that call and computes attention in query chunks, exactly like the native backend, so other
+skips that call and computes attention in query chunks, exactly like the native backend's chunked path, so other
 layers keep SDPA. z is the input of `o_proj`, reshaped to (B, T, H, d). nnsight hands values over in
 forward order, so the trace visits layers in order and, within a layer, sites in the order they run.
 
@@ -18,10 +18,9 @@ from nnsight import NNsight
 from nnsight.intervention.interleaver import OutOfOrderError
 from nnsight.intervention.source import STATE
 
-from .backend import Backend, SiteNotFired
-from .errors import AttnprobeError
-from .native import Session, chunked_softmax_attention, decoder_layers, residual_writers
-from .sites import Site
+from ..errors import AttnprobeError
+from ..sites import Site
+from .base import Backend, Session, SiteNotFired, chunked_softmax_attention, decoder_layers, residual_writers
 
 
 @dataclass
@@ -117,15 +116,8 @@ class NnsightBackend(Backend):
         query, key, value, call = session.edit_qkv(layer, query, key, value, scaling, window, positions)
         pattern_readers = session.reads.get((layer, Site.PATTERN), ())
         if pattern_readers:
-            replaced = [edit for edit in session.edits.get((layer, Site.Z), ()) if edit.pattern_fn is not None]
-
-            def on_chunk(probs, rows, low, n_keys):
-                for edit in replaced:  # a replaced head shows its kernel's attention, as in the native backend
-                    probs[:, edit.heads] = edit.pattern_fn(call, rows)[..., low:low + probs.shape[-1]].to(probs)
-                for reducer in pattern_readers:
-                    reducer.update(probs, rows, low, n_keys)
-
-            z = chunked_softmax_attention(query, key, value, scaling, positions, window, kwargs.get("softcap"), on_chunk)
+            z = chunked_softmax_attention(query, key, value, scaling, positions, window, kwargs.get("softcap"),
+                                          session.chunk_reader(layer, call))
             attention_call.skip((z.transpose(1, 2).contiguous(), None))
         elif edited & {Site.Q, Site.K, Site.V}:
             attention_call.inputs = ((module, query, key, value, *args[4:]), kwargs)
