@@ -1,0 +1,154 @@
+"""A KV cache shaped like the architecture: what a swapped model no longer needs, it does not store.
+
+    edits = swap_edits(model, "hedgehog", layers=[3, 4])
+    with backend.patched(edits):                        # the native backend
+        model.hf.generate(ids, past_key_values=architecture_cache(model, edits), max_new_tokens=20)
+
+Per layer, a KV head keeps its keys and values while any of its query heads is still softmax (under
+GQA a KV head serves `group` query heads); a KV head whose query heads are all replaced keeps none.
+A layer without replaced heads gets transformers' own layer (DynamicLayer, or DynamicSlidingWindowLayer
+on a sliding layer). Replaced heads decode from their kernels' states, which the edits hold: a linear
+head's f x d state, a sink+window head's sinks and last `window` keys (hybrid.HybridState), a
+sink+window+linear head both. `nbytes()` counts all of it: the tensors the cache holds + the states.
+
+A compact layer's `update` stores only the kept heads and hands the attention call this step's keys
+and values of every KV head; the native backend's `compact-decode` path then runs SDPA for the kept
+heads over their own cache and lets the replaced heads step their states.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from .edits import Edit
+from .errors import AttnprobeError
+from .model import Model
+from .sites import Site
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in `value` (tensors, dataclasses, dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def kept_kv_heads(n_heads: int, n_kv_heads: int, replaced: set[int]) -> list[int]:
+    """KV heads with at least one query head not in `replaced`."""
+    group = n_heads // n_kv_heads
+    return [kv for kv in range(n_kv_heads) if not set(range(kv * group, (kv + 1) * group)) <= replaced]
+
+
+class CompactLayer(CacheLayerMixin):
+    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones)."""
+
+    is_compileable = False
+    is_croppable = False
+    compact = True
+
+    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None):
+        super().__init__()
+        self.kept = list(kept)
+        self.kept_query_heads = [kv * group + i for kv in self.kept for i in range(group)]
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.length = 0  # positions seen
+        self.past = 0  # positions before the current call
+        self.kept_keys = self.kept_values = None  # what the kept heads attend over in the current decode call
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        shape = (key_states.shape[0], len(self.kept), 0, key_states.shape[-1])
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape[:-1] + (value_states.shape[-1],))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.past = self.length
+        self.length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states[:, self.kept]], dim=-2)
+        values = torch.cat([self.values, value_states[:, self.kept]], dim=-2)
+        if self.sliding_window is not None:
+            self.keys, self.values = keys[:, :, -self.sliding_window + 1:], values[:, :, -self.sliding_window + 1:]
+        else:
+            self.keys, self.values = keys, values
+        # a prefill attends over the call's own keys: keep no second reference to them
+        self.kept_keys, self.kept_values = (keys, values) if self.past else (None, None)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return self.length + query_length, 0
+        offset = max(self.length - self.sliding_window + 1, 0)
+        if self.length >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, offset
+        return self.length + query_length, offset
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.sliding_window is not None else -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.kept_keys = self.kept_values = None
+        self.is_initialized = False
+        self.length = self.past = 0
+
+
+class ArchitectureCache(Cache):
+    """One layer per decoder layer: transformers' own where every head is softmax, compact elsewhere."""
+
+    def __init__(self, model: Model, edits: Sequence[Edit] = ()):
+        info = model.info
+        group = info.n_heads // info.n_kv_heads
+        self.edits = list(edits)
+        replaced: dict[int, set[int]] = {}
+        for edit in self.edits:
+            if edit.site == Site.Z and edit.kernel is not None:
+                replaced.setdefault(edit.layer, set()).update(edit.heads)
+        layers = []
+        for layer in range(info.n_layers):
+            window = info.window(layer)
+            if replaced.get(layer):
+                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window))
+            elif window is not None:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+        self.compact_layers = [layer if isinstance(layer, CompactLayer) else None for layer in layers]
+
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values the cache holds."""
+        return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in self.layers if layer.is_initialized)
+
+    def state_bytes(self) -> int:
+        """Bytes of the replaced heads' kernel states (held by their edits)."""
+        return sum(tensor_bytes(edit.state.get("kernel")) for edit in self.edits)
+
+    def nbytes(self) -> int:
+        return self.kv_bytes() + self.state_bytes()
+
+
+def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> ArchitectureCache:
+    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`)."""
+    overlapping = {}
+    for edit in edits:
+        if edit.site == Site.Z and edit.kernel is not None:
+            seen = overlapping.setdefault(edit.layer, set())
+            if seen & set(edit.heads):
+                raise AttnprobeError(f"two kernel edits replace heads {sorted(seen & set(edit.heads))} of layer {edit.layer}: give each head one kernel")
+            seen.update(edit.heads)
+    return ArchitectureCache(model, edits)

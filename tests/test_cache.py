@@ -1,0 +1,139 @@
+"""The architecture-shaped KV cache: greedy decoding through it equals decoding through transformers'
+DynamicCache for every kernel kind, and the bytes it holds are exactly what the architecture needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from attnprobe.hooks.backends import make_backend
+from attnprobe.hooks.cache import ArchitectureCache, architecture_cache, kept_kv_heads
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.reducers import PatternStats
+from attnprobe.hooks.sites import Site
+from attnprobe.hooks.swap import kernel_edit
+from attnprobe.kernels.registry import make_kernel
+
+NEW_TOKENS = 9
+SMALL = {"sink+window": dict(window=4, sinks=2), "window+linear": dict(window=4),
+         "sink+window+linear": dict(window=4, sinks=2)}  # windows the prompt outgrows, so eviction is exercised
+# name -> {layer: (kernel, heads)}; the tiny Llama has 4 query heads on 2 KV heads (0,1 -> 0; 2,3 -> 1)
+ARCHITECTURES = {
+    "softmax-kept": {1: ("hedgehog", [0, 2])},  # both KV heads still serve a softmax head
+    "linear": {0: ("hedgehog", [0, 1, 2, 3]), 1: ("elu", [0, 1, 2, 3]), 2: ("hedgehog", [0, 1, 2, 3])},
+    "window": {layer: ("window+linear", [0, 1, 2, 3]) for layer in range(3)},
+    "sink+window": {layer: ("sink+window", [0, 1, 2, 3]) for layer in range(3)},
+    "sink+window+linear": {0: ("sink+window+linear", [0, 1, 2, 3])},
+    "mixed": {0: ("hedgehog", [0, 1]), 1: ("sink+window", [2, 3]), 2: ("elu", [1])},  # some heads softmax per layer
+    "two-kernels-one-layer": {0: [("hedgehog", [0, 1]), ("sink+window", [2, 3])]},
+}
+
+
+def edits_for(model, architecture):
+    torch.manual_seed(5)
+    edits = []
+    for layer, entries in ARCHITECTURES[architecture].items():
+        for name, heads in entries if isinstance(entries, list) else [entries]:
+            kernel = make_kernel(name, len(heads), model.info.head_dim, **SMALL.get(name, {}))
+            edits.append(kernel_edit(layer, heads, kernel))
+    return edits
+
+
+def greedy(model, backend, edits, prompt, cache):
+    with backend.patched(edits):
+        out = model.hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, cache=cache,
+                                output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def expected_state_numbers(kernel, length: int) -> int:
+    """Numbers a kernel's state holds after `length` tokens, from its definition (fp32 each)."""
+    heads, d = kernel.n_heads, kernel.head_dim
+    f = kernel.feature_map.dim if getattr(kernel, "feature_map", None) is not None else 0
+    linear = f * d + f + 1  # S (f x d_v), n (f), the reference log-scale
+    if not hasattr(kernel, "window"):
+        return heads * linear
+    window = min(length, kernel.window)
+    sinks = min(kernel.sinks, max(0, length - kernel.window))
+    return heads * (2 * d * (window + sinks) + (linear if f else 0))
+
+
+def expected_bytes(model, edits, length: int, batch: int) -> int:
+    info = model.info
+    element = next(model.hf.parameters()).element_size()
+    replaced = {}
+    for edit in edits:
+        replaced.setdefault(edit.layer, set()).update(edit.heads)
+    kv = sum(len(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced.get(layer, set()))) for layer in range(info.n_layers))
+    return batch * (kv * 2 * length * info.head_dim * element + sum(4 * expected_state_numbers(e.kernel, length) for e in edits))
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_greedy_decoding_through_the_architecture_cache_equals_the_dynamic_cache(tiny_llama_model, architecture):
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    prompt = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(7))
+    edits = edits_for(model, architecture)
+    want_ids, want_logits = greedy(model, backend, edits, prompt, DynamicCache(config=model.hf.config))
+    cache = architecture_cache(model, edits)
+    got_ids, got_logits = greedy(model, backend, edits, prompt, cache)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    decode_paths = {layer for (layer, path), n in backend.paths.items() if path == "compact-decode"}
+    assert decode_paths == {e.layer for e in edits}  # every swapped layer decoded from its compact cache
+    length = cache.get_seq_length()
+    assert length == prompt.shape[1] + NEW_TOKENS - 1
+    assert cache.nbytes() == expected_bytes(model, edits, length, prompt.shape[0])
+
+
+def test_dropped_heads_hold_no_keys_and_the_original_holds_what_a_dynamic_cache_does(tiny_llama_model):
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    prompt = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(8))
+    dynamic = DynamicCache(config=model.hf.config)
+    greedy(model, backend, [], prompt, dynamic)
+    original = architecture_cache(model, [])
+    greedy(model, backend, [], prompt, original)
+    dynamic_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in dynamic.layers)
+    assert original.nbytes() == dynamic_bytes == expected_bytes(model, [], dynamic.get_seq_length(), 1)
+    edits = edits_for(model, "linear")
+    linear = architecture_cache(model, edits)
+    greedy(model, backend, edits, prompt, linear)
+    assert linear.kv_bytes() == 0 and all(layer.keys.shape[1] == 0 for layer in linear.layers)
+    assert 0 < linear.state_bytes() < dynamic_bytes
+
+
+def test_sliding_layers_of_gemma3_keep_their_window_for_their_softmax_heads(tiny_gemma3_model):
+    model = tiny_gemma3_model
+    backend = make_backend("native", model)
+    prompt = torch.randint(3, 100, (1, 11), generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(6)
+    edits = [kernel_edit(0, [0, 1], make_kernel("hedgehog", 2, 16)), kernel_edit(1, [3], make_kernel("elu", 1, 16))]
+    want = greedy(model, backend, edits, prompt, DynamicCache(config=model.hf.config))
+    cache = architecture_cache(model, edits)
+    got = greedy(model, backend, edits, prompt, cache)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    # both equal the whole sequence recomputed (a replaced head in a sliding layer continues its own state,
+    # it is not rebuilt from the window the sliding cache kept)
+    recomputed = [kernel_edit(e.layer, e.heads, e.kernel, recompute=True) for e in edits]
+    reference = backend.run(got[0], edits=recomputed)[:, prompt.shape[1] - 1:-1]
+    torch.testing.assert_close(got[1], reference, atol=1e-4, rtol=1e-4)
+    assert cache.layers[0].keys.shape[1:3] == (1, 3)  # KV head 1 only, the window (4) less one
+    assert cache.layers[1].keys.shape[1] == 2  # head 3 replaced: its KV head still serves head 2
+
+
+def test_pattern_reads_need_every_key_and_the_cache_needs_its_edits(tiny_llama_model):
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    prompt = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(10))
+    edits = edits_for(model, "mixed")
+    with pytest.raises(AttnprobeError, match="DynamicCache"):
+        with backend.patched(edits, reads={(0, Site.PATTERN): PatternStats(track_argmax=True)}):
+            model.hf.generate(prompt, max_new_tokens=2, do_sample=False, cache=architecture_cache(model, edits))
+    with pytest.raises(AttnprobeError, match="patched"):
+        model.hf.generate(prompt, max_new_tokens=2, do_sample=False, cache=architecture_cache(model, edits))
+    with pytest.raises(AttnprobeError, match="one kernel"):
+        architecture_cache(model, edits + edits)
+    assert isinstance(architecture_cache(model, edits), ArchitectureCache)
+
