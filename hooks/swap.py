@@ -60,7 +60,10 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
                 # the state missed part of the cache (a prefill outside these edits, or a cache the caller
                 # built otherwise): rebuild it from the cached keys and values, which alone determine it
                 _, state["kernel"] = kernel.prefill(k[:, :, :past], k[:, :, :past], v[:, :, :past], call.scaling)
-            z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
+            if fused_decode_fits(kernel, q, v):
+                z, state["kernel"] = fused_decode(kernel, state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
+            else:
+                z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
             state["length"] = past + new
         return z.transpose(1, 2)
 
@@ -76,6 +79,25 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
     edit.pattern_fn = pattern_fn
     edit.kernel = None if recompute else kernel
     return edit
+
+
+def fused_decode_fits(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether decode steps of `kernel` go through the Triton step kernel (CUDA, a linear kernel Triton runs)."""
+    from attnprobe.kernels.linear import LinearKernel
+
+    return isinstance(kernel, LinearKernel) and kernel.fits_triton(q, v.shape[-1])
+
+
+def fused_decode(kernel, state, q, k, v, scaling):
+    """`kernel.decode` through `triton_linear.linear_decode_step`, which advances S and n in place."""
+    from attnprobe.kernels import triton_linear
+    from attnprobe.kernels.linear import LinearState
+
+    phi_q, phi_k = kernel.features(q, k, scaling)
+    s, n = state.s.contiguous(), state.n.contiguous()
+    v = v.float()
+    steps = [triton_linear.linear_decode_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], s, n) for t in range(q.shape[2])]
+    return torch.stack(steps, dim=2).to(q.dtype), LinearState(s, n, state.ref)
 
 
 def _heads_for(layer: int, heads: Heads, default: Sequence[int]) -> list[int]:

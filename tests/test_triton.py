@@ -300,3 +300,29 @@ def test_swapped_layers_prefill_in_one_hybrid_launch_and_decode_on(kernels, name
     assert fused_layers == layers  # the prefill of both swapped layers ran in the hybrid kernel
     reference = backend.run(out.sequences, edits=[kernel_edit(layer, heads, replacements[layer], recompute=True) for layer in layers])
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference[:, prompt.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_linear_heads_decode_through_the_triton_step_on_the_compact_cache(kernels, tiny_llama_model, monkeypatch):
+    """On CUDA the recurrent steps run in `triton_linear.linear_decode_step`; here through the interpreter."""
+    from attnprobe.hooks.backends import make_backend
+    from attnprobe.hooks.cache import architecture_cache
+    from attnprobe.kernels import dispatch
+    from test_cache import NEW_TOKENS, edits_for, greedy
+    from transformers import DynamicCache
+
+    stats, linear = kernels
+    steps = []
+    original = linear.linear_decode_step
+    monkeypatch.setattr(linear, "linear_decode_step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    prompt = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(11))
+    edits = edits_for(model, "mixed")
+    want_ids, want_logits = greedy(model, backend, edits, prompt, DynamicCache(config=model.hf.config))
+    assert not steps  # the torch path off CUDA
+    with dispatch.triton_on_cpu():
+        got_ids, got_logits = greedy(model, backend, edits, prompt, architecture_cache(model, edits))
+    linear_edits = [e for e in edits if e.kernel.name in ("hedgehog", "elu")]
+    assert len(linear_edits) == 2 and len(steps) == (NEW_TOKENS - 1) * len(linear_edits)  # one step per token and edit
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
