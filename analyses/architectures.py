@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from attnprobe.hooks.backends import Backend
+from attnprobe.hooks.cache import EFFICIENCY_COLUMNS, measure_decoding
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
@@ -151,6 +152,8 @@ class MatrixSizes:
     census_lengths: tuple[int, ...] = (512, 1024)
     fit_tokens: int = 2048
     fit_steps: int = 30
+    efficiency_contexts: tuple[int, ...] = (256, 1024)  # measured columns per context (GPU: 2048, 8192, 32768)
+    decode_tokens: int = 16
 
 
 def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes) -> dict:
@@ -160,6 +163,20 @@ def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSize
     in_matrix = [m for m in mechanisms() if m.matrix]
     heads = Census(model, backend, config, out).execute(tuple(dict.fromkeys(m.stage for m in in_matrix)))
     return {key: value for m in in_matrix for key, value in m.matrix_columns(out, heads, config.thresholds).items()}
+
+
+def efficiency_columns(model: Model, backend: Backend, edits: list[Edit], sizes: MatrixSizes,
+                       progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Measured cost of decoding with the architecture's own cache, one column per measure and context:
+    `kv_cache_bytes_measured_2048`, ... (NaN past the model's window: benchmarks/decode_bench.py measures those)."""
+    columns = {}
+    for context in sizes.efficiency_contexts:
+        fits = not model.info.max_context or context + sizes.decode_tokens <= model.info.max_context
+        if fits:
+            progress(f"decoding at {context} tokens")
+        measured = measure_decoding(model, backend, edits, context, sizes.decode_tokens) if fits else {}
+        columns.update({f"{column}_{context}": measured.get(column, math.nan) for column in EFFICIENCY_COLUMNS})
+    return columns
 
 
 def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd.DataFrame | None, out: Path,
@@ -186,6 +203,7 @@ def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd
            "passkey_acc": float(accuracy.get("passkey", math.nan)), "kv_recall_acc": float(accuracy.get("kv_recall", math.nan)),
            "copy_acc": float(accuracy.get("copying", math.nan)), "perplexity": ppl,
            "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
+    row.update(efficiency_columns(model, backend, edits, sizes, progress=lambda m: progress(f"{name}: {m}")))
     if sizes.census:
         progress(f"{name}: census")
         with backend.standing_edits(edits):

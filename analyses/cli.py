@@ -375,7 +375,8 @@ def swap(
     sizes = MatrixSizes(census=census, fit_tokens=fit_tokens, fit_steps=fit_steps)
     if quick:
         sizes = MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                            perplexity_tokens=256, census=census, census_lengths=(128,), fit_tokens=256, fit_steps=2)
+                            perplexity_tokens=256, census=census, census_lengths=(128,), fit_tokens=256, fit_steps=2,
+                            efficiency_contexts=(64,), decode_tokens=4)
     out = _run_dir(out, "swap", model)
     backend_impl = make_backend("native", loaded)
     started = time.time()

@@ -18,6 +18,8 @@ heads over their own cache and lets the replaced heads step their states.
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from typing import Sequence
 
 import torch
@@ -152,3 +154,43 @@ def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> Architecture
                 raise AttnprobeError(f"two kernel edits replace heads {sorted(seen & set(edit.heads))} of layer {edit.layer}: give each head one kernel")
             seen.update(edit.heads)
     return ArchitectureCache(model, edits)
+
+
+EFFICIENCY_COLUMNS = ("kv_cache_bytes_measured", "decode_tokens_per_s", "prefill_ms", "peak_memory_bytes")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
+                     seed: int = 0) -> dict:
+    """Prefill `context` random tokens and decode `new_tokens` greedily through an ArchitectureCache with
+    `edits` on (the native backend). Returns EFFICIENCY_COLUMNS: cache + state bytes after decoding,
+    decode tokens/s, prefill ms, and on CUDA the peak memory allocated during both (weights included;
+    NaN on CPU, where torch keeps no allocator statistics)."""
+    device = model.device
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.hf.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (1, context), generator=generator).to(device)
+    cache = architecture_cache(model, edits)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with backend.patched(edits):
+        _sync(device)
+        start = time.perf_counter()
+        logits = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        decode = time.perf_counter() - start
+    peak = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else math.nan
+    return {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": new_tokens / decode,
+            "prefill_ms": 1000 * prefill, "peak_memory_bytes": peak}

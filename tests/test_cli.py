@@ -101,6 +101,9 @@ def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
     assert matrix.set_index("architecture").loc["all-elu", "state_bytes_per_token"] == 0
     assert matrix.set_index("architecture").loc["original", "state_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
     assert (tmp_path / "swap" / "fits" / "sink_window_linear" / "params.safetensors").exists()
+    measured = matrix.set_index("architecture")  # the measured efficiency columns, at the quick context (64)
+    assert (measured["decode_tokens_per_s_64"] > 0).all() and (measured["prefill_ms_64"] > 0).all()
+    assert measured.loc["all-elu", "kv_cache_bytes_measured_64"] < measured.loc["original", "kv_cache_bytes_measured_64"]
 
 
 @pytest.mark.parametrize("args, message", [
