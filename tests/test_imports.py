@@ -1,4 +1,5 @@
-"""The import graph of the four packages, read with `ast` (every import, also those inside functions):
+"""The import graph of the four packages, read with `ast` (every import that runs, also those inside
+functions; not those under `if TYPE_CHECKING:`):
 no cycle between modules, and dependencies point one way, analyses -> probe -> hooks -> kernels.
 kernels may import only hooks' leaf modules (errors, io), which import nothing of attnprobe.
 
@@ -27,7 +28,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -40,6 +41,19 @@ def imports(path: Path, modules: set[str]) -> set[str]:
             found.add(target)
             found |= {f"{target}.{alias.name}" for alias in node.names}
     return {m for m in found if m in modules and m != name}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (imports for annotations only never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
 
 
 def graph() -> dict[str, set[str]]:

@@ -77,7 +77,7 @@ def test_roles_follow_the_runs_own_thresholds():
 
 def test_a_new_probe_module_alone_reaches_every_reader(toy_module, tmp_path):
     from attnprobe.analyses import cli, figures, style
-    from attnprobe.hooks.native import NativeBackend
+    from attnprobe.hooks.backends.native import NativeBackend
 
     assert "self_attention" in [s.name for s in mechanisms.stages()]
     model = planted_model()
