@@ -12,11 +12,13 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site
 from attnprobe.hooks.swap import kernel_edit
+from attnprobe.kernels.hybrid import HybridKernel
+from attnprobe.kernels.linear import LinearKernel
 from attnprobe.kernels.registry import make_kernel
 
 NEW_TOKENS = 9
 SMALL = {"sink+window": dict(window=4, sinks=2), "window+linear": dict(window=4),
-         "sink+window+linear": dict(window=4, sinks=2)}  # windows the prompt outgrows, so eviction is exercised
+         "sink+window+linear": dict(window=4, sinks=2), "sink+window+gdn": dict(window=4, sinks=2)}  # windows the prompt outgrows, so eviction is exercised
 # name -> {layer: (kernel, heads)}; the tiny Llama has 4 query heads on 2 KV heads (0,1 -> 0; 2,3 -> 1)
 ARCHITECTURES = {
     "softmax-kept": {1: ("hedgehog", [0, 2])},  # both KV heads still serve a softmax head
@@ -26,6 +28,10 @@ ARCHITECTURES = {
     "sink+window+linear": {0: ("sink+window+linear", [0, 1, 2, 3])},
     "mixed": {0: ("hedgehog", [0, 1]), 1: ("sink+window", [2, 3]), 2: ("elu", [1])},  # some heads softmax per layer
     "two-kernels-one-layer": {0: [("hedgehog", [0, 1]), ("sink+window", [2, 3])]},
+    "gla": {layer: ("gla", [0, 1, 2, 3]) for layer in range(3)},
+    "decay": {0: ("decay", [0, 1, 2, 3])},
+    "gated-deltanet": {0: ("gated-deltanet", [0, 1, 2, 3]), 1: ("deltanet", [2, 3])},
+    "sink+window+gdn": {1: ("sink+window+gdn", [0, 1, 2, 3])},
 }
 
 
@@ -47,15 +53,13 @@ def greedy(model, backend, edits, prompt, cache):
 
 
 def expected_state_numbers(kernel, length: int) -> int:
-    """Numbers a kernel's state holds after `length` tokens, from its definition (fp32 each)."""
-    heads, d = kernel.n_heads, kernel.head_dim
-    f = kernel.feature_map.dim if getattr(kernel, "feature_map", None) is not None else 0
-    linear = f * d + f + 1  # S (f x d_v), n (f), the reference log-scale
-    if not hasattr(kernel, "window"):
-        return heads * linear
-    window = min(length, kernel.window)
-    sinks = min(kernel.sinks, max(0, length - kernel.window))
-    return heads * (2 * d * (window + sinks) + (linear if f else 0))
+    """Numbers a kernel's state holds after `length` tokens, as the kernel describes itself (fp32 each): its
+    fixed state, plus K and V of the tokens it keeps (sinks and window), plus the one reference log-scale
+    per head that a feature-map state keeps beside S and n (LinearState.ref)."""
+    d = kernel.head_dim
+    cached = min(length, kernel.cached_tokens)
+    log_scale = isinstance(kernel, LinearKernel) or (isinstance(kernel, HybridKernel) and kernel.feature_map is not None)
+    return kernel.n_heads * (kernel.state_numbers(d) + 2 * d * cached + int(log_scale))
 
 
 def expected_bytes(model, edits, length: int, batch: int) -> int:

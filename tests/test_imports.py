@@ -38,8 +38,10 @@ def imports(path: Path, modules: set[str]) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            found.add(target)
-            found |= {f"{target}.{alias.name}" for alias in node.names}
+            submodules = {f"{target}.{alias.name}" for alias in node.names} & modules
+            if len(submodules) < len(node.names) or not name.startswith(f"{target}."):
+                found.add(target)  # names from the module itself (a package's own submodules need not run it)
+            found |= submodules
     return {m for m in found if m in modules and m != name}
 
 

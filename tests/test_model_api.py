@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.probe.head_types import induction_scores
 from attnprobe.probe.massive import massive_positions, massive_scan

@@ -95,7 +95,7 @@ def _qwen_installed() -> bool:
 @pytest.mark.real_model
 @pytest.mark.skipif(not _qwen_installed(), reason="needs attnprobe[qwen]")
 def test_real_qwen_loads_with_its_own_tokenizer_flags_and_native_equals_plain_hf():
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
 
     model = load_model("qwen2.5-coder-0.5b", device="cpu")
