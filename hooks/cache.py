@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -164,21 +166,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the resident high-water mark (VmHWM) to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak(device: torch.device) -> float:
+    """CUDA: peak bytes allocated since the reset; CPU: peak resident bytes of the process (Linux), else NaN."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return math.nan
+    return float(found.group(1)) * 1024 if found else math.nan
+
+
 @torch.no_grad()
 def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
                      seed: int = 0) -> dict:
     """Prefill `context` random tokens and decode `new_tokens` greedily through an ArchitectureCache with
     `edits` on (the native backend). Returns EFFICIENCY_COLUMNS: cache + state bytes after decoding,
-    decode tokens/s, prefill ms, and on CUDA the peak memory allocated during both (weights included;
-    NaN on CPU, where torch keeps no allocator statistics)."""
+    decode tokens/s, prefill ms, and the peak memory during both, weights included (CUDA: bytes the
+    allocator held at most; CPU: the process's peak resident set, VmHWM, NaN where Linux's is absent)."""
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     vocab = model.hf.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (1, context), generator=generator).to(device)
     cache = architecture_cache(model, edits)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak(device)
     with backend.patched(edits):
         _sync(device)
         start = time.perf_counter()
@@ -191,6 +213,5 @@ def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int,
             token = model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         decode = time.perf_counter() - start
-    peak = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else math.nan
     return {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": new_tokens / decode,
-            "prefill_ms": 1000 * prefill, "peak_memory_bytes": peak}
+            "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device)}
