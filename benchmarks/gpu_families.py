@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import import_attnprobe  # noqa: E402
 
-FAMILIES = ("gla", "decay", "deltanet", "gated-deltanet")
+FAMILIES = ("gla", "decay", "deltanet", "gated-deltanet", "kda")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 

@@ -29,17 +29,22 @@ def prefill(op: str, phi_q, phi_k, values, log_alpha, dtype) -> tuple[torch.Tens
     return o.transpose(1, 2).float(), state.float()
 
 
-def delta_prefill(q, k, v, beta, log_alpha, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta rule on L2-normalised q, k: gated when log a (B, H, T) is given. Returns o and the state, fp32."""
+def delta_prefill(q, k, v, beta, log_alpha, gate, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule on L2-normalised q, k; gate None, "head" (log a (B, H, T, 1)) or "channel" (KDA,
+    log a (B, H, T, d)). Returns o (B, H, T, d_v) and the final state, fp32."""
     qf, kf, vf = _fla(q, dtype), _fla(k, dtype), _fla(v, dtype)
     betaf = beta.transpose(1, 2).to(dtype).contiguous()
-    if log_alpha is None:
+    if gate is None:
         from fla.ops.delta_rule import chunk_delta_rule
 
         o, state = chunk_delta_rule(qf, kf, vf, betaf, scale=1.0, output_final_state=True)
-    else:
+    elif gate == "head":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        o, state = chunk_gated_delta_rule(qf, kf, vf, log_alpha.transpose(1, 2).float().contiguous(), betaf, scale=1.0,
-                                          output_final_state=True)
+        o, state = chunk_gated_delta_rule(qf, kf, vf, log_alpha[..., 0].transpose(1, 2).float().contiguous(), betaf,
+                                          scale=1.0, output_final_state=True)
+    else:
+        from fla.ops.kda import chunk_kda
+
+        o, state = chunk_kda(qf, kf, vf, _fla(log_alpha, torch.float32), betaf, scale=1.0, output_final_state=True)
     return o.transpose(1, 2).float(), state.float()

@@ -13,7 +13,8 @@ from attnprobe.kernels.registry import make_kernel
 from fla_refs import fla_reference
 from test_gla import forms, gqa_inputs, perturbed
 
-CASES = [("deltanet", {}), ("gated-deltanet", {}), ("gated-deltanet", {"half_life": [1.0, 4.0, 16.0, 64.0]})]
+CASES = [("deltanet", {}), ("gated-deltanet", {}), ("gated-deltanet", {"half_life": [1.0, 4.0, 16.0, 64.0]}),
+         ("kda", {"half_life": [1.0, 4.0, 16.0, 64.0]})]
 
 
 def coefficients(kernel, q, k):
@@ -52,7 +53,7 @@ def test_beta_and_gate_start_where_asked():
     kernel = make_kernel("gated-deltanet", 3, 8, beta=0.3, half_life=10.0)
     beta, log_alpha = kernel.coefficients(torch.randn(1, 3, 5, 8))
     torch.testing.assert_close(beta, torch.full_like(beta, 0.3))
-    torch.testing.assert_close(torch.exp(10 * log_alpha), torch.full_like(beta, 0.5))
+    torch.testing.assert_close(torch.exp(10 * log_alpha[..., 0]), torch.full_like(beta, 0.5))
     assert make_kernel("deltanet", 3, 8).coefficients(torch.randn(1, 3, 5, 8))[0].allclose(torch.tensor(0.5))
     assert {n for n, _ in make_kernel("deltanet", 3, 8).named_parameters()} == {"beta_weight", "beta_bias"}
 
@@ -74,6 +75,16 @@ def test_chunked_form_is_differentiable_like_the_recurrence():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4)
 
 
+def test_kda_starts_as_gated_deltanet_and_then_gates_each_channel():
+    q, k, v = gqa_inputs(12)
+    kda, gdn = (make_kernel(name, 4, 8, chunk=8, half_life=6.0, beta=0.4) for name in ("kda", "gated-deltanet"))
+    with torch.no_grad():
+        torch.testing.assert_close(kda(q, k, v, 0.3), gdn(q, k, v, 0.3))
+        kda.gate_weight.normal_(generator=torch.Generator().manual_seed(0))
+        log_alpha = kda.coefficients(k)[1]
+    assert log_alpha.shape == (2, 4, 29, 8) and (log_alpha.std(-1) > 0).all()
+
+
 def test_bad_options_raise():
     with pytest.raises(AttnprobeError, match="0 < beta < 1"):
         make_kernel("deltanet", 2, 8, beta=1.5)
@@ -81,7 +92,7 @@ def test_bad_options_raise():
         make_kernel("deltanet", 2, 8, half_life=3.0)
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated-deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated-deltanet", "kda"])
 def test_equals_flash_linear_attention_reference(name):
     kernel = perturbed(name, 4, 8, chunk=8)
     q, k, v = gqa_inputs(10)
@@ -90,9 +101,13 @@ def test_equals_flash_linear_attention_reference(name):
         qn, kn, beta, log_alpha = coefficients(kernel, q, k)
         if name == "deltanet":  # (B, H, T, d), q scaled by d^-0.5 inside
             theirs, _ = fla_reference("ops/delta_rule/naive.py").delta_rule_recurrence(qn * 8 ** 0.5, kn, v, beta)
-        else:
+        elif name == "gated-deltanet":
             theirs, _ = fla_reference("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule(
-                *(x.transpose(1, 2) for x in (qn, kn, v, beta, log_alpha)), scale=1.0)
+                *(x.transpose(1, 2) for x in (qn, kn, v, beta, log_alpha[..., 0])), scale=1.0)
+            theirs = theirs.transpose(1, 2)
+        else:
+            theirs, _ = fla_reference("ops/kda/naive.py").naive_recurrent_kda(
+                *(x.transpose(1, 2) for x in (qn, kn, v, log_alpha, beta)), scale=1.0)
             theirs = theirs.transpose(1, 2)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
@@ -109,5 +124,5 @@ def test_equals_transformers_torch_gated_deltanet():
     with torch.no_grad():
         ours = kernel(q, k, v, 0.3)
         qn, kn, beta, log_alpha = coefficients(kernel, q, k)
-        theirs, _ = chunked(*(x.transpose(1, 2) for x in (qn * 8 ** 0.5, kn, v, log_alpha, beta)), chunk_size=16)  # q scaled by d^-0.5 inside
+        theirs, _ = chunked(*(x.transpose(1, 2) for x in (qn * 8 ** 0.5, kn, v, log_alpha[..., 0], beta)), chunk_size=16)  # q scaled by d^-0.5 inside
     torch.testing.assert_close(ours, theirs.transpose(1, 2).float(), atol=1e-5, rtol=1e-4)

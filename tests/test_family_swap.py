@@ -11,7 +11,7 @@ from attnprobe.hooks.swap import kernel_edit
 from test_fit_swap import perturbed, random_ids, tiny  # noqa: F401  (tiny is a fixture)
 
 FAMILIES = [("gla", {"chunk": 8}), ("decay", {"data_dependent": True, "chunk": 8}), ("deltanet", {"chunk": 8}),
-            ("gated-deltanet", {"chunk": 8}), ("sink+window+gdn", {"window": 4, "sinks": 2, "chunk": 8})]
+            ("gated-deltanet", {"chunk": 8}), ("kda", {"chunk": 8}), ("sink+window+gdn", {"window": 4, "sinks": 2, "chunk": 8})]
 
 
 @pytest.mark.parametrize("name,options", FAMILIES, ids=[n for n, _ in FAMILIES])

@@ -27,13 +27,13 @@ def test_parameters_are_exactly_the_learnable_ones(name):
 
 def test_learnable_kernels_are_the_fitted_ones():
     assert sorted(n for n in KERNELS if make_kernel(n, 2, 8).learnable) == [
-        "decay", "deltanet", "gated-deltanet", "gla", "hedgehog", "sink+window+gdn", "sink+window+linear", "window+linear"]
+        "decay", "deltanet", "gated-deltanet", "gla", "hedgehog", "kda", "sink+window+gdn", "sink+window+linear", "window+linear"]
     assert make_kernel("taylor", 2, 8, feature_dim=3).learnable  # its projection is fitted
 
 
 @pytest.mark.parametrize("name,megabytes", [("taylor", 75.29), ("elu", 2.25), ("relu", 2.25), ("performer", 2.25),
                                             ("hedgehog", 4.49), ("sink+window", 1.57), ("sink+window+linear", 6.06),
-                                            ("gla", 2.25), ("decay", 2.25), ("deltanet", 2.21), ("gated-deltanet", 2.21),
+                                            ("gla", 2.25), ("decay", 2.25), ("deltanet", 2.21), ("gated-deltanet", 2.21), ("kda", 2.21),
                                             ("sink+window+gdn", 3.78)])
 def test_fixed_state_bytes_are_each_kernels_own(name, megabytes):
     per_token, fixed = cache_bytes_per_token(smollm2_like(), set(), name)

@@ -29,6 +29,7 @@ CONFIGS = [
     ("decay", {"data_dependent": True, "chunk": 8}),
     ("deltanet", {"chunk": 8}),
     ("gated-deltanet", {"chunk": 8}),
+    ("kda", {"chunk": 8}),
     ("sink+window+gdn", {"window": 5, "sinks": 2, "chunk": 8}),
 ]
 IDS = [f"{name}{options or ''}" for name, options in CONFIGS]

@@ -39,7 +39,7 @@ def build_mix(name: str, n_heads: int, head_dim: int, chunk: int, **options) -> 
     window, sinks, _ = DEFAULTS["sink+window"]
     exact = HybridKernel(n_heads, head_dim, "sink+window", window=options.get("window", window),
                          sinks=options.get("sinks", sinks), chunk=chunk)
-    recurrent = DeltaKernel(n_heads, head_dim, "gated-deltanet", gated=True, chunk=chunk,
+    recurrent = DeltaKernel(n_heads, head_dim, "gated-deltanet", gate="head", chunk=chunk,
                             **{k: options[k] for k in ("beta", "half_life") if k in options})
     return MixKernel(name, exact, recurrent, options.get("exact_weight", 0.5))
 
