@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.cache import EFFICIENCY_COLUMNS, measure_decoding
+from attnprobe.hooks.cache import measure_decoding
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.io import atomic_write_text
 from attnprobe.hooks.model import DEFAULT_MODEL, Model, describe, load_model
