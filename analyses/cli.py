@@ -326,6 +326,7 @@ def swap(
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
     census: bool = typer.Option(True, help="re-run a small census on each modified model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
+    efficiency_contexts: Optional[str] = typer.Option(None, help="contexts of the measured decode columns, e.g. 2048,8192,32768 (default 256,1024)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume a matrix"),
 ) -> None:
     """Replace heads in place with linear or hybrid kernels and measure what is lost.
@@ -377,6 +378,8 @@ def swap(
         sizes = MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
                             perplexity_tokens=256, census=census, census_lengths=(128,), fit_tokens=256, fit_steps=2,
                             efficiency_contexts=(64,), decode_tokens=4)
+    if efficiency_contexts:
+        sizes.efficiency_contexts = tuple(_list_option(efficiency_contexts, "--efficiency-contexts", int))
     out = _run_dir(out, "swap", model)
     backend_impl = make_backend("native", loaded)
     started = time.time()
