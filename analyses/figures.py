@@ -17,6 +17,7 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
@@ -437,6 +438,65 @@ def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
     ax.set_xlabel("mechanism present / metric")
     ax.set_ylabel("architecture")
     ax.set_title("Mechanism loss by architecture")
+    return fig
+
+
+def longest_measured(matrix: pd.DataFrame, column: str) -> int | None:
+    """The longest context T whose `{column}_{T}` column holds a measurement."""
+    contexts = [int(name.rpartition("_")[2]) for name in matrix.columns
+                if name.startswith(f"{column}_") and name.rpartition("_")[2].isdigit() and matrix[name].notna().any()]
+    return max(contexts) if contexts else None
+
+
+def passkey_frontier_length(recall: pd.DataFrame) -> int:
+    """The longest passkey length the original solves (accuracy >= 0.5), else the shortest length tried."""
+    passkey = recall[recall["task"] == "passkey"]
+    if passkey.empty:
+        raise AttnprobeError("recall.parquet has no passkey rows: rerun swap --matrix with the passkey task")
+    by_length = passkey[passkey["variant"] == "original"].groupby("length")["correct"].mean()
+    solved = by_length[by_length >= 0.5]
+    return int(solved.index.max()) if not solved.empty else int(passkey["length"].min())
+
+
+@styled
+def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
+    """Recall against decode cost: passkey accuracy (95 % Wilson interval) at the longest length the original
+    solves, against the measured cache bytes and decode tokens/s at the longest context measured; one
+    point per architecture, the original a star, controls (names with 'random' or 'control') hollow."""
+    from .ablation import wilson_interval
+
+    require(matrix, ["architecture"], "matrix.parquet")
+    require(recall, ["variant", "task", "length", "correct"], "recall.parquet")
+    length = passkey_frontier_length(recall)
+    at = recall[(recall["task"] == "passkey") & (recall["length"] == length)].groupby("variant")["correct"].agg(["sum", "count"])
+    panels = [(column, longest_measured(matrix, column)) for column in ("kv_cache_bytes_measured", "decode_tokens_per_s")]
+    if any(context is None for _, context in panels):
+        raise AttnprobeError("matrix.parquet has no measured efficiency columns: rerun swap --matrix")
+    fig = style.new_figure("full", height=2.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    labels = {"kv_cache_bytes_measured": "cache + states, bytes (less is cheaper)", "decode_tokens_per_s": "decode tokens/s (more is faster)"}
+    for ax, (column, context) in zip(axes, panels):
+        for row in matrix.itertuples():
+            name = row.architecture
+            if name not in at.index or pd.isna(getattr(row, f"{column}_{context}")):
+                continue
+            x = float(getattr(row, f"{column}_{context}"))
+            correct, total = int(at.at[name, "sum"]), int(at.at[name, "count"])
+            low, high = wilson_interval(correct, total)
+            accuracy = correct / total
+            control = "random" in name or "control" in name
+            marker, color = ("*", "black") if name == "original" else ("o", style.SELECTION_COLORS.get("random", "grey") if control else "C0")
+            ax.errorbar([x], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt=marker, color=color,
+                        markerfacecolor="none" if control else color, markersize=9 if name == "original" else 5, capsize=2)
+            ax.annotate(name, (x, accuracy), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        if column == "kv_cache_bytes_measured":
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{labels[column]} at {context} tokens")
+        ax.set_ylim(-0.05, 1.05)
+        sns.despine(ax=ax)
+    axes[0].set_ylabel(f"passkey accuracy at {length} tokens")
+    fig.suptitle("What each architecture saves against what it recalls (bars: 95 % Wilson interval)")
     return fig
 
 

@@ -27,7 +27,7 @@ from . import figures, style
 TABLE_FILES = {
     "heads": "heads.parquet", "massive_layers": "massive_layers.parquet", "massive": "massive.parquet",
     "sinks": "sinks.parquet", "secondary_sinks": "secondary_sinks.parquet", "niah": "niah.parquet",
-    "ablation": "ablation.parquet", "matrix": "matrix.parquet",
+    "ablation": "ablation.parquet", "matrix": "matrix.parquet", "recall": "recall.parquet",
 }
 JSON_FILES = {"manifest": "manifest.json", "sink_rate": "sink_rate.json"}
 TABLE_ROW_LIMIT = 60  # long event tables are cut in the report; the parquet files hold everything
@@ -100,6 +100,8 @@ FIGURES = (
                ("ablation",), lambda run: figures.ablation_curves(run.tables["ablation"])),
     FigureSpec("mechanism_matrix", "Which mechanisms survive each architecture, and what it costs; colour is scaled per column.",
                ("matrix",), lambda run: figures.mechanism_matrix(run.tables["matrix"])),
+    FigureSpec("frontier", "Recall against decode memory and throughput, measured per architecture; star: the original, hollow: controls.",
+               ("matrix", "recall"), lambda run: figures.frontier(run.tables["matrix"], run.tables["recall"])),
 )
 
 

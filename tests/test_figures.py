@@ -33,6 +33,7 @@ EXPECTED = {
     "recall_grids": ("Needle recall", {"context length (tokens)", "needle depth"}),
     "ablation_curves": ("Head ablation", {"heads ablated (K)", "accuracy"}),
     "mechanism_matrix": ("Mechanism loss by architecture", {"architecture", "mechanism present / metric"}),
+    "frontier": ("What each architecture saves", {"passkey accuracy at 256 tokens", "decode tokens/s (more is faster) at 1024 tokens"}),
 }
 
 
@@ -85,7 +86,7 @@ def test_report_is_one_self_contained_file(run_dir):
 
 
 def test_missing_tables_are_skipped_and_reported(tmp_path):
-    omit = ("heads", "sinks", "niah", "secondary_sinks", "sink_rate", "massive", "ablation")
+    omit = ("heads", "sinks", "niah", "secondary_sinks", "sink_rate", "massive", "ablation", "recall")
     directory = write_synthetic_run(tmp_path / "run", omit=omit)
     skipped = {}
     paths = make_figures(directory, formats=("png",), on_skip=skipped.__setitem__)
@@ -115,7 +116,7 @@ def test_malformed_tables_are_skipped_not_fatal(tmp_path):
 
 def test_pdf_on_request_and_bad_inputs(tmp_path):
     directory = write_synthetic_run(tmp_path / "run", omit=("heads", "massive", "massive_layers", "sinks", "secondary_sinks",
-                                                            "niah", "ablation"))
+                                                            "niah", "ablation", "recall"))
     paths = make_figures(directory, formats=("pdf",))
     assert [path.name for path in paths] == ["mechanism_matrix.pdf"]
     assert paths[0].read_bytes().startswith(b"%PDF")

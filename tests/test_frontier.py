@@ -1,0 +1,48 @@
+"""The frontier figure: recall against measured decode memory and throughput, one point per architecture."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from attnprobe.analyses import figures
+from attnprobe.analyses.ablation import wilson_interval
+from attnprobe.hooks.errors import AttnprobeError
+
+
+def tables():
+    matrix = pd.DataFrame({
+        "architecture": ["original", "all-hedgehog", "keep-random-heads"],
+        "kv_cache_bytes_measured_256": [1e5, 2e4, 5e4], "kv_cache_bytes_measured_1024": [4e5, 2e4, 2e5],
+        "decode_tokens_per_s_256": [50.0, 80.0, 60.0], "decode_tokens_per_s_1024": [30.0, 80.0, 40.0],
+        "decode_tokens_per_s_32768": [float("nan")] * 3,  # past the window: not measured
+    })
+    rows = []
+    for variant, hits in (("original", {128: 4, 256: 3, 512: 1}), ("all-hedgehog", {128: 2, 256: 1, 512: 0}),
+                          ("keep-random-heads", {128: 1, 256: 0, 512: 0})):
+        for length, correct in hits.items():
+            rows += [{"variant": variant, "task": "passkey", "length": length, "correct": i < correct} for i in range(4)]
+    rows.append({"variant": "original", "task": "copying", "length": 16, "correct": True})
+    return matrix, pd.DataFrame(rows)
+
+
+def test_frontier_plots_each_architecture_at_the_longest_solved_length_and_context():
+    matrix, recall = tables()
+    assert figures.passkey_frontier_length(recall) == 256  # 3/4 at 256, 1/4 at 512
+    assert figures.longest_measured(matrix, "decode_tokens_per_s") == 1024  # 32768 holds no measurement
+    fig = figures.frontier(matrix, recall)
+    memory, speed = fig.axes
+    assert "256 tokens" in memory.get_ylabel() and "1024 tokens" in memory.get_xlabel() and memory.get_xscale() == "log"
+    points = {text.get_text(): text.xy for text in memory.texts}
+    assert points == {"original": (4e5, 0.75), "all-hedgehog": (2e4, 0.25), "keep-random-heads": (2e5, 0.0)}
+    assert {text.get_text(): text.xy for text in speed.texts}["all-hedgehog"] == (80.0, 0.25)
+    low, high = wilson_interval(3, 4)  # the original's error bar is its Wilson interval
+    bars = [c for c in memory.collections if len(c.get_segments()) == 1]
+    assert any(abs(seg[0][1] - low) < 1e-9 and abs(seg[1][1] - high) < 1e-9 for c in bars for seg in c.get_segments())
+    markers = [line.get_marker() for line in memory.lines if line.get_marker() not in ("None", "_", None)]
+    assert "*" in markers  # the original is marked
+
+
+def test_frontier_needs_measured_columns():
+    matrix, recall = tables()
+    with pytest.raises(AttnprobeError, match="measured efficiency"):
+        figures.frontier(matrix[["architecture"]], recall)
