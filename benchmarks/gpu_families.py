@@ -131,12 +131,12 @@ def main(argv=None) -> int:
 
     for length in args.lengths:
         q, k, v = inputs(length, device, half)
-        sdpa = timed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+        sdpa = timed_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device)
         for name in args.families:
             kernel = kernel_for(name, device)
             row = {"family": name, "length": length, "sdpa_ms": sdpa,
-                   "fla_ms": timed_ms(lambda: prefill(kernel, q, k, v, False), device) if fla_here else why,
-                   "torch_ms": timed_ms(lambda: prefill(kernel, q, k, v, True), device, repeats=1) if length <= args.torch_up_to else None}
+                   "fla_ms": timed_ms(lambda f=kernel: prefill(f, q, k, v, False), device) if fla_here else why,
+                   "torch_ms": timed_ms(lambda f=kernel: prefill(f, q, k, v, True), device, repeats=1) if length <= args.torch_up_to else None}
             results["timing"].append(row)
             write(args.out, results)
             print(row, flush=True)

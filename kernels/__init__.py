@@ -1,1 +1,2 @@
-"""Attention math: softmax reference, linear feature maps, hybrids, fitting, Triton kernels."""
+"""Attention math, one folder per kernel family (softmax, linear, gla, decay, deltanet, hybrid) on
+`base.Kernel`, named in `registry`; fitting (`fit`), the softmax statistics and the Triton kernels."""
