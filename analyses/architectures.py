@@ -171,7 +171,7 @@ def efficiency_columns(model: Model, backend: Backend, edits: list[Edit], sizes:
     `kv_cache_bytes_measured_2048`, ... (NaN past the model's window: benchmarks/decode_bench.py measures those)."""
     columns = {}
     for context in sizes.efficiency_contexts:
-        fits = not model.info.max_context or context + sizes.decode_tokens <= model.info.max_context
+        fits = not model.info.max_context or context <= model.info.max_context
         if fits:
             progress(f"decoding at {context} tokens")
         measured = measure_decoding(model, backend, edits, context, sizes.decode_tokens) if fits else {}

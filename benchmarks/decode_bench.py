@@ -7,6 +7,8 @@ measurement), decode_bench.json and decode_bench.md (rewritten after each).
 
     # GPU (the main session): SmolLM2 in bf16 at 2K / 8K / 32K
     python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --new-tokens 64 --out $OUT
+    # the same with 8 sequences decoded together (reading the cache, not launching kernels, dominates)
+    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --batch 8 --out $OUT/batch8
     # CPU, small: a tiny random GQA Llama (what the test runs)
     python benchmarks/decode_bench.py --tiny --contexts 64,128 --new-tokens 8 --out /tmp/decode_bench
 
@@ -17,7 +19,8 @@ Architectures (fresh kernels: cost does not depend on fitted parameters):
     hybrid-25         25 % of the heads exact softmax, packed into whole KV groups (GQA) so the other
                       KV heads drop their cache; the rest sink+window
     sink+window       every head StreamingLLM sink + window softmax
-A context (plus the decoded tokens) beyond the model's window runs on random weights in the model's
+Each measurement prefills `context - new_tokens` tokens and decodes `new_tokens`, so the cache ends at the
+context length. A context beyond the model's window runs on random weights in the model's
 shape (same config, longer position range): the cost of a forward does not depend on the weights; the
 output records `weights: random` for those rows.
 """
@@ -169,20 +172,20 @@ def run(args) -> list[dict]:
     names = args.architectures.split(",") if args.architectures else default_architectures()
     machine = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
                "torch": torch.__version__, "dtype": args.dtype, "model": model.info.model_id, "new_tokens": args.new_tokens,
+               "batch": args.batch,
                "command": " ".join(sys.argv)}
     rows: list[dict] = []
     stream = (out / "decode_bench.jsonl").open("a")
     for context in contexts:
-        need = context + args.new_tokens
-        fits = not model.info.max_context or need <= model.info.max_context
-        run_model = model if fits else random_weights_like(model, need)
+        fits = not model.info.max_context or context <= model.info.max_context
+        run_model = model if fits else random_weights_like(model, context)
         backend = make_backend("native", run_model)
         original = None
         for name in names:
             edits = architecture_edits(run_model, name)
-            measure_decoding(run_model, backend, edits, min(context, 64), 2)  # warm-up: kernels compiled, allocator warm
-            row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random",
-                   **measure_decoding(run_model, backend, edits, context, args.new_tokens)}
+            measure_decoding(run_model, backend, edits, 64, 2, args.batch)  # warm-up: kernels compiled, allocator warm
+            row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random", "batch": args.batch,
+                   **measure_decoding(run_model, backend, edits, context, args.new_tokens, args.batch)}
             original = row if name == "original" else original
             row.update(ratios(row, original))
             rows.append(row)
@@ -208,7 +211,8 @@ def parse(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--contexts", default="2048,8192,32768")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps; the cache ends at the context length")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (the cache grows with it, a state too)")
     parser.add_argument("--architectures", default=None, help=f"comma list (default: {','.join(default_architectures())})")
     parser.add_argument("--out", required=True)
     return parser.parse_args(argv)

@@ -190,15 +190,18 @@ def _peak(device: torch.device) -> float:
 
 @torch.no_grad()
 def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
-                     seed: int = 0) -> dict:
-    """Prefill `context` random tokens and decode `new_tokens` greedily through an ArchitectureCache with
-    `edits` on (the native backend). Returns EFFICIENCY_COLUMNS: cache + state bytes after decoding,
-    decode tokens/s, prefill ms, and the peak memory during both, weights included (CUDA: bytes the
-    allocator held at most; CPU: the process's peak resident set, VmHWM, NaN where Linux's is absent)."""
+                     batch: int = 1, seed: int = 0) -> dict:
+    """Prefill `context - new_tokens` random tokens (`batch` sequences) and decode `new_tokens` greedily
+    through an ArchitectureCache with `edits` on (the native backend), so the cache ends at `context`.
+    Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
+    and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
+    process's peak resident set, VmHWM, NaN where Linux's is absent)."""
+    if not 0 < new_tokens < context:
+        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context")
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     vocab = model.hf.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (1, context), generator=generator).to(device)
+    ids = torch.randint(3, vocab, (batch, context - new_tokens), generator=generator).to(device)
     cache = architecture_cache(model, edits)
     _reset_peak(device)
     with backend.patched(edits):
@@ -209,9 +212,9 @@ def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int,
         _sync(device)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        for _ in range(new_tokens):
+        for _ in range(new_tokens):  # the cache ends at (context - new_tokens) + new_tokens
             token = model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         decode = time.perf_counter() - start
-    return {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": new_tokens / decode,
+    return {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": batch * new_tokens / decode,
             "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device)}
