@@ -171,3 +171,19 @@ def test_decode_bench_measures_every_architecture_beside_the_original(tmp_path):
     assert len(saved["rows"]) == len(rows) and any("hybrid-25" in line for line in saved["goals"])
     assert (tmp_path / "decode_bench.md").read_text().count("\n| ") == len(rows) + 1
     assert bench.exact_heads(bench.tiny_model("cpu", torch.float32)) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+
+
+def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
+    """A generate's cache is freed when it ends: the next measurement's peak memory does not carry it."""
+    import gc
+    import weakref
+
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = edits_for(model, "mixed")
+    cache = architecture_cache(model, edits)
+    greedy(model, backend, edits, torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(12)), cache)
+    alive = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert alive() is None and backend.cache is None

@@ -265,7 +265,7 @@ class NativeBackend(Backend):
     def __init__(self, model):
         super().__init__(model)
         self.session: Session | None = None
-        self.cache = None  # the Cache of the forward in progress (seen by the decoder-layer pre-hooks)
+        self.cache = None  # the Cache of the decoder layer running now (set and cleared by its hooks)
         self.paths: Counter[tuple[int, str]] = Counter()  # (layer, path name) -> attention calls that took it
         _register()
         _set_implementation(model.hf, IMPLEMENTATION)
@@ -305,6 +305,8 @@ class NativeBackend(Backend):
 
     def _output_hook(self, layer, site):
         def hook(module, args, output):
+            if site == Site.RESID_POST:
+                self.cache = None  # held only while its layer runs: a finished generate's cache is not kept alive
             if self.session is None:
                 return None
             if isinstance(output, tuple):
