@@ -21,6 +21,10 @@ RUN=$WORK/run
 LENGTHS=${LENGTHS:-2048,8192,16384,32640}
 mkdir -p "$WORK" "$OUT" "$ATTNPROBE_CACHE/gguf"
 
+tree() {  # this call's checkout as the attnprobe package (no build step: the image may lack setuptools' wheel)
+  rm -rf /tmp/site/attnprobe && mkdir -p /tmp/site/attnprobe && cp -r hooks probe kernels analyses /tmp/site/attnprobe/
+}
+
 piece() {
   for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl; do
     [ -f "$f" ] && cp "$f" "$WORK/" && echo "have $(basename "$f")"
@@ -51,7 +55,6 @@ json.dump({"assembled_s": time.time() - start, "sha256": digest.hexdigest()}, op
 print(f"assembled and checked {target}")
 EOF
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl || return 2
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --upgrade --target /tmp/site . || return 2
   rm -f "$WORK"/qwen.part*  # the assembled file holds them now
   start=$(date +%s.%N)
   python3 -m attnprobe.analyses.cli --dtype float32 info --model qwen2.5-coder-0.5b > "$OUT/info.txt" 2>&1 || { cat "$OUT/info.txt"; return 2; }
@@ -96,7 +99,8 @@ stats() {
 [ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
 for stage in "$@"; do
   case "$stage" in
-    piece|setup|census|stats) "$stage" || exit $? ;;
+    piece) piece || exit $? ;;
+    setup|census|stats) tree && "$stage" || exit $? ;;
     *) echo "unknown stage '$stage': piece, setup, census or stats"; exit 2 ;;
   esac
 done

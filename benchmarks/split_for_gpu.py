@@ -78,8 +78,9 @@ def main() -> int:
             names.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     (first / "qwen.manifest").write_text(json.dumps({"file": model.filename, "size": model.size, "sha256": model.sha256,
                                                      "pieces": names, "wheel": wheel.name}, indent=1))
-    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q"] + [f".m{i}/x" for i in range(1, count + 1)])
-    if ignored.returncode != 0:
+    folders = [f".m{i}/x" for i in range(1, count + 1)]
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore"] + folders, capture_output=True, text=True).stdout
+    if len(ignored.split()) != len(folders):
         print("warning: some .mN folders are not git-ignored here; they would travel with every call")
     print(f"{count} pieces of {size / 2 ** 20:.1f} MiB in {', '.join(f'.m{i}' for i in range(1, count + 1))} "
           f"(working tree {travelling_bytes(root) / 2 ** 20:.1f} MiB). Calls, back to back (< 30 s apart):")

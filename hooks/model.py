@@ -308,16 +308,23 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             sys.stderr.write(f"attnprobe: the fp32 copy {copy} is damaged or from an older attnprobe; rebuilding it\n")
             _discard(copy)
         if copy.is_dir():
-            loaded = _from_pretrained(spec, str(copy), local, dtype, trust_remote_code, device_map)
-        else:
+            try:
+                loaded = _from_pretrained(spec, str(copy), local, dtype, trust_remote_code, device_map)
+            except AttnprobeError as error:  # whole but unreadable here (another transformers release, say)
+                sys.stderr.write(f"attnprobe: the fp32 copy {copy} does not load ({error}); rebuilding it\n")
+                _discard(copy)
+        if loaded is None:
             gguf = gguf or embedded_gguf_path(spec)
             source, kwargs = str(gguf.parent), {"gguf_file": gguf.name, **local}
     if loaded is None:
-        loaded = _from_pretrained(spec, source, kwargs, dtype, trust_remote_code, device_map)
+        # a GGUF dequantizes in fp32 whatever the dtype asked for, so that the copy is made on the first load
+        build = torch.float32 if gguf is not None and device_map is None else dtype
+        loaded = _from_pretrained(spec, source, kwargs, build, trust_remote_code, device_map)
         if gguf is not None:
             _follow_gguf_bos(loaded[0], _check_gguf(gguf))
-            if dtype == torch.float32:
+            if build == torch.float32:
                 _save_copy(loaded[1], loaded[0], copy, digest)
+            loaded[1].to(dtype)
     tokenizer, hf = loaded
     if device_map is None:
         hf.to(device)

@@ -213,7 +213,7 @@ def test_the_fp32_copy_is_checked_by_its_manifest(tmp_path):
 
 @pytest.mark.real_model
 def test_a_damaged_fp32_copy_is_named_and_rebuilt(tmp_path, monkeypatch, capsys):
-    """The real SmolLM2 copy, truncated: the next load says which folder and rebuilds it."""
+    """The real SmolLM2 copy, truncated: the next load, in bf16, says which folder and rebuilds it in fp32."""
     import shutil
 
     load_model("smollm2-135m", device="cpu")  # make sure the shared copy exists
@@ -225,9 +225,9 @@ def test_a_damaged_fp32_copy_is_named_and_rebuilt(tmp_path, monkeypatch, capsys)
     with open(copy / "model.safetensors", "r+b") as handle:
         handle.truncate(1000)
     capsys.readouterr()
-    model = load_model("smollm2-135m", device="cpu")
+    model = load_model("smollm2-135m", dtype=torch.bfloat16, device="cpu")
     assert f"the fp32 copy {copy} is damaged" in capsys.readouterr().err
-    assert model_module._copy_is_whole(copy, digest)
+    assert model_module._copy_is_whole(copy, digest) and next(model.hf.parameters()).dtype == torch.bfloat16
     ids = model.tokenizer("The capital of France is").input_ids
     assert model.tokenizer.decode(model.hf(torch.tensor([ids])).logits[0, -1].argmax()).strip() == "Paris"
 
