@@ -7,9 +7,9 @@
 #   piece    copy the pieces carried in this call (.m*/qwen.part*, the manifest, the gguf wheel) to /tmp/qwen
 #   setup    join the pieces, check size and sha256, install the gguf wheel and this checkout into /tmp/site,
 #            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt
-#   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens, stopped after
-#            $CENSUS_LIMIT s (default 540) and resumed by the same call: $OUT/census.json (wall time, peak GPU
-#            memory, rc), $OUT/census.log, $OUT/census_run.tar.gz (the run directory as it stands)
+#   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens, stopped a minute
+#            before the call's 600 s limit and resumed by the next `census` call: $OUT/census.json (wall time and
+#            peak GPU memory of every call, summed), $OUT/census.log, $OUT/census_run.tar.gz (the run directory)
 #   stats    benchmarks/gpu_census.py on the real weights: the statistics pass at 2K/8K/32K against SDPA and
 #            eager: $OUT/stats.json, $OUT/stats.log
 set -uo pipefail
@@ -62,8 +62,10 @@ EOF
   cat "$OUT/info.txt"
 }
 
-census() {
-  timeout "${CENSUS_LIMIT:-540}" python3 - "$RUN" "$LENGTHS" "$OUT/census.json" <<'EOF' 2>&1 | tee -a "$OUT/census.log"
+census() {  # stops $MARGIN s before the call's 600 s limit so that what it made still comes back
+  limit=$(( ${CALL_LIMIT:-600} - ${MARGIN:-60} - SECONDS ))
+  [ "$limit" -gt 60 ] || { echo "too little time left in this call for the census: run 'census' in a call of its own"; return 0; }
+  timeout "$limit" python3 - "$RUN" "$LENGTHS" "$WORK/census.json" <<'EOF' 2>&1 | tee -a "$WORK/census.log"
 import json, os, signal, sys, time
 import torch
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # timeout's signal: still record this call below
@@ -71,27 +73,31 @@ from attnprobe.analyses.cli import main
 run, lengths, report = sys.argv[1:]
 previous = json.load(open(report)) if os.path.exists(report) else {"calls": []}
 start, rc = time.time(), 0
-sys.argv = ["attnprobe", "--dtype", "bfloat16", "--device", "cuda", "census", "--model", "qwen2.5-coder-0.5b",
+sys.argv = ["attnprobe", "--dtype", "bfloat16", "--device", os.environ.get("DEVICE", "cuda"), "census", "--model", "qwen2.5-coder-0.5b",
             "--out", run, "--lengths", lengths, "--prose-length", "2048"]
 try:
     main()
 except SystemExit as exc:
     rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 finally:
+    gpu = torch.cuda.is_available()
     previous["calls"].append({"wall_s": time.time() - start, "rc": rc, "lengths": lengths,
-                              "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20,
-                              "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2 ** 20,
-                              "device": torch.cuda.get_device_name()})
+                              "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else None,
+                              "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved() / 2 ** 20 if gpu else None,
+                              "device": torch.cuda.get_device_name() if gpu else "cpu"})
+    previous["census_wall_s"] = sum(call["wall_s"] for call in previous["calls"])
     json.dump(previous, open(report, "w"), indent=1)
 sys.exit(rc)
 EOF
   rc=${PIPESTATUS[0]}
+  cp "$WORK/census.json" "$WORK/census.log" "$OUT/" 2>/dev/null  # $OUT is emptied before every call
   tar -czf "$OUT/census_run.tar.gz" -C "$WORK" run 2>/dev/null
-  if [ "$rc" -eq 124 ]; then echo "census stopped at its limit: resume with the same call (bash benchmarks/gpu_qwen.sh census)"; fi
+  if [ "$rc" -eq 124 ]; then echo "census stopped at its limit: resume it with a call of 'bash benchmarks/gpu_qwen.sh census'"; return 0; fi
   return "$rc"
 }
 
 stats() {
+  [ $(( ${CALL_LIMIT:-600} - SECONDS )) -gt 240 ] || { echo "too little time left in this call: run 'stats' in a call of its own"; return 0; }
   python3 benchmarks/gpu_census.py --gguf "$GGUF" --lengths 2048 8192 32768 --eager-lengths 2048 4096 8192 \
     --torch-path-max 8192 --out "$OUT/stats.json" 2>&1 | tee "$OUT/stats.log"
 }
