@@ -411,6 +411,62 @@ def swap(
     console.print(f"-> {out / 'matrix.md'}")
 
 
+@app.command()
+def budget(
+    model: str = ModelOption,
+    from_run: Optional[Path] = FromOption,
+    selectors: str = typer.Option("retrieval,razor,duo,fit,random", help="retrieval (needs --from), razor, duo, fit, random"),
+    budgets: str = typer.Option("0.0625,0.125,0.25,0.5,0.75", help="shares of units kept exact"),
+    kinds: str = typer.Option("sink+window:sinks=4,window=64;sink+window:sinks=64,window=256",
+                              help="';'-separated replacements of the other heads: KERNEL[:option=value,...] (hedgehog is fitted)"),
+    sparse: Optional[str] = typer.Option(None, help="';'-separated sparse rows, every head replaced (default: oracle-topk, quest, vertical-slash, power)"),
+    unit: str = typer.Option("kv", help="kv: rank KV heads (a KV head's cache is kept whole) | head: rank query heads"),
+    seeds: Optional[int] = typer.Option(None, help="random draws (default 3; --quick 2)"),
+    tasks: str = typer.Option("passkey,niah", help="recall tasks of every cell: passkey, niah"),
+    lengths: Optional[str] = typer.Option(None, help="passkey and NIAH lengths in tokens (default 1024,4096,8000; --quick 128)"),
+    chunk: Optional[int] = typer.Option(None, help="query chunk of the replaced heads' prefill (default 64; 512 is faster on a GPU)"),
+    quick: bool = typer.Option(False, help="CPU sizes: short prompts, one sample per cell, 2 DuoAttention steps"),
+    time_limit: Optional[float] = typer.Option(None, help="start no new cell after this many seconds (rerun to resume)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/budget-MODEL-TIME); rerun to resume"),
+) -> None:
+    """Which heads must stay exact: each selector keeps a budget of heads exact and the rest become
+    streaming (or another kernel); plus sparse-attention rows.
+
+    Writes rankings.parquet, budget.parquet (kind, selector, seed, budget, task, accuracy with a 95 %
+    Wilson interval, perplexity, KV bytes), budget_samples.parquet, overlap.parquet (Jaccard of the
+    selectors' head sets), needle_keep.parquet (share of the needle each sparse rule keeps per head),
+    manifest.json and cells/ (one per finished cell, so a rerun resumes)."""
+    from attnprobe.analyses.budget import BudgetSizes, run_sweep, winners
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.probe.rundir import read_json
+
+    def listed(text):  # options hold commas, so specs are separated by ';'
+        return tuple(x.strip() for x in text.split(";") if x.strip())
+
+    chosen = dict(selectors=tuple(s.strip() for s in selectors.split(",") if s.strip()), budgets=tuple(_floats(budgets, "--budgets")),
+                  kinds=listed(kinds), unit=unit, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                  **{k: v for k, v in (("seeds", seeds), ("chunk", chunk)) if v is not None})
+    sizes = BudgetSizes.quick(**chosen) if quick else BudgetSizes(**chosen)
+    if sparse is not None:
+        sizes.sparse = listed(sparse)
+    if lengths:
+        sizes.passkey_lengths = sizes.niah_lengths = tuple(int(x) for x in _floats(lengths, "--lengths"))
+    loaded = _load(model)
+    out = _run_dir(out, "budget", model)
+    with console.status("budget sweep") as status:
+        tables = run_sweep(loaded, make_backend("native", loaded), out, sizes, from_run, time_limit,
+                           progress=lambda message: status.update(f"budget: {message}"))
+    for note in read_json(out / "manifest.json")["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    budget_table = tables["budget"]
+    if not budget_table.empty:
+        shown = budget_table[budget_table["task"] == "passkey"][["kind", "selector", "seed", "budget", "exact_heads", "accuracy",
+                                                                 "ci_low", "ci_high", "perplexity", "kv_bytes_per_token"]]
+        console.print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        console.print("best selector per budget (passkey):\n" + winners(budget_table).to_string(index=False))
+    console.print(f"-> {out}")
+
+
 def _attention_figures(run_dir: Path, prompt: str, layer: Optional[int], head: Optional[int], kernel: Optional[str],
                        log: bool, formats: tuple[str, ...]) -> None:
     import json
