@@ -109,7 +109,7 @@ def variant_edits(model: Model, kernel: FitResult | str | None, keep: set[Head])
     return edits
 
 
-def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, bytes_per_value: int = 2) -> tuple[int, int]:
+def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, bytes_per_value: int = 2, **options) -> tuple[int, int]:
     """(bytes per token that grow with context, fixed state bytes) at `bytes_per_value` (fp16/bf16).
 
     A KV head must cache K and V for every token if any of its query heads is softmax (or a sliding
@@ -118,7 +118,7 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
     kernel's own fixed-size state (`Kernel.state_numbers`)."""
     info = model.info
     group = info.n_heads // info.n_kv_heads
-    replacement = make_kernel(kernel, 1, info.head_dim) if kernel else None
+    replacement = make_kernel(kernel, 1, info.head_dim, **options) if kernel else None
     per_token, fixed = 0, 0
     kv_numbers = 2 * info.head_dim * bytes_per_value  # K and V of one token
     for layer in range(info.n_layers):

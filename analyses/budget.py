@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch
-
 from attnprobe.hooks.backend import Backend
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
@@ -37,10 +36,10 @@ from attnprobe.probe.retrieval import build_sample, load_needles
 from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
 from . import recall, selectors
-from .selectors import SELECTORS, DuoConfig
 from .ablation import wilson_interval
-from .architectures import LEARNED, fitted_kernel
+from .architectures import cache_bytes_per_token, fitted_kernel
 from .selection import Head
+from .selectors import SELECTORS, DuoConfig
 
 STREAMING = ("sink+window:sinks=4,window=64", "sink+window:sinks=64,window=256")  # today's and DuoAttention's
 SPARSE = ("oracle-topk:k=256", "quest:page=16,pages=16", "vertical-slash:vertical=128,slash=128", "power:window=64")
@@ -72,8 +71,8 @@ def parse_spec(text: str) -> Kind:
             options[key.strip()] = int(value)
         except ValueError:
             raise AttnprobeError(f"cannot read option '{item}' of '{text}': write KERNEL:name=integer,name=integer") from None
-    make_kernel(name, 1, 8, **options)  # unknown options fail here, before any model work
-    if name in LEARNED and options:
+    learnable = make_kernel(name, 1, 8, **options).learnable  # unknown options fail here, before any model work
+    if learnable and options:
         raise AttnprobeError(f"'{text}': a fitted kernel takes its options from the fit; give the name alone")
     return Kind(text.strip(), name, options)
 
@@ -105,13 +104,13 @@ class BudgetSizes:
     chunk: int = 64  # query chunk of the replaced heads' prefill (larger is faster on a GPU)
 
     @classmethod
-    def quick(cls, **overrides) -> "BudgetSizes":
-        small = dict(seeds=2, passkey_lengths=(128,), passkey_depths=(0.5,), passkey_samples=1, niah_lengths=(128,),
-                     niah_depths=(0.5,), niah_needles=1, perplexity_tokens=256, razor_length=16, razor_batch=2,
-                     duo=DuoConfig(lengths=(128,), passkeys=1, passkey_words=2, steps=2, sinks=4, window=16),
-                     fit_tokens=128, fit_steps=1, needle_samples=1,
-                     sparse=("oracle-topk:k=16", "quest:page=4,pages=4", "vertical-slash:vertical=8,slash=8,last=16",
-                             "power:window=8"))
+    def quick(cls, **overrides) -> BudgetSizes:
+        small = {"seeds": 2, "passkey_lengths": (128,), "passkey_depths": (0.5,), "passkey_samples": 1, "niah_lengths": (128,),
+                 "niah_depths": (0.5,), "niah_needles": 1, "perplexity_tokens": 256, "razor_length": 16, "razor_batch": 2,
+                 "duo": DuoConfig(lengths=(128,), passkeys=1, passkey_words=2, steps=2, sinks=4, window=16),
+                 "fit_tokens": 128, "fit_steps": 1, "needle_samples": 1,
+                 "sparse": ("oracle-topk:k=16", "quest:page=4,pages=4", "vertical-slash:vertical=8,slash=8,last=16",
+                            "power:window=8")}
         return cls(**{**small, **overrides})
 
 
@@ -192,28 +191,6 @@ def kind_edits(model: Model, kernel: FitResult | str, options: dict, keep: set[H
         if replaced:
             edits += swap_edits(model, kernel, layers=[layer], heads=replaced, **extra)
     return edits
-
-
-def cache_bytes(info: ModelInfo, keep: set[Head] | None, kernel, bytes_per_value: int = 2) -> tuple[int, int]:
-    """(bytes per token of context, fixed bytes) of the decode cache at fp16/bf16.
-
-    A KV head caches every token if any of its query heads is exact (a sliding layer: its window);
-    otherwise the kernel's `cached_tokens` (None: all) plus each replaced head's fixed state."""
-    group = info.n_heads // info.n_kv_heads
-    per_token = fixed = 0
-    kv_numbers = 2 * info.head_dim
-    for layer in range(info.n_layers):
-        window = info.window(layer)
-        for kv in range(info.n_kv_heads):
-            replaced = 0 if keep is None else sum((layer, kv * group + g) not in keep for g in range(group))
-            tokens = kernel.cached_tokens if replaced == group else None  # None: every token
-            if tokens is None and window is None:
-                per_token += kv_numbers * bytes_per_value
-            else:
-                fixed += kv_numbers * min(t for t in (tokens, window) if t is not None) * bytes_per_value
-            if replaced:
-                fixed += replaced * kernel.state_numbers(info.head_dim) * bytes_per_value
-    return per_token, fixed
 
 
 def evaluate(model: Model, backend: Backend, edits: Sequence[Edit], sizes: BudgetSizes, label: str) -> tuple[pd.DataFrame, float]:
@@ -353,11 +330,8 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     out.mkdir(parents=True, exist_ok=True)
     kernels = {}
     for spec, kind in kinds.items():
-        if kind.kernel in LEARNED:
-            progress(f"fitting {kind.kernel}")
-            kernels[spec] = fitted_kernel(model, backend, kind.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps)
-        else:
-            kernels[spec] = kind.kernel
+        progress(f"kernel {spec}")  # learned kernels are fitted once over every head (saved under fits/)
+        kernels[spec] = fitted_kernel(model, backend, kind.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps)
     rankings = selector_rankings(model, backend, out, sizes, census, {s: kernels[s] for s in sizes.kinds}, progress)
     write_parquet(out / "rankings.parquet", rankings)
     n_units = selectors.unit_count(info, sizes.unit)
@@ -377,11 +351,11 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
         progress(f"{cell.kind} {cell.selector} seed {cell.seed} budget {cell.budget:g}")
         keep = selectors.heads_of(info, sizes.unit, cell.units)
         kind = kinds.get(cell.kind)
-        kernel = None if kind is None else make_kernel(kind.kernel, 1, info.head_dim, **kind.options)
         edits = [] if kind is None else kind_edits(model, kernels[cell.kind], kind.options, keep, sizes.chunk)
         rows, perplexity = evaluate(model, backend, edits, sizes, cell.name)
         rows = rows.assign(kind=cell.kind, selector=cell.selector, seed=cell.seed, budget=cell.budget)
-        per_token, fixed = cache_bytes(info, None if kind is None else keep, kernel)
+        per_token, fixed = (cache_bytes_per_token(model, set(), None) if kind is None else
+                            cache_bytes_per_token(model, keep, kind.kernel, **kind.options))
         summary = summarise(cell, rows, perplexity, info, sizes.unit, per_token, fixed)
         write_parquet(where / "samples.parquet", rows)
         write_parquet(where / "summary.parquet", summary)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.probe.mechanisms import default_thresholds, mechanisms
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from . import style
 from .style import styled
@@ -383,6 +386,54 @@ def ablation_curves(ablation: pd.DataFrame) -> Figure:
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower left")
     fig.suptitle("Head ablation (bands: 95% CI over seeds)")
+    return fig
+
+
+@styled
+def budget_curve(budget: pd.DataFrame, task: str = "passkey") -> Figure:
+    """Recall against the share of heads kept exact, one line per selector and a panel per replacement
+    kind: bars are 95 % Wilson intervals; random is pooled over its draws, its band the range of the draws;
+    the dashed line is the original model, the cross every head replaced."""
+    require(budget, ["kind", "selector", "seed", "budget", "task", "correct", "n", "ci_low", "ci_high"], "budget.parquet")
+    from .ablation import wilson_interval
+
+    table = budget[budget["task"] == task]
+    if table.empty:
+        raise AttnprobeError(f"budget.parquet has no {task} rows: the sweep ran without that task")
+    kinds = [k for k in table["kind"].unique() if k != "none" and (table[table["kind"] == k]["selector"] != "sparse").all()]
+    fig = style.new_figure("column" if len(kinds) <= 1 else "full", height=2.4)
+    axes = fig.subplots(1, max(1, len(kinds)), squeeze=False, sharey=True)[0]
+    original = table[table["selector"] == "all-exact"]
+    ranked = table[~table["selector"].isin(["all-exact", "none-exact", "sparse"])]
+    colors = dict(zip(sorted(ranked["selector"].unique()), sns.color_palette("colorblind", 10)))
+    colors["random"] = style.SELECTION_COLORS["random"]
+    for ax, kind in zip(axes, kinds):
+        rows = ranked[ranked["kind"] == kind]
+        for selector, curve in rows.groupby("selector"):
+            pooled = curve.groupby("budget", as_index=False)[["correct", "n"]].sum()
+            pooled["accuracy"] = pooled["correct"] / pooled["n"]
+            bounds = [wilson_interval(int(c), int(n)) for c, n in zip(pooled["correct"], pooled["n"])]
+            low = pooled["accuracy"] - [b[0] for b in bounds]
+            high = [b[1] for b in bounds] - pooled["accuracy"]
+            draws = curve["seed"].nunique()
+            label = f"random ({draws} draws)" if selector == "random" else selector
+            ax.errorbar(pooled["budget"], pooled["accuracy"], yerr=[low, high], marker="o", ms=3, capsize=2,
+                        color=colors[selector], label=label)
+            if selector == "random" and draws > 1:
+                spread = curve.groupby("budget")["accuracy"].agg(["min", "max"]).reset_index()
+                ax.fill_between(spread["budget"], spread["min"], spread["max"], color=colors[selector], alpha=0.2, lw=0)
+        if not original.empty:
+            ax.axhline(float(original["accuracy"].iloc[0]), color="black", ls="--", lw=1, label="original (all exact)")
+        floor = table[(table["kind"] == kind) & (table["selector"] == "none-exact")]
+        if not floor.empty:
+            ax.plot([0], [float(floor["accuracy"].iloc[0])], marker="x", color="black", ls="none", label="none exact")
+        ax.set_title(kind, fontsize="small")
+        ax.set_xlabel("share of KV heads exact" if (rows["exact_heads"] > rows["units"]).any() else "share of heads exact")
+        ax.set_ylim(-0.03, 1.03)
+        sns.despine(ax=ax)
+    axes[0].set_ylabel(f"{task} accuracy")
+    axes[0].legend(loc="lower right", fontsize="x-small")
+    fig.suptitle(f"{task}: recall against exact-head budget (bars: 95 % Wilson intervals)")
     return fig
 
 

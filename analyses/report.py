@@ -28,6 +28,7 @@ TABLE_FILES = {
     "heads": "heads.parquet", "massive_layers": "massive_layers.parquet", "massive": "massive.parquet",
     "sinks": "sinks.parquet", "secondary_sinks": "secondary_sinks.parquet", "niah": "niah.parquet",
     "ablation": "ablation.parquet", "matrix": "matrix.parquet", "recall": "recall.parquet",
+    "budget": "budget.parquet",
 }
 JSON_FILES = {"manifest": "manifest.json", "sink_rate": "sink_rate.json"}
 TABLE_ROW_LIMIT = 60  # long event tables are cut in the report; the parquet files hold everything
@@ -102,6 +103,11 @@ FIGURES = (
                ("matrix",), lambda run: figures.mechanism_matrix(run.tables["matrix"])),
     FigureSpec("frontier", "Recall against decode memory and throughput, measured per architecture; star: the original, hollow: controls.",
                ("matrix", "recall"), lambda run: figures.frontier(run.tables["matrix"], run.tables["recall"])),
+    FigureSpec("budget_curve", "Passkey recall against the share of heads kept exact, per selector and replacement kind; "
+               "random pooled over its draws (band: range of the draws); bars: 95 % Wilson intervals.",
+               ("budget",), lambda run: figures.budget_curve(run.tables["budget"], "passkey")),
+    FigureSpec("budget_curve_niah", "NIAH recall against the share of heads kept exact, as above.",
+               ("budget",), lambda run: figures.budget_curve(run.tables["budget"], "niah")),
 )
 
 

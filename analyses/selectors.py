@@ -21,13 +21,12 @@ picks whole layers.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 import torch
-
 from attnprobe.hooks.backend import Backend
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
@@ -206,10 +205,10 @@ def gated_edits(model: Model, gates: torch.Tensor, sinks: int, window: int) -> l
     return edits
 
 
-def duo_gates(model: Model, backend: Backend, config: DuoConfig = DuoConfig(),
+def duo_gates(model: Model, backend: Backend, config: DuoConfig | None = None,
               progress: Callable[[int, float], None] | None = None) -> pd.DataFrame:
     """Train the gates (layer, kv_head) and return them as a KV-head score table (layer, unit, score)."""
-    info = model.info
+    info, config = model.info, config or DuoConfig()
     for length in config.lengths:
         if info.max_context and length + 200 > info.max_context:
             raise AttnprobeError(f"a DuoAttention training text of {length} tokens exceeds the model's window: use shorter lengths")

@@ -12,11 +12,11 @@ import torch
 
 from attnprobe.hooks.errors import AttnprobeError
 
-from . import decay, deltanet, gla, hybrid, linear, softmax
+from . import decay, deltanet, gla, hybrid, linear, softmax, sparse
 from .base import CHUNK, Family, Kernel
 
 FAMILIES: dict[str, Family] = {**softmax.FAMILY, **linear.FAMILY, **gla.FAMILY, **decay.FAMILY, **deltanet.FAMILY,
-                               **hybrid.FAMILY}
+                               **hybrid.FAMILY, **sparse.FAMILY}
 KERNELS = tuple(FAMILIES)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 TABLES = ("heads", "massive_layers", "massive", "sinks", "secondary_sinks", "sink_rate", "niah",
-          "ablation", "matrix", "recall")
+          "ablation", "matrix", "recall", "budget")
 TOKENS = ["<s>", ".", ",", "\n", " the", " of", " and", " key", " is", " 7"]
 
 
@@ -42,6 +42,7 @@ def write_synthetic_run(run_dir: Path, n_layers: int = 6, n_heads: int = 4, n_kv
         "ablation": _ablation(rng),
         "matrix": _matrix(),
         "recall": _recall(rng),
+        "budget": _budget(rng),
     }
     for name, table in tables.items():
         if name not in omit:
@@ -170,4 +171,21 @@ def _recall(rng) -> pd.DataFrame:
             for sample in range(4):
                 rows.append({"variant": variant, "task": "passkey", "length": length, "depth": 0.5, "sample": sample,
                              "correct": bool(rng.random() < skill)})
+    return pd.DataFrame(rows)
+
+
+def _budget(rng) -> pd.DataFrame:
+    """budget.parquet of a selector x budget sweep: references, two selectors, random over two draws."""
+    cells = [("none", "all-exact", -1, 1.0), ("sink+window:sinks=4,window=64", "none-exact", -1, 0.0)]
+    cells += [("sink+window:sinks=4,window=64", selector, seed, budget) for budget in (0.125, 0.25, 0.5)
+              for selector, seed in (("retrieval", 0), ("duo", 0), ("random", 0), ("random", 1))]
+    rows = []
+    for kind, selector, seed, budget in cells:
+        for task in ("passkey", "niah"):
+            n = 18
+            correct = int(rng.binomial(n, min(1.0, 0.2 + budget)))
+            rows.append({"kind": kind, "selector": selector, "seed": seed, "budget": budget, "units": int(budget * 18),
+                         "exact_heads": int(budget * 72), "task": task, "correct": correct, "n": n, "accuracy": correct / n,
+                         "ci_low": max(0.0, correct / n - 0.2), "ci_high": min(1.0, correct / n + 0.2), "perplexity": 20.0,
+                         "kv_bytes_per_token": int(budget * 1000), "fixed_bytes": 0})
     return pd.DataFrame(rows)

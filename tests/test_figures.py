@@ -32,6 +32,8 @@ EXPECTED = {
     "massive_locations": ("Where massive activations sit", {"layer", "position · dim · token"}),
     "recall_grids": ("Needle recall", {"context length (tokens)", "needle depth"}),
     "ablation_curves": ("Head ablation", {"heads ablated (K)", "accuracy"}),
+    "budget_curve": ("recall against exact-head budget", {"share of KV heads exact", "passkey accuracy"}),
+    "budget_curve_niah": ("recall against exact-head budget", {"share of KV heads exact", "niah accuracy"}),
     "mechanism_matrix": ("Mechanism loss by architecture", {"architecture", "mechanism present / metric"}),
     "frontier": ("What each architecture saves", {"passkey accuracy at 256 tokens", "decode tokens/s (more is faster) at 1024 tokens"}),
 }
@@ -86,7 +88,7 @@ def test_report_is_one_self_contained_file(run_dir):
 
 
 def test_missing_tables_are_skipped_and_reported(tmp_path):
-    omit = ("heads", "sinks", "niah", "secondary_sinks", "sink_rate", "massive", "ablation", "recall")
+    omit = ("heads", "sinks", "niah", "secondary_sinks", "sink_rate", "massive", "ablation", "recall", "budget")
     directory = write_synthetic_run(tmp_path / "run", omit=omit)
     skipped = {}
     paths = make_figures(directory, formats=("png",), on_skip=skipped.__setitem__)
@@ -116,7 +118,7 @@ def test_malformed_tables_are_skipped_not_fatal(tmp_path):
 
 def test_pdf_on_request_and_bad_inputs(tmp_path):
     directory = write_synthetic_run(tmp_path / "run", omit=("heads", "massive", "massive_layers", "sinks", "secondary_sinks",
-                                                            "niah", "ablation", "recall"))
+                                                            "niah", "ablation", "recall", "budget"))
     paths = make_figures(directory, formats=("pdf",))
     assert [path.name for path in paths] == ["mechanism_matrix.pdf"]
     assert paths[0].read_bytes().startswith(b"%PDF")

@@ -1,7 +1,14 @@
 """Sparse attention: exact softmax over the keys each query keeps (oracle top-k, Quest, MInference's
 vertical-slash, PowerAttention); references in naive.py."""
 from ..base import Family, check_options, constructor_options
-from .kernel import OracleTopK, PowerAttention, Quest, SparseKernel, SparseState, VerticalSlash
+from .kernel import (
+    OracleTopK,
+    PowerAttention,
+    Quest,
+    SparseKernel,
+    SparseState,
+    VerticalSlash,
+)
 
 RULES = {cls.name: cls for cls in (OracleTopK, Quest, VerticalSlash, PowerAttention)}
 SUMMARIES = {
@@ -19,4 +26,4 @@ def build(name: str, n_heads: int, head_dim: int, chunk: int, **options) -> Spar
 
 
 FAMILY = {name: Family(build, "sparse", SUMMARIES[name]) for name in RULES}
-__all__ = ["RULES", "SparseKernel", "SparseState", "FAMILY"]
+__all__ = ["FAMILY", "RULES", "SparseKernel", "SparseState"]

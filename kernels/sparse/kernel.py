@@ -177,7 +177,7 @@ class VerticalSlash(SparseKernel):
             return visible
         columns, diagonals = context if context is not None else self.context(q, k, scaling)
         n = k.shape[2]
-        columns, diagonals = columns[..., :n], diagonals
+        columns = columns[..., :n]
         offsets = (rows[:, None].to(q.device) - torch.arange(n, device=q.device)[None, :]).clamp(min=0, max=diagonals.shape[-1] - 1)
         return visible & (columns[..., None, :] | diagonals[..., offsets])
 

@@ -1,0 +1,140 @@
+"""The selector x budget sweep on a tiny model with a planted census table: cells, intervals, bytes,
+overlaps, needle shares, resuming, the CLI command and the budget figure."""
+import dataclasses
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from attnprobe.analyses import budget, figures
+from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.model import load_model
+from tiny_hf import tiny_model_dir
+
+PLANTED_TOP = (1, 3)  # the planted census's best retrieval head
+
+
+def small_sizes(**overrides):
+    return budget.BudgetSizes.quick(**{"budgets": (0.25, 0.5), "selectors": ("retrieval", "random"), "seeds": 2,
+                                       "kinds": ("sink+window:sinks=2,window=8",), "sparse": ("oracle-topk:k=8",),
+                                       "tasks": ("passkey",), **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    path = tiny_model_dir(root)
+    census = root / "census"
+    census.mkdir()
+    pd.DataFrame([{"layer": l, "head": h, "kv_head": h // 2, "retrieval_score": 0.9 if (l, h) == PLANTED_TOP else 0.01 * h}
+                  for l in range(2) for h in range(4)]).to_parquet(census / "heads.parquet", index=False)
+    model = load_model(str(path))
+    return path, census, model, make_backend("native", model)
+
+
+@pytest.fixture(scope="module")
+def swept(tiny, tmp_path_factory):
+    _, census, model, backend = tiny
+    out = tmp_path_factory.mktemp("sweep")
+    return out, budget.run_sweep(model, backend, out, small_sizes(), census)
+
+
+def test_sweep_writes_every_cell_with_intervals_and_bytes(swept):
+    out, tables = swept
+    table = tables["budget"]
+    for name in ("rankings", "budget", "budget_samples", "overlap", "needle_keep"):
+        assert (out / f"{name}.parquet").exists()
+    cells = table[["kind", "selector", "seed", "budget"]].drop_duplicates()
+    assert len(cells) == 1 + 1 + 1 + 2 * (1 + 2)  # original, all replaced, one sparse row, 2 budgets x 3 rankings
+    assert (table["ci_low"] <= table["accuracy"]).all() and (table["accuracy"] <= table["ci_high"]).all()
+    original = table[table["selector"] == "all-exact"].iloc[0]
+    replaced = table[table["selector"] == "none-exact"].iloc[0]
+    assert original["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2 and original["fixed_bytes"] == 0  # 2 layers x 2 KV heads x K,V x d 16 x 2 B
+    assert replaced["kv_bytes_per_token"] == 0 and replaced["fixed_bytes"] == 4 * 2 * 16 * (2 + 8) * 2
+    half = table[(table["selector"] == "retrieval") & (table["budget"] == 0.5)].iloc[0]
+    assert half["units"] == 2 and half["exact_heads"] == 4 and half["kv_bytes_per_token"] == original["kv_bytes_per_token"] / 2
+    sparse = table[table["selector"] == "sparse"].iloc[0]
+    assert sparse["kv_bytes_per_token"] == original["kv_bytes_per_token"]  # sparse rules read fewer keys, they keep them all
+
+
+def test_rankings_follow_the_census_and_overlaps_compare_them(swept):
+    _, tables = swept
+    rankings, overlap = tables["rankings"], tables["overlap"]
+    retrieval = rankings[rankings["selector"] == "retrieval"].sort_values("rank")
+    assert (retrieval.iloc[0]["layer"], retrieval.iloc[0]["unit"]) == (1, PLANTED_TOP[1] // 2)
+    assert set(overlap["budget"]) == {0.25, 0.5} and overlap["jaccard"].between(0, 1).all()
+    assert len(overlap) == 2 * 3  # 3 pairs among retrieval, random 0, random 1 at each budget
+
+
+def test_needle_shares_are_shares_and_the_oracle_keeps_its_budget(swept):
+    _, tables = swept
+    needle = tables["needle_keep"]
+    assert set(needle["query"]) == {"answer step", "last prefill query"}
+    assert needle[["kept_share", "needle_share", "answer_share"]].stack().between(0, 1).all()
+    assert (needle["kept_share"] < 1).all()  # 8 + 4 sink keys of a 128-token prompt
+
+
+def test_a_rerun_resumes_without_evaluating_and_a_time_limit_skips_cells(tiny, swept, monkeypatch, tmp_path):
+    _, census, model, backend = tiny
+    out, tables = swept
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was evaluated again")
+
+    monkeypatch.setattr(budget, "evaluate", refuse)
+    again = budget.run_sweep(model, backend, out, small_sizes(), census)
+    pd.testing.assert_frame_equal(again["budget"], tables["budget"])
+    monkeypatch.undo()
+    limited = budget.run_sweep(model, backend, tmp_path, small_sizes(sparse=()), census, time_limit=0)
+    assert limited["budget"].empty
+    assert budget.read_json(tmp_path / "manifest.json")["cells_skipped_for_time"] == 1 + 1 + 2 * 3
+
+
+def test_bad_specs_and_missing_census_are_user_errors(tiny, tmp_path):
+    _, _, model, backend = tiny
+    with pytest.raises(AttnprobeError, match="unknown kernel"):
+        budget.parse_spec("streaming:4+64")
+    with pytest.raises(AttnprobeError, match="no option"):
+        budget.parse_spec("sink+window:sink=4")
+    with pytest.raises(AttnprobeError, match="integer"):
+        budget.parse_spec("sink+window:sinks=four")
+    with pytest.raises(AttnprobeError, match="--from"):
+        budget.run_sweep(model, backend, tmp_path, small_sizes(), None)
+
+
+def test_one_kv_head_per_layer_is_said(tiny):
+    info = dataclasses.replace(tiny[2].info, n_kv_heads=1)
+    assert any("whole layers" in note for note in budget.notes(info, "kv"))
+    assert not any("whole layers" in note for note in budget.notes(tiny[2].info, "kv"))
+
+
+def test_winners_pool_the_random_draws(swept):
+    _, tables = swept
+    best = budget.winners(tables["budget"])
+    assert set(best["budget"]) == {0.25, 0.5} and set(best["selector"]) <= {"retrieval", "random"}
+
+
+def test_budget_figure_draws_lines_bands_and_references(swept):
+    _, tables = swept
+    figure = figures.budget_curve(tables["budget"], "passkey")
+    axes = figure.axes[0]
+    labels = axes.get_legend_handles_labels()[1]
+    assert any("retrieval" in label for label in labels) and any("random" in label for label in labels)
+    assert any("original" in label for label in labels)
+    assert axes.collections  # the random band and the intervals
+
+
+def test_cli_budget_runs_on_the_tiny_model(tiny, tmp_path):
+    path, census, _, _ = tiny
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "attnprobe.analyses.cli", "budget", "--model", str(path), "--from", str(census),
+                             "--quick", "--selectors", "retrieval", "--budgets", "0.5", "--kinds", "sink+window:sinks=2,window=8",
+                             "--sparse", "", "--tasks", "passkey", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "best selector per budget" in result.stdout and (out / "budget.parquet").exists()
+    table = pd.read_parquet(out / "budget.parquet")
+    assert set(table["selector"]) == {"all-exact", "none-exact", "retrieval"}
+    bad = subprocess.run([sys.executable, "-m", "attnprobe.analyses.cli", "budget", "--model", str(path), "--quick",
+                          "--selectors", "retrieval", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600, check=False)
+    assert bad.returncode == 2 and "--from" in bad.stderr
