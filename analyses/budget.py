@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model, ModelInfo
-from attnprobe.hooks.native import decoder_layers
+from attnprobe.hooks.backends.base import decoder_layers
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.hooks.swap import swap_edits
@@ -224,20 +224,22 @@ def _safe(text: str) -> str:
 
 
 def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Cell]:
-    """Cells in the order they run: the references, the sparse rows, then each kind's budgets x selectors."""
+    """Cells in the order they run (a time limit cuts the tail): the references, the first kind's
+    budgets x selectors, the sparse rows, then the other kinds."""
     n_units = selectors.unit_count(info, sizes.unit)
     everyone = selectors.all_units(info, sizes.unit)
     cells = [Cell("none", "all-exact", -1, 1.0, everyone)]
     cells += [Cell(kind, "none-exact", -1, 0.0, []) for kind in sizes.kinds]
-    cells += [Cell(rule, "sparse", -1, 0.0, []) for rule in sizes.sparse]
+    grids = []
     for kind in sizes.kinds:
-        ranked = for_kind(rankings, kind)
+        ranked, grid = for_kind(rankings, kind), []
         for fraction in sizes.budgets:
             count = selectors.budget_count(fraction, n_units)
             for selector, seed in ranked[["selector", "seed"]].drop_duplicates().itertuples(index=False):
-                units = selectors.kept_units(ranked, selector, int(seed), count)
-                cells.append(Cell(kind, selector, int(seed), fraction, units))
-    return cells
+                grid.append(Cell(kind, selector, int(seed), fraction, selectors.kept_units(ranked, selector, int(seed), count)))
+        grids.append(grid)
+    sparse = [Cell(rule, "sparse", -1, 0.0, []) for rule in sizes.sparse]
+    return cells + (grids[0] if grids else []) + sparse + [cell for grid in grids[1:] for cell in grid]
 
 
 def summarise(cell: Cell, samples: pd.DataFrame, perplexity: float, info: ModelInfo, unit: str,
@@ -338,6 +340,10 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     overlap = pd.concat([selectors.overlap_table(for_kind(rankings, kind), sizes.budgets, n_units).assign(kind=kind)
                          for kind in sizes.kinds], ignore_index=True) if sizes.kinds else pd.DataFrame()
     write_parquet(out / "overlap.parquet", overlap)
+    needle_path = out / "needle_keep.parquet"
+    if sizes.sparse and not needle_path.exists():
+        progress("needle shares of the sparse rules")
+        write_parquet(needle_path, needle_keep(model, backend, sizes.sparse, sizes))
     summaries, samples, skipped = [], [], 0
     for cell in plan(sizes, rankings, info):
         where = out / "cells" / cell.name
@@ -364,10 +370,6 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     budget = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
     write_parquet(out / "budget.parquet", budget)
     write_parquet(out / "budget_samples.parquet", pd.concat(samples, ignore_index=True) if samples else pd.DataFrame())
-    needle_path = out / "needle_keep.parquet"
-    if sizes.sparse and not needle_path.exists() and (time_limit is None or time.time() - started <= time_limit):
-        progress("needle shares of the sparse rules")
-        write_parquet(needle_path, needle_keep(model, backend, sizes.sparse, sizes))
     manifest = {"command": "budget", "model_id": info.model_id, "weights_sha256": info.weights_sha256,
                 "census": str(census) if census else None, "sizes": asdict(sizes), "notes": notes(info, sizes.unit),
                 "cells_skipped_for_time": skipped, "wall_time_s": time.time() - started, "info": info.to_dict()}

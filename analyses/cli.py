@@ -437,7 +437,7 @@ def budget(
     selectors' head sets), needle_keep.parquet (share of the needle each sparse rule keeps per head),
     manifest.json and cells/ (one per finished cell, so a rerun resumes)."""
     from attnprobe.analyses.budget import BudgetSizes, run_sweep, winners
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.rundir import read_json
 
     def listed(text):  # options hold commas, so specs are separated by ';'
@@ -453,9 +453,14 @@ def budget(
         sizes.passkey_lengths = sizes.niah_lengths = tuple(int(x) for x in _floats(lengths, "--lengths"))
     loaded = _load(model)
     out = _run_dir(out, "budget", model)
+    started = time.time()
     with console.status("budget sweep") as status:
-        tables = run_sweep(loaded, make_backend("native", loaded), out, sizes, from_run, time_limit,
-                           progress=lambda message: status.update(f"budget: {message}"))
+        def progress(message):  # a log (not a terminal) gets one timed line per step
+            status.update(f"budget: {message}")
+            if not console.is_terminal:
+                console.print(f"[{time.time() - started:7.1f} s] {message}", highlight=False)
+
+        tables = run_sweep(loaded, make_backend("native", loaded), out, sizes, from_run, time_limit, progress)
     for note in read_json(out / "manifest.json")["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     budget_table = tables["budget"]

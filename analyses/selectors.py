@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model, ModelInfo

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 from attnprobe.analyses import budget, figures
-from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 from tiny_hf import tiny_model_dir
