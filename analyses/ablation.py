@@ -137,10 +137,15 @@ def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[in
                            .assign(selection="random", k=k, seed=seed))
             progress(f"random-{k} seed {seed}")
     rows = pd.concat(samples, ignore_index=True)
+    return wilson_summary(rows), rows
+
+
+def wilson_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (task, selection, k, seed) of sample rows with a boolean `correct`, with its 95 % Wilson interval."""
     summary = []
     for (task_name, selection, k, seed), group in rows.groupby(["task", "selection", "k", "seed"]):
         correct, total = int(group["correct"].sum()), len(group)
         low, high = wilson_interval(correct, total)
         summary.append({"task": task_name, "selection": selection, "k": int(k), "seed": int(seed),
                         "accuracy": correct / total, "n": total, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(summary), rows
+    return pd.DataFrame(summary)

@@ -7,7 +7,7 @@ the heads it replaces from that fit, so variants differ only in which heads stay
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from attnprobe.kernels.registry import make_kernel, names
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.mechanisms import mechanisms
+from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
 from . import recall
 
@@ -84,15 +85,33 @@ def catalogue(model: Model) -> dict[str, Variant]:
     return {v.name: v for v in variants}
 
 
+def _saved_fit(where: Path, model: Model, tokens: int, steps: int) -> FitResult | None:
+    """The fit saved in `where` if its budget (tokens, steps) and heads (every head) are this run's; else None.
+
+    A damaged fit (truncated manifest or parameters) counts as absent: it is fitted again."""
+    try:
+        fit = load_fit(where, model.info.weights_sha256)
+    except AttnprobeError:
+        raise  # fitted on other weights: the user must choose
+    except Exception:  # truncated JSON or safetensors: refit
+        return None
+    every_head = {layer: list(range(model.info.n_heads)) for layer in range(model.info.n_layers)}
+    same = fit.steps == steps and fit.tokens == tokens and {int(k): list(v) for k, v in fit.heads.items()} == every_head
+    return fit if same else None
+
+
 def fitted_kernel(model: Model, backend: Backend, kernel: str, fit_dir: Path, tokens: int, steps: int) -> FitResult | str:
-    """A fit over every head, loaded from `fit_dir/kernel` or made and saved there; a name for parameter-free kernels."""
+    """A fit over every head, loaded from `fit_dir/kernel` when it was made with this budget, or made and saved there;
+    a name for parameter-free kernels."""
     if not make_kernel(kernel, 1, model.info.head_dim).learnable:
         return kernel
     where = fit_dir / kernel.replace("+", "_")
-    if (where / "manifest.json").exists():
-        return load_fit(where, model.info.weights_sha256)
     length = min(512, tokens)
     ids = torch.tensor(texts.held_out_ids(model.tokenizer, tokens)[: (tokens // length) * length]).view(-1, length)
+    if (where / "manifest.json").exists():
+        saved = _saved_fit(where, model, ids.numel(), steps)
+        if saved is not None:
+            return saved
     result = fit_heads(backend, ids, kernel, list(range(model.info.n_layers)), steps=steps, progress=True)
     save_fit(result, where, model.info.weights_sha256)
     return result
@@ -138,22 +157,48 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
     return per_token, fixed
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MatrixSizes:
-    """Sizes of each variant's evaluation; the defaults run on a 2-core CPU in a few minutes per variant."""
+    """Sizes of each variant's evaluation; the defaults run on a 2-core CPU in a few minutes per variant.
+    The swap command's options are built from these fields."""
 
-    passkey_lengths: tuple[int, ...] = (256, 512, 1024)
-    passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    kv_pairs: tuple[int, ...] = (4, 16, 32)
-    copy_lengths: tuple[int, ...] = (16, 32)
-    samples: int = 2
-    perplexity_tokens: int = 2048
-    census: bool = True
-    census_lengths: tuple[int, ...] = (512, 1024)
-    fit_tokens: int = 2048
-    fit_steps: int = 30
-    efficiency_contexts: tuple[int, ...] = (256, 1024)  # measured columns per context (GPU: 2048, 8192, 32768)
-    decode_tokens: int = 16
+    passkey_lengths: tuple[int, ...] = _option((256, 512, 1024), "passkey context lengths in tokens")
+    passkey_depths: tuple[float, ...] = _option((0.0, 0.5, 1.0), "passkey depths (0-1)")
+    kv_pairs: tuple[int, ...] = _option((4, 16, 32), "key-value recall: pairs per prompt")
+    copy_lengths: tuple[int, ...] = _option((16, 32), "copying: tokens per string")
+    samples: int = _option(2, "samples per recall cell")
+    perplexity_tokens: int = _option(2048, "held-out tokens for perplexity")
+    census: bool = _option(True, "re-run a small census on each modified model")
+    census_lengths: tuple[int, ...] = _option((512, 1024), "NIAH lengths of that census")
+    fit_tokens: int = _option(2048, "calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)")
+    fit_steps: int = _option(30, "Adam steps of attention transfer per layer")
+    efficiency_contexts: tuple[int, ...] = _option((256, 1024), "contexts of the measured efficiency columns (GPU: 2048,8192,32768)")
+    decode_tokens: int = _option(16, "decoded tokens per efficiency measurement")
+
+    def __post_init__(self) -> None:
+        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "census_lengths", "efficiency_contexts"):
+            values = tuple(getattr(self, name))
+            if not values or any(int(v) != v or v < 1 for v in values):
+                raise AttnprobeError(f"--{name.replace('_', '-')} takes whole numbers of at least 1, got {list(values)}")
+            setattr(self, name, tuple(int(v) for v in values))
+        if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
+            raise AttnprobeError(f"--passkey-depths are fractions 0-1, got {list(self.passkey_depths)}")
+        self.passkey_depths = tuple(float(d) for d in self.passkey_depths)
+        for name, low in (("samples", 1), ("perplexity_tokens", 2), ("fit_tokens", 1), ("fit_steps", 0), ("decode_tokens", 1)):
+            if getattr(self, name) < low:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+
+    @classmethod
+    def quick(cls, **given) -> "MatrixSizes":
+        """Tiny sizes for a smoke run; sizes the user gave explicitly (`given`) are kept."""
+        small = dict(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
+                     perplexity_tokens=256, census_lengths=(128,), fit_tokens=256, fit_steps=2, efficiency_contexts=(64,),
+                     decode_tokens=4)
+        return cls(**{**small, **given})
 
 
 def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes) -> dict:
@@ -209,3 +254,73 @@ def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd
         with backend.standing_edits(edits):
             row.update(census_presence(model, backend, out / "census" / name, sizes))
     return row, rows
+
+
+def _readable(*paths: Path) -> bool:
+    try:
+        for path in paths:
+            read_json(path) if path.suffix == ".json" else pd.read_parquet(path)
+        return True
+    except Exception:  # a truncated file: the variant is evaluated again
+        return False
+
+
+def run_matrix(model: Model, backend: Backend, variants: list[Variant], heads: pd.DataFrame | None, out: Path,
+               sizes: MatrixSizes, command: str = "matrix", progress: Callable[[str], None] = lambda m: None,
+               on_row: Callable[[dict], None] = lambda row: None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate `variants` into `out`, each saved under variants/ the moment it finishes, and write the
+    matrix (matrix.parquet, matrix.md, recall.parquet, niah.parquet). A rerun resumes: finished variants with
+    the same settings are read back, damaged ones redone; a directory holding a swap with other settings
+    (weights, sizes, fit budget, or a variant's kernel or softmax heads) is refused."""
+    settings = {"command": command, "weights_sha256": model.info.weights_sha256, "sizes": asdict(sizes),
+                "variants": {v.name: {"kernel": v.kernel, "keep": sorted(map(list, v.keep(model, heads)))} for v in variants}}
+    _check_settings(out, json_ready(settings))
+    rows, recall_rows = [], []
+    for variant in variants:
+        done, samples_path = out / "variants" / f"{variant.name}.json", out / "variants" / f"{variant.name}.parquet"
+        if done.exists() and _readable(done, samples_path):
+            rows.append(read_json(done))
+            recall_rows.append(pd.read_parquet(samples_path))
+            continue
+        row, samples = evaluate_variant(model, backend, variant, heads, out, sizes, progress)
+        samples = samples.drop(columns=["response"], errors="ignore")
+        write_parquet(samples_path, samples)
+        write_json(done, row)
+        rows.append(row)
+        recall_rows.append(samples)
+        on_row(row)
+    table = pd.DataFrame(rows)
+    recall_table = pd.concat(recall_rows, ignore_index=True)
+    write_parquet(out / "matrix.parquet", table)
+    write_parquet(out / "recall.parquet", recall_table)
+    write_parquet(out / "niah.parquet", recall_table[recall_table["task"] == "passkey"])
+    (out / "matrix.md").write_text(table.drop(columns=["description"]).to_markdown(index=False, floatfmt=".3g") + "\n")
+    return table, recall_table
+
+
+def json_ready(value):
+    """`value` as it reads back from JSON (tuples become lists), so saved and new settings compare equal."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _check_settings(out: Path, wanted: dict) -> None:
+    """Refuse a directory whose finished variants were made with other settings; unfinished work never blocks."""
+    path = out / "shards" / "swap.json"
+    try:
+        previous = read_json(path) if path.exists() else None
+    except ValueError:  # truncated by a crash: the variants' own files say what is done
+        previous = None
+    finished = {p.stem for p in (out / "variants").glob("*.json")} if (out / "variants").is_dir() else set()
+    if previous is not None and finished:
+        old, new = previous.get("variants", {}), wanted["variants"]
+        if previous.get("weights_sha256") != wanted["weights_sha256"] or previous.get("sizes") != wanted["sizes"]:
+            raise AttnprobeError(f"{out} holds a swap with other model weights or sizes (fit budget, recall sizes): use a new --out")
+        clash = sorted(name for name in finished & set(new) if old.get(name, new[name]) != new[name])
+        if wanted["command"] == "swap" or previous.get("command") == "swap":
+            clash += sorted(finished - set(new))
+        if clash:
+            raise AttnprobeError(f"{out} holds a swap with other settings ({', '.join(clash)}: kernel or heads): use a new --out")
+        wanted = {**wanted, "variants": {**{k: v for k, v in old.items() if k in finished}, **new}}
+    write_json(path, wanted)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.probe import mechanisms
+from attnprobe.analyses.architectures import MatrixSizes
 from attnprobe.probe.census import CensusConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -70,7 +71,7 @@ def _floats(text: str, name: str) -> list[float]:
         raise AttnprobeError(f"{name} takes comma-separated numbers, got '{text}'") from None
 
 
-def _list_option(text: str, name: str, kind: type) -> list:
+def _sequence_option(text: str, name: str, kind: type) -> list:
     values = _floats(text, name)
     if kind is int:
         if any(v != int(v) for v in values):
@@ -81,42 +82,45 @@ def _list_option(text: str, name: str, kind: type) -> list:
 
 def config_options(config_class, exclude: tuple[str, ...] = ()):
     """Decorator: give a command one option per field of the dataclass `config_class` (help from the field's
-    metadata, default from the field) and one --ROLE-threshold per registered role threshold; the command
-    receives the built `config` instead. A new setting is a new field, never a restated option."""
+    metadata, default from the field; lists and tuples as comma-separated text) and, when the class has
+    `thresholds`, one --ROLE-threshold per registered role. The command receives the built `config` (and, if
+    it takes `given`, the names of the fields set on the command line). A new setting is a new field."""
     hints = typing.get_type_hints(config_class)
     fields = [f for f in dataclasses.fields(config_class) if f.name not in exclude and f.metadata.get("cli", True)]
+    sequence = {f.name: typing.get_args(hints[f.name])[0] for f in fields if typing.get_origin(hints[f.name]) in (list, tuple)}
+    thresholds = mechanisms.default_thresholds() if "thresholds" in hints else {}
 
     def option_for(f):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = hints[f.name]
-        if typing.get_origin(kind) is list:
+        if f.name in sequence:
             return str, ",".join(str(v) for v in default)
-        if type(None) in typing.get_args(kind):
+        if type(None) in typing.get_args(hints[f.name]):
             return Optional[str], default
-        return kind, default
+        return hints[f.name], default
 
     def decorate(command):
         own = inspect.signature(command)
-        params = [p for p in own.parameters.values() if p.name != "config"]
+        params = [p for p in own.parameters.values() if p.name not in ("config", "given")]
         for f in fields:
             annotation, default = option_for(f)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                             default=typer.Option(default, help=f.metadata.get("help"))))
-        thresholds = mechanisms.default_thresholds() if "thresholds" in hints else {}
         for role, default in thresholds.items():
             params.append(inspect.Parameter(f"{role}_threshold", inspect.Parameter.KEYWORD_ONLY, annotation=float,
                                             default=typer.Option(default, help=f"threshold of the {role.replace('_', ' ')} role")))
 
+        params.append(inspect.Parameter("_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
         @functools.wraps(command)
-        def wrapper(**kwargs):
+        def wrapper(_context: typer.Context, **kwargs):
             values = {}
             for f in fields:
                 value = kwargs.pop(f.name)
-                if typing.get_origin(hints[f.name]) is list:
-                    value = _list_option(value, f"--{f.name.replace('_', '-')}", typing.get_args(hints[f.name])[0])
-                values[f.name] = value
+                values[f.name] = _sequence_option(value, f"--{f.name.replace('_', '-')}", sequence[f.name]) if f.name in sequence else value
             if thresholds:
                 values["thresholds"] = {role: kwargs.pop(f"{role}_threshold") for role in thresholds}
+            if "given" in own.parameters:
+                kwargs["given"] = {f.name for f in fields if getattr(_context.get_parameter_source(f.name), "name", "") == "COMMANDLINE"}
             return command(config=config_class(**values), **kwargs)
 
         del wrapper.__wrapped__  # typer reads the signature below, not the command's own
@@ -205,13 +209,23 @@ def figures(
     The report is one self-contained file (images inlined, no network). Figures whose tables the run
     lacks are skipped and listed. With --prompt, attention maps (a grid of the layer's heads, one head,
     and the head against a kernel replacing it) are drawn first and included in the report."""
-    from attnprobe.analyses.report import write_report
+    from attnprobe.analyses import figures as drawing
+    from attnprobe.analyses.report import load_run, write_report
+    from attnprobe.analyses.style import check_formats
 
     if not run_dir.is_dir():
         raise AttnprobeError(f"run directory not found: {run_dir}")
     chosen_formats = tuple(f.strip() for f in formats.split(",") if f.strip())
+    check_formats(chosen_formats)
     if prompt is not None:
-        _attention_figures(run_dir, prompt, layer, head, kernel, log, chosen_formats)
+        from attnprobe.hooks.backends import make_backend
+
+        manifest = load_run(run_dir).manifest
+        if not manifest or "model_id" not in manifest:
+            raise AttnprobeError(f"{run_dir / 'manifest.json'} is missing or unreadable: attention maps need the run's model")
+        loaded = _load(manifest["model_id"])
+        drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
+                                  log, chosen_formats)
     with console.status("drawing figures"):
         report = write_report(run_dir, chosen_formats)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
@@ -257,7 +271,7 @@ def ablate(
     Writes ablation.parquet (task, selection, k, seed, accuracy, n, 95 % Wilson interval), niah.parquet
     (every sample: variant, task, length, depth, correct) and manifest.json."""
     from attnprobe.analyses import recall
-    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, masking_sweep, wilson_interval
+    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, masking_sweep, wilson_summary
     from attnprobe.analyses.selection import parse_heads
     from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.rundir import write_parquet
@@ -293,12 +307,7 @@ def ablate(
             ablated = evaluate(loaded, backend_impl, ablation_edits(loaded, backend_impl, chosen, mode), run_task,
                                "ablated").assign(selection="chosen", k=len(chosen), seed=seed)
         rows = pd.concat([original, ablated], ignore_index=True)
-        summary = []
-        for (name, selection, k, s), group in rows.groupby(["task", "selection", "k", "seed"]):
-            low, high = wilson_interval(int(group["correct"].sum()), len(group))
-            summary.append({"task": name, "selection": selection, "k": int(k), "seed": int(s),
-                            "accuracy": float(group["correct"].mean()), "n": len(group), "ci_low": low, "ci_high": high})
-        summary = pd.DataFrame(summary)
+        summary = wilson_summary(rows)
         chosen_label = ",".join(f"{l}.{h}" for l, h in chosen)
     write_parquet(out / "ablation.parquet", summary)
     write_parquet(out / "niah.parquet", rows.drop(columns=[c for c in ("response",) if c in rows]))
@@ -313,21 +322,20 @@ def ablate(
 
 
 @app.command()
+@config_options(MatrixSizes)
 def swap(
+    config: MatrixSizes,
+    given: set,
     model: str = ModelOption,
     kernel: Optional[str] = typer.Option(None, help="softmax | elu | relu | taylor | performer | hedgehog | window+linear | sink+window | sink+window+linear"),
     heads: Optional[str] = HeadsOption,
     layers: Optional[str] = LayersOption,
     from_run: Optional[Path] = FromOption,
-    fit_tokens: int = typer.Option(2048, help="calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)"),
-    fit_steps: int = typer.Option(30, help="Adam steps of attention transfer per layer"),
     matrix: bool = typer.Option(False, "--matrix", help="evaluate the named architectures and write the mechanism-loss matrix"),
     variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all; --list-variants shows them)"),
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
-    census: bool = typer.Option(True, help="re-run a small census on each modified model"),
-    quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
-    efficiency_contexts: Optional[str] = typer.Option(None, help="contexts of the measured decode columns, e.g. 2048,8192,32768 (default 256,1024)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume a matrix"),
+    quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run); sizes given explicitly are kept"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume"),
 ) -> None:
     """Replace heads in place with linear or hybrid kernels and measure what is lost.
 
@@ -336,28 +344,29 @@ def swap(
     present, passkey / key-value / copy accuracy, perplexity, KV or state bytes per token),
     recall.parquet (every sample), fits/ (fitted kernels as safetensors + manifest) and census/ per
     architecture."""
-    from attnprobe.analyses.architectures import MatrixSizes, Variant, catalogue, evaluate_variant
+    from attnprobe.analyses.architectures import Variant, catalogue, run_matrix
     from attnprobe.analyses.selection import parse_heads
     from attnprobe.hooks.backends import make_backend
     from attnprobe.kernels.registry import KERNELS
-    from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
+    sizes = MatrixSizes.quick(**{name: getattr(config, name) for name in given}) if quick else config
+    if not matrix and not list_variants:
+        if kernel is None:
+            raise AttnprobeError("say what to swap: --kernel NAME with --heads/--layers, or --matrix")
+        if kernel not in KERNELS:
+            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
+    heads_table = _heads_table(from_run) if from_run is not None else None
     loaded = _load(model)
     names = catalogue(loaded)
     if list_variants:
         for variant in names.values():
             console.print(f"{variant.name:<24} {variant.description}")
         return
-    heads_table = None
-    if from_run is not None:
-        if not (from_run / "heads.parquet").exists():
-            raise AttnprobeError(f"{from_run / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(from_run / "heads.parquet")
     if matrix:
-        wanted = [v.strip() for v in variants.split(",")] if variants else list(names)
+        wanted = [v.strip() for v in variants.split(",") if v.strip()] if variants else list(names)
         unknown = [v for v in wanted if v not in names]
-        if unknown:
-            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+        if unknown or not wanted:
+            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(names)}")
         if heads_table is None:
             skipped = [v for v in wanted if v.startswith("keep-")]
             if skipped:
@@ -365,48 +374,22 @@ def swap(
             wanted = [v for v in wanted if v not in skipped]
         chosen_variants = [names[v] for v in wanted]
     else:
-        if kernel is None:
-            raise AttnprobeError("say what to swap: --kernel NAME with --heads/--layers, or --matrix")
-        if kernel not in KERNELS:
-            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
         replaced = set(parse_heads(heads, loaded.info, from_run, 0, None, layers or (None if heads else f"0-{loaded.info.n_layers - 1}")))
         everyone = {(l, h) for l in range(loaded.info.n_layers) for h in range(loaded.info.n_heads)}
         keep = everyone - replaced
         chosen_variants = [names["original"], Variant(f"swap-{kernel}", kernel, lambda m, t: keep, f"{len(replaced)} heads {kernel}")]
-    sizes = MatrixSizes(census=census, fit_tokens=fit_tokens, fit_steps=fit_steps)
-    if quick:
-        sizes = MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                            perplexity_tokens=256, census=census, census_lengths=(128,), fit_tokens=256, fit_steps=2,
-                            efficiency_contexts=(64,), decode_tokens=4)
-    if efficiency_contexts:
-        sizes.efficiency_contexts = tuple(_list_option(efficiency_contexts, "--efficiency-contexts", int))
     out = _run_dir(out, "swap", model)
-    backend_impl = make_backend("native", loaded)
     started = time.time()
-    rows, recall_rows = [], []
+
+    def report(row):
+        console.print(f"{row['architecture']}: passkey {row['passkey_acc']:.2f}, kv {row['kv_recall_acc']:.2f}, "
+                      f"copy {row['copy_acc']:.2f}, ppl {row['perplexity']:.2f}")
+
     with console.status("evaluating") as status:
-        for variant in chosen_variants:
-            done = out / "variants" / f"{variant.name}.json"
-            if done.exists():  # resume: a finished architecture is not evaluated again
-                rows.append(read_json(done))
-                recall_rows.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
-                continue
-            row, samples = evaluate_variant(loaded, backend_impl, variant, heads_table, out, sizes,
-                                            progress=lambda message: status.update(message))
-            write_parquet(out / "variants" / f"{variant.name}.parquet", samples.drop(columns=["response"], errors="ignore"))
-            write_json(done, row)
-            rows.append(row)
-            recall_rows.append(samples)
-            console.print(f"{variant.name}: passkey {row['passkey_acc']:.2f}, kv {row['kv_recall_acc']:.2f}, "
-                          f"copy {row['copy_acc']:.2f}, ppl {row['perplexity']:.2f}")
-    table = pd.DataFrame(rows)
-    recall_table = pd.concat(recall_rows, ignore_index=True).drop(columns=["response"], errors="ignore")
-    write_parquet(out / "matrix.parquet", table)
-    write_parquet(out / "recall.parquet", recall_table)
-    write_parquet(out / "niah.parquet", recall_table[recall_table["task"] == "passkey"])
-    (out / "matrix.md").write_text(table.drop(columns=["description"]).to_markdown(index=False, floatfmt=".3g") + "\n")
+        table, _ = run_matrix(loaded, make_backend("native", loaded), chosen_variants, heads_table, out, sizes,
+                              command="matrix" if matrix else "swap", progress=status.update, on_row=report)
     _write_manifest(out, loaded, "native", {"command": "swap", "variants": [v.name for v in chosen_variants],
-                                            "sizes": sizes.__dict__}, started)
+                                            "sizes": dataclasses.asdict(sizes)}, started)
     console.print(table.drop(columns=["description"]).to_string(index=False))
     console.print(f"-> {out / 'matrix.md'}")
 
@@ -472,33 +455,14 @@ def budget(
     console.print(f"-> {out}")
 
 
-def _attention_figures(run_dir: Path, prompt: str, layer: Optional[int], head: Optional[int], kernel: Optional[str],
-                       log: bool, formats: tuple[str, ...]) -> None:
-    import json
-
-    from attnprobe.analyses import figures
-    from attnprobe.analyses.style import save
-    from attnprobe.hooks.backends import make_backend
-    from attnprobe.hooks.swap import swap_edits
-
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise AttnprobeError(f"{manifest} not found: attention maps need the run's model")
-    loaded = _load(json.loads(manifest.read_text())["model_id"])
-    backend = make_backend("native", loaded)
-    layer = loaded.info.n_layers // 2 if layer is None else layer
-    if not 0 <= layer < loaded.info.n_layers:
-        raise AttnprobeError(f"layer {layer} is out of range: this model has layers 0-{loaded.info.n_layers - 1}")
-    out = run_dir / "figures"
-    save(figures.layer_grid(loaded, backend, prompt, layer, log=log), out, f"attention_L{layer}", formats)
-    if head is not None:
-        save(figures.attention_map(loaded, backend, prompt, layer, head, log=log), out, f"attention_L{layer}H{head}", formats)
-        if kernel is not None:
-            original, labels = figures.attention_pattern(loaded, backend, prompt, layer)
-            with backend.standing_edits(swap_edits(loaded, kernel, layers=[layer], heads=[head])):
-                replaced, _ = figures.attention_pattern(loaded, backend, prompt, layer)
-            fig = figures.compare_maps(original[head], replaced[head], labels, log=log, titles=("softmax", kernel))
-            save(fig, out, f"attention_L{layer}H{head}_{kernel.replace('+', '_')}", formats)
+def _heads_table(from_run: Path) -> pd.DataFrame:
+    path = from_run / "heads.parquet"
+    if not path.exists():
+        raise AttnprobeError(f"{path} not found: run attnprobe census --out {from_run} first")
+    try:
+        return pd.read_parquet(path)
+    except Exception:  # pyarrow raises several kinds of errors on a damaged file
+        raise AttnprobeError(f"{path} is damaged: rerun attnprobe census --out {from_run}") from None
 
 
 def print_summary(out: Path, heads) -> None:
@@ -514,22 +478,27 @@ def print_summary(out: Path, heads) -> None:
             console.print(f"[bold]{mechanism.label}[/bold] {line}", highlight=False)
 
 
+INTERRUPTED = "interrupted: rerun to resume"
+
+
 def main() -> None:
+    """Run the app: a user's error is one line and exit 2, Ctrl-C exit 130, usage errors click's own code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into exit code 130 here
     except AttnprobeError as error:
         errors.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted: rerun the same command to resume")
-        sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+        code = 130
+    except typer.TyperException as error:  # usage errors (bad option values): one line too, click's exit code
+        if not hasattr(error, "format_message"):
+            raise
+        if error.format_message():  # empty when the help was asked for by giving no command
+            errors.print(f"[red]error:[/red] {error.format_message()} (see --help)", highlight=False)
+        sys.exit(getattr(error, "exit_code", 2))
+    if code == 130:
+        errors.print(INTERRUPTED, highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -728,3 +728,31 @@ def compare_maps(original, replaced, labels: Sequence[str] | None = None, *, log
     fig.colorbar(image, ax=axes[2], shrink=0.7, location="bottom", label="difference")
     fig.suptitle("Attention pattern comparison")
     return fig
+
+
+def attention_figures(model, backend, prompt: str, layer: int | None, head: int | None, kernel: str | None,
+                      out_dir, log: bool = False, formats: Sequence[str] = ("png", "svg")) -> list:
+    """Draw a prompt's attention maps into `out_dir`: the layer's heads (attention_L{layer}), one head
+    (attention_L{layer}H{head}) and that head against `kernel` in its place; returns the files."""
+    from attnprobe.hooks.swap import swap_edits
+
+    if not prompt.strip():
+        raise AttnprobeError("--prompt is empty: give some text to draw the attention of")
+    layer = model.info.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < model.info.n_layers:
+        raise AttnprobeError(f"layer {layer} is out of range: this model has layers 0-{model.info.n_layers - 1}")
+    if head is not None:
+        _check_head(model, head)
+    elif kernel is not None:
+        raise AttnprobeError("--kernel compares one head with a kernel in its place: add --head")
+    paths = style.save(layer_grid(model, backend, prompt, layer, log=log), out_dir, f"attention_L{layer}", formats)
+    if head is not None:
+        paths += style.save(attention_map(model, backend, prompt, layer, head, log=log), out_dir, f"attention_L{layer}H{head}", formats)
+        if kernel is not None:
+            edits = swap_edits(model, kernel, layers=[layer], heads=[head])  # an unknown kernel is refused before drawing
+            original, labels = attention_pattern(model, backend, prompt, layer)
+            with backend.standing_edits(edits):
+                replaced, _ = attention_pattern(model, backend, prompt, layer)
+            fig = compare_maps(original[head], replaced[head], labels, log=log, titles=("softmax", kernel))
+            paths += style.save(fig, out_dir, f"attention_L{layer}H{head}_{kernel.replace('+', '_')}", formats)
+    return paths

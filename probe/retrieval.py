@@ -459,7 +459,9 @@ def retrieval_stage(census) -> None:
 def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
     if "retrieval_score" not in heads:
         return None
-    top = heads.sort_values("retrieval_score", ascending=False).head(10)
+    if heads["retrieval_score"].isna().all():
+        return "undefined: the model recalled no NIAH needle, so no sample counts"
+    top = heads.dropna(subset=["retrieval_score"]).sort_values("retrieval_score", ascending=False).head(10)
     found = int((heads["retrieval_score"] > thresholds["retrieval"]).sum())
     zero = 100 * float((heads["retrieval_score"] == 0).mean())
     return (f"{found} of {len(heads)} score > {thresholds['retrieval']:g} ({zero:.0f} % score 0); top: "
