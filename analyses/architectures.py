@@ -25,7 +25,7 @@ from attnprobe.kernels.registry import make_kernel, names
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.mechanisms import mechanisms
-from attnprobe.probe.rundir import read_json, write_json, write_parquet
+from attnprobe.probe.rundir import RunDir, read_json, write_json, write_parquet
 
 from . import recall
 
@@ -274,6 +274,11 @@ def run_matrix(model: Model, backend: Backend, variants: list[Variant], heads: p
     (weights, sizes, fit budget, or a variant's kernel or softmax heads) is refused."""
     settings = {"command": command, "weights_sha256": model.info.weights_sha256, "sizes": asdict(sizes),
                 "variants": {v.name: {"kernel": v.kernel, "keep": sorted(map(list, v.keep(model, heads)))} for v in variants}}
+    with RunDir(out).lock():
+        return _run_matrix(model, backend, variants, heads, out, sizes, settings, progress, on_row)
+
+
+def _run_matrix(model, backend, variants, heads, out, sizes, settings, progress, on_row):
     _check_settings(out, json_ready(settings))
     rows, recall_rows = [], []
     for variant in variants:

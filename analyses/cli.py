@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import time
 import typing
@@ -20,6 +21,7 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.probe import mechanisms
 from attnprobe.analyses.architectures import MatrixSizes
 from attnprobe.probe.census import CensusConfig
+from attnprobe.probe.rundir import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnprobe: find attention mechanisms (retrieval heads, sinks, massive activations, induction "
@@ -165,11 +167,12 @@ def census(
     from attnprobe.probe.census import Census
 
     skipped = {s for s in skip.split(",") if s}
-    stages = tuple(s.name for s in mechanisms.stages() if s.name not in skipped)
     for name in skipped:
         mechanisms.stage(name)  # an unknown name is refused before the model loads
+    stages = tuple(s.name for s in mechanisms.stages() if s.name not in skipped)
+    out = _run_dir(out, "census", model)
+    mechanisms.plan(stages, lambda name: (out / "shards" / f"{name}.done").exists())
     loaded = _load(model)
-    out = out or Path("runs") / f"census-{Path(model).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     start = time.time()
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -180,7 +183,8 @@ def census(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        census_run = Census(loaded, make_backend(backend, loaded), config, out, progress)
+        census_run = Census(loaded, make_backend(backend, loaded), config, out, progress,
+                            note=lambda message: console.print(f"[yellow]note:[/yellow] {message}", highlight=False))
         heads = census_run.execute(stages)
     console.print(f"census of {model} finished in {time.time() - start:.0f} s -> {out}{_peak_gpu_memory()}")
     print_summary(out, heads)
@@ -226,7 +230,7 @@ def figures(
         loaded = _load(manifest["model_id"])
         drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
                                   log, chosen_formats)
-    with console.status("drawing figures"):
+    with RunDir(run_dir).lock(), console.status("drawing figures"):
         report = write_report(run_dir, chosen_formats)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
@@ -238,7 +242,16 @@ FromOption = typer.Option(None, "--from", help="census run directory whose heads
 
 
 def _run_dir(out: Optional[Path], kind: str, model: str) -> Path:
-    return out or Path("runs") / f"{kind}-{Path(model).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    """The run directory (a new one per run by default), refused now if it can never be written."""
+    out = out or Path("runs") / f"{kind}-{Path(model).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise AttnprobeError(f"--out {out} is a file, not a directory: choose a directory")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir():
+        raise AttnprobeError(f"--out {out} lies inside the file {existing}: choose a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AttnprobeError(f"--out {out} cannot be written ({existing} is not writable): choose another directory")
+    return out
 
 
 def _write_manifest(out: Path, loaded, backend: str, extra: dict, started: float) -> None:
@@ -282,7 +295,21 @@ def ablate(
         raise AttnprobeError(f"unknown task '{task}': choose niah or passkey")
     if sweep is None and not heads and not layers:
         raise AttnprobeError("say which heads: --heads (e.g. 3.1,7.4 or top:10:retrieval_score --from RUN) or --layers, or --sweep 5,10,20")
-    length_list, depth_list = [int(x) for x in _floats(lengths, "--lengths")], _floats(depths, "--depths")
+    length_list, depth_list = _sequence_option(lengths, "--lengths", int), _sequence_option(depths, "--depths", float)
+    if not length_list or min(length_list) < 16:
+        raise AttnprobeError(f"--lengths are context lengths, whole numbers of at least 16 tokens; got '{lengths}'")
+    if not depth_list or any(not 0 <= d <= 1 for d in depth_list):
+        raise AttnprobeError(f"--depths are fractions between 0 and 1; got '{depths}'")
+    if seeds < 1:
+        raise AttnprobeError(f"--seeds must be at least 1, got {seeds}")
+    ks = _sequence_option(sweep, "--sweep", int) if sweep is not None else []
+    if sweep is not None:
+        if from_run is None:
+            raise AttnprobeError("--sweep ranks heads by a census: add --from RUN_DIR")
+        n_heads = len(_heads_table(from_run))
+        if not ks or min(ks) < 1 or max(ks) > n_heads:
+            raise AttnprobeError(f"--sweep takes head counts between 1 and {n_heads} (the census's heads), got '{sweep}'")
+    out = _run_dir(out, "ablate", model)
 
     def run_task(m, label):
         if task == "niah":
@@ -291,10 +318,8 @@ def ablate(
 
     loaded = _load(model)
     backend_impl = make_backend("native", loaded)
-    out = _run_dir(out, "ablate", model)
     started = time.time()
     if sweep is not None:
-        ks = [int(k) for k in _floats(sweep, "--sweep")]
         with console.status("sweeping") as status:
             summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score,
                                           progress=lambda message: status.update(f"sweep: {message}"))
@@ -309,10 +334,11 @@ def ablate(
         rows = pd.concat([original, ablated], ignore_index=True)
         summary = wilson_summary(rows)
         chosen_label = ",".join(f"{l}.{h}" for l, h in chosen)
-    write_parquet(out / "ablation.parquet", summary)
-    write_parquet(out / "niah.parquet", rows.drop(columns=[c for c in ("response",) if c in rows]))
-    _write_manifest(out, loaded, "native", {"command": "ablate", "mode": mode, "heads": chosen_label, "task": task,
-                                            "lengths": length_list, "depths": depth_list}, started)
+    with RunDir(out).lock():
+        write_parquet(out / "ablation.parquet", summary)
+        write_parquet(out / "niah.parquet", rows.drop(columns=[c for c in ("response",) if c in rows]))
+        _write_manifest(out, loaded, "native", {"command": "ablate", "mode": mode, "heads": chosen_label, "task": task,
+                                                "lengths": length_list, "depths": depth_list}, started)
     table = Table(title=f"ablation ({mode}) -> {out}")
     for column in ("selection", "k", "seed", "accuracy", "n", "ci_low", "ci_high"):
         table.add_column(column)
@@ -356,6 +382,7 @@ def swap(
         if kernel not in KERNELS:
             raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
     heads_table = _heads_table(from_run) if from_run is not None else None
+    out = _run_dir(out, "swap", model) if not list_variants else out
     loaded = _load(model)
     names = catalogue(loaded)
     if list_variants:
@@ -378,7 +405,6 @@ def swap(
         everyone = {(l, h) for l in range(loaded.info.n_layers) for h in range(loaded.info.n_heads)}
         keep = everyone - replaced
         chosen_variants = [names["original"], Variant(f"swap-{kernel}", kernel, lambda m, t: keep, f"{len(replaced)} heads {kernel}")]
-    out = _run_dir(out, "swap", model)
     started = time.time()
 
     def report(row):

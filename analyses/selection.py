@@ -57,6 +57,8 @@ def parse_layers(text: str, info: ModelInfo) -> list[int]:
             step = int(every) if every else 1
         except ValueError:
             raise AttnprobeError(f"cannot read layers '{text}': use e.g. 3,5,7 or 0-29 or 0-29:every4") from None
+        if step < 1:
+            raise AttnprobeError(f"cannot read layers '{text}': :everyN needs N of at least 1, e.g. 0-29:every4")
         for layer in range(low_i, high_i + 1, step):
             _check((layer, 0), info)
             layers.append(layer)

@@ -58,6 +58,7 @@ _RC = {
     "svg.fonttype": "none",  # keep text as text in SVG: editable and searchable
     "pdf.fonttype": 42,
     "image.cmap": SEQUENTIAL,
+    "text.parse_math": False,  # token labels such as '$$' are text, never mathtext
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from numbers import Integral
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 
 from . import mechanisms, texts
-from .rundir import RunDir, read_json, write_json, write_parquet
+from .rundir import RunDir, read_json, readable, write_json, write_parquet
 from .sinks import with_bos
 
 
@@ -63,6 +64,30 @@ class CensusConfig:
     thresholds: dict[str, float] = _option(lambda: mechanisms.default_thresholds(), "role thresholds", cli=False)
 
     def __post_init__(self) -> None:
+        """Refuse impossible settings before anything is loaded or written."""
+        if self.bos not in ("auto", "on", "off"):
+            raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
+        whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
+                 "perplexity_windows", "perplexity_length", "induction_length", "induction_batch", "needles")
+        for name in whole:
+            value = getattr(self, name)
+            low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value}")
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, Integral) or n < 16 for n in self.lengths):
+            raise AttnprobeError(f"--lengths are NIAH context lengths, whole numbers of at least 16 tokens; got {self.lengths}")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise AttnprobeError(f"--depths are fractions of the haystack between 0 and 1; got {self.depths}")
+        from .retrieval import load_needles
+
+        if self.needles > len(load_needles()):
+            raise AttnprobeError(f"--needles {self.needles}: {len(load_needles())} needles are packaged; choose 1-{len(load_needles())}")
+        if self.hidden_min_queries * self.hidden_threshold <= 1:
+            raise AttnprobeError(f"--hidden-min-queries ({self.hidden_min_queries}) x --hidden-threshold ({self.hidden_threshold}) "
+                                 "must exceed 1, or a previous-token head would make every late key a hidden sink")
+        for path in (self.texts, self.haystack):
+            if path is not None:
+                texts.prose(path)  # a missing, empty, binary or non-UTF-8 file is refused now, not mid-census
         self.thresholds = {**mechanisms.default_thresholds(), **self.thresholds}
         unknown = sorted(set(self.thresholds) - set(mechanisms.default_thresholds()))
         if unknown:
@@ -107,25 +132,36 @@ class Census:
     `.bos`, `.progress`, and the shared inputs `natural(...)` and `prose_inputs`."""
 
     def __init__(self, model: Model, backend: Backend, config: CensusConfig, out: Path,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, note: Callable[[str], None] | None = None):
         config.check(model)
         self.model, self.backend, self.config = model, backend, config
         self.run = RunDir(out)
         self.info = model.info
         self.bos = use_bos(config, model)
         self.progress = progress or (lambda stage, done, total: None)
+        self.notes: list[str] = []  # what the census did differently from its settings, and why
+        self._say = note or (lambda message: None)
         torch.manual_seed(config.seed)
 
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            self._say(message)
+
     # ---- inputs shared by stages ----------------------------------------------------------------
-    def natural(self, n: int, length: int, bos: bool, seed_offset: int = 0) -> torch.Tensor:
-        ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts, seed=self.config.seed + seed_offset)
+    def natural(self, n: int, length: int, bos: bool, seed_offset: int = 0, what: str = "sequences") -> torch.Tensor:
+        """`n` natural sequences of `length` tokens (fewer, with a note, when the text holds fewer)."""
+        ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts,
+                                      seed=self.config.seed + seed_offset, fewer_ok=True)
+        if ids.shape[0] < n:
+            self.note(f"{what}: the text holds {ids.shape[0]} sequences of {length} tokens, so {ids.shape[0]} were used, not {n}")
         ids = _strip_bos(ids, self.info.bos_id)
         return with_bos(ids, self.info.bos_id) if bos else ids
 
     @cached_property
     def prose_inputs(self) -> tuple[torch.Tensor, list[list[str]]]:
         """(ids, token strings) of the prose prefills that hidden sinks, massive activations and secondary sinks share."""
-        ids = self.natural(self.config.prose_sequences, self.config.prose_length, self.bos, seed_offset=1)
+        ids = self.natural(self.config.prose_sequences, self.config.prose_length, self.bos, seed_offset=1, what="prose")
         return ids, token_strings(self.model.tokenizer, ids)
 
     def per_head(self, scores: dict[str, torch.Tensor]) -> pd.DataFrame:
@@ -137,41 +173,49 @@ class Census:
 
     # ---- driver -------------------------------------------------------------------------------
     def _check_resume(self) -> None:
+        """Refuse a directory whose finished work was made with other settings; unfinished work never blocks."""
         config_path = self.run.shard("config.json")
         wanted = {"model": self.info.model_id, "weights_sha256": self.info.weights_sha256, "backend": self.backend.name,
                   **asdict(self.config)}
-        if config_path.exists():
-            previous = read_json(config_path)
+        finished = self.run.shards.is_dir() and (any(self.run.shards.glob("*.done")) or any(self.run.shards.glob("niah/*.json")))
+        if config_path.exists() and finished:
+            try:
+                previous = read_json(config_path)
+            except ValueError:
+                raise AttnprobeError(f"{config_path} is damaged, so the settings of the finished stages are unknown: "
+                                     f"delete {self.run.shards} to start over, or use a new --out") from None
             if previous != wanted:
                 changed = sorted(k for k in wanted if previous.get(k) != wanted[k])
                 raise AttnprobeError(f"{self.run.root} holds a census with other settings ({', '.join(changed)}): use a new --out")
-        else:
-            write_json(config_path, wanted)
+        write_json(config_path, wanted)
+
+    def _intact(self, stage: mechanisms.Stage) -> bool:
+        """Whether every file a finished stage wrote still reads back whole."""
+        paths = [self.run.shard(stage.shard)] if stage.shard else []
+        return all(readable(path) for path in paths + [self.run / name for name in stage.files])
 
     def plan(self, stages: tuple[str, ...] | None = None) -> list[mechanisms.Stage]:
-        """The stages to run, in order; a stage whose inputs another (skipped, unfinished) stage makes is refused."""
-        chosen = [mechanisms.stage(name) for name in stages] if stages is not None else list(mechanisms.stages())
-        names = {s.name for s in chosen}
-        for stage in chosen:
-            missing = [n for n in stage.needs if n not in names and not self.run.done(f"{n}.done")]
-            if missing:
-                raise AttnprobeError(f"census stage {stage.name} needs {', '.join(missing)}: do not skip {', '.join(missing)}")
-        return sorted(chosen, key=list(mechanisms.stages()).index)
+        """The stages to run, in order (a stage whose inputs a skipped, unfinished stage makes is refused)."""
+        return mechanisms.plan(stages, lambda name: self.run.done(f"{name}.done"))
 
     def execute(self, stages: tuple[str, ...] | None = None) -> pd.DataFrame:
         order = self.plan(stages)
-        self._check_resume()
-        start = time.time()
-        for stage in order:
-            marker = self.run.shard(f"{stage.name}.done")
-            self.progress(stage.name, 0, 1)
-            if not marker.exists():
-                stage.run(self)
-                write_json(marker, {"finished": time.time()})
-            self.progress(stage.name, 1, 1)
-        heads = self.heads_table()
-        write_parquet(self.run / "heads.parquet", heads)
-        self.write_manifest(time.time() - start)
+        with self.run.lock():
+            self._check_resume()
+            start = time.time()
+            for stage in order:
+                marker = self.run.shard(f"{stage.name}.done")
+                self.progress(stage.name, 0, 1)
+                if marker.exists() and not self._intact(stage):
+                    self.note(f"{stage.name}: a file it saved is damaged, so it runs again")
+                    marker.unlink()
+                if not marker.exists():
+                    stage.run(self)
+                    write_json(marker, {"finished": time.time()})
+                self.progress(stage.name, 1, 1)
+            heads = self.heads_table()
+            write_parquet(self.run / "heads.parquet", heads)
+            self.write_manifest(time.time() - start)
         return heads
 
     def heads_table(self) -> pd.DataFrame:
@@ -196,10 +240,10 @@ class Census:
             except metadata.PackageNotFoundError:
                 versions[package] = None
         previous = self.run / "manifest.json"
-        earlier = read_json(previous).get("wall_time_s", 0.0) if previous.exists() else 0.0
+        earlier = read_json(previous).get("wall_time_s", 0.0) if readable(previous) else 0.0
         write_json(self.run / "manifest.json", {
             "model_id": self.info.model_id, "weights_sha256": self.info.weights_sha256, "backend": self.backend.name,
             "dtype": str(next(self.model.hf.parameters()).dtype).replace("torch.", ""), "bos": self.bos,
             "seed": self.config.seed, "lengths": self.config.lengths, "config": asdict(self.config),
-            "versions": versions, "wall_time_s": earlier + wall_time, "info": self.info.to_dict(),
+            "versions": versions, "wall_time_s": earlier + wall_time, "info": self.info.to_dict(), "notes": self.notes,
         })

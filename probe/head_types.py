@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnprobe.hooks.backends import Backend
+from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import check_ids
 
 from .mechanisms import Mechanism, Stage
@@ -28,7 +29,7 @@ def repeated_random_tokens(vocab_size: int, length: int = 50, batch: int = 10, s
     generator = torch.Generator().manual_seed(seed)
     low = min(low, max(2, vocab_size - 2 * length))
     if vocab_size - low < length:
-        raise ValueError(f"a vocabulary of {vocab_size} cannot give {length} distinct tokens")
+        raise AttnprobeError(f"a vocabulary of {vocab_size} cannot give {length} distinct tokens: use a smaller --induction-length")
     half = torch.stack([torch.randperm(vocab_size - low, generator=generator)[:length] + low for _ in range(batch)])
     return with_bos(torch.cat([half, half], dim=1), bos_id)
 

@@ -16,6 +16,7 @@ import torch
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.edits import Edit
+from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 
@@ -129,8 +130,15 @@ def massive_intervention_stage(census) -> None:
     c = census.config
     entries = pd.read_parquet(census.run / "massive.parquet")
     n_tokens = c.perplexity_windows * c.perplexity_length
-    held = texts.held_out_ids(census.model.tokenizer, n_tokens, path=c.texts)
-    windows = torch.as_tensor(held[:n_tokens]).view(c.perplexity_windows, c.perplexity_length)
+    held = texts.held_out_ids(census.model.tokenizer, n_tokens, path=c.texts, fewer_ok=True)
+    n_windows = len(held) // c.perplexity_length
+    if n_windows == 0:
+        raise AttnprobeError(f"the held-out half of the text holds {len(held)} tokens, fewer than one window of "
+                             f"{c.perplexity_length}: use a smaller --perplexity-length or a longer text, or --skip massive_intervention")
+    if n_windows < c.perplexity_windows:
+        census.note(f"massive intervention: the text holds {n_windows} held-out windows of {c.perplexity_length} tokens, "
+                    f"so {n_windows} were used, not {c.perplexity_windows}")
+    windows = torch.as_tensor(held[: n_windows * c.perplexity_length]).view(n_windows, c.perplexity_length)
     if census.bos:
         windows = with_bos(windows, census.info.bos_id)
     table = massive_intervention(census.backend, entries, windows)
@@ -161,8 +169,8 @@ def _presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
 
 
 CENSUS = (
-    Stage("massive", massive_stage, order=40, description="massive activations in the residual stream"),
-    Stage("massive_intervention", massive_intervention_stage, order=60, needs=("massive",),
+    Stage("massive", massive_stage, order=40, files=("massive_layers.parquet", "massive.parquet"), description="massive activations in the residual stream"),
+    Stage("massive_intervention", massive_intervention_stage, order=60, needs=("massive",), files=("massive_intervention.parquet",),
           description="perplexity with massive activations zeroed or set to their mean"),
     Mechanism("massive", "massive", "massive activations", rank=45, summary=_summary, matrix="massive",
               matrix_label="massive act.", presence=_presence),

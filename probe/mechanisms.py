@@ -45,6 +45,7 @@ class Stage:
     shard: str | None = None  # shards/<shard>: one row per (layer, head) with `columns`, merged into heads.parquet
     columns: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()  # stages whose files this one reads
+    files: tuple[str, ...] = ()  # files it writes into the run directory (a damaged one makes it run again)
     description: str = ""
 
 
@@ -151,6 +152,18 @@ def stage(name: str) -> Stage:
         if candidate.name == name:
             return candidate
     raise AttnprobeError(f"unknown census stage '{name}': choose from {', '.join(s.name for s in stages())}")
+
+
+def plan(names: tuple[str, ...] | None, finished: Callable[[str], bool] = lambda name: False) -> list[Stage]:
+    """The stages `names` (None: all) in running order; refused when one needs a stage that is neither
+    chosen nor `finished` (it would read files nobody wrote)."""
+    chosen = [stage(name) for name in names] if names is not None else list(stages())
+    wanted = {s.name for s in chosen}
+    for step in chosen:
+        missing = [n for n in step.needs if n not in wanted and not finished(n)]
+        if missing:
+            raise AttnprobeError(f"census stage {step.name} needs {', '.join(missing)}: do not skip {', '.join(missing)}")
+    return sorted(chosen, key=list(stages()).index)
 
 
 def head_roles(row, thresholds: dict) -> list[str]:

@@ -34,7 +34,7 @@ from attnprobe.hooks.sites import Site
 
 from . import texts
 from .mechanisms import Mechanism, Stage
-from .rundir import read_json, write_json, write_jsonl, write_parquet
+from .rundir import read_json, readable, write_json, write_jsonl, write_parquet
 
 DEFAULT_LENGTHS = (512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.5, 1.0)
@@ -442,7 +442,7 @@ def retrieval_stage(census) -> None:
     """The NIAH grid, every sample saved as it finishes (a rerun decodes only the missing ones)."""
     c, info = census.config, census.info
     sample_dir = census.run.shard("niah")
-    done = {p.stem: read_json(p) for p in sample_dir.glob("*.json")} if sample_dir.exists() else {}
+    done = {p.stem: read_json(p) for p in sample_dir.glob("*.json") if readable(p)}  # a damaged sample is decoded again
     total = len(c.lengths) * len(c.depths) * c.needles
 
     def on_sample(sample: dict) -> None:
@@ -470,6 +470,7 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
 
 CENSUS = (
     Stage("retrieval", retrieval_stage, order=70, shard="retrieval.parquet", columns=("retrieval_score", "retrieval_activation"),
+          files=("niah_samples.jsonl", "retrieval_heads.json"),
           description="retrieval heads from needle-in-a-haystack decoding"),
     Mechanism("retrieval", "retrieval", "retrieval heads", column="retrieval_score", threshold=0.1, letter="R", rank=10,
               panel="retrieval", summary=_summary, matrix="retrieval", matrix_label="retrieval heads"),

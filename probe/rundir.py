@@ -1,11 +1,15 @@
 """A run directory: atomic writes (temp file + rename) and finished-shard bookkeeping for resuming."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
+from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.io import atomic_write as _atomic
 
 
@@ -33,6 +37,22 @@ def read_json(path: Path):
         return json.load(handle)
 
 
+def readable(path: Path) -> bool:
+    """Whether `path` exists and reads back whole (parquet, JSON or JSON lines): a damaged file is redone."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                json.loads(line)
+        else:
+            read_json(path)
+        return True
+    except Exception:  # missing, truncated or not what its name says (pyarrow raises several kinds)
+        return False
+
+
 def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -56,3 +76,24 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.root / name
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for one run: a second run writing the same directory is refused, not interleaved."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise AttnprobeError(f"{self.root} is in use by another attnprobe run (pid {holder}): "
+                                     "wait for it to finish or use another --out") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

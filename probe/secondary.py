@@ -110,6 +110,6 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
 
 
 CENSUS = (
-    Stage("secondary_sinks", secondary_sinks_stage, order=50, description="secondary sinks (cosine to the first token)"),
+    Stage("secondary_sinks", secondary_sinks_stage, order=50, files=("secondary_sinks.parquet",), description="secondary sinks (cosine to the first token)"),
     Mechanism("secondary_sink", "secondary_sinks", "secondary sinks", rank=55, summary=_summary),
 )

@@ -86,12 +86,12 @@ def sinks_stage(census) -> None:
     for label, bos in (("with_bos", True), ("without_bos", False)):
         if bos and info.bos_id is None:
             continue
-        ids = census.natural(c.sink_sequences, c.sink_length, bos)
+        ids = census.natural(c.sink_sequences, c.sink_length, bos, what="sink rate")
         alpha, previous = sink_scan(census.backend, ids)
         rates[label] = sink_rate(alpha[:, :, 0], eps)
         first[label] = (alpha[:, :, 0], previous)
     alpha_first, previous = first["with_bos" if census.bos else "without_bos"]
-    write_json(census.run / "sink_rate.json", {"T": c.sink_length, "eps": eps, "n_sequences": c.sink_sequences,
+    write_json(census.run / "sink_rate.json", {"T": c.sink_length, "eps": eps, "n_sequences": ids.shape[0],
                                                "bos_used_for_heads": census.bos, **rates})
     write_parquet(census.run.shard("sinks.parquet"), census.per_head({"alpha_1": alpha_first, "prev_token_score": previous}))
 
@@ -117,7 +117,7 @@ def _sink_rate_line(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str
         return None
     rate = json.loads(path.read_text())
     parts = [f"{k.replace('_', ' ')} {rate[k]:.1f} %" for k in ("with_bos", "without_bos") if k in rate]
-    return f"Sink_1^{rate['eps']} at T={rate['T']}: " + ", ".join(parts)
+    return f"Sink_1^{rate['eps']} at T={rate['T']} on {rate['n_sequences']} sequences: " + ", ".join(parts)
 
 
 def _sink_presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
@@ -127,9 +127,9 @@ def _sink_presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict
 
 
 CENSUS = (
-    Stage("sinks", sinks_stage, order=10, shard="sinks.parquet", columns=("alpha_1", "prev_token_score"),
+    Stage("sinks", sinks_stage, order=10, shard="sinks.parquet", columns=("alpha_1", "prev_token_score"), files=("sink_rate.json",),
           description="sink rate and first-token alpha, previous-token scores"),
-    Stage("hidden_sinks", hidden_sinks_stage, order=30, shard="hidden.parquet",
+    Stage("hidden_sinks", hidden_sinks_stage, order=30, shard="hidden.parquet", files=("sinks.parquet",),
           columns=("hidden_sink_count", "hidden_sink_max", "hidden_sink_tokens"), description="hidden (non-initial) sinks"),
     Mechanism("sink", "sinks", "sink rate", column="alpha_1", threshold=0.3, letter="S", rank=60, panel="sink α₁",
               summary=_sink_rate_line, matrix="sinks", matrix_label="sinks", presence=_sink_presence),

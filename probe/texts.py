@@ -54,7 +54,15 @@ def _load(path: str | None) -> str:
     file = Path(path).expanduser()
     if not file.is_file():
         raise AttnprobeError(f"text file not found: {file}; pass an existing UTF-8 text file or leave the path out")
-    text = file.read_text(encoding="utf-8", errors="replace").strip()
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AttnprobeError(f"text file {file} is not UTF-8 text (byte {error.start} cannot be decoded): "
+                             "pass a UTF-8 text file") from None
+    if "\x00" in text:
+        raise AttnprobeError(f"text file {file} holds NUL bytes (a binary file?): pass a UTF-8 text file")
+    text = text.strip()
     if not text:
         raise AttnprobeError(f"text file {file} is empty; pass a file with some English prose")
     return text
@@ -77,12 +85,13 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _tokens_from(tokenizer, text: str, n_tokens: int, what: str) -> list[int]:
-    """At least `n_tokens` ids from the start of `text`, tokenizing only as much as needed."""
+def _tokens_from(tokenizer, text: str, n_tokens: int, what: str, fewer_ok: bool = False) -> list[int]:
+    """At least `n_tokens` ids from the start of `text`, tokenizing only as much as needed (all of it, if
+    the text is shorter and `fewer_ok`)."""
     chars = max(4 * n_tokens, 1000)
     while True:
         ids = _encode(tokenizer, text[:chars])
-        if len(ids) >= n_tokens:
+        if len(ids) >= n_tokens or (fewer_ok and chars >= len(text)):
             return ids
         if chars >= len(text):
             raise AttnprobeError(f"the text holds only {len(ids)} tokens for {what} but {n_tokens} are needed; "
@@ -96,18 +105,23 @@ def haystack_ids(tokenizer, n_tokens: int, path=None, offset: int = 0) -> list[i
     return _tokens_from(tokenizer, first, offset + n_tokens, "the haystack")[offset:offset + n_tokens]
 
 
-def held_out_ids(tokenizer, n_tokens: int, path=None) -> list[int]:
-    """`n_tokens` ids from the second half of the text, which haystacks never use (no BOS)."""
+def held_out_ids(tokenizer, n_tokens: int, path=None, fewer_ok: bool = False) -> list[int]:
+    """`n_tokens` ids from the second half of the text, which haystacks never use (no BOS); fewer if the
+    text is shorter and `fewer_ok`."""
     _, second = _halves(path)
-    return _tokens_from(tokenizer, second.lstrip("\n"), n_tokens, "held-out text")[:n_tokens]
+    return _tokens_from(tokenizer, second.lstrip("\n"), n_tokens, "held-out text", fewer_ok)[:n_tokens]
 
 
-def natural_sequences(tokenizer, n: int, length: int, path=None, seed: int = 0) -> torch.Tensor:
+def natural_sequences(tokenizer, n: int, length: int, path=None, seed: int = 0, fewer_ok: bool = False) -> torch.Tensor:
     """`n` distinct, non-overlapping windows of `length` tokens of natural text, (n, length), no BOS.
 
-    Windows are cut from the first 2n windows' worth of text and `n` of them are drawn with `seed`."""
+    Windows are cut from the first 2n windows' worth of text and `n` of them are drawn with `seed`. A
+    shorter text gives every window it holds, fewer than `n`, if `fewer_ok` (at least one)."""
     first, _ = _halves(path)
-    ids = _tokens_from(tokenizer, first, 2 * n * length, "natural sequences")
+    ids = _tokens_from(tokenizer, first, 2 * n * length, "natural sequences", fewer_ok)
+    if len(ids) < length:
+        raise AttnprobeError(f"the text holds only {len(ids)} tokens for natural sequences but one needs {length}; "
+                             "use a shorter length or a longer text file")
     windows = torch.tensor(ids[: (len(ids) // length) * length]).view(-1, length)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return windows[order].long()
