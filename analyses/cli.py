@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
 import sys
 import time
@@ -68,9 +69,12 @@ def _load(spec: str):
 
 def _floats(text: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise AttnprobeError(f"{name} takes comma-separated numbers, got '{text}'") from None
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise AttnprobeError(f"{name} takes comma-separated numbers, got '{text}'")
+    return values
 
 
 def _sequence_option(text: str, name: str, kind: type) -> list:

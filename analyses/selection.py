@@ -34,7 +34,10 @@ def _scores(run_dir: Path | None, score: str) -> pd.DataFrame:
     path = Path(run_dir) / "heads.parquet"
     if not path.exists():
         raise AttnprobeError(f"{path} not found: run `attnprobe census --out {run_dir}` first")
-    heads = pd.read_parquet(path)
+    try:
+        heads = pd.read_parquet(path)
+    except Exception:  # pyarrow raises several kinds of errors on a damaged file
+        raise AttnprobeError(f"{path} is damaged: rerun `attnprobe census --out {run_dir}`") from None
     numeric = [c for c in heads.columns if c not in ("layer", "head", "kv_head") and pd.api.types.is_numeric_dtype(heads[c])]
     if score not in numeric:
         raise AttnprobeError(f"unknown score '{score}': choose one of {', '.join(numeric)}")

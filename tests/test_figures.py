@@ -208,3 +208,14 @@ def test_layer_grid_pooling_and_compare(tiny_llama):
     assert "uniform − softmax" in texts(fig)[0]
     with pytest.raises(AttnprobeError, match="head 9 is out of range"):
         figures.attention_map(model, backend, ids[:8], layer=0, head=9)
+
+
+def test_token_labels_with_dollar_signs_are_drawn_literally(tmp_path):
+    """SmolLM2 has a '$$' token; with mathtext on, '$x^2$' would be typeset and '$$' would fail to parse."""
+    sinks = pd.DataFrame({"layer": [0, 1, 2], "head": [0, 1, 0], "position": [3, 4, 5], "token": ["$$", "$x^2$", "$$"],
+                          "alpha": [0.2, 0.3, 0.4]})
+    fig = figures.hidden_sink_tokens(sinks)
+    labels = [tick.get_text() for tick in fig.axes[0].get_yticklabels()]
+    assert labels == ["‘$$’", "‘$x^2$’"]
+    svg = figures.style.save(fig, tmp_path, "dollars", ("svg", "png"))[0].read_text()
+    assert "‘$x^2$’" in svg and "‘$$’" in svg  # kept as literal text, not typeset
