@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 from attnprobe.hooks.backends import Backend
+from attnprobe.hooks.backends.base import decoder_layers
 from attnprobe.hooks.edits import Edit
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model, ModelInfo
-from attnprobe.hooks.backends.base import decoder_layers
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.hooks.swap import swap_edits
@@ -223,9 +223,22 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def coarse_first(values: Sequence[float]) -> list[float]:
+    """Sorted values, middles first (0.25, 0.125, 0.75, 0.0625, 0.5 of the defaults), so a sweep cut
+    short by its time limit still spans the range."""
+    order, spans = [], [sorted(values)]
+    while spans:
+        span = spans.pop(0)
+        if span:
+            middle = len(span) // 2
+            order.append(span[middle])
+            spans += [span[:middle], span[middle + 1:]]
+    return order
+
+
 def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Cell]:
     """Cells in the order they run (a time limit cuts the tail): the references, the first kind's
-    budgets x selectors, the sparse rows, then the other kinds."""
+    budgets (coarse first) x selectors, the sparse rows, then the other kinds."""
     n_units = selectors.unit_count(info, sizes.unit)
     everyone = selectors.all_units(info, sizes.unit)
     cells = [Cell("none", "all-exact", -1, 1.0, everyone)]
@@ -233,7 +246,7 @@ def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Ce
     grids = []
     for kind in sizes.kinds:
         ranked, grid = for_kind(rankings, kind), []
-        for fraction in sizes.budgets:
+        for fraction in coarse_first(sizes.budgets):
             count = selectors.budget_count(fraction, n_units)
             for selector, seed in ranked[["selector", "seed"]].drop_duplicates().itertuples(index=False):
                 grid.append(Cell(kind, selector, int(seed), fraction, selectors.kept_units(ranked, selector, int(seed), count)))
@@ -381,11 +394,12 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
 
 
 def winners(budget: pd.DataFrame, task: str = "passkey") -> pd.DataFrame:
-    """Per kind and budget, the selector with the highest accuracy (random pooled over its draws)."""
-    table = budget[(budget["task"] == task) & budget["selector"].isin(selectors.SELECTORS)]
+    """Per kind and budget, the selector(s) with the highest accuracy (random pooled over its draws; ties joined by '=')."""
+    table = budget[(budget["task"] == task) & budget["selector"].isin(SELECTORS)]
     if table.empty:
         return pd.DataFrame(columns=["kind", "budget", "selector", "accuracy"])
     pooled = table.groupby(["kind", "budget", "selector"], as_index=False)[["correct", "n"]].sum()
     pooled["accuracy"] = pooled["correct"] / pooled["n"]
-    best = pooled.sort_values("accuracy", ascending=False).groupby(["kind", "budget"], as_index=False).head(1)
-    return best.sort_values(["kind", "budget"])[["kind", "budget", "selector", "accuracy"]]
+    best = pooled[pooled["accuracy"] == pooled.groupby(["kind", "budget"])["accuracy"].transform("max")]
+    return (best.groupby(["kind", "budget"], as_index=False)
+            .agg(selector=("selector", lambda s: " = ".join(sorted(s))), accuracy=("accuracy", "first")))

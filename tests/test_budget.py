@@ -91,6 +91,11 @@ def test_a_rerun_resumes_without_evaluating_and_a_time_limit_skips_cells(tiny, s
     assert budget.read_json(tmp_path / "manifest.json")["cells_skipped_for_time"] == 1 + 1 + 2 * 3
 
 
+def test_budgets_run_coarse_first():
+    assert budget.coarse_first(budget.BUDGETS) == [0.25, 0.125, 0.75, 0.0625, 0.5]
+    assert sorted(budget.coarse_first([0.3, 0.1, 0.2])) == [0.1, 0.2, 0.3]
+
+
 def test_bad_specs_and_missing_census_are_user_errors(tiny, tmp_path):
     _, _, model, backend = tiny
     with pytest.raises(AttnprobeError, match="unknown kernel"):
@@ -112,7 +117,8 @@ def test_one_kv_head_per_layer_is_said(tiny):
 def test_winners_pool_the_random_draws(swept):
     _, tables = swept
     best = budget.winners(tables["budget"])
-    assert set(best["budget"]) == {0.25, 0.5} and set(best["selector"]) <= {"retrieval", "random"}
+    assert set(best["budget"]) == {0.25, 0.5} and len(best) == 2
+    assert all(set(s.split(" = ")) <= {"retrieval", "random"} for s in best["selector"])
 
 
 def test_budget_figure_draws_lines_bands_and_references(swept):
