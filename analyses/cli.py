@@ -234,6 +234,7 @@ def figures(
         loaded = _load(manifest["model_id"])
         drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
                                   log, chosen_formats)
+    load_run(run_dir)  # a folder that holds no run is refused before a lock file is left in it
     with RunDir(run_dir).lock(), console.status("drawing figures"):
         report = write_report(run_dir, chosen_formats)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
