@@ -102,3 +102,15 @@ def test_a_new_probe_module_alone_reaches_every_reader(toy_module, tmp_path):
     assert style.ROLE_ABBREVIATIONS["self_attending"] == "A"
     fig = figures.role_map(heads)
     assert any("A  self attending" == text.get_text() for text in fig.legends[0].get_texts())
+
+
+def test_cli_summary_uses_the_runs_own_thresholds(tmp_path, monkeypatch):
+    from attnprobe.analyses import cli
+    from attnprobe.probe.rundir import write_json
+
+    heads = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "induction_score": [0.95, 0.6, 0.2]})
+    write_json(tmp_path / "manifest.json", {"config": {"thresholds": {"induction": 0.9}}})
+    printed = []
+    monkeypatch.setattr(cli.console, "print", lambda text, **kw: printed.append(text))
+    cli.print_summary(tmp_path, heads)
+    assert any("induction heads" in line and "1 of 3 above 0.9: 0.0=0.95" in line for line in printed), printed
