@@ -9,6 +9,8 @@ measurement), decode_bench.json and decode_bench.md (rewritten after each).
     python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --new-tokens 64 --out $OUT
     # the same with 8 sequences decoded together (reading the cache, not launching kernels, dominates)
     python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --batch 8 --out $OUT/batch8
+    # where a step's time goes (profiler tables and host syncs per row, in $OUT/profile)
+    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 32768 --new-tokens 16 --profile --out $OUT/profile
     # CPU, small: a tiny random GQA Llama (what the test runs)
     python benchmarks/decode_bench.py --tiny --contexts 64,128 --new-tokens 8 --out /tmp/decode_bench
 
@@ -19,8 +21,17 @@ Architectures (fresh kernels: cost does not depend on fitted parameters):
     hybrid-25         25 % of the heads exact softmax, packed into whole KV groups (GQA) so the other
                       KV heads drop their cache; the rest sink+window
     sink+window       every head StreamingLLM sink + window softmax
-Each measurement prefills `context - new_tokens` tokens and decodes `new_tokens`, so the cache ends at the
-context length. A context beyond the model's window runs on random weights in the model's
+Each measurement prefills `context - new_tokens - warmup` tokens, decodes `warmup` tokens untimed (first
+calls at these shapes) and `new_tokens` timed ones (CUDA events on a GPU), so the cache ends at the context
+length. The original runs before the native backend is attached: transformers' SDPA and its own cache, no
+attnprobe hook. No CUDA graphs: every step launches its kernels from Python.
+
+What batch 1 measures: for a 135M model one decode step is a few hundred small kernels, so on a GPU the
+step time is mostly launch and Python time, about the same for every architecture; attention over a 32K
+cache (SmolLM2: 3 KV heads x 30 layers, ~0.75 GB read per token in bf16) is a fraction of it. The cost
+that grows with the cache shows at --batch 8 or more, where reading (and transformers' DynamicLayer
+re-concatenating) the cache dominates. --profile writes, per row, a profiler table of 4 more steps and
+the source lines that synchronised the host (CUDA), to see where a step's time goes. A context beyond the model's window runs on random weights in the model's
 shape (same config, longer position range): the cost of a forward does not depend on the weights; the
 output records `weights: random` for those rows.
 """
@@ -172,20 +183,26 @@ def run(args) -> list[dict]:
     names = args.architectures.split(",") if args.architectures else default_architectures()
     machine = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
                "torch": torch.__version__, "dtype": args.dtype, "model": model.info.model_id, "new_tokens": args.new_tokens,
-               "batch": args.batch,
+               "batch": args.batch, "warmup": args.warmup,
                "command": " ".join(sys.argv)}
     rows: list[dict] = []
     stream = (out / "decode_bench.jsonl").open("a")
     for context in contexts:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
-        backend = make_backend("native", run_model)
         original = None
-        for name in names:
+        backend = None
+        # the original first, before the backend's hooks exist: transformers' own SDPA and cache, nothing of ours
+        for name in sorted(names, key=lambda name: name != "original"):
+            if name != "original" and backend is None:
+                backend = make_backend("native", run_model)
             edits = architecture_edits(run_model, name)
-            measure_decoding(run_model, backend, edits, 64, 2, args.batch)  # warm-up: kernels compiled, allocator warm
+            runner = backend if edits else None
+            measure_decoding(run_model, runner, edits, 64, 2, args.batch)  # warm-up: kernels compiled, allocator warm
+            profile = out / f"profile-{context}-{name}.txt" if args.profile else None
             row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random", "batch": args.batch,
-                   **measure_decoding(run_model, backend, edits, context, args.new_tokens, args.batch)}
+                   **measure_decoding(run_model, runner, edits, context, args.new_tokens, args.batch, warmup=args.warmup,
+                                      profile=profile)}
             original = row if name == "original" else original
             row.update(ratios(row, original))
             rows.append(row)
@@ -194,7 +211,8 @@ def run(args) -> list[dict]:
             stream.flush()
             atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows)}, indent=1))
             atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(goals(rows)) + "\n")
-        backend.close()
+        if backend is not None:
+            backend.close()
         del run_model, backend
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -213,6 +231,9 @@ def parse(argv=None):
     parser.add_argument("--contexts", default="2048,8192,32768")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps; the cache ends at the context length")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (the cache grows with it, a state too)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps at the context before the timed ones")
+    parser.add_argument("--profile", action="store_true", help="write profile-CONTEXT-ARCH.txt: a torch.profiler table of "
+                        "4 more decode steps and, on CUDA, the source lines that synchronised the host")
     parser.add_argument("--architectures", default=None, help=f"comma list (default: {','.join(default_architectures())})")
     parser.add_argument("--out", required=True)
     return parser.parse_args(argv)

@@ -17,6 +17,7 @@ heads over their own cache and lets the replaced heads step their states.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -27,7 +28,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .edits import Edit
+from .edits import Edit, head_index
 from .errors import AttnprobeError
 from .model import Model
 from .sites import Site
@@ -81,8 +82,9 @@ class CompactLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.past = self.length
         self.length += key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states[:, self.kept]], dim=-2)
-        values = torch.cat([self.values, value_states[:, self.kept]], dim=-2)
+        kept = head_index(self.kept, key_states.device)
+        keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
+        values = torch.cat([self.values, value_states[:, kept]], dim=-2)
         if self.sliding_window is not None:
             self.keys, self.values = keys[:, :, -self.sliding_window + 1:], values[:, :, -self.sliding_window + 1:]
         else:
@@ -188,33 +190,93 @@ def _peak(device: torch.device) -> float:
     return float(found.group(1)) * 1024 if found else math.nan
 
 
+class _Timer:
+    """Seconds between start and stop: CUDA events on a GPU (no host sync inside the timed loop), else wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return time.perf_counter() - self.begin
+
+
 @torch.no_grad()
 def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
-                     batch: int = 1, seed: int = 0) -> dict:
-    """Prefill `context - new_tokens` random tokens (`batch` sequences) and decode `new_tokens` greedily
-    through an ArchitectureCache with `edits` on (the native backend), so the cache ends at `context`.
+                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None) -> dict:
+    """Prefill `context - new_tokens - warmup` random tokens (`batch` sequences), decode `warmup` tokens
+    untimed (first calls at these shapes: allocator, kernel selection) and then `new_tokens` timed ones,
+    greedily, through an ArchitectureCache with `edits` on (the native backend), so the cache ends at
+    `context`. backend=None (no edits) runs the model as it is: its own attention, no attnprobe hook.
     Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
     and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
-    process's peak resident set, VmHWM, NaN where Linux's is absent)."""
-    if not 0 < new_tokens < context:
-        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context")
+    process's peak resident set, VmHWM, NaN where Linux's is absent). `profile`: afterwards, 4 more decode
+    steps under torch.profiler, its table written there (and, on CUDA, the lines that synchronised the host)."""
+    if not 0 < new_tokens < context - warmup:
+        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context - {warmup}")
+    if backend is None and edits:
+        raise AttnprobeError("edits need a backend: pass the native backend")
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     vocab = model.hf.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (batch, context - new_tokens), generator=generator).to(device)
+    ids = torch.randint(3, vocab, (batch, context - new_tokens - warmup), generator=generator).to(device)
     cache = architecture_cache(model, edits)
+    timer = _Timer(device)
+
+    def step(token):
+        return model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
     _reset_peak(device)
-    with backend.patched(edits):
+    with backend.patched(edits) if backend is not None else contextlib.nullcontext():
         _sync(device)
-        start = time.perf_counter()
-        logits = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(new_tokens):  # the cache ends at (context - new_tokens) + new_tokens
-            token = model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        decode = time.perf_counter() - start
-    return {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": batch * new_tokens / decode,
-            "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device)}
+        timer.start()
+        token = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        prefill = timer.stop()
+        for _ in range(warmup):
+            token = step(token)
+        timer.start()
+        for _ in range(new_tokens):  # the cache ends at context
+            token = step(token)
+        decode = timer.stop()
+        measured = {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": batch * new_tokens / decode,
+                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device)}
+        if profile is not None:
+            _profile_steps(step, token, device, profile)
+    return measured
+
+
+def _profile_steps(step, token, device: torch.device, path: Path, steps: int = 4) -> None:
+    import warnings
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    synced: Counter = Counter()
+    with profile() as prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")  # each host sync warns, from the line that caused it
+        try:
+            for _ in range(steps):
+                token = step(token)
+            _sync(device)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    synced.update(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    lines = [f"{steps} decode steps", f"host syncs per step: {sum(synced.values()) / steps:g}"]
+    lines += [f"  {n / steps:g}  {where}" for where, n in synced.most_common(20)]
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30))
+    path.write_text("\n".join(lines) + "\n")

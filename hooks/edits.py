@@ -61,6 +61,21 @@ class Edit:
     kernel: object | None = None
 
 
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def head_index(heads: Sequence[int], device) -> slice | torch.Tensor:
+    """An index of `heads` (dim 1 of q/k/v, dim 2 of z) that costs no host sync on a GPU: a slice when they
+    are consecutive, else a tensor kept on `device` (a Python list is copied there, blocking, on every use)."""
+    heads = tuple(heads)
+    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    key = (heads, str(device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = torch.tensor(heads, dtype=torch.long, device=device)
+    return _INDEX_CACHE[key]
+
+
 def _heads_list(heads: Sequence[int] | int) -> list[int]:
     return [heads] if isinstance(heads, int) else list(heads)
 
@@ -110,7 +125,7 @@ def replace_heads(layer: int, heads: Sequence[int] | int, head_fn: Callable[[Att
         if call is None:
             raise RuntimeError("replace_heads needs the attention call (q, k, v)")
         z = z.clone()
-        z[:, :, chosen, :] = head_fn(call, chosen, edit.state).to(z)
+        z[:, :, head_index(chosen, z.device)] = head_fn(call, chosen, edit.state).to(z)
         return z
 
     edit.fn = fn

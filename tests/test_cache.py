@@ -187,3 +187,27 @@ def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
     del cache
     gc.collect()
     assert alive() is None and backend.cache is None
+
+
+@pytest.mark.parametrize("name", ["sink+window", "sink+window+linear", "window+linear"])
+@pytest.mark.parametrize("prefilled", [1, 3, 4, 9, 16])
+def test_blocked_prefill_and_ring_buffer_steps_equal_the_quadratic_reference(name, prefilled):
+    """The prefill in blocks of `window` and decode steps that overwrite the window's oldest slot in
+    place give what the full quadratic form gives, for prompts shorter than, equal to and past the
+    window, and a window that wraps several times."""
+    torch.manual_seed(3)
+    options = {"window": 4, **({"sinks": 2} if "sink" in name else {})}
+    kernel = make_kernel(name, 3, 8, **options)
+    q, k, v = (torch.randn(2, 3, 23, 8) for _ in range(3))
+    want = kernel.quadratic(q, k, v, 0.4)
+    z, state = kernel.prefill(q[:, :, :prefilled], k[:, :, :prefilled], v[:, :, :prefilled], 0.4)
+    torch.testing.assert_close(z, want[:, :, :prefilled], atol=1e-5, rtol=1e-5)
+    steps = []
+    for t in range(prefilled, 23):
+        out, state = kernel.step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.4)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=2), want[:, :, prefilled:], atol=1e-5, rtol=1e-5)
+    assert state.window_k.shape[2] == 4 and state.sink_k.shape[2] == options.get("sinks", 0)
+    # the ring holds the last `window` keys, position p in slot p % window
+    for position in range(19, 23):
+        assert torch.equal(state.window_k[:, :, position % 4], k[:, :, position])

@@ -28,7 +28,7 @@ import torch
 
 from attnprobe.kernels.dispatch import use_triton
 
-from ..edits import AttentionCall
+from ..edits import AttentionCall, head_index
 from ..errors import AttnprobeError
 from ..reducers import PatternStats
 from ..sites import Site
@@ -90,7 +90,7 @@ def _run_compact(c: Call) -> torch.Tensor:
     batch, heads, n_new, _ = query.shape
     z = query.new_zeros(batch, n_new, heads, c.value.shape[-1])
     if layer_cache.kept_query_heads:
-        kept = layer_cache.kept_query_heads
+        kept = head_index(layer_cache.kept_query_heads, query.device)
         z[:, :, kept] = c.sdpa(query[:, kept], layer_cache.kept_keys, layer_cache.kept_values).to(z)
     return z
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnprobe.hooks.errors import AttnprobeError
@@ -63,19 +64,18 @@ class HybridKernel(Kernel):
             options.update(feature_map=self.feature_map.name, **self.feature_map.options())
         return options
 
-    def _attend(self, q, k, v, q_pos, k_pos, scaling, phi_q=None, phi_k=None, linear=None):
-        """z for queries at q_pos over keys at k_pos (plus the linear state of older keys)."""
-        offset = q_pos[:, None] - k_pos[None, :]
-        visible = offset >= 0
-        exact = visible & ((offset < self.window) | (k_pos < self.sinks)[None, :])
-        scores = ((q @ k.transpose(-1, -2)) * scaling).masked_fill(~exact, float("-inf"))
+    def _mix(self, q, k, v, scaling, exact=None, phi_q=None, phi_k=None, middle=None, linear=None):
+        """z for queries q over keys k (the exact ones where `exact`, every one where None), plus phi weights
+        where `middle` and the linear state of older keys; any number of leading batch dims."""
+        scores = (q @ k.transpose(-1, -2)) * scaling
+        if exact is not None:
+            scores = scores.masked_fill(~exact, float("-inf"))
         weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # the diagonal is always exact
         if self.feature_map is None:
             return safe_ratio(weights @ v, weights.sum(-1))
-        share = torch.sigmoid(self.window_logit)[None, :, None, None]
+        share = torch.sigmoid(self.window_logit).view(-1, *[1] * (q.dim() - 2))  # per head, dim 1
         weights = share * weights
-        if phi_k is not None:
-            middle = visible & ~exact & (k_pos >= self.sinks)[None, :]
+        if middle is not None:
             weights = weights + (1 - share) * (phi_q @ phi_k.transpose(-1, -2)) * middle
         num = weights @ v + (1 - share) * (phi_q @ linear.s)
         den = weights.sum(-1) + (1 - share[..., 0]) * (phi_q @ linear.n[..., None]).squeeze(-1)
@@ -83,12 +83,13 @@ class HybridKernel(Kernel):
 
     def _features(self, q, k, scaling):
         if self.feature_map is None:
-            return None, None, None
-        batch, heads = q.shape[:2]
-        f = self.feature_map.dim
-        linear = LinearState(q.new_zeros(batch, heads, f, q.shape[-1]), q.new_zeros(batch, heads, f),
-                             q.new_full((batch, heads), float("-inf")))
-        return self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0], linear
+            return None, None
+        return self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+
+    def _empty_linear(self, like):
+        batch, heads = like.shape[:2]
+        return LinearState(like.new_zeros(batch, heads, self.feature_map.dim, like.shape[-1]),
+                           like.new_zeros(batch, heads, self.feature_map.dim), like.new_full((batch, heads), float("-inf")))
 
     @staticmethod
     def _absorb(linear, phi_k, v, start, stop):
@@ -114,41 +115,71 @@ class HybridKernel(Kernel):
         return (self._weights(q, k, scaling, torch.arange(q.shape[2], device=q.device)) @ v).to(dtype)
 
     def prefill(self, q, k, v, scaling):
+        """All queries at once in blocks of `window`: block b attends exactly over the sinks and blocks b-1, b
+        (masked), the rest of b-1's keys through phi (feature map set) and older keys through the linear
+        state of the blocks before b-1 (an exclusive prefix sum). O(T (sinks + window)) time and memory."""
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)
-        length = q.shape[2]
-        phi_q, phi_k, linear = self._features(q, k, scaling)
-        positions = torch.arange(length, device=q.device)
-        covered = self.sinks  # the linear state holds keys [sinks, covered)
-        outputs = []
-        for start in range(0, length, self.chunk):
-            stop = min(length, start + self.chunk)
-            first = max(0, start - self.window)  # older keys are sinks or linear for every query here
-            linear = self._absorb(linear, phi_k, v, covered, first)
-            covered = max(covered, first)
-            keys = torch.cat([positions[:min(self.sinks, first)], positions[first:stop]])
-            outputs.append(self._attend(q[:, :, start:stop], k[:, :, keys], v[:, :, keys], positions[start:stop], keys,
-                                        scaling, None if phi_q is None else phi_q[:, :, start:stop],
-                                        None if phi_k is None else phi_k[:, :, keys], linear))
-        first = max(0, length - self.window)
-        linear = self._absorb(linear, phi_k, v, covered, first)
-        sinks = min(self.sinks, first)
-        state = HybridState(k[:, :, :sinks], v[:, :, :sinks], k[:, :, first:], v[:, :, first:], linear, length)
-        return torch.cat(outputs, dim=2).to(dtype), state
+        length, window, device = q.shape[2], self.window, q.device
+        n_blocks = -(-length // window)
+
+        def blocks(x):  # (B, H, T, e) -> (B, H, n_blocks, window, e), zero padded at the end
+            return F.pad(x, (0, 0, 0, n_blocks * window - length)).unflatten(2, (n_blocks, window))
+
+        def local(x):  # each block beside the one before it: (B, H, n_blocks, 2 window, e)
+            x = blocks(x)
+            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
+
+        n_sinks = min(self.sinks, length)
+        sinks = lambda x: x[:, :, None, :n_sinks].expand(-1, -1, n_blocks, -1, -1)
+        query_pos = torch.arange(n_blocks * window, device=device).view(n_blocks, window)
+        local_pos = torch.cat([query_pos - window, query_pos], dim=1)  # negative: before the sequence
+        offset = query_pos[:, :, None] - local_pos[:, None, :]
+        visible = (offset >= 0) & (local_pos >= 0)[:, None, :]
+        exact = visible & ((offset < window) | (local_pos < self.sinks)[:, None, :])
+        # a sink key counts through the sink part only where the local part does not hold it
+        sink_ok = (torch.arange(n_sinks, device=device)[None, :] < query_pos[:, :1] - window)[:, None, :].expand(-1, window, -1)
+        keys, values = torch.cat([sinks(k), local(k)], dim=3), torch.cat([sinks(v), local(v)], dim=3)
+        phi_q, phi_k = self._features(q, k, scaling)
+        middle = linear = phi_keys = None
+        if phi_q is not None:
+            zeros = torch.zeros_like(sink_ok)
+            middle = torch.cat([zeros, visible & ~exact & (local_pos >= self.sinks)[:, None, :]], dim=-1)
+            phi_keys = torch.cat([sinks(phi_k), local(phi_k)], dim=3)
+            # keys of the blocks before b-1, past the sinks: an exclusive prefix sum shifted by two blocks
+            past_sinks = (torch.arange(length, device=device) >= self.sinks)[:, None]
+            fk, vb = blocks(phi_k * past_sinks), blocks(v)
+            s = F.pad((fk.transpose(-1, -2) @ vb).cumsum(dim=2), (0, 0, 0, 0, 2, 0))[:, :, :n_blocks]
+            n = F.pad(fk.sum(dim=3).cumsum(dim=2), (0, 0, 2, 0))[:, :, :n_blocks]
+            linear = LinearState(s, n, None)
+            phi_q = blocks(phi_q)
+        z = self._mix(blocks(q), keys, values, scaling, torch.cat([sink_ok, exact], dim=-1), phi_q, phi_keys, middle, linear)
+        z = z.flatten(2, 3)[:, :, :length]
+        first = max(0, length - window)
+        state_linear = None if phi_k is None else self._absorb(self._empty_linear(q), phi_k, v, self.sinks, first)
+        n_sinks = min(self.sinks, first)
+        # the window as a ring buffer (position p in slot p % window) that decode steps overwrite in place
+        window_k, window_v = (x[:, :, first:].roll(first % window, dims=2) for x in (k, v))
+        state = HybridState(k[:, :, :n_sinks].clone(), v[:, :, :n_sinks].clone(), window_k, window_v, state_linear, length)
+        return z.to(dtype), state
 
     def step(self, state, q, k, v, scaling):
+        """One token: the window is a ring buffer (slot = position % window), full once the sequence has
+        `window` tokens; the token it overwrites joins the sinks or the linear state."""
         position = state.length
         sink_k, sink_v, linear = state.sink_k, state.sink_v, state.linear
-        window_k, window_v = torch.cat([state.window_k, k], dim=2), torch.cat([state.window_v, v], dim=2)
-        if window_k.shape[2] > self.window:
-            old_k, old_v = window_k[:, :, :1], window_v[:, :, :1]
-            window_k, window_v = window_k[:, :, 1:], window_v[:, :, 1:]
+        window_k, window_v = state.window_k, state.window_v
+        if window_k.shape[2] < self.window:
+            window_k, window_v = torch.cat([window_k, k], dim=2), torch.cat([window_v, v], dim=2)
+        else:
+            slot = position % self.window
+            old_k, old_v = window_k[:, :, slot:slot + 1].clone(), window_v[:, :, slot:slot + 1].clone()
             if position - self.window < self.sinks:
                 sink_k, sink_v = torch.cat([sink_k, old_k], dim=2), torch.cat([sink_v, old_v], dim=2)
             elif linear is not None:
                 linear = self._absorb(linear, self.feature_map(old_k, scaling)[0], old_v, 0, 1)
+            window_k[:, :, slot:slot + 1], window_v[:, :, slot:slot + 1] = k, v
         keys, values = torch.cat([sink_k, window_k], dim=2), torch.cat([sink_v, window_v], dim=2)
-        k_pos = torch.cat([torch.arange(sink_k.shape[2]), torch.arange(position + 1 - window_k.shape[2], position + 1)]).to(q.device)
         phi_q = None if self.feature_map is None else self.feature_map(q, scaling)[0]
-        z = self._attend(q, keys, values, torch.tensor([position], device=q.device), k_pos, scaling, phi_q, None, linear)
+        z = self._mix(q, keys, values, scaling, None, phi_q, None, None, linear)  # every key held is exact
         return z, HybridState(sink_k, sink_v, window_k, window_v, linear, position + 1)
