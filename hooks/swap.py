@@ -22,7 +22,7 @@ from attnprobe.kernels.base import Kernel
 
 from .backends import Backend
 from .backends.base import decoder_layers
-from .edits import AttentionCall, Edit, replace_heads
+from .edits import AttentionCall, Edit, head_index, replace_heads
 from .errors import AttnprobeError
 from .model import Model
 from .reducers import Keep
@@ -42,8 +42,8 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
 
     def head_fn(call: AttentionCall, chosen: list[int], state: dict) -> torch.Tensor:
         group = call.q.shape[1] // call.k.shape[1]
-        kv_heads = [head // group for head in chosen]
-        q, k, v = call.q[:, chosen], call.k[:, kv_heads], call.v[:, kv_heads]
+        kv_heads = head_index([head // group for head in chosen], call.k.device)
+        q, k, v = call.q[:, head_index(chosen, call.q.device)], call.k[:, kv_heads], call.v[:, kv_heads]
         if recompute:
             if call.is_decode:
                 raise AttnprobeError("recompute=True needs the whole sequence in each call: generate with use_cache=False")
@@ -60,10 +60,8 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
                 # the state missed part of the cache (a prefill outside these edits, or a cache the caller
                 # built otherwise): rebuild it from the cached keys and values, which alone determine it
                 _, state["kernel"] = kernel.prefill(k[:, :, :past], k[:, :, :past], v[:, :, :past], call.scaling)
-            if fused_decode_fits(kernel, q, v):
-                z, state["kernel"] = fused_decode(kernel, state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
-            else:
-                z, state["kernel"] = kernel.decode(state["kernel"], q, k[:, :, -new:], v[:, :, -new:], call.scaling)
+            z, state["kernel"] = DECODERS[decode_route(kernel, q, v)](kernel, state["kernel"], q, k[:, :, -new:], v[:, :, -new:],
+                                                                    call.scaling)
             state["length"] = past + new
         return z.transpose(1, 2)
 
@@ -81,11 +79,18 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
     return edit
 
 
-def fused_decode_fits(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether decode steps of `kernel` go through the Triton step kernel (CUDA, a linear kernel Triton runs)."""
+def decode_route(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> str:
+    """How decode steps of `kernel` run: "triton" (CUDA, a linear kernel our Triton step runs), "fla" (CUDA,
+    a gated or delta-rule family flash-linear-attention has a fused recurrent op for), else "torch"."""
+    from attnprobe.kernels import fla
+    from attnprobe.kernels.dispatch import use_fla
     from attnprobe.kernels.linear import LinearKernel
 
-    return isinstance(kernel, LinearKernel) and kernel.fits_triton(q, v.shape[-1])
+    if isinstance(kernel, LinearKernel) and kernel.fits_triton(q, v.shape[-1]):
+        return "triton"
+    if use_fla(q) and fla.decode_supported(kernel):
+        return "fla"
+    return "torch"
 
 
 def fused_decode(kernel, state, q, k, v, scaling):
@@ -98,6 +103,15 @@ def fused_decode(kernel, state, q, k, v, scaling):
     v = v.float()
     steps = [triton_linear.linear_decode_step(phi_q[:, :, t], phi_k[:, :, t], v[:, :, t], s, n) for t in range(q.shape[2])]
     return torch.stack(steps, dim=2).to(q.dtype), LinearState(s, n, state.ref)
+
+
+def _fla_decode(kernel, state, q, k, v, scaling):
+    from attnprobe.kernels import fla
+
+    return fla.decode(kernel, state, q, k, v, scaling)
+
+
+DECODERS = {"triton": fused_decode, "fla": _fla_decode, "torch": lambda kernel, *args: kernel.decode(*args)}
 
 
 def _heads_for(layer: int, heads: Heads, default: Sequence[int]) -> list[int]:

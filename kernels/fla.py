@@ -1,4 +1,5 @@
-"""flash-linear-attention's Triton ops as the CUDA prefill of the gated and delta-rule families.
+"""flash-linear-attention's Triton ops as the CUDA prefill (chunked) and decode (fused recurrent) of the gated
+and delta-rule families.
 
 Our tensors are (B, H, T, d); fla's are (B, T, H, d). Every call passes scale = 1 (our kernels scale
 their features themselves) and asks for the final state, (B, H, d_k, d_v) as ours. Chosen by
@@ -48,3 +49,50 @@ def delta_prefill(q, k, v, beta, log_alpha, gate, dtype) -> tuple[torch.Tensor, 
 
         o, state = chunk_kda(qf, kf, vf, _fla(log_alpha, torch.float32), betaf, scale=1.0, output_final_state=True)
     return o.transpose(1, 2).float(), state.float()
+
+
+def decode_supported(kernel) -> bool:
+    """Whether fla has a fused recurrent op for `kernel`'s family: GLA, simple GLA (decay), the delta rule
+    and the gated delta rule (KDA's per-channel gate stays on the torch step)."""
+    from .deltanet.kernel import DeltaKernel
+    from .gla.kernel import GatedKernel
+
+    if isinstance(kernel, DeltaKernel):
+        return kernel.gate in (None, "head")
+    return isinstance(kernel, GatedKernel) and kernel.fla_op in ("gla", "simple_gla")
+
+
+def decode(kernel, state, q, k, v, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel.decode` (q, k, v (B, H, n, d), the state from its prefill) through fla's fused recurrent op:
+    one launch for all n new tokens. Inputs in fp32 (a few tokens: precision is free)."""
+    from .deltanet.kernel import DeltaKernel
+
+    dtype = q.dtype
+    state = state.float().contiguous()
+    if isinstance(kernel, DeltaKernel):
+        qn, kn, values, beta, log_alpha = kernel._inputs(q, k, v)
+        qf, kf, vf = (_fla(x, torch.float32) for x in (qn, kn, values))
+        betaf = beta.transpose(1, 2).float().contiguous()
+        if kernel.gate is None:
+            from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+            o, state = fused_recurrent_delta_rule(qf, kf, vf, betaf, scale=1.0, initial_state=state, output_final_state=True)
+        else:
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+            o, state = fused_recurrent_gated_delta_rule(qf, kf, vf, g=log_alpha[..., 0].transpose(1, 2).float().contiguous(),
+                                                        beta=betaf, scale=1.0, initial_state=state, output_final_state=True)
+        return o.transpose(1, 2).to(dtype), state.float()
+    phi_q, phi_k, values, log_alpha = kernel._inputs(q, k, v, scaling)
+    qf, kf, vf = (_fla(x, torch.float32) for x in (phi_q, phi_k, values))
+    if kernel.fla_op == "gla":
+        from fla.ops.gla import fused_recurrent_gla
+
+        o, state = fused_recurrent_gla(qf, kf, vf, gk=_fla(log_alpha, torch.float32), scale=1.0, initial_state=state,
+                                       output_final_state=True)
+    else:
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+        o, state = fused_recurrent_simple_gla(qf, kf, vf, g=log_alpha[..., 0].transpose(1, 2).float().contiguous(), scale=1.0,
+                                              initial_state=state, output_final_state=True)
+    return kernel._output(o.transpose(1, 2).float()).to(dtype), state.float()

@@ -211,3 +211,38 @@ def test_blocked_prefill_and_ring_buffer_steps_equal_the_quadratic_reference(nam
     # the ring holds the last `window` keys, position p in slot p % window
     for position in range(19, 23):
         assert torch.equal(state.window_k[:, :, position % 4], k[:, :, position])
+
+
+ROUTES = {"gated-deltanet": "fla", "deltanet": "fla", "gla": "fla", "decay": "fla", "kda": "torch", "hedgehog": "torch"}
+
+
+@pytest.mark.parametrize("name", list(ROUTES))
+def test_decode_takes_the_torch_step_on_cpu_and_fla_fused_recurrent_ops_where_fla_runs(name, monkeypatch):
+    from attnprobe.kernels import dispatch
+    from attnprobe.hooks.swap import DECODERS, decode_route
+
+    torch.manual_seed(4)
+    kernel = make_kernel(name, 2, 8)
+    q, k, v = (torch.randn(1, 2, 7, 8) for _ in range(3))
+    assert decode_route(kernel, q, v) == "torch"  # fla's ops do not run on CPU tensors
+    _, state = kernel.prefill(q[:, :, :4], k[:, :, :4], v[:, :, :4], 0.3)
+    z, _ = DECODERS["torch"](kernel, state, q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], 0.3)
+    torch.testing.assert_close(z, kernel.quadratic(q, k, v, 0.3)[:, :, 4:], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(dispatch, "use_fla", lambda x: True)  # as on CUDA with fla-core installed
+    assert decode_route(kernel, q, v) == ROUTES[name]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's fused recurrent ops run on CUDA")
+@pytest.mark.parametrize("name", [n for n, route in ROUTES.items() if route == "fla"])
+def test_fla_fused_recurrent_decode_equals_the_torch_step_on_cuda(name):
+    from attnprobe.hooks.swap import DECODERS, decode_route
+
+    torch.manual_seed(4)
+    kernel = make_kernel(name, 2, 64).cuda()
+    q, k, v = (torch.randn(2, 2, 40, 64, device="cuda") for _ in range(3))
+    assert decode_route(kernel, q, v) == "fla"
+    _, state = kernel.prefill(q[:, :, :32], k[:, :, :32], v[:, :, :32], 0.125)
+    want, want_state = DECODERS["torch"](kernel, state.clone(), q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], 0.125)
+    got, got_state = DECODERS["fla"](kernel, state.clone(), q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], 0.125)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got_state, want_state, atol=2e-3, rtol=2e-3)
