@@ -6,6 +6,7 @@ attention to hidden sinks by beta and give the mass back to the other keys in pr
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,9 +27,11 @@ from .selection import Head, by_layer, parse_heads, top_heads
 MODES = ("zero", "mean", "uniform", "calibrate")
 
 
-def head_means(backend: Backend, model: Model, layers: Sequence[int], n_tokens: int = 1024) -> dict[int, torch.Tensor]:
-    """Mean per-head output z (H, d) of each layer over held-out reference text."""
-    ids = torch.tensor([texts.held_out_ids(model.tokenizer, n_tokens)])
+def head_means(backend: Backend, model: Model, layers: Sequence[int], n_tokens: int = 1024,
+               bos: bool = False) -> dict[int, torch.Tensor]:
+    """Mean per-head output z (H, d) of each layer over reference text from the fit range (never
+    evaluated on), with BOS when the run uses it, as its evaluations do."""
+    ids = texts.windows(texts.fit_ids(model.tokenizer, n_tokens), n_tokens, model.info.bos_id if bos else None)
     readers = {layer: Apply(lambda z: z.float().mean(dim=(0, 1)).cpu()) for layer in layers}
     backend.run(ids, reads={(layer, Site.Z): r for layer, r in readers.items()})
     return {layer: r.result()[0] for layer, r in readers.items()}
@@ -37,8 +40,9 @@ def head_means(backend: Backend, model: Model, layers: Sequence[int], n_tokens: 
 def calibrate_sinks(layer: int, heads: Sequence[int], beta: float = 0.4, threshold: float = 0.1,
                     min_queries: int = 16) -> Edit:
     """ACT's calibration: on each prefill, keys k > 0 with alpha_k > threshold (seen by >= min_queries
-    queries) get their attention scaled by beta, and each row is renormalised. Decode steps reuse the
-    prefill's sink positions."""
+    queries) are the hidden sinks; each query gives a sink exactly beta times its weight and hands the
+    removed mass to the other keys it sees in proportion to their weights, so a row still sums to 1.
+    A row that sees only sinks keeps its weights. Decode steps reuse the prefill's sink positions."""
     heads = list(heads)
 
     def weights(call: AttentionCall, state: dict) -> torch.Tensor:
@@ -64,8 +68,13 @@ def calibrate_sinks(layer: int, heads: Sequence[int], beta: float = 0.4, thresho
         sinks = state["sinks"][..., : keys.shape[2]]
         if sinks.shape[-1] < keys.shape[2]:  # decode: keys after the prefill are never sinks
             sinks = torch.nn.functional.pad(sinks, (0, keys.shape[2] - sinks.shape[-1]))
-        scaled = probs * torch.where(sinks, beta, 1.0)[:, :, None, :]
-        state["call"], state["weights"] = call, scaled / scaled.sum(dim=-1, keepdim=True)
+        sink_mask = sinks[:, :, None, :]
+        removed = ((1 - beta) * probs * sink_mask).sum(dim=-1, keepdim=True)
+        others = (probs * ~sink_mask).sum(dim=-1, keepdim=True)
+        gain = torch.where(others > 0, 1 + removed / others.clamp_min(torch.finfo(probs.dtype).tiny), 1.0)
+        keep_row = others > 0  # a row with nothing but sinks is left as it is
+        calibrated = torch.where(sink_mask, beta * probs, probs * gain)
+        state["call"], state["weights"] = call, torch.where(keep_row, calibrated, probs)
         return state["weights"]
 
     def head_fn(call: AttentionCall, chosen: list[int], state: dict) -> torch.Tensor:
@@ -82,7 +91,8 @@ def calibrate_sinks(layer: int, heads: Sequence[int], beta: float = 0.4, thresho
     return edit
 
 
-def ablation_edits(model: Model, backend: Backend, heads: Sequence[Head], mode: str, beta: float = 0.4) -> list[Edit]:
+def ablation_edits(model: Model, backend: Backend, heads: Sequence[Head], mode: str, beta: float = 0.4,
+                   bos: bool = False) -> list[Edit]:
     if mode not in MODES:
         raise AttnprobeError(f"unknown ablation mode '{mode}': choose one of {', '.join(MODES)}")
     grouped = by_layer(list(heads))
@@ -92,7 +102,7 @@ def ablation_edits(model: Model, backend: Backend, heads: Sequence[Head], mode: 
         return [uniform_heads(layer, hs) for layer, hs in grouped.items()]
     if mode == "calibrate":
         return [calibrate_sinks(layer, hs, beta) for layer, hs in grouped.items()]
-    means = head_means(backend, model, list(grouped))
+    means = head_means(backend, model, list(grouped), bos=bos)
     return [mean_heads(layer, hs, means[layer]) for layer, hs in grouped.items()]
 
 
@@ -107,6 +117,8 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 Task = Callable[[Model, str], pd.DataFrame]  # (model, variant label) -> rows with a boolean `correct`
+DEFAULT_DRAWS = 10
+EXCLUDED_SHARE = 0.1  # random heads come from outside the top 10 % (the reference excludes 100 of 1,024)
 
 
 def evaluate(model: Model, backend: Backend, edits: Sequence[Edit], task: Task, label: str) -> pd.DataFrame:
@@ -114,38 +126,74 @@ def evaluate(model: Model, backend: Backend, edits: Sequence[Edit], task: Task, 
         return task(model, label)
 
 
-def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[int], seeds: int, task: Task,
-                  mode: str = "uniform", score: str = "retrieval_score",
-                  progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mask the top-K heads by `score` and, for each seed, K random heads drawn outside the top max(K).
+def ranking_needles(run_dir: Path) -> int:
+    """How many of the packaged needles (the first ones) the census in `run_dir` ranked heads with."""
+    if run_dir is None:
+        raise AttnprobeError("the sweep ranks heads by a census run: add --from RUN_DIR")
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.exists():
+        raise AttnprobeError(f"{manifest} not found: the sweep needs the census run that ranked the heads")
+    needles = json.loads(manifest.read_text()).get("config", {}).get("needles")
+    if not isinstance(needles, int):
+        raise AttnprobeError(f"{manifest} does not say which needles ranked the heads: rerun the census")
+    return needles
 
-    Returns (summary: task, selection, k, seed, accuracy, n, ci_low, ci_high; every sample's row)."""
+
+def heldout_niah(run_dir: Path, lengths: Sequence[int], depths: Sequence[float], bos: bool | None = None) -> Task:
+    """NIAH on what did not rank the heads: the needles the census in `run_dir` left out and
+    haystacks from the evaluation text range."""
+    from . import recall
+
+    needles = recall.evaluation_needles(ranking_needles(run_dir))
+    return lambda model, label: recall.niah(model, lengths, depths, needles, variant=label, bos=bos)
+
+
+def _summary_row(task: str, selection: str, k: int, seed: int, group: pd.DataFrame) -> dict:
+    correct, total = int(group["correct"].sum()), len(group)
+    low, high = wilson_interval(correct, total)
+    return {"task": task, "selection": selection, "k": int(k), "seed": int(seed), "accuracy": correct / total,
+            "n": total, "ci_low": low, "ci_high": high}
+
+
+def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[int], draws: int = DEFAULT_DRAWS,
+                  task: Task | None = None, mode: str = "uniform", score: str = "retrieval_score",
+                  exclude_top: int | None = None, bos: bool = False,
+                  progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mask the top-K heads by `score` and, `draws` times per K, K random heads drawn outside the top
+    `exclude_top` (default: 10 % of all heads, at least max(K)).
+
+    `task` should not be what ranked the heads (`heldout_niah`). Returns (summary: task, selection,
+    k, seed, accuracy, n, ci_low, ci_high with one row per draw and a 'random-pooled' row per K whose
+    Wilson interval pools every draw's samples; every sample's row)."""
+    if task is None:
+        raise AttnprobeError("give the sweep a task, e.g. heldout_niah(run_dir, lengths, depths)")
     progress = progress or (lambda message: None)
     info = model.info
-    banned = top_heads(run_dir, max(ks), score)
+    total = info.n_layers * info.n_heads
+    exclude_top = max(max(ks), round(EXCLUDED_SHARE * total)) if exclude_top is None else exclude_top
+    if exclude_top + max(ks) > total:
+        raise AttnprobeError(f"cannot draw {max(ks)} random heads outside the top {exclude_top} of {total}: lower --exclude-top")
+    banned = ",".join(f"{layer}.{head}" for layer, head in top_heads(run_dir, exclude_top, score))
     samples = [evaluate(model, backend, [], task, "original").assign(selection="none", k=0, seed=-1)]
     progress("original")
     for k in ks:
         top = top_heads(run_dir, k, score)
-        samples.append(evaluate(model, backend, ablation_edits(model, backend, top, mode), task, f"top-{k}")
+        samples.append(evaluate(model, backend, ablation_edits(model, backend, top, mode, bos=bos), task, f"top-{k}")
                        .assign(selection="top", k=k, seed=-1))
         progress(f"top-{k}")
-        for seed in range(seeds):
-            exclude = ",".join(f"{layer}.{head}" for layer, head in banned)
-            chosen = parse_heads(f"random:{k}", info, run_dir, seed, exclude=exclude)
-            samples.append(evaluate(model, backend, ablation_edits(model, backend, chosen, mode), task, f"random-{k}-s{seed}")
-                           .assign(selection="random", k=k, seed=seed))
-            progress(f"random-{k} seed {seed}")
+        for seed in range(draws):
+            chosen = parse_heads(f"random:{k}", info, run_dir, seed, exclude=banned or None)
+            samples.append(evaluate(model, backend, ablation_edits(model, backend, chosen, mode, bos=bos), task,
+                                    f"random-{k}-s{seed}").assign(selection="random", k=k, seed=seed))
+            progress(f"random-{k} draw {seed + 1}/{draws}")
     rows = pd.concat(samples, ignore_index=True)
-    return wilson_summary(rows), rows
+    summary = wilson_summary(rows)
+    randoms = rows[rows["selection"] == "random"]
+    pooled = [_summary_row(t, "random-pooled", k, -1, group) for (t, k), group in randoms.groupby(["task", "k"])]
+    return pd.concat([summary, pd.DataFrame(pooled)], ignore_index=True), rows
 
 
 def wilson_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (task, selection, k, seed) of sample rows with a boolean `correct`, with its 95 % Wilson interval."""
-    summary = []
-    for (task_name, selection, k, seed), group in rows.groupby(["task", "selection", "k", "seed"]):
-        correct, total = int(group["correct"].sum()), len(group)
-        low, high = wilson_interval(correct, total)
-        summary.append({"task": task_name, "selection": selection, "k": int(k), "seed": int(seed),
-                        "accuracy": correct / total, "n": total, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(summary)
+    return pd.DataFrame([_summary_row(t, s, k, seed, group)
+                         for (t, s, k, seed), group in rows.groupby(["task", "selection", "k", "seed"])])

@@ -6,13 +6,13 @@ the heads it replaces from that fit, so variants differ only in which heads stay
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import torch
 
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.cache import EFFICIENCY_COLUMNS, measure_decoding
@@ -23,11 +23,13 @@ from attnprobe.hooks.swap import fit_heads, swap_edits
 from attnprobe.kernels.fit import FitResult, load_fit, save_fit
 from attnprobe.kernels.registry import make_kernel, names
 from attnprobe.probe import texts
-from attnprobe.probe.census import Census, CensusConfig
+from attnprobe.probe.census import Census, CensusConfig, resolve_bos
 from attnprobe.probe.mechanisms import mechanisms
+from attnprobe.probe.perplexity import WINDOW, held_out_perplexity
 from attnprobe.probe.rundir import RunDir, read_json, write_json, write_parquet
 
 from . import recall
+from .ablation import wilson_interval
 
 Head = tuple[int, int]
 
@@ -100,14 +102,17 @@ def _saved_fit(where: Path, model: Model, tokens: int, steps: int) -> FitResult 
     return fit if same else None
 
 
-def fitted_kernel(model: Model, backend: Backend, kernel: str, fit_dir: Path, tokens: int, steps: int) -> FitResult | str:
+def fitted_kernel(model: Model, backend: Backend, kernel: str, fit_dir: Path, tokens: int, steps: int,
+                  bos: bool = False) -> FitResult | str:
     """A fit over every head, loaded from `fit_dir/kernel` when it was made with this budget, or made and saved there;
-    a name for parameter-free kernels."""
+    a name for parameter-free kernels.
+
+    The teacher pass reads the fit text range (never evaluated on) in rows of up to 512 tokens,
+    with BOS when the run uses it, as every evaluation of the run does."""
     if not make_kernel(kernel, 1, model.info.head_dim).learnable:
         return kernel
     where = fit_dir / kernel.replace("+", "_")
-    length = min(512, tokens)
-    ids = torch.tensor(texts.held_out_ids(model.tokenizer, tokens)[: (tokens // length) * length]).view(-1, length)
+    ids = texts.windows(texts.fit_ids(model.tokenizer, tokens), min(512, tokens), model.info.bos_id if bos else None)
     if (where / "manifest.json").exists():
         saved = _saved_fit(where, model, ids.numel(), steps)
         if saved is not None:
@@ -163,15 +168,23 @@ def _option(default, help: str):
 
 @dataclass
 class MatrixSizes:
-    """Sizes of each variant's evaluation; the defaults run on a 2-core CPU in a few minutes per variant.
+    """Sizes of each variant's evaluation. The defaults run on a 2-core CPU in a few minutes per
+    variant; `gpu()` gives at least 30 samples per task and row, with passkey and NIAH at 4K-8K.
     The swap command's options are built from these fields."""
 
-    passkey_lengths: tuple[int, ...] = _option((256, 512, 1024), "passkey context lengths in tokens")
-    passkey_depths: tuple[float, ...] = _option((0.0, 0.5, 1.0), "passkey depths (0-1)")
-    kv_pairs: tuple[int, ...] = _option((4, 16, 32), "key-value recall: pairs per prompt")
-    copy_lengths: tuple[int, ...] = _option((16, 32), "copying: tokens per string")
-    samples: int = _option(2, "samples per recall cell")
+    passkey_lengths: tuple[int, ...] = _option((512, 1024), "passkey context lengths in tokens")
+    passkey_depths: tuple[float, ...] = _option((0.0, 0.25, 0.5, 0.75), "passkey depths (0-1; <= 0.75 keeps the key beyond a 64-token window)")
+    passkey_samples: int = _option(1, "passkey samples per length and depth")
+    kv_pairs: tuple[int, ...] = _option((16, 32), "key-value recall: pairs per prompt (the pair asked for lies beyond the hybrids' window)")
+    kv_samples: int = _option(4, "key-value recall samples per number of pairs")
+    copy_lengths: tuple[int, ...] = _option((64, 128), "copying: tokens per string (>= the hybrids' window)")
+    copy_samples: int = _option(4, "copying strings per length")
+    niah_lengths: tuple[int, ...] = _option((512, 1024), "NIAH context lengths (evaluation haystack)")
+    niah_depths: tuple[float, ...] = _option((0.25, 0.75), "NIAH depths (0-1)")
+    niah_needles: int = _option(4, "NIAH evaluation needles (packaged ones the default census does not rank with)")
     perplexity_tokens: int = _option(2048, "held-out tokens for perplexity")
+    perplexity_length: int = _option(WINDOW, "tokens per perplexity row (BOS counted), as the census's")
+    bos: str = _option("auto", "one BOS convention for fitting, every task and each variant's census: auto | on | off")
     census: bool = _option(True, "re-run a small census on each modified model")
     census_lengths: tuple[int, ...] = _option((512, 1024), "NIAH lengths of that census")
     fit_tokens: int = _option(2048, "calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)")
@@ -180,31 +193,68 @@ class MatrixSizes:
     decode_tokens: int = _option(16, "decoded tokens per efficiency measurement")
 
     def __post_init__(self) -> None:
-        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "census_lengths", "efficiency_contexts"):
+        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "niah_lengths", "census_lengths", "efficiency_contexts"):
             values = tuple(getattr(self, name))
             if not values or any(int(v) != v or v < 1 for v in values):
                 raise AttnprobeError(f"--{name.replace('_', '-')} takes whole numbers of at least 1, got {list(values)}")
             setattr(self, name, tuple(int(v) for v in values))
-        if not self.passkey_depths or any(not 0 <= d <= 1 for d in self.passkey_depths):
-            raise AttnprobeError(f"--passkey-depths are fractions 0-1, got {list(self.passkey_depths)}")
-        self.passkey_depths = tuple(float(d) for d in self.passkey_depths)
-        for name, low in (("samples", 1), ("perplexity_tokens", 2), ("fit_tokens", 1), ("fit_steps", 0), ("decode_tokens", 1)):
+        for name in ("passkey_depths", "niah_depths"):
+            values = getattr(self, name)
+            if not values or any(not 0 <= d <= 1 for d in values):
+                raise AttnprobeError(f"--{name.replace('_', '-')} are fractions 0-1, got {list(values)}")
+            setattr(self, name, tuple(float(d) for d in values))
+        for name, low in (("passkey_samples", 1), ("kv_samples", 1), ("copy_samples", 1), ("niah_needles", 1),
+                          ("perplexity_tokens", 2), ("perplexity_length", 2), ("fit_tokens", 1), ("fit_steps", 0),
+                          ("decode_tokens", 1)):
             if getattr(self, name) < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.bos not in ("auto", "on", "off"):
+            raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
+
+    @classmethod
+    def gpu(cls, **given) -> "MatrixSizes":
+        """GPU sizes: 36 passkey, 30 key-value, 30 copying and 48 NIAH samples per row, passkey and NIAH to 8K;
+        sizes the user gave explicitly (`given`) are kept."""
+        sizes = dict(passkey_lengths=(1024, 4096, 8000), passkey_samples=3, kv_pairs=(16, 32, 64), kv_samples=10,
+                     copy_samples=15, niah_lengths=(1024, 4096, 8000), niah_needles=8, perplexity_tokens=4096,
+                     census_lengths=(1024, 2048), fit_tokens=8192)
+        return cls(**{**sizes, **given})
 
     @classmethod
     def quick(cls, **given) -> "MatrixSizes":
-        """Tiny sizes for a smoke run; sizes the user gave explicitly (`given`) are kept."""
-        small = dict(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                     perplexity_tokens=256, census_lengths=(128,), fit_tokens=256, fit_steps=2, efficiency_contexts=(64,),
-                     decode_tokens=4)
+        """Tiny sizes for a smoke run, keeping each task's protocol; sizes the user gave explicitly (`given`) are kept."""
+        small = dict(passkey_lengths=(256,), passkey_depths=(0.5,), kv_pairs=(16,), kv_samples=1, copy_lengths=(64,),
+                     copy_samples=1, niah_lengths=(256,), niah_depths=(0.5,), niah_needles=1, perplexity_tokens=512,
+                     census_lengths=(128,), fit_tokens=256, fit_steps=2, efficiency_contexts=(64,), decode_tokens=4)
         return cls(**{**small, **given})
 
 
-def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes) -> dict:
-    """Re-run a small census on the (edited) model and say which mechanisms are still there (the registry's matrix columns)."""
-    config = CensusConfig(sink_sequences=20, prose_sequences=1, prose_length=256, lengths=list(sizes.census_lengths),
-                          depths=[0.25, 0.75], needles=2)
+TASK_COLUMNS = {"passkey": "passkey", "kv_recall": "kv_recall", "copying": "copy", "niah": "niah"}
+
+
+def _accuracy_columns(rows: pd.DataFrame) -> dict:
+    """Per task: accuracy, its 95 % Wilson interval and n. Copying scores tokens (token accuracy),
+    pooled over its strings; the other tasks score samples."""
+    out = {}
+    for task, prefix in TASK_COLUMNS.items():
+        group = rows[rows["task"] == task]
+        if task == "copying" and not group.empty:
+            n = int(group["length"].sub(1).sum())  # tokens scored per string: all but its first
+            correct = int(round(float((group["token_accuracy"] * group["length"].sub(1)).sum())))
+        else:
+            n, correct = len(group), int(group["correct"].sum()) if len(group) else 0
+        low, high = wilson_interval(correct, n)
+        out.update({f"{prefix}_acc": correct / n if n else math.nan, f"{prefix}_ci_low": low, f"{prefix}_ci_high": high,
+                    f"{prefix}_n": n})
+    return out
+
+
+def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSizes, bos: bool) -> dict:
+    """Re-run a small census on the (edited) model, with the run's BOS convention, and say which
+    mechanisms are still there (the registry's matrix columns; retrieval adds how many samples were
+    accepted and the teacher-forced count, see `probe.retrieval`)."""
+    config = CensusConfig(bos="on" if bos else "off", sink_sequences=20, prose_sequences=1, prose_length=256,
+                          lengths=list(sizes.census_lengths), depths=[0.25, 0.75], needles=2)
     in_matrix = [m for m in mechanisms() if m.matrix]
     heads = Census(model, backend, config, out).execute(tuple(dict.fromkeys(m.stage for m in in_matrix)))
     return {key: value for m in in_matrix for key, value in m.matrix_columns(out, heads, config.thresholds).items()}
@@ -226,33 +276,52 @@ def efficiency_columns(model: Model, backend: Backend, edits: list[Edit], sizes:
 
 def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd.DataFrame | None, out: Path,
                      sizes: MatrixSizes, progress: Callable[[str], None] = lambda m: None) -> tuple[dict, pd.DataFrame]:
-    """Recall, perplexity and (optionally) a census of one architecture: (matrix row, recall rows)."""
+    """Recall, perplexity and (optionally) a census of one architecture: (matrix row, recall rows).
+
+    Every pass uses the run's one BOS convention; fitting reads the fit text range, perplexity the
+    perplexity range and NIAH the evaluation range with needles the census does not rank with.
+    The text ranges used are written to `out/texts.json`."""
+    bos = resolve_bos(sizes.bos, model)
+    with texts.recording() as used:
+        row, rows = _evaluate(model, backend, variant, heads, out, sizes, bos, progress)
+    _record_texts(out / "texts.json", used)
+    return row, rows
+
+
+def _record_texts(path: Path, used: list[dict]) -> None:
+    from attnprobe.probe.rundir import write_json
+
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    write_json(path, texts.summarise(earlier + used))
+
+
+def _evaluate(model, backend, variant, heads, out, sizes, bos, progress):
     keep = variant.keep(model, heads)
-    kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps) if variant.kernel else None
+    kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps, bos) if variant.kernel else None
     edits = variant_edits(model, kernel, keep)
     name = variant.name
     with backend.patched(edits):
         progress(f"{name}: passkey")
-        tables = [recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.samples, variant=name)]
+        tables = [recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.passkey_samples, variant=name, bos=bos)]
         progress(f"{name}: key-value recall")
-        tables.append(recall.kv_recall(model, sizes.kv_pairs, sizes.samples, variant=name))
+        tables.append(recall.kv_recall(model, sizes.kv_pairs, sizes.kv_samples, variant=name, bos=bos))
         progress(f"{name}: copying")
-        tables.append(recall.copying(model, sizes.copy_lengths, sizes.samples, variant=name))
-        progress(f"{name}: perplexity")
-        ppl = recall.overall_perplexity(recall.perplexity(model, sizes.perplexity_tokens, variant=name))
+        tables.append(recall.copying(model, sizes.copy_lengths, sizes.copy_samples, variant=name, bos=bos))
+        progress(f"{name}: needle in a haystack")
+        needles = recall.evaluation_needles()[: sizes.niah_needles]
+        tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=name, bos=bos))
+    progress(f"{name}: perplexity")
+    ppl = held_out_perplexity(backend, sizes.perplexity_tokens, bos_id=model.info.bos_id if bos else None, edits=edits)
     rows = pd.concat(tables, ignore_index=True)
     per_token, fixed = cache_bytes_per_token(model, keep, variant.kernel)
-    accuracy = rows.groupby("task")["correct"].mean()
     row = {"architecture": name, "description": variant.description, "kernel": variant.kernel or "softmax",
-           "softmax_heads": len(keep) if variant.kernel else model.info.n_layers * model.info.n_heads,
-           "passkey_acc": float(accuracy.get("passkey", math.nan)), "kv_recall_acc": float(accuracy.get("kv_recall", math.nan)),
-           "copy_acc": float(accuracy.get("copying", math.nan)), "perplexity": ppl,
-           "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
+           "softmax_heads": len(keep) if variant.kernel else model.info.n_layers * model.info.n_heads, "bos": bos,
+           **_accuracy_columns(rows), "perplexity": ppl, "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
     row.update(efficiency_columns(model, backend, edits, sizes, progress=lambda m: progress(f"{name}: {m}")))
     if sizes.census:
         progress(f"{name}: census")
         with backend.standing_edits(edits):
-            row.update(census_presence(model, backend, out / "census" / name, sizes))
+            row.update(census_presence(model, backend, out / "census" / name, sizes, bos))
     return row, rows
 
 
@@ -299,7 +368,7 @@ def _run_matrix(model, backend, variants, heads, out, sizes, settings, progress,
     write_parquet(out / "matrix.parquet", table)
     write_parquet(out / "recall.parquet", recall_table)
     write_parquet(out / "niah.parquet", recall_table[recall_table["task"] == "passkey"])
-    (out / "matrix.md").write_text(table.drop(columns=["description"]).to_markdown(index=False, floatfmt=".3g") + "\n")
+    (out / "matrix.md").write_text(matrix_markdown(table))
     return table, recall_table
 
 
@@ -329,3 +398,15 @@ def _check_settings(out: Path, wanted: dict) -> None:
             raise AttnprobeError(f"{out} holds a swap with other settings ({', '.join(clash)}: kernel or heads): use a new --out")
         wanted = {**wanted, "variants": {**{k: v for k, v in old.items() if k in finished}, **new}}
     write_json(path, wanted)
+
+
+def matrix_markdown(table: pd.DataFrame) -> str:
+    """matrix.md: one row per architecture, each accuracy as 'acc (low-high, n)' with its 95 % Wilson interval."""
+    shown = table.drop(columns=["description"], errors="ignore").copy()
+    for prefix in TASK_COLUMNS.values():
+        if f"{prefix}_acc" not in shown:
+            continue
+        shown[f"{prefix}_acc"] = [f"{a:.2f} ({lo:.2f}-{hi:.2f}, n={n})" if n else "n/a" for a, lo, hi, n in
+                                  zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"], shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"])]
+        shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n"])
+    return shown.to_markdown(index=False, floatfmt=".3g") + "\n"

@@ -22,7 +22,7 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.probe import mechanisms
 from attnprobe.analyses.architectures import MatrixSizes
 from attnprobe.probe.census import CensusConfig
-from attnprobe.probe.rundir import RunDir
+from attnprobe.probe.rundir import RunDir, read_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attnprobe: find attention mechanisms (retrieval heads, sinks, massive activations, induction "
@@ -277,7 +277,8 @@ def ablate(
     seed: int = typer.Option(0, help="seed for random:K"),
     mode: str = typer.Option("uniform", help="zero | mean | uniform (query zeroed, the retrieval-head paper's masking) | calibrate (ACT, beta 0.4)"),
     sweep: Optional[str] = typer.Option(None, help="K values, e.g. 5,10,20: mask top-K by --score against random-K (needs --from)"),
-    seeds: int = typer.Option(3, help="random draws per K in a sweep"),
+    seeds: int = typer.Option(10, help="random draws per K in a sweep"),
+    exclude_top: Optional[int] = typer.Option(None, help="sweep: random heads come from outside the top N by --score (default 10 % of heads)"),
     score: str = typer.Option("retrieval_score", help="heads.parquet column that ranks heads in a sweep"),
     lengths: str = typer.Option("512,1024", help="NIAH / passkey context lengths"),
     depths: str = typer.Option("0,0.5,1", help="needle depths (0-1)"),
@@ -289,7 +290,9 @@ def ablate(
     Writes ablation.parquet (task, selection, k, seed, accuracy, n, 95 % Wilson interval), niah.parquet
     (every sample: variant, task, length, depth, correct) and manifest.json."""
     from attnprobe.analyses import recall
-    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, masking_sweep, wilson_summary
+    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, heldout_niah, masking_sweep, wilson_summary
+    from attnprobe.probe import texts as texts_module
+    from attnprobe.probe.census import resolve_bos
     from attnprobe.analyses.selection import parse_heads
     from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.rundir import write_parquet
@@ -316,17 +319,24 @@ def ablate(
             raise AttnprobeError(f"--sweep takes head counts between 1 and {n_heads} (the census's heads), got '{sweep}'")
     out = _run_dir(out, "ablate", model)
 
-    def run_task(m, label):
-        if task == "niah":
-            return recall.niah(m, length_list, depth_list, variant=label)
-        return recall.passkey(m, length_list, depth_list, samples=2, variant=label)
-
     loaded = _load(model)
+    bos = resolve_bos("auto", loaded)
+    niah_task = heldout_niah(from_run, length_list, depth_list, bos) if sweep is not None and task == "niah" else None
+
+    def run_task(m, label):
+        if niah_task is not None:  # needles and haystack the census did not rank heads with
+            return niah_task(m, label)
+        if task == "niah":
+            return recall.niah(m, length_list, depth_list, variant=label, bos=bos)
+        return recall.passkey(m, length_list, depth_list, samples=2, variant=label, bos=bos)
+
     backend_impl = make_backend("native", loaded)
     started = time.time()
+    recorder = texts_module.recording()
+    used_text = recorder.__enter__()  # the text ranges this run reads, for its manifest
     if sweep is not None:
         with console.status("sweeping") as status:
-            summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score,
+            summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score, exclude_top, bos,
                                           progress=lambda message: status.update(f"sweep: {message}"))
         chosen_label = f"sweep {ks} by {score}"
     else:
@@ -334,16 +344,18 @@ def ablate(
         console.print(f"ablating {len(chosen)} heads ({mode}): " + ", ".join(f"{l}.{h}" for l, h in chosen[:20]) + (" ..." if len(chosen) > 20 else ""))
         with console.status("evaluating"):
             original = evaluate(loaded, backend_impl, [], run_task, "original").assign(selection="none", k=0, seed=-1)
-            ablated = evaluate(loaded, backend_impl, ablation_edits(loaded, backend_impl, chosen, mode), run_task,
+            ablated = evaluate(loaded, backend_impl, ablation_edits(loaded, backend_impl, chosen, mode, bos=bos), run_task,
                                "ablated").assign(selection="chosen", k=len(chosen), seed=seed)
         rows = pd.concat([original, ablated], ignore_index=True)
         summary = wilson_summary(rows)
         chosen_label = ",".join(f"{l}.{h}" for l, h in chosen)
+    recorder.__exit__(None, None, None)
     with RunDir(out).lock():
         write_parquet(out / "ablation.parquet", summary)
         write_parquet(out / "niah.parquet", rows.drop(columns=[c for c in ("response",) if c in rows]))
         _write_manifest(out, loaded, "native", {"command": "ablate", "mode": mode, "heads": chosen_label, "task": task,
-                                                "lengths": length_list, "depths": depth_list}, started)
+                                                "lengths": length_list, "depths": depth_list, "bos": bos,
+                                                "texts": texts_module.summarise(used_text)}, started)
     table = Table(title=f"ablation ({mode}) -> {out}")
     for column in ("selection", "k", "seed", "accuracy", "n", "ci_low", "ci_high"):
         table.add_column(column)
@@ -366,6 +378,7 @@ def swap(
     variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all; --list-variants shows them)"),
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run); sizes given explicitly are kept"),
+    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 30 samples per task and row, passkey and NIAH to 8K); sizes given explicitly are kept"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume"),
 ) -> None:
     """Replace heads in place with linear or hybrid kernels and measure what is lost.
@@ -380,7 +393,8 @@ def swap(
     from attnprobe.hooks.backends import make_backend
     from attnprobe.kernels.registry import KERNELS
 
-    sizes = MatrixSizes.quick(**{name: getattr(config, name) for name in given}) if quick else config
+    preset = MatrixSizes.quick if quick else MatrixSizes.gpu if gpu_sizes else None
+    sizes = preset(**{name: getattr(config, name) for name in given}) if preset else config
     if not matrix and not list_variants:
         if kernel is None:
             raise AttnprobeError("say what to swap: --kernel NAME with --heads/--layers, or --matrix")
@@ -414,13 +428,15 @@ def swap(
 
     def report(row):
         console.print(f"{row['architecture']}: passkey {row['passkey_acc']:.2f}, kv {row['kv_recall_acc']:.2f}, "
-                      f"copy {row['copy_acc']:.2f}, ppl {row['perplexity']:.2f}")
+                      f"copy {row['copy_acc']:.2f}, niah {row['niah_acc']:.2f}, ppl {row['perplexity']:.2f}")
 
     with console.status("evaluating") as status:
         table, _ = run_matrix(loaded, make_backend("native", loaded), chosen_variants, heads_table, out, sizes,
                               command="matrix" if matrix else "swap", progress=status.update, on_row=report)
     _write_manifest(out, loaded, "native", {"command": "swap", "variants": [v.name for v in chosen_variants],
-                                            "sizes": dataclasses.asdict(sizes)}, started)
+                                            "sizes": dataclasses.asdict(sizes),
+                                            "texts": read_json(out / "texts.json") if (out / "texts.json").exists() else []},
+                    started)
     console.print(table.drop(columns=["description"]).to_string(index=False))
     console.print(f"-> {out / 'matrix.md'}")
 

@@ -364,10 +364,16 @@ def mean_ci95(values: pd.Series) -> tuple[float, float]:
 
 @styled
 def ablation_curves(ablation: pd.DataFrame) -> Figure:
-    """Accuracy against heads ablated, top-K by score vs random K, with 95% bands over seeds."""
-    require(ablation, ["task", "selection", "k", "seed", "accuracy"], "ablation.parquet")
-    summary = (ablation.groupby(["task", "selection", "k"])["accuracy"].apply(mean_ci95).apply(pd.Series)
-               .rename(columns={0: "mean", 1: "half"}).reset_index())
+    """Accuracy against heads ablated, top-K by score vs random K; bands: 95 % Wilson intervals of the
+    samples pooled over every draw of a K (binomial, not a spread over a few seeds)."""
+    from .ablation import wilson_interval
+
+    require(ablation, ["task", "selection", "k", "seed", "accuracy", "n"], "ablation.parquet")
+    pooled = (ablation[ablation["selection"].isin(["none", "top", "random"])]
+              .assign(correct=lambda t: (t["accuracy"] * t["n"]).round())
+              .groupby(["task", "selection", "k"])[["correct", "n"]].sum().reset_index())
+    bands = [wilson_interval(int(c), int(n)) for c, n in zip(pooled["correct"], pooled["n"])]
+    summary = pooled.assign(mean=pooled["correct"] / pooled["n"], low=[b[0] for b in bands], high=[b[1] for b in bands])
     tasks = list(ablation["task"].unique())
     fig = style.new_figure("column" if len(tasks) <= 2 else "full", height=2.0)
     axes = fig.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
@@ -377,15 +383,14 @@ def ablation_curves(ablation: pd.DataFrame) -> Figure:
             color = style.SELECTION_COLORS.get(selection, "black")
             label = {"top": "top-K heads", "random": "random K heads"}.get(selection, selection)
             ax.plot(curve["k"], curve["mean"], marker="o", color=color, label=label)
-            ax.fill_between(curve["k"], curve["mean"] - curve["half"], curve["mean"] + curve["half"], color=color,
-                            alpha=0.2, lw=0)
+            ax.fill_between(curve["k"], curve["low"], curve["high"], color=color, alpha=0.2, lw=0)
         ax.set_title(task)
         ax.set_xlabel("heads ablated (K)")
         ax.set_ylim(-0.03, 1.03)
         sns.despine(ax=ax)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower left")
-    fig.suptitle("Head ablation (bands: 95% CI over seeds)")
+    fig.suptitle("Head ablation (bands: 95% Wilson, samples pooled over draws)")
     return fig
 
 
@@ -440,6 +445,7 @@ def budget_curve(budget: pd.DataFrame, task: str = "passkey") -> Figure:
 _MATRIX_COLUMNS = {  # column -> (label, higher is better); presence columns from the mechanism registry
     **{f"{m.matrix}_present": (m.matrix_label, True) for m in reversed(mechanisms()) if m.matrix},
     "passkey_acc": ("passkey", True), "kv_recall_acc": ("KV recall", True), "copy_acc": ("copy", True),
+    "niah_acc": ("NIAH", True),
     "perplexity": ("perplexity ↓", False), "state_bytes_per_token": ("state B/token ↓", False),
 }
 
@@ -478,7 +484,14 @@ def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
         span = values.max() - values.min()
         scaled = (values - values.min()) / span if span > 0 else values * 0 + 0.5
         colour[column] = scaled if _MATRIX_COLUMNS[column][1] else 1 - scaled
-    text = np.array([[_format_cell(column, table.at[row, column]) for column in columns] for row in table.index])
+    text = np.array([[_format_cell(column, table.at[row, column]) for column in columns] for row in table.index], dtype=object)
+    for j, column in enumerate(columns):  # accuracies carry their 95 % Wilson interval where the run has it
+        low, high = column.replace("_acc", "_ci_low"), column.replace("_acc", "_ci_high")
+        if column.endswith("_acc") and low in matrix.columns:
+            bounds = matrix.set_index("architecture")[[low, high]]
+            for i, row in enumerate(table.index):
+                if not pd.isna(bounds.at[row, low]):
+                    text[i, j] = f"{text[i, j]}\n{bounds.at[row, low]:.0%}-{bounds.at[row, high]:.0%}"
     fig = style.new_figure("full", height=1.3 + 0.28 * len(table))
     ax = fig.add_subplot()
     sns.heatmap(colour, ax=ax, cmap=style.SEQUENTIAL, vmin=0, vmax=1, annot=text, fmt="", annot_kws={"fontsize": 6.5},

@@ -8,6 +8,12 @@ Every task calls the HF module directly, so it runs under whatever edits are act
 
 Each task is deterministic given its seed, stays inside the model's window and returns a tidy
 DataFrame with the columns variant, task, length, depth, sample, correct (plus task-specific ones).
+
+The tasks are sized to discriminate (the original SmolLM2 scores >= 0.8 on each at the matrix's sizes,
+see README) and so that a sink+window hybrid cannot pass by construction: what must be recalled lies
+at least `BEYOND_WINDOW` tokens before the query in key-value recall, and copying and passkey lengths
+put the source outside the window too. Perplexity is `attnprobe.probe.perplexity`, one function for
+census and matrix.
 """
 from __future__ import annotations
 
@@ -21,14 +27,17 @@ import pandas as pd
 import torch
 
 from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.kernels.registry import make_kernel, names
 from attnprobe.probe import texts
-from attnprobe.probe.retrieval import (accepted, answer_text, build_sample, greedy_decode, insertion_point,
-                                       load_needles, wrap_prompt)
+from attnprobe.probe.retrieval import (DEFAULT_NEEDLES, accepted, answer_text, build_sample, greedy_decode,
+                                       insertion_point, load_needles, wrap_prompt)
 
 COLUMNS = ["variant", "task", "length", "depth", "sample", "correct"]
 PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about it.")
+# tokens a windowed hybrid keeps exact (sinks + window): what lies further back it cannot read
+BEYOND_WINDOW = max(make_kernel(name, 1, 8).cached_tokens for name in names("hybrid"))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -74,15 +83,31 @@ def passkey(model, lengths: Sequence[int] = (256, 512, 1024), depths: Sequence[f
     return pd.DataFrame(rows, columns=COLUMNS + ["answer", "response"])
 
 
-def niah(model, lengths: Sequence[int] = (512, 1024), depths: Sequence[float] = (0.0, 0.5, 1.0), needles: int = 2,
-         variant: str = "base", haystack=None, bos: bool | None = None, prompt_format: str = "auto") -> pd.DataFrame:
-    """Needle-in-a-haystack accuracy with the retrieval probe's samples; correct = ROUGE-1 recall of the answer > 0.5."""
+def evaluation_needles(used_for_ranking: int = DEFAULT_NEEDLES) -> list[int]:
+    """Indices of the packaged needles a census that ranked heads with the first `used_for_ranking` never saw."""
+    available = len(load_needles())
+    if not 0 <= used_for_ranking < available:
+        raise AttnprobeError(f"the census used {used_for_ranking} of the {available} packaged needles: none is left "
+                             "for evaluation; rank heads with fewer needles (census --needles)")
+    return list(range(used_for_ranking, available))
+
+
+def niah(model, lengths: Sequence[int] = (512, 1024), depths: Sequence[float] = (0.0, 0.5, 1.0),
+         needles: Sequence[int] | None = None, variant: str = "base", haystack=None, bos: bool | None = None,
+         prompt_format: str = "auto", purpose: str = "evaluation") -> pd.DataFrame:
+    """Needle-in-a-haystack accuracy with the retrieval probe's samples; correct = ROUGE-1 recall of the answer > 0.5.
+
+    needles: indices into the packaged needles (default: those the default census does not rank with);
+    `purpose` "evaluation" takes the haystack from the evaluation text range, disjoint from the census's.
+    Prompts are built exactly as the census builds them (same builder, template and BOS rule)."""
     tokenizer, rows = model.tokenizer, []
-    chosen = load_needles()[:needles]
-    hay = texts.haystack_ids(tokenizer, max(lengths), path=haystack)
+    packaged = load_needles()
+    indices = evaluation_needles() if needles is None else list(needles)
+    hay = texts.haystack_ids(tokenizer, max(lengths), path=haystack, purpose=purpose)
     for length in lengths:
         for depth in depths:
-            for index, needle in enumerate(chosen):
+            for index in indices:
+                needle = packaged[index]
                 sample = build_sample(tokenizer, hay[:length], needle, depth, prompt_format, bos)
                 response = answer_text(tokenizer, greedy_decode(model, sample["prompt_ids"]))
                 rows.append({"variant": variant, "task": "niah", "length": length, "depth": depth, "sample": index,
@@ -104,21 +129,28 @@ def _key_words(n: int, rng: random.Random) -> list[str]:
     return rng.sample(vocabulary, n)
 
 
-def kv_recall(model, n_pairs: Sequence[int] = (4, 16, 64), samples: int = 8, seed: int = 0, variant: str = "base",
-              bos: bool | None = None) -> pd.DataFrame:
+def kv_recall(model, n_pairs: Sequence[int] = (16, 32, 64), samples: int = 8, seed: int = 0, variant: str = "base",
+              bos: bool | None = None, beyond: int = BEYOND_WINDOW) -> pd.DataFrame:
     """Key-value recall: n lines 'word: 4-digit number', then one key again as a new line 'word:';
     correct if the first number generated is its value.
 
-    `length` is the number of pairs, `depth` where the queried pair sits in the list (0-1)."""
+    The queried pair is drawn among those whose line ends at least `beyond` tokens before the
+    query, so a windowed hybrid cannot read it from its window. `length` is the number of pairs,
+    `depth` where the queried pair sits in the list (0-1)."""
     tokenizer, rows = model.tokenizer, []
     rng = random.Random(seed)
+    intro = _encode(tokenizer, "Remember these keys and values.\n")
     for n in n_pairs:
         for sample in range(samples):
             keys = _key_words(n, rng)
             values = [str(v) for v in rng.sample(range(1000, 10000), n)]
-            index = rng.randrange(n)
-            lines = "".join(f"{k}: {v}\n" for k, v in zip(keys, values))
-            body = _encode(tokenizer, "Remember these keys and values.\n" + lines)
+            lines = [_encode(tokenizer, f"{k}: {v}\n") for k, v in zip(keys, values)]
+            body = intro + [t for line in lines for t in line]
+            ends = [len(intro) + sum(map(len, lines[:i + 1])) for i in range(n)]
+            far = [i for i, end in enumerate(ends) if len(body) - end >= beyond]
+            if not far:
+                raise AttnprobeError(f"{n} key-value pairs span fewer than {beyond} tokens: use more pairs (at least 16)")
+            index = rng.choice(far)
             prompt, _ = wrap_prompt(tokenizer, body, f"{keys[index]}:", "plain", bos)
             generated = greedy_decode(model, prompt, max_new_tokens=8)
             answer = _first_number(tokenizer.decode(generated, skip_special_tokens=True))
@@ -146,22 +178,25 @@ def copy_candidates(tokenizer, wanted: int = 1000) -> list[int]:
     return spaced if len(spaced) >= 100 else spaced + bare
 
 
-def copying(model, lengths: Sequence[int] = (8, 16, 32, 64), samples: int = 8, seed: int = 0, variant: str = "base",
+def copying(model, lengths: Sequence[int] = (64, 128), samples: int = 8, seed: int = 0, variant: str = "base",
             bos: bool | None = None) -> pd.DataFrame:
     """Copy a random token string: 'Repeat: <string>\\n<first token>' must continue with the rest of the string.
 
-    Scored teacher-forced in one pass: the greedy continuation equals the string exactly when every
-    next-token argmax over the copy is right (`correct`); `token_accuracy` is the share that is."""
+    Scored teacher-forced in one pass: `token_accuracy` is the share of next-token argmaxes over the
+    copy that are right (the matrix's score); `correct` says every one is (greedy copying would be
+    exact). Tokens are distinct within a string (while the candidates last) and never tokens of the
+    instruction, so each copied token has one earlier occurrence to copy from."""
     tokenizer, rows = model.tokenizer, []
     rng = random.Random(seed)
-    candidates = copy_candidates(tokenizer)
-    if len(candidates) < 2:
-        raise AttnprobeError("the tokenizer has too few word tokens for the copying task")
     head = _encode(tokenizer, "Repeat: ")
     newline = _encode(tokenizer, "\n")
+    candidates = [t for t in copy_candidates(tokenizer) if t not in head + newline]
+    if len(candidates) < 2:
+        raise AttnprobeError("the tokenizer has too few word tokens for the copying task")
     for length in lengths:
         for sample in range(samples):
-            string = [rng.choice(candidates) for _ in range(length)]
+            string = (rng.sample(candidates, length) if length <= len(candidates)
+                      else [rng.choice(candidates) for _ in range(length)])
             body = head + string + newline + string
             prompt, offset = wrap_prompt(tokenizer, body, "", "plain", bos)
             _fits(model, len(prompt))
@@ -173,33 +208,3 @@ def copying(model, lengths: Sequence[int] = (8, 16, 32, 64), samples: int = 8, s
             rows.append({"variant": variant, "task": "copying", "length": length, "depth": math.nan, "sample": sample,
                          "correct": bool(hits.all()), "token_accuracy": float(hits.float().mean())})
     return pd.DataFrame(rows, columns=COLUMNS + ["token_accuracy"])
-
-
-def perplexity(model, n_tokens: int = 2048, chunk: int = 512, variant: str = "base", bos: bool | None = None,
-               path=None) -> pd.DataFrame:
-    """Perplexity on held-out text (disjoint from the haystacks), in chunks of `chunk` tokens.
-
-    One row per chunk: `tokens` scored, `nll` their summed loss, `perplexity` of the chunk. With BOS
-    on, each chunk starts with BOS (never scored). Overall: exp(nll.sum() / tokens.sum())."""
-    tokenizer = model.tokenizer
-    ids = texts.held_out_ids(tokenizer, n_tokens, path=path)
-    use_bos = bos if bos is not None else bool(model.info.tokenizer_adds_bos)
-    if use_bos and tokenizer.bos_token_id is None:
-        raise AttnprobeError("this tokenizer has no BOS token: run with BOS off")
-    _fits(model, chunk + int(use_bos))
-    rows = []
-    for index, start in enumerate(range(0, len(ids) - 1, chunk)):
-        piece = ids[start:start + chunk]
-        prompt = ([tokenizer.bos_token_id] if use_bos else []) + piece
-        with torch.no_grad():
-            logits = model.hf(input_ids=torch.tensor([prompt], device=model.device), use_cache=False).logits[0].float()
-        first = int(use_bos)  # predictions of the chunk's own tokens after the first
-        targets = torch.tensor(piece[1:], device=logits.device)
-        nll = float(torch.nn.functional.cross_entropy(logits[first:first + len(targets)], targets, reduction="sum"))
-        rows.append({"variant": variant, "task": "perplexity", "chunk": index, "tokens": len(targets), "nll": nll,
-                     "perplexity": math.exp(min(nll / max(len(targets), 1), 700))})
-    return pd.DataFrame(rows, columns=["variant", "task", "chunk", "tokens", "nll", "perplexity"])
-
-
-def overall_perplexity(table: pd.DataFrame) -> float:
-    return math.exp(min(table["nll"].sum() / max(table["tokens"].sum(), 1), 700))

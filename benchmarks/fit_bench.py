@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from attnprobe.analyses import recall
 from attnprobe.hooks.model import load_model
 from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.swap import collect_teacher, swap_edits
 from attnprobe.kernels.fit import fit_kernels, head_errors
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe import texts
+from attnprobe.probe.perplexity import held_out_perplexity
 
 LEARNED = ("hedgehog", "window+linear", "sink+window+linear")
 FIXED = ("elu", "relu", "taylor", "performer", "sink+window")
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model("smollm2-135m")
     backend = NativeBackend(model)
-    calibration = torch.tensor(texts.held_out_ids(model.tokenizer, 4 * 256, path=None)).view(4, 256)
+    calibration = torch.tensor(texts.fit_ids(model.tokenizer, 4 * 256)).view(4, 256)  # fit text, never scored
     teachers = collect_teacher(backend, calibration, args.layers)
     print(f"fit error (mean MSE over the {9 * len(args.layers)} heads of layers {args.layers}), by Adam steps")
     print("| kernel | " + " | ".join(f"{s} steps" for s in args.steps) + " |")
@@ -52,8 +52,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
     def ppl(edits) -> float:
-        with backend.patched(edits):
-            return recall.overall_perplexity(recall.perplexity(model, args.ppl_tokens, chunk=512))
+        return held_out_perplexity(backend, args.ppl_tokens, edits=edits)
 
     print(f"\nperplexity on {args.ppl_tokens} held-out tokens, every head replaced")
     print(f"| kernel | unfitted |{' fitted (30 steps) |' if args.fit_ppl else ''}")

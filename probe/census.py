@@ -22,8 +22,8 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 
 from . import mechanisms, texts
+from .perplexity import WINDOW
 from .rundir import RunDir, read_json, readable, write_json, write_parquet
-from .sinks import with_bos
 
 
 def _option(default, help: str, **extra):
@@ -51,8 +51,8 @@ class CensusConfig:
     hidden_min_queries: int = _option(16, "queries that must see a key before it can be a hidden sink")
     massive_absolute: float = _option(100.0, "|activation| above which an entry can be massive")
     massive_relative: float = _option(1000.0, "times the layer's median |activation| a massive entry exceeds")
-    perplexity_windows: int = _option(8, "held-out windows for the massive-activation intervention")
-    perplexity_length: int = _option(256, "tokens per held-out window")
+    perplexity_tokens: int = _option(2048, "held-out tokens for the massive-activation intervention's perplexity")
+    perplexity_length: int = _option(WINDOW, "tokens per held-out row (BOS counted), as the matrix scores them")
     # head types
     induction_length: int = _option(50, "length of the repeated random string for induction heads")
     induction_batch: int = _option(10, "repeated random strings for induction heads")
@@ -68,7 +68,7 @@ class CensusConfig:
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
         whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
-                 "perplexity_windows", "perplexity_length", "induction_length", "induction_batch", "needles")
+                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "needles")
         for name in whole:
             value = getattr(self, name)
             low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
@@ -105,24 +105,24 @@ class CensusConfig:
             raise AttnprobeError(f"--sink-threshold (eps) must be between 0 and 1, got {self.thresholds['sink']}")
 
 
-def use_bos(config: CensusConfig, model: Model) -> bool:
-    if config.bos == "auto":
+def resolve_bos(setting: str, model: Model) -> bool:
+    """A run's one BOS convention (auto: the tokenizer's own), for every pass it makes: probes,
+    teacher passes of a fit, mean-ablation means, recall and perplexity."""
+    if setting == "auto":
         return model.info.tokenizer_adds_bos
-    if config.bos not in ("on", "off"):
-        raise AttnprobeError(f"--bos must be auto, on or off, not '{config.bos}'")
-    if config.bos == "on" and model.info.bos_id is None:
+    if setting not in ("on", "off"):
+        raise AttnprobeError(f"--bos must be auto, on or off, not '{setting}'")
+    if setting == "on" and model.info.bos_id is None:
         raise AttnprobeError("this tokenizer has no BOS token: use --bos off")
-    return config.bos == "on"
+    return setting == "on"
+
+
+def use_bos(config: CensusConfig, model: Model) -> bool:
+    return resolve_bos(config.bos, model)
 
 
 def token_strings(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     return [[tokenizer.decode([int(t)]) for t in row] for row in ids]
-
-
-def _strip_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-    if bos_id is not None and ids.shape[1] and bool((ids[:, 0] == bos_id).all()):
-        return ids[:, 1:]
-    return ids
 
 
 class Census:
@@ -150,13 +150,13 @@ class Census:
 
     # ---- inputs shared by stages ----------------------------------------------------------------
     def natural(self, n: int, length: int, bos: bool, seed_offset: int = 0, what: str = "sequences") -> torch.Tensor:
-        """`n` natural sequences of `length` tokens (fewer, with a note, when the text holds fewer)."""
-        ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts,
-                                      seed=self.config.seed + seed_offset, fewer_ok=True)
+        """`n` windows of natural text of `length` tokens from the census range (fewer, with a note, when
+        the text holds fewer); with BOS, length counts it (Gu et al.'s T)."""
+        ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts, seed=self.config.seed + seed_offset,
+                                      bos_id=self.info.bos_id if bos else None, purpose=what, fewer_ok=True)
         if ids.shape[0] < n:
             self.note(f"{what}: the text holds {ids.shape[0]} sequences of {length} tokens, so {ids.shape[0]} were used, not {n}")
-        ids = _strip_bos(ids, self.info.bos_id)
-        return with_bos(ids, self.info.bos_id) if bos else ids
+        return ids
 
     @cached_property
     def prose_inputs(self) -> tuple[torch.Tensor, list[list[str]]]:
@@ -210,7 +210,9 @@ class Census:
                     self.note(f"{stage.name}: a file it saved is damaged, so it runs again")
                     marker.unlink()
                 if not marker.exists():
-                    stage.run(self)
+                    with texts.recording() as used:
+                        stage.run(self)
+                    write_json(self.run.shard(f"{stage.name}.texts.json"), texts.summarise(used))
                     write_json(marker, {"finished": time.time()})
                 self.progress(stage.name, 1, 1)
             heads = self.heads_table()
@@ -241,9 +243,12 @@ class Census:
                 versions[package] = None
         previous = self.run / "manifest.json"
         earlier = read_json(previous).get("wall_time_s", 0.0) if readable(previous) else 0.0
+        used = [record for stage in mechanisms.stages() if readable(self.run.shard(f"{stage.name}.texts.json"))
+                for record in read_json(self.run.shard(f"{stage.name}.texts.json"))]
         write_json(self.run / "manifest.json", {
             "model_id": self.info.model_id, "weights_sha256": self.info.weights_sha256, "backend": self.backend.name,
             "dtype": str(next(self.model.hf.parameters()).dtype).replace("torch.", ""), "bos": self.bos,
             "seed": self.config.seed, "lengths": self.config.lengths, "config": asdict(self.config),
             "versions": versions, "wall_time_s": earlier + wall_time, "info": self.info.to_dict(), "notes": self.notes,
+            "texts": texts.summarise(used),
         })

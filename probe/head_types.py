@@ -16,7 +16,7 @@ from attnprobe.hooks.model import check_ids
 from .mechanisms import Mechanism, Stage
 from .patterns import diagonal_by_layer, pattern_stats
 from .rundir import write_parquet
-from .sinks import with_bos
+from .texts import with_bos
 
 
 def repeated_random_tokens(vocab_size: int, length: int = 50, batch: int = 10, seed: int = 0,

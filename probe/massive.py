@@ -20,11 +20,10 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 
-from . import texts
 from .mechanisms import Mechanism, Stage
+from . import texts
 from .perplexity import perplexity
 from .rundir import write_parquet
-from .sinks import with_bos
 
 
 def _is_massive(h: torch.Tensor, median: torch.Tensor, absolute: float, relative: float) -> torch.Tensor:
@@ -90,13 +89,15 @@ def overwrite_massive(layer: int, dims: Sequence[int], where: torch.Tensor, fill
     return Edit(layer, Site.RESID_POST, fn, f"massive overwrite L{layer} dims {dims}")
 
 
-def massive_intervention(backend: Backend, entries: pd.DataFrame, held_out: torch.Tensor, batch_size: int = 4) -> pd.DataFrame:
+def massive_intervention(backend: Backend, entries: pd.DataFrame, held_out: torch.Tensor, batch_size: int = 4,
+                         skip_first: int = 0) -> pd.DataFrame:
     """Perplexity of held-out windows: original, massive entries zeroed, and set to their mean.
 
     The entries are those found on each held-out window (at any layer, in the dims the scan found);
     they are overwritten at the first layer where the scan saw massive values. The mean per dim is
-    taken over the scan's entries at that layer (the reference set)."""
-    rows = [{"intervention": "none", "layer": None, "perplexity": perplexity(backend, held_out, batch_size=batch_size)}]
+    taken over the scan's entries at that layer (the reference set). `skip_first` as in `perplexity`."""
+    rows = [{"intervention": "none", "layer": None,
+             "perplexity": perplexity(backend, held_out, batch_size=batch_size, skip_first=skip_first)}]
     if entries.empty:
         return pd.DataFrame(rows)
     first = int(entries["layer"].min())
@@ -108,7 +109,7 @@ def massive_intervention(backend: Backend, entries: pd.DataFrame, held_out: torc
         for start in range(0, held_out.shape[0], batch_size):
             ids = held_out[start:start + batch_size]
             edit = overwrite_massive(first, dims, massive_positions(backend, ids, dims), fill)
-            batch_ppl = perplexity(backend, ids, [edit])
+            batch_ppl = perplexity(backend, ids, [edit], skip_first=skip_first)
             total_log += (math.log(batch_ppl) if math.isfinite(batch_ppl) else math.inf) * ids.shape[0]
             rows_seen += ids.shape[0]
         mean_log = total_log / rows_seen  # every row has the same length, so rows weigh equally
@@ -129,19 +130,15 @@ def massive_stage(census) -> None:
 def massive_intervention_stage(census) -> None:
     c = census.config
     entries = pd.read_parquet(census.run / "massive.parquet")
-    n_tokens = c.perplexity_windows * c.perplexity_length
-    held = texts.held_out_ids(census.model.tokenizer, n_tokens, path=c.texts, fewer_ok=True)
-    n_windows = len(held) // c.perplexity_length
-    if n_windows == 0:
-        raise AttnprobeError(f"the held-out half of the text holds {len(held)} tokens, fewer than one window of "
+    held = texts.held_out_ids(census.model.tokenizer, c.perplexity_tokens, path=c.texts, fewer_ok=True)
+    if len(held) < c.perplexity_length:
+        raise AttnprobeError(f"the perplexity text range holds {len(held)} tokens, fewer than one row of "
                              f"{c.perplexity_length}: use a smaller --perplexity-length or a longer text, or --skip massive_intervention")
-    if n_windows < c.perplexity_windows:
-        census.note(f"massive intervention: the text holds {n_windows} held-out windows of {c.perplexity_length} tokens, "
-                    f"so {n_windows} were used, not {c.perplexity_windows}")
-    windows = torch.as_tensor(held[: n_windows * c.perplexity_length]).view(n_windows, c.perplexity_length)
-    if census.bos:
-        windows = with_bos(windows, census.info.bos_id)
-    table = massive_intervention(census.backend, entries, windows)
+    if len(held) < c.perplexity_tokens:
+        census.note(f"massive intervention: the text holds {len(held)} held-out tokens, so {len(held)} were used, "
+                    f"not {c.perplexity_tokens}")
+    windows = texts.windows(held, c.perplexity_length, census.info.bos_id if census.bos else None)
+    table = massive_intervention(census.backend, entries, windows, skip_first=int(census.bos))
     write_parquet(census.run / "massive_intervention.parquet", table)
 
 

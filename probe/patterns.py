@@ -30,8 +30,10 @@ def pattern_stats(backend: Backend, ids: torch.Tensor, diagonals: tuple[int, ...
     return merged
 
 
-def alpha_by_layer(stats: list[PatternStats], windows: list[int | None]) -> torch.Tensor:
-    """alpha_k for every layer, head and key, averaged over sequences: (L, H, T)."""
+def alpha_by_layer(stats: list[PatternStats], windows: list[int | None], per_sequence: bool = False) -> torch.Tensor:
+    """alpha_k for every layer, head and key, averaged over sequences (L, H, T), or per sequence (N, L, H, T)."""
+    if per_sequence:
+        return torch.stack([s.alpha(w) for s, w in zip(stats, windows)], dim=1)
     return torch.stack([s.alpha(w).mean(dim=0) for s, w in zip(stats, windows)])
 
 

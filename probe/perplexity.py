@@ -1,4 +1,8 @@
-"""Perplexity of held-out text under whatever edits are given: the general-modelling check."""
+"""Perplexity of held-out text under whatever edits are given: the general-modelling check.
+
+One function for every caller (the census's massive-activation intervention, the matrix, benchmarks),
+so two tables that quote a perplexity of the same text quote the same number.
+"""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,10 @@ import torch
 
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
+
+from . import texts
+
+WINDOW = 512  # tokens per scored row (BOS counted); one length, so census and matrix agree
 
 
 def perplexity(backend: Backend, windows: torch.Tensor, edits: Sequence[Edit] = (), batch_size: int = 4,
@@ -23,3 +31,16 @@ def perplexity(backend: Backend, windows: torch.Tensor, edits: Sequence[Edit] = 
         count += targets.numel()
     mean = total / max(count, 1)
     return math.inf if not math.isfinite(mean) or mean > 700 else math.exp(mean)
+
+
+def held_out_windows(tokenizer, n_tokens: int, length: int = WINDOW, bos_id: int | None = None, path=None) -> torch.Tensor:
+    """The perplexity range's first `n_tokens` as rows of `length` tokens (BOS + length - 1 with `bos_id`)."""
+    return texts.windows(texts.held_out_ids(tokenizer, n_tokens, path=path), length, bos_id)
+
+
+def held_out_perplexity(backend: Backend, n_tokens: int, length: int = WINDOW, bos_id: int | None = None,
+                        edits: Sequence[Edit] = (), path=None) -> float:
+    """Perplexity of the perplexity range's first `n_tokens` in rows of `length`. With BOS, the
+    prediction made from BOS alone is not scored, so both conventions score text predicted from text."""
+    rows = held_out_windows(backend.model.tokenizer, n_tokens, length, bos_id, path)
+    return perplexity(backend, rows, edits, skip_first=int(bos_id is not None))

@@ -7,10 +7,18 @@ EOS). At each decoding step that emits token w, head (l, h) copy-pastes when the
 attends to most lies inside the needle's *answer* span and the prompt token there is w; each such
 event adds 1 / |answer tokens| to the head's score for the sample.
 
-Differences from the reference code, on purpose: the span scored is the answer inside the needle
-(the reference scores the whole needle sentence), sentence ends come from decoding with the model's
-tokenizer (the reference hard-codes Llama's period ids), and a sample is accepted when ROUGE-1
-recall of the *answer* in the response exceeds 0.5 (the reference compares with the whole needle).
+As in the reference code (Wu et al.'s `retrieval_head_detection.py`), the span scored is the needle's
+answer (their `real_needle`), each event adds 1 / |answer tokens|, the prompt minus its last token
+is prefilled and decoding starts from that token, and a sample counts when ROUGE-1 recall of the
+answer in the response exceeds 0.5. Differences, on purpose: the answer span is known exactly from
+tokenizing the needle in pieces (the reference searches for a window whose token set overlaps the
+answer's by > 90 %), sentence ends come from decoding with the model's tokenizer (the reference
+hard-codes Llama's period ids), and decoding stops at a newline after text or an end-of-turn token
+(the reference stops at Llama's newline id).
+
+`teacher_forced_counts` adds a measure that does not need the model to answer: the correct answer is
+fed after the prompt and each head's argmax on the copied token is counted the same way, so a model
+that no longer recalls still shows which heads would retrieve.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import pandas as pd
 import torch
 
 from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.hooks.reducers import PatternStats
+from attnprobe.hooks.reducers import PatternStats, Reducer
 from attnprobe.hooks.sites import Site
 
 from . import texts
@@ -100,8 +108,9 @@ def wrap_prompt(tokenizer, body_ids: list[int], tail_text: str, prompt_format: s
                 bos: bool | None = None) -> tuple[list[int], int]:
     """Ids of `body_ids` + `tail_text`, inside the chat template or plain; returns (ids, offset of the body).
 
-    BOS: None keeps the tokenizer's convention (the template's own tokens in chat format), True
-    forces one at the start, False removes it."""
+    BOS: None keeps the tokenizer's convention, True adds one at the start unless the prompt already
+    starts with it, False adds none. A chat template's own tokens are never removed: SmolLM2's
+    template opens with <|im_start|>, which is also its BOS id, and stays with BOS off."""
     prompt_format = resolve_format(tokenizer, prompt_format)
     if prompt_format == "chat":
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
@@ -117,8 +126,6 @@ def wrap_prompt(tokenizer, body_ids: list[int], tail_text: str, prompt_format: s
         if bos_id is None:
             raise AttnprobeError("this tokenizer has no BOS token: run with BOS off")
         head_ids = [bos_id] + head_ids
-    elif bos is False and head_ids and head_ids[0] == bos_id:
-        head_ids = head_ids[1:]
     return head_ids + body_ids + tail_ids, len(head_ids)
 
 
@@ -289,23 +296,64 @@ def copy_counts(argmax: torch.Tensor, generated: Sequence[int], prompt_ids: Sequ
     return (inside & (token_at_key == emitted)).sum(dim=0).numpy()
 
 
-def sample_scores(sample: dict) -> np.ndarray:
+class RowArgmax(Reducer):
+    """The argmax key of chosen query rows of one layer's pattern: found[position] is (B, H)."""
+
+    def __init__(self, positions: Sequence[int]) -> None:
+        super().__init__()
+        self.wanted = set(int(p) for p in positions)
+        self.found: dict[int, torch.Tensor] = {}
+
+    def _update(self, x, rows):
+        n_rows, n_keys = x.shape[2], x.shape[3]
+        rows = torch.arange(n_keys - n_rows, n_keys) if rows is None else rows.cpu()
+        for index, position in enumerate(rows.tolist()):
+            if position in self.wanted:
+                self.found[position] = x[:, :, index].argmax(dim=-1).cpu()
+
+    def result(self) -> dict[int, torch.Tensor]:
+        return self.found
+
+
+def teacher_forced_counts(backend, sample: dict, edits=()) -> np.ndarray:
+    """Copy-paste events per head (L, H) with the correct answer fed instead of generated.
+
+    One pass over prompt + answer[:-1]: the query that predicts answer token t is the prompt's last
+    token for t = 0 and answer token t - 1 after it; an event is that query's argmax key inside the
+    answer span holding answer token t, as in `copy_counts`. Needs no correct generation."""
+    prompt = [int(t) for t in sample["prompt_ids"]]
+    start, end = sample["answer_span"]
+    answer = prompt[start:end]
+    positions = [len(prompt) - 1 + t for t in range(len(answer))]
+    n_layers = backend.info.n_layers
+    reads = {(layer, Site.PATTERN): RowArgmax(positions) for layer in range(n_layers)}
+    backend.run(torch.tensor([prompt + answer[:-1]]), reads=reads, edits=list(edits))
+    argmax = torch.stack([torch.stack([reads[(layer, Site.PATTERN)].found[p][0] for layer in range(n_layers)])
+                          for p in positions])
+    return copy_counts(argmax, answer, prompt, sample["answer_span"])
+
+
+def sample_scores(sample: dict, key: str = "copy_counts") -> np.ndarray:
     """Per-head retrieval score of one sample: copy events / answer tokens, (L, H)."""
     start, end = sample["answer_span"]
-    return np.asarray(sample["copy_counts"], dtype=float) / max(end - start, 1)
+    return np.asarray(sample[key], dtype=float) / max(end - start, 1)
 
 
 def heads_table(samples: list[dict], n_layers: int, n_heads: int, n_kv_heads: int | None = None) -> pd.DataFrame:
-    """retrieval_score (mean over accepted samples) and retrieval_activation (share copying >= 1 token) per head."""
+    """Per head: retrieval_score (mean over accepted samples), retrieval_activation (share of them
+    copying >= 1 token) and teacher_forced_retrieval_score (mean over every sample, answer fed)."""
     kept = [sample_scores(s) for s in samples if s["accepted"]]
     if kept:
         stack = np.stack(kept)
         score, activation = stack.mean(axis=0), (stack > 0).mean(axis=0)
     else:  # no sample recalled its needle: the score is undefined, not zero
         score = activation = np.full((n_layers, n_heads), math.nan)
+    forced = [sample_scores(s, "forced_copy_counts") for s in samples if "forced_copy_counts" in s]
+    forced_score = np.stack(forced).mean(axis=0) if forced else np.full((n_layers, n_heads), math.nan)
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     table = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(),
-                          "retrieval_score": score.ravel(), "retrieval_activation": activation.ravel()})
+                          "retrieval_score": score.ravel(), "retrieval_activation": activation.ravel(),
+                          "teacher_forced_retrieval_score": forced_score.ravel()})
     if n_kv_heads:
         table["kv_head"] = table["head"] // (n_heads // n_kv_heads)
     return table
@@ -349,7 +397,8 @@ def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX
     recall = rouge1_recall(response, sample["answer"])
     return {**sample, "generated_ids": generated, "generated_text": response, "rouge1_recall": recall,
             "accepted": recall > ACCEPT_RECALL,
-            "copy_counts": copy_counts(argmax, generated, sample["prompt_ids"], sample["answer_span"]).tolist()}
+            "copy_counts": copy_counts(argmax, generated, sample["prompt_ids"], sample["answer_span"]).tolist(),
+            "forced_copy_counts": teacher_forced_counts(backend, sample, edits).tolist()}
 
 
 class SharedPrefix:
@@ -468,10 +517,24 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
             + ", ".join(f"{r.layer}.{r.head}={r.retrieval_score:.2f}" for r in top.itertuples()))
 
 
+def _presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
+    """The matrix's retrieval columns. The score needs samples the model answers: with none accepted
+    it is undefined (NaN heads, presence None), and `retrieval_samples` says how many were; the
+    teacher-forced count needs no correct answer, so a broken model still shows which heads would copy."""
+    samples = [json.loads(line) for line in (run_dir / "niah_samples.jsonl").read_text().splitlines() if line.strip()]
+    accepted = sum(1 for s in samples if s["accepted"])
+    threshold = thresholds["retrieval"]
+    found = int((heads["retrieval_score"] > threshold).sum())
+    return {"retrieval_samples": accepted, "retrieval_samples_total": len(samples),
+            "retrieval_heads": found if accepted else math.nan, "retrieval_present": found > 0 if accepted else None,
+            "teacher_forced_retrieval_heads": int((heads["teacher_forced_retrieval_score"] > threshold).sum())}
+
+
 CENSUS = (
-    Stage("retrieval", retrieval_stage, order=70, shard="retrieval.parquet", columns=("retrieval_score", "retrieval_activation"),
+    Stage("retrieval", retrieval_stage, order=70, shard="retrieval.parquet",
+          columns=("retrieval_score", "retrieval_activation", "teacher_forced_retrieval_score"),
           files=("niah_samples.jsonl", "retrieval_heads.json"),
-          description="retrieval heads from needle-in-a-haystack decoding"),
+          description="retrieval heads from needle-in-a-haystack decoding, and teacher-forced copy scores"),
     Mechanism("retrieval", "retrieval", "retrieval heads", column="retrieval_score", threshold=0.1, letter="R", rank=10,
-              panel="retrieval", summary=_summary, matrix="retrieval", matrix_label="retrieval heads"),
+              panel="retrieval", summary=_summary, matrix="retrieval", matrix_label="retrieval heads", presence=_presence),
 )

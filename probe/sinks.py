@@ -1,8 +1,9 @@
 """Primary attention sinks (StreamingLLM; Gu et al. 2410.10781) and hidden sinks (ACT, 2406.15765).
 
 alpha_k = (1 / (T - k + 1)) sum_{i >= k} A[i, k] (1-based k): the mean attention key k receives from
-the queries that can see it. The sink rate Sink_1^eps is the percentage of all heads whose alpha_1
-(averaged over sequences) exceeds eps; reference protocol T = 64, eps = 0.3, ~100 sequences.
+the queries that can see it. The sink rate Sink_1^eps is, as Gu et al.'s released code computes it,
+the share of all heads whose alpha_1 exceeds eps in one sequence, averaged over sequences (not the
+threshold of the mean alpha); reference protocol T = 64 counting BOS, eps = 0.3, ~100 sequences.
 """
 from __future__ import annotations
 
@@ -19,23 +20,19 @@ from .patterns import alpha_by_layer, diagonal_by_layer, pattern_stats
 from .rundir import write_json, write_parquet
 
 
-def with_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-    if bos_id is None:
-        return ids
-    return torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype), ids], dim=1)
-
-
 def sink_scan(backend: Backend, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha (L, H, T) and previous-token scores (L, H) from one pass over natural sequences (N, T)."""
+    """alpha per sequence (N, L, H, T) and previous-token scores (L, H) from one pass over natural sequences (N, T)."""
     info = backend.info
     stats = pattern_stats(backend, ids, diagonals=(1,))
     windows = [info.window(layer) for layer in range(info.n_layers)]
-    return alpha_by_layer(stats, windows), diagonal_by_layer(stats, 1)
+    return alpha_by_layer(stats, windows, per_sequence=True), diagonal_by_layer(stats, 1)
 
 
 def sink_rate(alpha_first: torch.Tensor, eps: float = 0.3) -> float:
-    """Percentage of heads (all layers) whose first-token alpha exceeds eps."""
-    return 100.0 * float((alpha_first > eps).float().mean())
+    """Sink_1^eps in percent from alpha_1 per sequence (N, L, H): in each sequence the share of heads
+    with alpha_1 > eps, averaged over sequences (Gu et al.'s code). (L, H) is one sequence."""
+    per_sequence = (alpha_first > eps).float().flatten(-2).mean(dim=-1)
+    return 100.0 * float(per_sequence.mean())
 
 
 def hidden_sinks(alpha: torch.Tensor, tokens: list[str], threshold: float = 0.1, first: int = 0,
@@ -88,8 +85,8 @@ def sinks_stage(census) -> None:
             continue
         ids = census.natural(c.sink_sequences, c.sink_length, bos, what="sink rate")
         alpha, previous = sink_scan(census.backend, ids)
-        rates[label] = sink_rate(alpha[:, :, 0], eps)
-        first[label] = (alpha[:, :, 0], previous)
+        rates[label] = sink_rate(alpha[..., 0], eps)  # thresholded per sequence, then averaged
+        first[label] = (alpha[..., 0].mean(dim=0), previous)
     alpha_first, previous = first["with_bos" if census.bos else "without_bos"]
     write_json(census.run / "sink_rate.json", {"T": c.sink_length, "eps": eps, "n_sequences": ids.shape[0],
                                                "bos_used_for_heads": census.bos, **rates})
@@ -102,7 +99,7 @@ def hidden_sinks_stage(census) -> None:
     ids, tokens = census.prose_inputs
     events = []
     for sequence in range(ids.shape[0]):
-        alpha, _ = sink_scan(census.backend, ids[sequence:sequence + 1])
+        alpha = sink_scan(census.backend, ids[sequence:sequence + 1])[0][0]
         events.append(hidden_sinks(alpha, tokens[sequence], c.hidden_threshold, 0, c.hidden_min_queries).assign(sequence=sequence))
     events = pd.concat(events, ignore_index=True)
     summary = hidden_sink_summary(events, info.n_layers, info.n_heads)

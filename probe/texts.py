@@ -5,15 +5,21 @@ The default source is the Python documentation shipped with the standard library
 are dropped and each paragraph is reflowed onto one line. It needs no download and is the same on
 every run of one Python version. A user text file can replace it (`path`).
 
-The text is split in two halves at a paragraph break: haystacks and natural sequences come from
-the first half, held-out perplexity text from the second, so a model is never scored on the text
-that served as its haystack.
+The source is tokenized once and partitioned into disjoint named token ranges (`LAYOUT`): census
+probes and ranking haystacks, evaluation haystacks, perplexity text and fitting text. Every consumer
+takes its tokens through `take` (or a helper over it); a run inside `recording()` gets the token
+offsets and source of everything it used, for its manifest.
 """
 from __future__ import annotations
 
+import hashlib
+import platform
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -73,58 +79,148 @@ def prose(path: str | Path | None = None) -> str:
     return _load(None if path is None else str(path))
 
 
-def _halves(path) -> tuple[str, str]:
-    text = prose(path)
-    middle = text.find("\n", len(text) // 2)
-    if middle < 0:  # one long line: split anywhere
-        middle = len(text) // 2
-    return text[:middle], text[middle:]
+# ---- the partition: every consumer takes its tokens from one named, disjoint range -------------
+
+# Ranges in order along the tokenized source: (name, tokens, what it is for); the last takes the rest.
+# A model is never evaluated on text it was fitted on, and heads are never ranked and evaluated on
+# the same haystack.
+LAYOUT = (
+    ("census", 10_000, "sink-rate sequences, prose probes, NIAH haystacks that rank retrieval heads"),
+    ("evaluation", 8_192, "NIAH haystacks for evaluation (masking sweep, matrix)"),
+    ("perplexity", 4_096, "held-out perplexity"),
+    ("fit", None, "training text: attention transfer and any later conversion stage"),
+)
+RANGES = tuple(name for name, _, _ in LAYOUT)
+_TOKENS: dict[tuple[int, str | None], tuple[object, list[int]]] = {}
+_RECORDING: ContextVar[tuple[list, ...]] = ContextVar("attnprobe_text_recording", default=())
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _tokens_from(tokenizer, text: str, n_tokens: int, what: str, fewer_ok: bool = False) -> list[int]:
-    """At least `n_tokens` ids from the start of `text`, tokenizing only as much as needed (all of it, if
-    the text is shorter and `fewer_ok`)."""
-    chars = max(4 * n_tokens, 1000)
-    while True:
-        ids = _encode(tokenizer, text[:chars])
-        if len(ids) >= n_tokens or (fewer_ok and chars >= len(text)):
-            return ids
-        if chars >= len(text):
-            raise AttnprobeError(f"the text holds only {len(ids)} tokens for {what} but {n_tokens} are needed; "
-                                 "use a shorter length or a longer text file")
-        chars *= 2
+def source_ids(tokenizer, path=None) -> list[int]:
+    """The whole source tokenized once (no BOS); every range is a slice of it."""
+    key = (id(tokenizer), None if path is None else str(path))
+    cached = _TOKENS.get(key)
+    if cached is None or cached[0] is not tokenizer:
+        cached = _TOKENS[key] = (tokenizer, _encode(tokenizer, prose(path)))
+    return cached[1]
 
 
-def haystack_ids(tokenizer, n_tokens: int, path=None, offset: int = 0) -> list[int]:
-    """`n_tokens` token ids of haystack text, starting `offset` tokens into the first half (no BOS)."""
-    first, _ = _halves(path)
-    return _tokens_from(tokenizer, first, offset + n_tokens, "the haystack")[offset:offset + n_tokens]
+@lru_cache(maxsize=4)
+def source_name(path: str | None = None) -> str:
+    """What the text is, with a hash: the pydoc prose differs between Python versions."""
+    digest = hashlib.sha256(prose(path).encode()).hexdigest()[:16]
+    where = f"pydoc_data (Python {platform.python_version()})" if path is None else str(Path(path).expanduser())
+    return f"{where} sha256:{digest}"
+
+
+def token_range(tokenizer, name: str, path=None) -> tuple[int, int]:
+    """(start, end) token offsets of range `name` in the tokenized source."""
+    if name not in RANGES:
+        raise AttnprobeError(f"unknown text range '{name}': choose one of {', '.join(RANGES)}")
+    total, start = len(source_ids(tokenizer, path)), 0
+    for range_name, size, _ in LAYOUT:
+        end = total if size is None else min(start + size, total)
+        if range_name == name:
+            return start, end
+        start = end
+    raise AssertionError(name)
+
+
+def take(tokenizer, name: str, n_tokens: int, path=None, offset: int = 0, purpose: str = "") -> list[int]:
+    """`n_tokens` ids of range `name`, from `offset` tokens into it (no BOS), recorded for the manifest."""
+    start, end = token_range(tokenizer, name, path)
+    if start + offset + n_tokens > end:
+        raise AttnprobeError(f"the '{name}' text range holds {end - start} tokens but {offset + n_tokens} are needed "
+                             f"for {purpose or name}; use shorter lengths or a longer text file")
+    first = start + offset
+    for log in _RECORDING.get():
+        log.append({"purpose": purpose or name, "range": name, "source": source_name(None if path is None else str(path)),
+                    "token_start": first, "token_end": first + n_tokens})
+    return source_ids(tokenizer, path)[first:first + n_tokens]
+
+
+@contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Collect every `take` made inside the block as {purpose, range, source, token_start, token_end};
+    a run writes them (`summarise`d) into its manifest. Blocks nest: each sees the takes inside it."""
+    log: list[dict] = []
+    token = _RECORDING.set(_RECORDING.get() + (log,))
+    try:
+        yield log
+    finally:
+        _RECORDING.reset(token)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Records merged per (purpose, range, source) into the span of tokens each purpose used."""
+    merged: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["purpose"], record["range"], record["source"])
+        if key in merged:
+            merged[key]["token_start"] = min(merged[key]["token_start"], record["token_start"])
+            merged[key]["token_end"] = max(merged[key]["token_end"], record["token_end"])
+        else:
+            merged[key] = dict(record)
+    return list(merged.values())
+
+
+def haystack_ids(tokenizer, n_tokens: int, path=None, offset: int = 0, purpose: str = "ranking") -> list[int]:
+    """`n_tokens` ids of haystack text (no BOS): from the census range to rank heads (`purpose`
+    "ranking"), from the evaluation range to measure recall ("evaluation")."""
+    if purpose not in ("ranking", "evaluation"):
+        raise AttnprobeError(f"a haystack is for ranking or evaluation, not '{purpose}'")
+    name = "census" if purpose == "ranking" else "evaluation"
+    return take(tokenizer, name, n_tokens, path, offset, f"NIAH haystack ({purpose})")
 
 
 def held_out_ids(tokenizer, n_tokens: int, path=None, fewer_ok: bool = False) -> list[int]:
-    """`n_tokens` ids from the second half of the text, which haystacks never use (no BOS); fewer if the
-    text is shorter and `fewer_ok`."""
-    _, second = _halves(path)
-    return _tokens_from(tokenizer, second.lstrip("\n"), n_tokens, "held-out text", fewer_ok)[:n_tokens]
+    """`n_tokens` ids of the perplexity range, which nothing is fitted on or ranked with (no BOS); all
+    the range holds, if fewer and `fewer_ok`."""
+    if fewer_ok:
+        start, end = token_range(tokenizer, "perplexity", path)
+        n_tokens = min(n_tokens, end - start)
+    return take(tokenizer, "perplexity", n_tokens, path, purpose="perplexity")
 
 
-def natural_sequences(tokenizer, n: int, length: int, path=None, seed: int = 0, fewer_ok: bool = False) -> torch.Tensor:
-    """`n` distinct, non-overlapping windows of `length` tokens of natural text, (n, length), no BOS.
+def fit_ids(tokenizer, n_tokens: int, path=None, offset: int = 0) -> list[int]:
+    """`n_tokens` ids of the training range (no BOS): tokens used for training are never used for evaluation."""
+    return take(tokenizer, "fit", n_tokens, path, offset, purpose="fit")
 
-    Windows are cut from the first 2n windows' worth of text and `n` of them are drawn with `seed`. A
-    shorter text gives every window it holds, fewer than `n`, if `fewer_ok` (at least one)."""
-    first, _ = _halves(path)
-    ids = _tokens_from(tokenizer, first, 2 * n * length, "natural sequences", fewer_ok)
-    if len(ids) < length:
-        raise AttnprobeError(f"the text holds only {len(ids)} tokens for natural sequences but one needs {length}; "
-                             "use a shorter length or a longer text file")
-    windows = torch.tensor(ids[: (len(ids) // length) * length]).view(-1, length)
-    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return windows[order].long()
+
+def with_bos(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """(N, T) ids with BOS prepended to each row (unchanged when `bos_id` is None)."""
+    if bos_id is None:
+        return ids
+    return torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype), ids], dim=1)
+
+
+def windows(ids: list[int], length: int, bos_id: int | None = None) -> torch.Tensor:
+    """`ids` cut into rows of `length` tokens; with `bos_id` a row is BOS + length - 1 text tokens,
+    so rows are `length` long either way and every run of one BOS convention scores the same text."""
+    body = length - (bos_id is not None)
+    rows = torch.tensor(ids[: (len(ids) // body) * body], dtype=torch.long).view(-1, body)
+    return with_bos(rows, bos_id)
+
+
+def natural_sequences(tokenizer, n: int, length: int, path=None, seed: int = 0, bos_id: int | None = None,
+                      purpose: str = "natural sequences", fewer_ok: bool = False) -> torch.Tensor:
+    """`n` distinct, non-overlapping windows of natural text from the census range, (n, length).
+
+    With `bos_id` a row is BOS + length - 1 text tokens: T counts BOS, as Gu et al. truncate to T.
+    The census range is cut into windows and `n` of them are drawn with `seed`; a shorter text gives
+    every window it holds (at least one) if `fewer_ok`."""
+    start, end = token_range(tokenizer, "census", path)
+    body = length - (bos_id is not None)
+    available = (end - start) // body
+    if available < n and not (fewer_ok and available >= 1):
+        raise AttnprobeError(f"the census text range holds {available} windows of {body} tokens but {n} are needed "
+                             f"for {purpose}; use fewer or shorter sequences or a longer text file")
+    rows = torch.tensor(take(tokenizer, "census", available * body, path, purpose=purpose), dtype=torch.long).view(-1, body)
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return with_bos(rows[order], bos_id)
 
 
 def sentence_boundaries(tokenizer, ids) -> list[int]:

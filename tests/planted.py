@@ -29,7 +29,10 @@ FAST_PAIRS, SLOW_PAIRS = range(0, 8), range(16, 32)  # RoPE pair i rotates at th
 
 
 class CharTokenizer:
-    """Maps characters onto ids 2-31 (0 = pad, 1 = BOS); enough for the census's text handling."""
+    """Maps characters onto ids 2-31 (0 = pad, 1 = BOS); enough for the census's text handling.
+
+    A token decodes to one letter and that letter encodes back to it, so recall tasks that pick
+    tokens from the vocabulary (copying) can run on the planted model."""
 
     bos_token_id = BOS
     eos_token_id = None
@@ -39,8 +42,11 @@ class CharTokenizer:
     def __init__(self, add_bos: bool = True):
         self.add_bos = add_bos
 
+    vocab_size = VOCAB
+
     def _id(self, char: str) -> int:
-        return 2 + ord(char) % (VOCAB - 2)
+        token = ord(char) - ord("a")
+        return token if 2 <= token < VOCAB else 2 + ord(char) % (VOCAB - 2)
 
     def __call__(self, text: str, add_special_tokens: bool = True):
         ids = [self._id(c) for c in text]

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe.analyses.ablation import ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
+from attnprobe.analyses.ablation import DEFAULT_DRAWS, ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
 from attnprobe.analyses.selection import parse_heads
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.backends.native import NativeBackend
@@ -44,7 +44,7 @@ def test_masking_the_copy_head_or_its_feeder_breaks_copying(planted, mode):
         assert copy_task(model, "x")["correct"].all()
 
 
-def test_calibration_scales_hidden_sinks_by_beta_and_renormalises():
+def test_calibration_gives_sinks_exactly_beta_and_their_loss_to_the_other_keys():
     torch.manual_seed(0)
     from test_effective_attention import _tiny
 
@@ -62,9 +62,15 @@ def test_calibration_scales_hidden_sinks_by_beta_and_renormalises():
         sinks = (alpha > threshold) & (seen_by >= 16)
         sinks[0] = False
         assert sinks.any()
-        expected = original[head] * torch.where(sinks, 0.4, 1.0)
-        expected = expected / expected.sum(-1, keepdim=True)
-        assert torch.allclose(calibrated[head], expected, atol=1e-6)
+        a, c = original[head], calibrated[head]
+        # ACT: a sink keeps exactly beta of its weight ...
+        assert torch.allclose(c[:, sinks], 0.4 * a[:, sinks], atol=1e-6)
+        # ... and the mass removed goes to the other keys in proportion to their weights
+        removed = 0.6 * a[:, sinks].sum(-1, keepdim=True)
+        others = ~sinks
+        expected = a[:, others] * (1 + removed / a[:, others].sum(-1, keepdim=True))
+        assert torch.allclose(c[:, others], expected, atol=1e-6)
+        assert torch.allclose(c.sum(-1), torch.ones(48), atol=1e-5)
     assert torch.equal(calibrated[[0, 3]], original[[0, 3]])
 
 
@@ -75,16 +81,54 @@ def test_wilson_interval():
 
 
 def test_sweep_top_heads_hurt_more_than_random(planted, tmp_path):
+    """Ranked: the copy head first, its feeder (the previous-token head) second. Random heads are drawn
+    outside the top 2, so they never break copying: top-1 masking must fall below every random draw,
+    with Wilson intervals that do not overlap."""
     model, backend = planted
-    heads = pd.DataFrame([{"layer": l, "head": h, "retrieval_score": 1.0 if (l, h) == COPY_HEAD else 0.0}
-                          for l in range(2) for h in range(4)])
+    score = {COPY_HEAD: 1.0, PREVIOUS_HEAD: 0.5}
+    heads = pd.DataFrame([{"layer": l, "head": h, "retrieval_score": score.get((l, h), 0.0)} for l in range(2) for h in range(4)])
     heads.to_parquet(tmp_path / "heads.parquet")
-    summary, rows = masking_sweep(model, backend, tmp_path, ks=[1], seeds=3, task=copy_task)
-    top = summary[summary["selection"] == "top"]["accuracy"].item()
-    random_acc = summary[summary["selection"] == "random"]["accuracy"]
-    assert top == 0.0
-    assert summary[summary["selection"] == "none"]["accuracy"].item() == 1.0
-    assert len(random_acc) == 3 and set(rows[rows["selection"] == "random"]["variant"]) == {"random-1-s0", "random-1-s1", "random-1-s2"}
+    summary, rows = masking_sweep(model, backend, tmp_path, ks=[1], task=copy_task, exclude_top=2)
+    by = {s: summary[summary["selection"] == s] for s in ("none", "top", "random", "random-pooled")}
+    assert len(by["random"]) == DEFAULT_DRAWS == 10
+    drawn = rows[rows["selection"] == "random"]["variant"].unique()
+    assert len(drawn) == 10
+    top, pooled = by["top"].iloc[0], by["random-pooled"].iloc[0]
+    assert by["none"]["accuracy"].item() == 1.0
+    assert top["accuracy"] < by["random"]["accuracy"].min()
+    assert pooled["n"] == 10 * top["n"] and top["ci_high"] < pooled["ci_low"]
+
+
+def test_sweep_random_heads_never_come_from_the_excluded_top(planted, tmp_path, monkeypatch):
+    from attnprobe.analyses import ablation
+
+    model, backend = planted
+    heads = pd.DataFrame([{"layer": l, "head": h, "retrieval_score": float(8 - 4 * l - h)} for l in range(2) for h in range(4)])
+    heads.to_parquet(tmp_path / "heads.parquet")
+    masked = []
+    real = ablation.ablation_edits
+    monkeypatch.setattr(ablation, "ablation_edits", lambda m, b, chosen, *a, **k: masked.append(list(chosen)) or real(m, b, chosen, *a, **k))
+    ablation.masking_sweep(model, backend, tmp_path, ks=[2], draws=12, task=lambda m, label: pd.DataFrame(
+        [{"variant": label, "task": "t", "correct": True}]), exclude_top=4)
+    top4 = {(0, 0), (0, 1), (0, 2), (0, 3)}
+    assert masked[0] == [(0, 0), (0, 1)]  # top-2
+    assert all(not set(drawn) & top4 for drawn in masked[1:]) and len(masked) == 13
+    with pytest.raises(AttnprobeError, match="exclude-top"):
+        ablation.masking_sweep(model, backend, tmp_path, ks=[2], task=copy_task, exclude_top=7)
+
+
+def test_sweep_evaluates_on_needles_the_census_did_not_rank_with(tmp_path):
+    import json
+
+    from attnprobe.analyses.ablation import heldout_niah
+    from attnprobe.probe import texts
+    from test_retrieval import tiny_model
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"needles": 3}}))
+    with texts.recording() as used:
+        table = heldout_niah(tmp_path, [120], [0.5])(tiny_model(), "x")
+    assert sorted(set(table["sample"])) == list(range(3, 10))
+    assert {r["range"] for r in used} == {"evaluation"}
 
 
 def test_selection_errors_name_the_valid_range(planted, tmp_path):

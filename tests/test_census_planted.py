@@ -14,7 +14,7 @@ from attnprobe.probe.retrieval import run_sample
 
 from planted import BOS, COPY_HEAD, MASSIVE_DIM, MASSIVE_VALUE, PREVIOUS_HEAD, SINK_HEAD, planted_model
 
-SMALL = dict(sink_sequences=20, prose_sequences=2, prose_length=128, induction_length=20, perplexity_windows=2,
+SMALL = dict(sink_sequences=20, prose_sequences=2, prose_length=128, induction_length=20, perplexity_tokens=128,
              perplexity_length=64)
 
 
@@ -102,3 +102,38 @@ def test_chunked_statistics_equal_the_eager_pattern(monkeypatch):
         diag = torch.stack([eager[:, :, i, i - off] for i in range(off, T)], dim=-1).mean(-1)
         assert torch.allclose(stats.diagonal(off), diag, atol=1e-6)
     assert torch.equal(stats.argmax_steps[0], eager[:, :, -1].argmax(-1))
+
+
+def test_sink_rate_thresholds_each_sequence_then_averages():
+    """Gu et al.'s code: per sequence, the share of heads with alpha_1 > eps; then the mean over sequences.
+    The sink head is a sink only in the rows that start with BOS (alpha_1 ~ 1), not in the others
+    (~0.07): its mean alpha (~0.54) passes eps, but it is a sink in half the sequences."""
+    from attnprobe.probe.sinks import sink_rate, sink_scan
+
+    model = planted_model()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 32, (4, 64), generator=g)
+    ids[:2, 0] = BOS
+    alpha, _ = sink_scan(NativeBackend(model), ids)
+    first = alpha[..., 0]
+    assert first[:2, SINK_HEAD[0], SINK_HEAD[1]].min() > 0.9 and first[2:, SINK_HEAD[0], SINK_HEAD[1]].max() < 0.3
+    assert first[:, SINK_HEAD[0], SINK_HEAD[1]].mean() > 0.3  # thresholding the mean would count it
+    assert sink_rate(first, 0.3) == pytest.approx(100 / 8 / 2)
+
+
+def test_sink_sequences_are_T_long_including_bos(monkeypatch, tmp_path):
+    """With BOS the sink-rate sequences are BOS + 63 text tokens (Gu et al. truncate to T with BOS)."""
+    from attnprobe.probe import sinks as census_module
+
+    seen = []
+    real = census_module.sink_scan
+
+    def spy(backend, ids):
+        seen.append((ids.shape[1], bool((ids[:, 0] == BOS).all())))
+        return real(backend, ids)
+
+    monkeypatch.setattr(census_module, "sink_scan", spy)
+    model = planted_model()
+    Census(model, NativeBackend(model), CensusConfig(**SMALL), tmp_path).execute(("sinks",))
+    assert sorted(seen) == [(64, False), (64, True)]
+    assert json.loads((tmp_path / "sink_rate.json").read_text())["T"] == 64

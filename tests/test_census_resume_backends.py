@@ -10,7 +10,7 @@ from attnprobe.probe.census import Census, CensusConfig
 from planted import planted_model
 
 SMALL = dict(sink_sequences=8, prose_sequences=1, prose_length=96, induction_length=20, induction_batch=4,
-             perplexity_windows=2, perplexity_length=48, lengths=[64, 96], depths=[0.0, 1.0], needles=1)
+             perplexity_tokens=96, perplexity_length=48, lengths=[64, 96], depths=[0.0, 1.0], needles=1)
 STAGES = ("sinks", "induction", "hidden_sinks", "massive", "secondary_sinks", "retrieval")
 
 

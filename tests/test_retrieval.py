@@ -84,14 +84,38 @@ def test_haystack_held_out_and_natural_sequences():
     hay = texts.haystack_ids(tok, 3000)
     assert len(hay) == 3000 and hay == texts.haystack_ids(tok, 3000)
     assert texts.haystack_ids(tok, 100, offset=50) == hay[50:150]
-    held = tok.decode(texts.held_out_ids(tok, 2000))
-    first_half = tok.decode(texts.haystack_ids(tok, 70_000))
-    assert held[:200] not in first_half
     seqs = texts.natural_sequences(tok, 20, 64, seed=3)
     assert seqs.shape == (20, 64) and seqs.dtype == torch.long
     assert len({tuple(row) for row in seqs.tolist()}) == 20
     assert torch.equal(seqs, texts.natural_sequences(tok, 20, 64, seed=3))
     assert not torch.equal(seqs, texts.natural_sequences(tok, 20, 64, seed=4))
+
+
+def test_text_ranges_are_disjoint_and_recorded():
+    """Fit, perplexity, ranking and evaluation text are disjoint token spans of one source; a run records what it used."""
+    tok = CharTokenizer()
+    spans = [texts.token_range(tok, name) for name in texts.RANGES]
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    with texts.recording() as used:
+        parts = {"ranking": texts.haystack_ids(tok, 8000), "evaluation": texts.haystack_ids(tok, 8000, purpose="evaluation"),
+                 "perplexity": texts.held_out_ids(tok, 4000), "fit": texts.fit_ids(tok, 8000),
+                 "sinks": texts.natural_sequences(tok, 100, 64).flatten().tolist()}
+    source = texts.source_ids(tok)
+    spans = {}
+    for record in used:
+        assert source[record["token_start"]:record["token_end"]] in parts.values() or record["purpose"] == "natural sequences"
+        spans.setdefault(record["range"], []).append((record["token_start"], record["token_end"]))
+    assert set(spans) == {"census", "evaluation", "perplexity", "fit"}
+    for a in spans:
+        for b in spans:
+            if a != b:
+                assert all(e1 <= s2 or e2 <= s1 for s1, e1 in spans[a] for s2, e2 in spans[b]), (a, b)
+    summary = {r["purpose"]: r for r in texts.summarise(used)}
+    assert summary["fit"]["range"] == "fit" and summary["perplexity"]["token_end"] - summary["perplexity"]["token_start"] == 4000
+    assert summary["NIAH haystack (evaluation)"]["token_start"] == texts.token_range(tok, "evaluation")[0]
+    assert "pydoc_data" in summary["fit"]["source"]
+    with pytest.raises(AttnprobeError, match="'perplexity' text range"):
+        texts.held_out_ids(tok, 10_000)
 
 
 def test_sentence_boundaries_skip_dots_inside_words_and_numbers():
@@ -138,6 +162,29 @@ def test_chat_format_and_bos_option():
     assert plain["prompt_ids"][0] != tok.bos_token_id and plain["format"] == "plain"
     with pytest.raises(AttnprobeError, match="chat template"):
         retrieval.build_sample(CharTokenizer(), hay, NEEDLE, 0.5, prompt_format="chat")
+
+
+class BosTemplateTokenizer(ChatCharTokenizer):
+    """A chat template that opens with the BOS token, as SmolLM2's <|im_start|> (its BOS id) does."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text.replace("<s>", "\x00"), add_special_tokens).input_ids
+        return type("Encoding", (), {"input_ids": [self.bos_token_id if i == ord("?") else i for i in ids]})()
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<s>[user]" + messages[0]["content"] + "[end]\n<s>[assistant]"
+
+
+def test_bos_off_keeps_the_chat_templates_own_first_token():
+    tok = BosTemplateTokenizer()
+    hay = texts.haystack_ids(tok, 200)
+    off = retrieval.build_sample(tok, hay, NEEDLE, 0.5, bos=False)
+    default = retrieval.build_sample(tok, hay, NEEDLE, 0.5)
+    on = retrieval.build_sample(tok, hay, NEEDLE, 0.5, bos=True)
+    assert off["prompt_ids"][0] == tok.bos_token_id  # the template's <s>, not an added BOS
+    assert off["prompt_ids"] == default["prompt_ids"] == on["prompt_ids"]  # BOS on adds none: one is there
+    a0, a1 = off["answer_span"]
+    assert tok.decode(off["prompt_ids"][a0:a1]).strip() == "smoked paprika"
 
 
 def test_packaged_needles_are_well_formed():
