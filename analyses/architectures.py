@@ -311,7 +311,7 @@ def _evaluate(model, backend, variant, heads, out, sizes, bos, progress):
         needles = recall.evaluation_needles()[: sizes.niah_needles]
         tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=name, bos=bos))
     progress(f"{name}: perplexity")
-    ppl = held_out_perplexity(backend, sizes.perplexity_tokens, bos_id=model.info.bos_id if bos else None, edits=edits)
+    ppl = held_out_perplexity(backend, sizes.perplexity_tokens, sizes.perplexity_length, model.info.bos_id if bos else None, edits)
     rows = pd.concat(tables, ignore_index=True)
     per_token, fixed = cache_bytes_per_token(model, keep, variant.kernel)
     row = {"architecture": name, "description": variant.description, "kernel": variant.kernel or "softmax",

@@ -1,0 +1,114 @@
+"""The matrix's evaluation: what text each step reads, one BOS convention, one perplexity, and a
+retrieval column that says when it is undefined."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from attnprobe.analyses import architectures
+from attnprobe.analyses.architectures import MatrixSizes, Variant, evaluate_variant
+from attnprobe.hooks.native import NativeBackend
+from attnprobe.probe import texts
+from attnprobe.probe.census import Census, CensusConfig
+from attnprobe.probe.retrieval import CENSUS as RETRIEVAL, heads_table, run_sample
+
+from planted import BOS, COPY_HEAD, planted_model
+from test_retrieval import tiny_model
+
+SIZES = dict(census=False, perplexity_tokens=256, fit_tokens=256, fit_steps=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model()
+    return model, NativeBackend(model)
+
+
+def _hedgehog(tiny, tmp_path, monkeypatch, bos: str):
+    model, backend = tiny
+    fitted = []
+    real = architectures.fit_heads
+    monkeypatch.setattr(architectures, "fit_heads", lambda b, ids, *a, **k: fitted.append(ids) or real(b, ids, *a, **k))
+    variant = Variant("all-hedgehog", "hedgehog", lambda m, h: set(), "every head hedgehog")
+    row, rows = evaluate_variant(model, backend, variant, None, tmp_path, MatrixSizes.quick(bos=bos, **SIZES))
+    return row, rows, fitted, json.loads((tmp_path / "texts.json").read_text())
+
+
+def test_matrix_fits_on_text_it_never_evaluates(tiny, tmp_path, monkeypatch):
+    """The fit's teacher pass reads the fit range; perplexity and NIAH read ranges disjoint from it."""
+    row, _, fitted, used = _hedgehog(tiny, tmp_path, monkeypatch, "off")
+    model, _ = tiny
+    start, end = texts.token_range(model.tokenizer, "fit")
+    source = texts.source_ids(model.tokenizer)
+    assert fitted[0].flatten().tolist() == source[start:start + fitted[0].numel()]
+    spans = {r["purpose"]: (r["range"], r["token_start"], r["token_end"]) for r in used}
+    assert spans["fit"][0] == "fit" and spans["perplexity"][0] == "perplexity"
+    assert spans["NIAH haystack (evaluation)"][0] == "evaluation"
+    fit = spans["fit"]
+    for purpose, (name, first, last) in spans.items():
+        if purpose != "fit":
+            assert last <= fit[1] or first >= fit[2], purpose
+    assert math.isfinite(row["perplexity"])
+
+
+def test_matrix_uses_the_runs_one_bos_convention(tiny, tmp_path, monkeypatch):
+    """BOS on: the fit's teacher pass, like every evaluation of the run, starts its rows with BOS."""
+    row, _, fitted, _ = _hedgehog(tiny, tmp_path, monkeypatch, "on")
+    model, _ = tiny
+    assert row["bos"] is True
+    assert bool((fitted[0][:, 0] == model.tokenizer.bos_token_id).all())
+
+
+def test_census_and_matrix_quote_one_perplexity(tmp_path):
+    """The census's massive-activation intervention ("none" row) and the matrix score the same text
+    with the same function: one number."""
+    model = planted_model()
+    backend = NativeBackend(model)
+    config = CensusConfig(sink_sequences=8, prose_sequences=1, prose_length=96, perplexity_tokens=384, perplexity_length=128)
+    Census(model, backend, config, tmp_path / "census").execute(("massive", "massive_intervention"))
+    census = pd.read_parquet(tmp_path / "census" / "massive_intervention.parquet")
+    sizes = MatrixSizes.quick(census=False, perplexity_tokens=384, perplexity_length=128)
+    original = Variant("original", None, lambda m, h: set(), "")
+    row, _ = evaluate_variant(model, backend, original, None, tmp_path / "matrix", sizes)
+    assert row["perplexity"] == pytest.approx(float(census.loc[census["intervention"] == "none", "perplexity"].item()), rel=1e-6)
+
+
+def test_retrieval_column_is_undefined_when_no_sample_is_accepted(tmp_path):
+    """No NIAH sample answered: the score is NaN, not '0 retrieval heads', and the row says how many were accepted."""
+    mechanism = next(m for m in RETRIEVAL if getattr(m, "presence", None))
+    samples = [{"accepted": False, "answer_span": [3, 5], "copy_counts": [[0, 0]], "forced_copy_counts": [[2, 0]]}] * 3
+    (tmp_path / "niah_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    heads = heads_table(samples, 1, 2)
+    columns = mechanism.matrix_columns(tmp_path, heads, {"retrieval": 0.1})
+    assert columns["retrieval_samples"] == 0 and columns["retrieval_samples_total"] == 3
+    assert math.isnan(columns["retrieval_heads"]) and columns["retrieval_present"] is None
+    assert columns["teacher_forced_retrieval_heads"] == 1  # head 0 copies the answer when it is fed
+
+
+def test_teacher_forced_score_finds_the_copy_head_of_a_model_that_cannot_answer():
+    """The planted copy head copies the answer; with the unembedding scrambled the model answers
+    wrong (no accepted sample, retrieval score undefined), but teacher forcing still finds the head."""
+    model = planted_model()
+    g = torch.Generator().manual_seed(1)
+    filler = (torch.randperm(30, generator=g) + 2).tolist()
+    key, answer, haystack = filler[0], filler[1:5], filler[5:]
+    prompt = [BOS] + haystack[:12] + [key] + answer + haystack[12:] + [key]
+    start = 1 + 12 + 1
+    sample = {"prompt_ids": prompt, "answer_span": [start, start + 4], "answer": model.tokenizer.decode(answer)}
+    backend = NativeBackend(model)
+    good = run_sample(model, backend, sample, max_new_tokens=4)
+    assert good["accepted"] and np.asarray(good["forced_copy_counts"])[COPY_HEAD] == 4
+    with torch.no_grad():
+        model.hf.lm_head.weight.copy_(model.hf.lm_head.weight.roll(1, dims=0))  # predicts the next id instead
+    broken = run_sample(model, backend, sample, max_new_tokens=4)
+    assert not broken["accepted"]
+    forced = np.asarray(broken["forced_copy_counts"])
+    assert forced[COPY_HEAD] == 4 and forced.sum() == 4
+    table = heads_table([broken], 2, 4).set_index(["layer", "head"])
+    assert table["retrieval_score"].isna().all()
+    assert table.loc[COPY_HEAD, "teacher_forced_retrieval_score"] == 1.0
