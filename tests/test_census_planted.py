@@ -57,8 +57,19 @@ def test_massive_activation_is_the_planted_entry(census_run):
     assert set(massive["position"]) == {0}
     assert set(massive["layer"]) == {0, 1}
     assert massive["value"].abs().min() == pytest.approx(MASSIVE_VALUE, rel=1e-3)
-    intervention = pd.read_parquet(out / "massive_intervention.parquet")
-    assert list(intervention["intervention"]) == ["none", "zero", "mean"]
+    intervention = pd.read_parquet(out / "massive_intervention.parquet").set_index("intervention")
+    assert list(intervention.index) == ["none", "zero", "mean"]
+    # values: "none" is the held-out perplexity itself; the planted entry is the same 1000 on every
+    # input, so its mean is itself and setting it to the mean changes nothing; zeroing it does
+    from attnprobe.probe.perplexity import held_out_perplexity
+
+    model = planted_model()
+    config = CensusConfig(**SMALL)
+    assert intervention.loc["none", "perplexity"] == pytest.approx(
+        held_out_perplexity(NativeBackend(model), config.perplexity_tokens, config.perplexity_length, BOS), rel=1e-6)
+    assert intervention.loc["mean", "perplexity"] == pytest.approx(intervention.loc["none", "perplexity"], rel=1e-6)
+    assert abs(intervention.loc["zero", "perplexity"] - intervention.loc["none", "perplexity"]) > 1e-3
+    assert intervention.loc["zero", "layer"] == 0 and intervention.loc["zero", "dims"] == str(MASSIVE_DIM)
 
 
 def test_no_hidden_or_secondary_sinks_are_invented(census_run):

@@ -112,3 +112,20 @@ def test_teacher_forced_score_finds_the_copy_head_of_a_model_that_cannot_answer(
     table = heads_table([broken], 2, 4).set_index(["layer", "head"])
     assert table["retrieval_score"].isna().all()
     assert table.loc[COPY_HEAD, "teacher_forced_retrieval_score"] == 1.0
+
+
+def test_matrix_accuracies_carry_wilson_intervals():
+    """Samples are scored per task; copying pools its tokens (all but the first of each string)."""
+    from attnprobe.analyses.ablation import wilson_interval
+    from attnprobe.analyses.architectures import _accuracy_columns, matrix_markdown
+
+    rows = pd.DataFrame([{"task": "passkey", "length": 512, "correct": c} for c in [True] * 9 + [False]]
+                        + [{"task": "copying", "length": 11, "correct": False, "token_accuracy": 0.8}] * 2)
+    columns = _accuracy_columns(rows)
+    assert columns["passkey_acc"] == 0.9 and columns["passkey_n"] == 10
+    assert (columns["passkey_ci_low"], columns["passkey_ci_high"]) == wilson_interval(9, 10)
+    assert columns["copy_n"] == 20 and columns["copy_acc"] == 0.8
+    assert columns["kv_recall_n"] == 0 and math.isnan(columns["kv_recall_acc"])
+    text = matrix_markdown(pd.DataFrame([{"architecture": "original", "description": "x", **columns}]))
+    low, high = wilson_interval(9, 10)
+    assert f"0.90 ({low:.2f}-{high:.2f}, n=10)" in text and "passkey_ci_low" not in text
