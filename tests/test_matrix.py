@@ -12,7 +12,7 @@ import torch
 
 from attnprobe.analyses import architectures
 from attnprobe.analyses.architectures import MatrixSizes, Variant, evaluate_variant
-from attnprobe.hooks.native import NativeBackend
+from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.retrieval import CENSUS as RETRIEVAL, heads_table, run_sample
