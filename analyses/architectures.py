@@ -289,8 +289,6 @@ def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd
 
 
 def _record_texts(path: Path, used: list[dict]) -> None:
-    from attnprobe.probe.rundir import write_json
-
     earlier = json.loads(path.read_text()) if path.exists() else []
     write_json(path, texts.summarise(earlier + used))
 
