@@ -82,6 +82,8 @@ class CompactLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.past = self.length
         self.length += key_states.shape[-2]
+        if not self.kept:  # every head replaced: nothing to store, no copy per token
+            return key_states, value_states
         kept = head_index(self.kept, key_states.device)
         keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
         values = torch.cat([self.values, value_states[:, kept]], dim=-2)
