@@ -32,6 +32,7 @@ from attnprobe.hooks.swap import swap_edits
 from attnprobe.kernels.fit import FitResult
 from attnprobe.kernels.registry import KERNELS, make_kernel
 from attnprobe.probe import texts
+from attnprobe.probe.perplexity import held_out_perplexity
 from attnprobe.probe.retrieval import build_sample, load_needles
 from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
@@ -200,9 +201,10 @@ def evaluate(model: Model, backend: Backend, edits: Sequence[Edit], sizes: Budge
         if "passkey" in sizes.tasks:
             tables.append(recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.passkey_samples, variant=label))
         if "niah" in sizes.tasks:
-            tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, sizes.niah_needles, variant=label))
+            needles = recall.evaluation_needles()[: sizes.niah_needles]  # none the census ranked heads with
+            tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=label))
         samples = pd.concat(tables, ignore_index=True)
-        perplexity = recall.overall_perplexity(recall.perplexity(model, sizes.perplexity_tokens, variant=label))
+    perplexity = held_out_perplexity(backend, sizes.perplexity_tokens, edits=list(edits))
     return samples.drop(columns=["response"], errors="ignore"), perplexity
 
 
