@@ -191,10 +191,14 @@ def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
 
 @pytest.mark.parametrize("name", ["sink+window", "sink+window+linear", "window+linear"])
 @pytest.mark.parametrize("prefilled", [1, 3, 4, 9, 16])
-def test_blocked_prefill_and_ring_buffer_steps_equal_the_quadratic_reference(name, prefilled):
-    """The prefill in blocks of `window` and decode steps that overwrite the window's oldest slot in
-    place give what the full quadratic form gives, for prompts shorter than, equal to and past the
-    window, and a window that wraps several times."""
+@pytest.mark.parametrize("group_scores", [1 << 20, 500])
+def test_blocked_prefill_and_ring_buffer_steps_equal_the_quadratic_reference(name, prefilled, group_scores, monkeypatch):
+    """The prefill in blocks of `window` (in one group, or in groups of two blocks) and decode steps that
+    overwrite the window's oldest slot in place give what the full quadratic form gives, for prompts
+    shorter than, equal to and past the window, and a window that wraps several times."""
+    from attnprobe.kernels.hybrid import kernel as hybrid
+
+    monkeypatch.setattr(hybrid, "GROUP_SCORES_CPU", group_scores)
     torch.manual_seed(3)
     options = {"window": 4, **({"sinks": 2} if "sink" in name else {})}
     kernel = make_kernel(name, 3, 8, **options)

@@ -26,6 +26,9 @@ from ..linear import FeatureMap, LinearState
 from ..linear.feature_maps import PerformerMap
 from .naive import hybrid_weights
 
+# score elements per group of blocks in a prefill: big on a GPU (few launches), cache-sized on a CPU
+GROUP_SCORES_CUDA, GROUP_SCORES_CPU = 1 << 25, 1 << 20
+
 
 @dataclass
 class HybridState:
@@ -117,7 +120,8 @@ class HybridKernel(Kernel):
     def prefill(self, q, k, v, scaling):
         """All queries at once in blocks of `window`: block b attends exactly over the sinks and blocks b-1, b
         (masked), the rest of b-1's keys through phi (feature map set) and older keys through the linear
-        state of the blocks before b-1 (an exclusive prefix sum). O(T (sinks + window)) time and memory."""
+        state of the blocks before b-1 (an exclusive prefix sum). O(T (sinks + window)) time, groups of blocks
+        bound the memory."""
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)
         length, window, device = q.shape[2], self.window, q.device
@@ -126,12 +130,7 @@ class HybridKernel(Kernel):
         def blocks(x):  # (B, H, T, e) -> (B, H, n_blocks, window, e), zero padded at the end
             return F.pad(x, (0, 0, 0, n_blocks * window - length)).unflatten(2, (n_blocks, window))
 
-        def local(x):  # each block beside the one before it: (B, H, n_blocks, 2 window, e)
-            x = blocks(x)
-            return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
-
         n_sinks = min(self.sinks, length)
-        sinks = lambda x: x[:, :, None, :n_sinks].expand(-1, -1, n_blocks, -1, -1)
         query_pos = torch.arange(n_blocks * window, device=device).view(n_blocks, window)
         local_pos = torch.cat([query_pos - window, query_pos], dim=1)  # negative: before the sequence
         offset = query_pos[:, :, None] - local_pos[:, None, :]
@@ -139,22 +138,32 @@ class HybridKernel(Kernel):
         exact = visible & ((offset < window) | (local_pos < self.sinks)[:, None, :])
         # a sink key counts through the sink part only where the local part does not hold it
         sink_ok = (torch.arange(n_sinks, device=device)[None, :] < query_pos[:, :1] - window)[:, None, :].expand(-1, window, -1)
-        keys, values = torch.cat([sinks(k), local(k)], dim=3), torch.cat([sinks(v), local(v)], dim=3)
+        exact = torch.cat([sink_ok, exact], dim=-1)
         phi_q, phi_k = self._features(q, k, scaling)
-        middle = linear = phi_keys = None
+        middle = s = n = None
         if phi_q is not None:
-            zeros = torch.zeros_like(sink_ok)
-            middle = torch.cat([zeros, visible & ~exact & (local_pos >= self.sinks)[:, None, :]], dim=-1)
-            phi_keys = torch.cat([sinks(phi_k), local(phi_k)], dim=3)
+            middle = torch.cat([torch.zeros_like(sink_ok), visible & ~exact[..., n_sinks:] & (local_pos >= self.sinks)[:, None, :]], dim=-1)
             # keys of the blocks before b-1, past the sinks: an exclusive prefix sum shifted by two blocks
             past_sinks = (torch.arange(length, device=device) >= self.sinks)[:, None]
             fk, vb = blocks(phi_k * past_sinks), blocks(v)
             s = F.pad((fk.transpose(-1, -2) @ vb).cumsum(dim=2), (0, 0, 0, 0, 2, 0))[:, :, :n_blocks]
             n = F.pad(fk.sum(dim=3).cumsum(dim=2), (0, 0, 2, 0))[:, :, :n_blocks]
-            linear = LinearState(s, n, None)
-            phi_q = blocks(phi_q)
-        z = self._mix(blocks(q), keys, values, scaling, torch.cat([sink_ok, exact], dim=-1), phi_q, phi_keys, middle, linear)
-        z = z.flatten(2, 3)[:, :, :length]
+        tensors = [blocks(x) for x in (q, k, v)] + ([] if phi_q is None else [blocks(phi_q), blocks(phi_k)])
+        budget = GROUP_SCORES_CUDA if q.is_cuda else GROUP_SCORES_CPU
+        group = max(1, budget // (q.shape[0] * q.shape[1] * window * exact.shape[-1]))
+        outputs = []
+        for b0 in range(0, n_blocks, group):
+            b1 = min(n_blocks, b0 + group)
+
+            def keys(xb, raw, b0=b0, b1=b1):  # sinks, then each block beside the one before it: (B, H, b1 - b0, sinks + 2 window, e)
+                before = xb[:, :, b0 - 1:b1 - 1] if b0 else F.pad(xb[:, :, :b1 - 1], (0, 0, 0, 0, 1, 0))
+                return torch.cat([raw[:, :, None, :n_sinks].expand(-1, -1, b1 - b0, -1, -1), before, xb[:, :, b0:b1]], dim=3)
+
+            qb, kb, vb = tensors[:3]
+            phi = None if phi_q is None else (tensors[3][:, :, b0:b1], keys(tensors[4], phi_k), middle[b0:b1],
+                                              LinearState(s[:, :, b0:b1], n[:, :, b0:b1], None))
+            outputs.append(self._mix(qb[:, :, b0:b1], keys(kb, k), keys(vb, v), scaling, exact[b0:b1], *(phi or ())))
+        z = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, :length]
         first = max(0, length - window)
         state_linear = None if phi_k is None else self._absorb(self._empty_linear(q), phi_k, v, self.sinks, first)
         n_sinks = min(self.sinks, first)
