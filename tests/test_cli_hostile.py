@@ -15,7 +15,7 @@ from tiny_hf import tiny_model_dir
 
 CLI = [sys.executable, "-m", "attnprobe.analyses.cli"]
 SMALL = ["--lengths", "128", "--depths", "0.5", "--needles", "1", "--sink-sequences", "8", "--prose-length", "96",
-         "--perplexity-windows", "2", "--perplexity-length", "64"]
+         "--perplexity-tokens", "128", "--perplexity-length", "64"]
 
 
 def attnprobe(*args):
