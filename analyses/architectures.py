@@ -275,15 +275,17 @@ def efficiency_columns(model: Model, backend: Backend, edits: list[Edit], sizes:
 
 
 def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd.DataFrame | None, out: Path,
-                     sizes: MatrixSizes, progress: Callable[[str], None] = lambda m: None) -> tuple[dict, pd.DataFrame]:
+                     sizes: MatrixSizes, progress: Callable[[str], None] = lambda m: None,
+                     fit: FitResult | None = None) -> tuple[dict, pd.DataFrame]:
     """Recall, perplexity and (optionally) a census of one architecture: (matrix row, recall rows).
+    `fit`: kernels converted elsewhere (`attnprobe convert`); without it learned kernels are fitted here.
 
     Every pass uses the run's one BOS convention; fitting reads the fit text range, perplexity the
     perplexity range and NIAH the evaluation range with needles the census does not rank with.
     The text ranges used are written to `out/texts.json`."""
     bos = resolve_bos(sizes.bos, model)
     with texts.recording() as used:
-        row, rows = _evaluate(model, backend, variant, heads, out, sizes, bos, progress)
+        row, rows = _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit)
     _record_texts(out / "texts.json", used)
     return row, rows
 
@@ -293,9 +295,12 @@ def _record_texts(path: Path, used: list[dict]) -> None:
     write_json(path, texts.summarise(earlier + used))
 
 
-def _evaluate(model, backend, variant, heads, out, sizes, bos, progress):
+def _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit=None):
     keep = variant.keep(model, heads)
-    kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps, bos) if variant.kernel else None
+    if fit is not None:
+        kernel = fit
+    else:
+        kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps, bos) if variant.kernel else None
     edits = variant_edits(model, kernel, keep)
     name = variant.name
     with backend.patched(edits):
@@ -408,3 +413,30 @@ def matrix_markdown(table: pd.DataFrame) -> str:
                                   zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"], shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"])]
         shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n"])
     return shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+
+
+GATE_HYBRID, GATE_LINEAR = 1.10, 1.25  # perplexity / control's perplexity
+
+
+def gate(perplexity: float, control_perplexity: float, softmax_fraction: float) -> dict:
+    """The acceptance gate of a converted row: held-out perplexity within 1.10x of the fine-tuned control for
+    hybrids keeping at least a quarter of their heads softmax, within 1.25x for the rest (pure linear rows)."""
+    limit = GATE_HYBRID if softmax_fraction >= 0.25 else GATE_LINEAR
+    ratio = perplexity / control_perplexity
+    return {"gate_ratio": ratio, "gate_limit": limit, "gate": "pass" if ratio <= limit else "FAIL"}
+
+
+def gate_columns(table: pd.DataFrame, total_heads: int, control: str = "control", original: str = "original") -> pd.DataFrame:
+    """Add perplexity relative to the original and to the control, and the gate, to a matrix with those two rows
+    (a matrix without them is returned as it is).
+
+    The reference rows themselves get gate "reference"; a row failing the gate keeps its recall numbers."""
+    table = table.copy()
+    by_name = table.set_index("architecture")["perplexity"]
+    if control not in by_name or original not in by_name:
+        return table  # no reference to gate against
+    table["ppl_vs_original"] = table["perplexity"] / by_name[original]
+    table["ppl_vs_control"] = table["perplexity"] / by_name[control]
+    gates = [gate(row.perplexity, by_name[control], row.softmax_heads / total_heads) if row.architecture not in (control, original)
+             else {"gate_ratio": math.nan, "gate_limit": math.nan, "gate": "reference"} for row in table.itertuples()]
+    return pd.concat([table, pd.DataFrame(gates, index=table.index)], axis=1)

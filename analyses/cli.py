@@ -512,6 +512,57 @@ def _heads_table(from_run: Path) -> pd.DataFrame:
         raise AttnprobeError(f"{path} is damaged: rerun attnprobe census --out {from_run}") from None
 
 
+@app.command()
+def convert(
+    model: str = ModelOption,
+    kernel: Optional[str] = typer.Option(None, help="kernel for --heads/--layers (any name of the kernel registry)"),
+    heads: Optional[str] = HeadsOption,
+    layers: Optional[str] = LayersOption,
+    from_run: Optional[Path] = FromOption,
+    variants: Optional[str] = typer.Option(None, help="named architectures to convert (swap --list-variants), e.g. all-hedgehog,layers-1of2-softmax"),
+    control: bool = typer.Option(True, help="also put the unmodified model through stage 2 (the 'control' row the gate compares with)"),
+    tokens: str = typer.Option("1M", help="stage-2 (end-to-end) token budget, e.g. 20M"),
+    transfer_tokens: str = typer.Option("1M", help="stage-1 (attention transfer) token budget"),
+    length: int = typer.Option(1024, help="tokens per training sequence"),
+    batch: int = typer.Option(8, help="sequences per optimizer step (all processes and accumulation steps together)"),
+    accumulation: int = typer.Option(1, help="gradient accumulation steps per optimizer step"),
+    lr: float = typer.Option(1e-3, help="stage-2 peak learning rate (warmup, then cosine)"),
+    transfer_lr: float = typer.Option(1e-2, help="stage-1 peak learning rate"),
+    train: str = typer.Option("lora", help="what stage 2 trains beside the kernels: lora (peft, q/k/v/o) | kernels | attention"),
+    lora_rank: int = typer.Option(8),
+    ce_weight: float = typer.Option(0.0, help="weight of the next-token loss added to the KL"),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="training text: files or folders of .txt/.md, .jsonl or .parquet with a 'text' field (repeatable)"),
+    dataset: Optional[str] = typer.Option(None, help="a Hugging Face dataset NAME[:CONFIG] (needs a network)"),
+    epochs: int = typer.Option(1, help="passes over the training data the budget may take"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
+    evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
+    census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
+    quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/convert-MODEL-TIME); rerun to resume"),
+) -> None:
+    """Two-stage conversion (attention transfer, then end-to-end KL with LoRA) of heads or named architectures,
+    with the fine-tuned softmax control, then the gated matrix.
+
+    Writes conversions/NAME/ (fit/, adapters.safetensors, conversion.json, checkpoints), matrix.parquet and
+    matrix.md (with ppl_vs_original, ppl_vs_control and gate), recall.parquet and manifest.json. Data-parallel:
+    accelerate launch --num_processes N -m attnprobe.analyses.cli convert ..."""
+    from attnprobe.analyses import convert as conversion
+
+    loaded = _load(model)
+    out = _run_dir(out, "convert", model)
+    started = time.time()
+    table = conversion.run(loaded, out, kernel=kernel, heads=heads, layers=layers, from_run=from_run, variants=variants,
+                           control=control, tokens=tokens, transfer_tokens=transfer_tokens, length=length, batch=batch,
+                           accumulation=accumulation, lr=lr, transfer_lr=transfer_lr, train=train, lora_rank=lora_rank,
+                           ce_weight=ce_weight, data=data or [], dataset=dataset, epochs=epochs, seed=seed,
+                           checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console)
+    if table is not None:
+        _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
+        console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))
+        console.print(f"-> {out / 'matrix.md'}")
+
+
 def print_summary(out: Path, heads) -> None:
     """One line per registered mechanism, judged by the run's own thresholds (its manifest's config)."""
     from attnprobe.probe.rundir import read_json

@@ -26,6 +26,18 @@ def force_torch(flag: bool = True) -> None:
 
 
 @contextmanager
+def torch_paths():
+    """Within the block every caller takes its torch path: the Triton kernels are forward-only, so training
+    (anything that needs gradients through a kernel) runs inside this."""
+    global _force_torch
+    previous, _force_torch = _force_torch, True
+    try:
+        yield
+    finally:
+        _force_torch = previous
+
+
+@contextmanager
 def triton_on_cpu():
     """Within the block, CPU tensors take the Triton path too (needs TRITON_INTERPRET=1)."""
     global _triton_on_cpu

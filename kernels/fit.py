@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.io import atomic_write
 
+from .dispatch import torch_paths
 from .registry import make_kernel
 from .base import Kernel
 
@@ -58,10 +59,16 @@ def _student(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
     return form(teacher.q, teacher.k, teacher.v, teacher.scaling)
 
 
+def transfer_loss(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
+    """MSE between the kernel's z and the teacher's z, per head (H,), differentiable (torch paths only)."""
+    with torch_paths():
+        return ((_student(kernel, teacher).float() - teacher.z.float()) ** 2).mean(dim=(0, 2, 3))
+
+
 def head_errors(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
     """MSE between the kernel's z and the teacher's z, per head: (H,)."""
     with torch.no_grad():
-        return ((_student(kernel, teacher) - teacher.z) ** 2).mean(dim=(0, 2, 3))
+        return transfer_loss(kernel, teacher)
 
 
 def fit_layer(kernel: Kernel, teacher: TeacherLayer, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR) -> torch.Tensor:
@@ -72,9 +79,8 @@ def fit_layer(kernel: Kernel, teacher: TeacherLayer, steps: int = DEFAULT_STEPS,
     if params and steps > 0:
         optimizer = torch.optim.Adam(params, lr=lr)
         for _ in range(steps):
-            per_head = ((_student(kernel, teacher) - teacher.z) ** 2).mean(dim=(0, 2, 3))
             optimizer.zero_grad()
-            (LOSS_SCALE * per_head.mean()).backward()
+            (LOSS_SCALE * transfer_loss(kernel, teacher).mean()).backward()
             optimizer.step()
     return head_errors(kernel, teacher)
 

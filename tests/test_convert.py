@@ -1,0 +1,310 @@
+"""Two-stage conversion on a tiny Llama with a real BPE tokenizer: training path = inference path, loss goes
+down, resume after an interruption equals an uninterrupted run, the control, the gate, data sources, bad input."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from attnprobe.analyses import convert as conversion
+from attnprobe.analyses import data as training
+from attnprobe.analyses.architectures import gate, gate_columns
+from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.hooks.model import load_model
+from attnprobe.hooks.swap import swap_edits
+from attnprobe.kernels.dispatch import torch_paths
+from attnprobe.probe import texts
+from tiny_hf import tiny_model_dir
+
+LENGTH = 32
+HEADS = {0: [0, 2], 1: [0, 1, 2, 3]}  # a mixed layer and a layer replaced whole
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATTNPROBE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model = load_model(str(model_dir), device="cpu")
+        torch.manual_seed(0)
+        with torch.no_grad():  # sharper attention than the default init, so kernels differ visibly from softmax
+            for layer in model.hf.model.layers:
+                layer.self_attn.q_proj.weight.normal_(0, 0.3)
+                layer.self_attn.k_proj.weight.normal_(0, 0.3)
+        backend = make_backend("native", model)
+        yield model, backend
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def prose_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text(texts.prose()[:60_000])
+    return path
+
+
+def recipe(**changes):
+    base = dict(kernel="hedgehog", length=LENGTH, batch=4, transfer_tokens=4 * 4 * LENGTH, tokens=4 * 4 * LENGTH,
+                transfer_lr=2e-2, lr=3e-3, checkpoint_every=2)
+    return conversion.ConvertConfig(**{**base, **changes})
+
+
+def data_for(model, config, prose_file):
+    tokens = (config.steps(config.transfer_tokens) + config.steps(config.tokens)) * config.batch * config.length
+    return training.training_data(model, tokens, config.length, [prose_file])
+
+
+def test_training_path_equals_inference_path(tiny, prose_file, tmp_path):
+    """The student trains through the kernels' torch forms with gradients; evaluation (backend.run) runs the
+    prefill forms; both give the same logits for the same converted model, adapters included."""
+    model, backend = tiny
+    config = recipe(kernel="sink+window+linear", options={"window": 4, "sinks": 1}, transfer_tokens=2 * 4 * LENGTH,
+                    tokens=2 * 4 * LENGTH)
+    data = data_for(model, config, prose_file)
+    conversion.convert(model, backend, HEADS, config, data, tmp_path)
+    ids = data.windows[:2]
+    with conversion.applied(model, tmp_path) as fit:
+        adapters = [p for name, p in model.hf.named_parameters() if "lora_B" in name]
+        assert adapters and all(p.abs().sum() > 0 for p in adapters)  # stage 2 moved the adapters
+        inference = backend.run(ids, edits=swap_edits(model, fit))
+        student = conversion.Student(model.hf, fit.kernels, fit.heads, LENGTH)
+        with backend.patched(student.edits), torch_paths():
+            trained = student(ids)
+        assert trained.requires_grad
+    torch.testing.assert_close(trained.float(), inference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (backend.run(ids) - inference).abs().max() > 1e-3  # the conversion is really on, and gone afterwards
+
+
+def test_conversion_lowers_its_losses_and_generates(tiny, prose_file, tmp_path):
+    model, backend = tiny
+    config = recipe(transfer_tokens=6 * 4 * LENGTH, tokens=6 * 4 * LENGTH)
+    manifest = conversion.convert(model, backend, HEADS, config, data_for(model, config, prose_file), tmp_path)
+    curve = manifest["losses"]["transfer"]
+    assert len(curve) == 6 and sum(curve[-2:]) / 2 < curve[0], curve
+    before, after = manifest["losses"]["first_batch_kl"]  # stage 2's batches differ; its KL on one fixed batch falls
+    assert len(manifest["losses"]["end_to_end"]) == 6 and after < 0.95 * before, (before, after)
+    before, after = manifest["head_error_after_transfer"], manifest["head_error"]
+    assert set(before) == {"0", "1"} and len(before["0"]) == 2 and len(after["1"]) == 4
+    assert manifest["budget"] == {"transfer_tokens": 6 * 4 * LENGTH, "tokens": 6 * 4 * LENGTH, "transfer_steps": 6, "steps": 6}
+    assert manifest["data"]["sha256"] and manifest["model_hash"] == model.info.weights_sha256
+    assert {p.name for p in tmp_path.iterdir()} >= {"fit", "adapters.safetensors", "conversion.json", "checkpoint.json"}
+    prompt = torch.tensor([texts.fit_ids(model.tokenizer, 12)])
+    with conversion.applied(model, tmp_path) as fit, backend.patched(swap_edits(model, fit)):
+        out = model.hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 18)
+
+
+def _parameters(directory):
+    from safetensors.torch import load_file
+
+    return {**load_file(directory / "fit" / "params.safetensors"), **load_file(directory / "adapters.safetensors")}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, prose_file, tmp_path):
+    model, backend = tiny
+    config = recipe(transfer_tokens=4 * 4 * LENGTH, tokens=4 * 4 * LENGTH)
+    data = data_for(model, config, prose_file)
+    whole = conversion.convert(model, backend, HEADS, config, data, tmp_path / "whole")
+    for stage, step in (("transfer", 3), ("end_to_end", 3)):  # killed after step 3; the checkpoint is from step 2
+        def stop(report, stage=stage, step=step):
+            if report.stage == stage and report.step == step:
+                raise Interrupt
+        with pytest.raises(Interrupt):
+            conversion.convert(model, backend, HEADS, config, data, tmp_path / "resumed", on_step=stop)
+        assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 2
+    resumed = conversion.convert(model, backend, HEADS, config, data, tmp_path / "resumed")
+    assert resumed["losses"] == whole["losses"]
+    want, got = _parameters(tmp_path / "whole"), _parameters(tmp_path / "resumed")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_the_control_fine_tunes_only_adapters(tiny, prose_file, tmp_path):
+    model, backend = tiny
+    config = recipe(kernel=None, ce_weight=1.0, tokens=3 * 4 * LENGTH)
+    manifest = conversion.convert(model, backend, {}, config, data_for(model, config, prose_file), tmp_path)
+    assert manifest["heads"] == {} and "transfer" not in manifest["losses"] and len(manifest["losses"]["end_to_end"]) == 3
+    assert not (tmp_path / "fit").exists()
+    ids = texts.fit_ids(model.tokenizer, 24)
+    base = backend.run(torch.tensor([ids]))
+    with conversion.applied(model, tmp_path) as fit:
+        assert fit is None
+        tuned = backend.run(torch.tensor([ids]))
+    assert (tuned - base).abs().max() > 1e-4
+    torch.testing.assert_close(backend.run(torch.tensor([ids])), base)  # the adapters are gone again
+
+
+def test_gate_limits_and_columns():
+    assert gate(10.9, 10.0, 0.5)["gate"] == "pass" and gate(11.1, 10.0, 0.25)["gate"] == "FAIL"
+    assert gate(12.4, 10.0, 0.0)["gate"] == "pass" and gate(12.6, 10.0, 0.1)["gate"] == "FAIL"
+    import pandas as pd
+
+    table = pd.DataFrame({"architecture": ["original", "control", "hybrid", "linear"], "softmax_heads": [8, 8, 4, 0],
+                          "perplexity": [20.0, 18.0, 20.0, 23.0], "passkey_acc": [1.0, 1.0, 0.5, 0.0]})
+    gated = gate_columns(table, total_heads=8).set_index("architecture")
+    assert list(gated["gate"]) == ["reference", "reference", "FAIL", "FAIL"]  # 20/18 > 1.10, 23/18 > 1.25
+    assert gated.loc["linear", "ppl_vs_original"] == pytest.approx(1.15) and gated.loc["linear", "passkey_acc"] == 0.0
+    assert gated.loc["hybrid", "gate_limit"] == 1.10 and gated.loc["linear", "gate_limit"] == 1.25
+
+
+def test_learning_rate_warms_up_then_decays():
+    rates = [conversion.lr_at(step, 100, 1.0, 0.1, 0.1) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ---- training data --------------------------------------------------------------------------------------
+
+
+def test_user_files_folders_jsonl_and_parquet(tiny, tmp_path):
+    import pandas as pd
+
+    model, _ = tiny
+    text = texts.prose()[:8000]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text[:4000])
+    (folder / "b.md").write_text(text[4000:])
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": text[i:i + 2000]}) for i in range(0, 8000, 2000)))
+    pd.DataFrame({"text": [text]}).to_parquet(tmp_path / "d.parquet")
+    counts = []
+    for source in (folder, tmp_path / "c.jsonl", tmp_path / "d.parquet"):
+        data = training.training_data(model, 20 * LENGTH, LENGTH, [source])
+        assert data.windows.shape == (20, LENGTH) and data.windows.dtype == torch.long
+        counts.append(data.description["pool_windows"])
+    assert min(counts) >= 20 and max(counts) - min(counts) <= 3  # the same text in three containers
+    again = training.training_data(model, 20 * LENGTH, LENGTH, [tmp_path / "d.parquet"])
+    assert again.description["sha256"] == data.description["sha256"]
+
+
+def test_self_samples_are_cached_seeded_and_resumable(tiny, monkeypatch):
+    model, _ = tiny
+    monkeypatch.setattr(training, "SAMPLE_BATCH", 3)
+    calls = []
+    generate = model.hf.generate
+    monkeypatch.setattr(model.hf, "generate", lambda *a, **kw: calls.append(1) or generate(*a, **kw))
+    first = training.self_samples(model, 7, 40, seed=5)
+    assert first.shape == (7, 40) and len(calls) == 3
+    folder = training._shard_dir(model, 40, 5)
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    prose = training.training_prose_ids(model)
+    for row in first.tolist():  # each sample continues a 16-token prompt from the training range
+        prompt = row[len(training._bos(model)):len(training._bos(model)) + training.PROMPT_TOKENS]
+        assert any(prose[i:i + len(prompt)] == prompt for i in range(len(prose) - len(prompt)))
+    shards[1].write_bytes(shards[1].read_bytes()[:50])  # a shard cut short by a kill
+    shards[2].unlink()
+    calls.clear()
+    assert torch.equal(training.self_samples(model, 7, 40, seed=5), first) and len(calls) == 2
+    calls.clear()
+    assert torch.equal(training.self_samples(model, 7, 40, seed=5), first) and not calls  # all cached now
+    assert not torch.equal(training.self_samples(model, 3, 40, seed=6), first[:3])
+
+
+def test_default_data_mixes_prose_with_self_samples(tiny, monkeypatch):
+    model, _ = tiny
+    monkeypatch.setattr(training, "SAMPLE_BATCH", 4)
+    prose_windows = len(training._pack(model, [training.training_prose_ids(model)], 64))
+    data = training.training_data(model, (prose_windows + 5) * 64, 64)
+    assert data.description["prose_windows"] == prose_windows and data.description["self_samples"] == 5
+    assert data.windows.shape == (prose_windows + 5, 64)
+
+
+# ---- bad input: one line, the fix, nothing trained lost -----------------------------------------------
+
+
+def test_budget_larger_than_the_data(tiny, prose_file):
+    model, _ = tiny
+    with pytest.raises(AttnprobeError, match="lower --tokens, add data or raise --epochs"):
+        training.training_data(model, 10_000_000, LENGTH, [prose_file])
+    data = training.training_data(model, 100 * LENGTH, LENGTH, [prose_file])
+    twice = training.training_data(model, 2 * data.description["pool_windows"] * LENGTH, LENGTH, [prose_file], epochs=2)
+    assert twice.description["epochs"] == 2
+
+
+def test_a_dataset_name_without_a_network_fails_at_once(monkeypatch, tiny):
+    model, _ = tiny
+    monkeypatch.setattr(training.socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
+    started = time.perf_counter()
+    with pytest.raises(AttnprobeError, match="no network to fetch dataset 'wikitext:wikitext-2-raw-v1'.*--data"):
+        training.training_data(model, 1000, LENGTH, dataset="wikitext:wikitext-2-raw-v1")
+    assert time.perf_counter() - started < 5
+
+
+def test_unknown_kernel_or_heads_fail_before_training(tiny, prose_file, tmp_path):
+    model, backend = tiny
+    config = recipe(tokens=2 * 4 * LENGTH, transfer_tokens=0)
+    data = data_for(model, config, prose_file)
+    with pytest.raises(AttnprobeError, match="unknown kernel 'softermax'"):
+        conversion.convert(model, backend, HEADS, recipe(kernel="softermax", tokens=2 * 4 * LENGTH, transfer_tokens=0), data, tmp_path)
+    with pytest.raises(AttnprobeError, match="outside the model"):
+        conversion.convert(model, backend, {0: [7]}, config, data, tmp_path)
+    with pytest.raises(AttnprobeError, match="multiple of 3"):
+        conversion.convert(model, backend, HEADS, recipe(accumulation=3), data, tmp_path)
+    assert not (tmp_path / "checkpoint.json").exists()
+
+
+def test_foreign_or_damaged_checkpoints_are_refused_and_kept(tiny, prose_file, tmp_path):
+    model, backend = tiny
+    config = recipe(transfer_tokens=3 * 4 * LENGTH, tokens=0)
+    data = data_for(model, config, prose_file)
+
+    def stop(report):
+        if report.step == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        conversion.convert(model, backend, HEADS, config, data, tmp_path, on_step=stop)
+    manifest_path = tmp_path / "checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    tensors = tmp_path / manifest["tensors"]
+    with pytest.raises(AttnprobeError, match="another kernel"):
+        conversion.convert(model, backend, HEADS, recipe(kernel="window+linear", transfer_tokens=3 * 4 * LENGTH, tokens=0), data, tmp_path)
+    with pytest.raises(AttnprobeError, match="other heads"):
+        conversion.convert(model, backend, {0: [1]}, config, data, tmp_path)
+    manifest_path.write_text(json.dumps({**manifest, "model_hash": "f" * 64}))
+    with pytest.raises(AttnprobeError, match="other model weights"):
+        conversion.convert(model, backend, HEADS, config, data, tmp_path)
+    manifest_path.write_text(json.dumps(manifest))
+    good = tensors.read_bytes()
+    tensors.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(AttnprobeError, match="missing or damaged.*another --out"):
+        conversion.convert(model, backend, HEADS, config, data, tmp_path)
+    assert tensors.stat().st_size == len(good) // 2 and manifest_path.exists()  # nothing deleted
+    manifest_path.write_text("{not json")
+    with pytest.raises(AttnprobeError, match="not valid JSON"):
+        conversion.convert(model, backend, HEADS, config, data, tmp_path)
+    manifest_path.write_text(json.dumps(manifest))
+    tensors.write_bytes(good)
+    finished = conversion.convert(model, backend, HEADS, config, data, tmp_path)  # repaired: it resumes and finishes
+    assert len(finished["losses"]["transfer"]) == 3
+
+
+def test_cli_bad_input_exits_2_with_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from attnprobe.analyses import cli
+
+    cases = [(["--kernel", "softermax", "--layers", "0"], "unknown kernel"),
+             (["--kernel", "hedgehog", "--heads", "0.9"], "out of range"),
+             (["--variants", "all-nothing"], "unknown variant"),
+             (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20G", "--data", str(tmp_path / "x.txt")], "not found")]
+    for args, message in cases:
+        monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), *args, "--out", str(tmp_path / "run")])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+    assert not (tmp_path / "run").exists()
