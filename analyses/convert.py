@@ -627,6 +627,14 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
     return table, pd.concat(samples, ignore_index=True).drop(columns=["response"], errors="ignore")
 
 
+def quick_sizes(census: bool = False):
+    """Evaluation sizes of a smoke run (as `swap --quick`)."""
+    from .architectures import MatrixSizes
+
+    return MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
+                       perplexity_tokens=256, census=census, census_lengths=(128,))
+
+
 def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
@@ -683,10 +691,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
                                  progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
-        sizes = MatrixSizes(census=census)
-        if quick:
-            sizes = MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                                perplexity_tokens=256, census=census, census_lengths=(128,))
+        sizes = quick_sizes(census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
                                           on_step=on_step if PartialState().is_main_process else lambda p, label: None)

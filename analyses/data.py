@@ -32,7 +32,7 @@ from attnprobe.probe import texts
 from attnprobe.probe.rundir import _atomic
 
 PROMPT_TOKENS = 16  # prose tokens that start each self-sample
-SAMPLE_BATCH = 32  # sequences per generate call, and per cached shard
+SAMPLE_BATCH = 32  # sequences per generate call, and per cached shard (a GPU takes 1,024)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
 
@@ -93,8 +93,10 @@ def _documents_from_dataset(name: str, split: str = "train", column: str = "text
     if not _network_reachable():
         raise AttnprobeError(f"no network to fetch dataset '{name}' from the Hugging Face hub: "
                              "pass local files with --data, or leave both out to train on self-sampled text")
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise AttnprobeError("--dataset needs the datasets library: pip install 'attnprobe[datasets]'") from None
     path, _, config = name.partition(":")
     try:
         stream = datasets.load_dataset(path, config or None, split=split, streaming=True)
@@ -134,8 +136,8 @@ def training_prose_ids(model: Model) -> list[int]:
     return texts.fit_ids(model.tokenizer, end - start)
 
 
-def _shard_dir(model: Model, length: int, seed: int) -> Path:
-    return cache_root() / "samples" / f"{model.info.weights_sha256[:16]}-T{length}-P{PROMPT_TOKENS}-s{seed}"
+def _shard_dir(model: Model, length: int, seed: int, batch: int) -> Path:
+    return cache_root() / "samples" / f"{model.info.weights_sha256[:16]}-T{length}-P{PROMPT_TOKENS}-s{seed}-b{batch}"
 
 
 def _read_shard(path: Path, expected: dict) -> torch.Tensor | None:
@@ -151,7 +153,7 @@ def _read_shard(path: Path, expected: dict) -> torch.Tensor | None:
 
 
 def self_samples(model: Model, n_windows: int, length: int, seed: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 progress: Callable[[int, int], None] | None = None, batch: int | None = None) -> torch.Tensor:
     """`n_windows` sequences of `length` tokens sampled from the model at temperature 1 (all of its
     vocabulary, no top-k or top-p), each continuing a 16-token prompt cut out of the training prose."""
     prose = training_prose_ids(model)
@@ -160,16 +162,18 @@ def self_samples(model: Model, n_windows: int, length: int, seed: int = 0,
         raise AttnprobeError(f"the training prose holds only {len(prose)} tokens: too few for sampling prompts")
     if length <= PROMPT_TOKENS + len(bos):
         raise AttnprobeError(f"training sequences of {length} tokens are too short: use at least {2 * PROMPT_TOKENS} tokens")
-    folder = _shard_dir(model, length, seed)
-    shards = math.ceil(n_windows / SAMPLE_BATCH)
-    out = []
+    batch = batch or SAMPLE_BATCH
+    folder = _shard_dir(model, length, seed, batch)
+    shards = math.ceil(n_windows / batch)
+    out = [torch.empty(0, length, dtype=torch.long)]
     for index in range(shards):
         path = folder / f"shard-{index:05d}.safetensors"
-        expected = {"model": model.info.weights_sha256, "seed": str(seed), "shard": str(index), "length": str(length)}
+        expected = {"model": model.info.weights_sha256, "seed": str(seed), "shard": str(index), "length": str(length),
+                    "batch": str(batch)}
         ids = _read_shard(path, expected) if path.exists() else None
         if ids is None:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            starts = torch.randint(0, len(prose) - PROMPT_TOKENS, (SAMPLE_BATCH,), generator=generator).tolist()
+            starts = torch.randint(0, len(prose) - PROMPT_TOKENS, (batch,), generator=generator).tolist()
             prompts = torch.tensor([bos + prose[s:s + PROMPT_TOKENS] for s in starts], device=model.device)
             torch.manual_seed(seed * 1_000_003 + index)  # generate draws from the global generator
             new = length - prompts.shape[1]
@@ -181,12 +185,13 @@ def self_samples(model: Model, n_windows: int, length: int, seed: int = 0,
             _atomic(path, lambda temp, ids=ids: save_file({"ids": ids.to(torch.int32).contiguous()}, temp, metadata=expected))
         out.append(ids.long())
         if progress is not None:
-            progress(min(n_windows, (index + 1) * SAMPLE_BATCH), n_windows)
+            progress(min(n_windows, (index + 1) * batch), n_windows)
     return torch.cat(out)[:n_windows]
 
 
 def training_data(model: Model, tokens: int, length: int, paths: Sequence[Path] = (), dataset: str | None = None,
-                  seed: int = 0, epochs: int = 1, progress: Callable[[int, int], None] | None = None) -> TrainingData:
+                  seed: int = 0, epochs: int = 1, progress: Callable[[int, int], None] | None = None,
+                  sample_batch: int | None = None) -> TrainingData:
     """Windows covering a budget of `tokens` training tokens (rounded up to whole windows)."""
     if tokens <= 0 or length <= 1 or epochs < 1:
         raise AttnprobeError(f"need tokens > 0, length > 1 and epochs >= 1; got {tokens}, {length}, {epochs}")
@@ -201,7 +206,7 @@ def training_data(model: Model, tokens: int, length: int, paths: Sequence[Path] 
         sources = {"files": [str(p) for p in paths], "dataset": dataset}
     else:
         prose = _pack(model, [training_prose_ids(model)], length)
-        sampled = self_samples(model, max(0, math.ceil(needed / epochs) - len(prose)), length, seed, progress)
+        sampled = self_samples(model, max(0, math.ceil(needed / epochs) - len(prose)), length, seed, progress, sample_batch)
         pool = torch.cat([prose, sampled])
         sources = {"self_samples": len(sampled), "prose_windows": len(prose), "temperature": 1.0, "seed": seed}
     if len(pool) * epochs < needed:

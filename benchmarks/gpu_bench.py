@@ -34,7 +34,7 @@ DEVICE = "cuda"
 
 
 def import_attnprobe() -> None:
-    """Make `attnprobe.hooks` / `attnprobe.kernels` importable from this checkout when the package is not installed."""
+    """Make the four `attnprobe.*` packages importable from this checkout when the package is not installed."""
     try:
         import attnprobe.kernels  # noqa: F401
         return
@@ -43,7 +43,7 @@ def import_attnprobe() -> None:
     package = types.ModuleType("attnprobe")
     package.__path__ = []
     sys.modules["attnprobe"] = package
-    for name in ("hooks", "kernels"):
+    for name in ("hooks", "kernels", "probe", "analyses"):
         spec = importlib.util.spec_from_file_location(f"attnprobe.{name}", ROOT / name / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / name)])
         module = importlib.util.module_from_spec(spec)

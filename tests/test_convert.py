@@ -192,13 +192,12 @@ def test_user_files_folders_jsonl_and_parquet(tiny, tmp_path):
 
 def test_self_samples_are_cached_seeded_and_resumable(tiny, monkeypatch):
     model, _ = tiny
-    monkeypatch.setattr(training, "SAMPLE_BATCH", 3)
     calls = []
     generate = model.hf.generate
     monkeypatch.setattr(model.hf, "generate", lambda *a, **kw: calls.append(1) or generate(*a, **kw))
-    first = training.self_samples(model, 7, 40, seed=5)
+    first = training.self_samples(model, 7, 40, seed=5, batch=3)
     assert first.shape == (7, 40) and len(calls) == 3
-    folder = training._shard_dir(model, 40, 5)
+    folder = training._shard_dir(model, 40, 5, 3)
     shards = sorted(folder.glob("shard-*.safetensors"))
     assert len(shards) == 3
     prose = training.training_prose_ids(model)
@@ -208,10 +207,10 @@ def test_self_samples_are_cached_seeded_and_resumable(tiny, monkeypatch):
     shards[1].write_bytes(shards[1].read_bytes()[:50])  # a shard cut short by a kill
     shards[2].unlink()
     calls.clear()
-    assert torch.equal(training.self_samples(model, 7, 40, seed=5), first) and len(calls) == 2
+    assert torch.equal(training.self_samples(model, 7, 40, seed=5, batch=3), first) and len(calls) == 2
     calls.clear()
-    assert torch.equal(training.self_samples(model, 7, 40, seed=5), first) and not calls  # all cached now
-    assert not torch.equal(training.self_samples(model, 3, 40, seed=6), first[:3])
+    assert torch.equal(training.self_samples(model, 7, 40, seed=5, batch=3), first) and not calls  # all cached now
+    assert not torch.equal(training.self_samples(model, 3, 40, seed=6, batch=3), first[:3])
 
 
 def test_default_data_mixes_prose_with_self_samples(tiny, monkeypatch):
@@ -308,3 +307,79 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, tmp_path, monkeypatch, c
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
     assert not (tmp_path / "run").exists()
+
+
+# ---- data parallel: two processes over gloo against one ------------------------------------------------
+
+
+def _sharpen(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.hf.model.layers:
+            layer.self_attn.q_proj.weight.normal_(0, 0.3)
+            layer.self_attn.k_proj.weight.normal_(0, 0.3)
+
+
+def _ddp_worker(rank, world, port, model_dir, prose_file, out):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ATTNPROBE_CACHE=str(out / "cache"))
+    torch.set_num_threads(1)
+    model = load_model(str(model_dir), device="cpu")
+    _sharpen(model)
+    config = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=2 * 4 * LENGTH, checkpoint_every=100)
+    manifest = conversion.convert(model, make_backend("native", model), HEADS, config,
+                                  data_for(model, config, prose_file), out / "run")
+    if rank == 0:
+        (out / "losses.json").write_text(json.dumps({**manifest["losses"], "processes": manifest["processes"]}))
+
+
+def test_two_processes_over_gloo_follow_one_process(model_dir, prose_file, tmp_path, monkeypatch):
+    """accelerate's data parallelism: the same global batch split over 2 processes gives 1 process's loss curve."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, model_dir, prose_file, tmp_path / "two"), nprocs=2, join=True)
+    monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "one" / "cache"))
+    model = load_model(str(model_dir), device="cpu")
+    _sharpen(model)
+    config = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=2 * 4 * LENGTH, checkpoint_every=100)
+    one = conversion.convert(model, make_backend("native", model), HEADS, config, data_for(model, config, prose_file),
+                             tmp_path / "one" / "run")
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    for stage in ("transfer", "end_to_end", "first_batch_kl"):
+        torch.testing.assert_close(torch.tensor(two[stage]), torch.tensor(one["losses"][stage]), rtol=1e-5, atol=1e-9)
+
+
+def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
+    """benchmarks/gpu_convert.py --quick on the tiny model: every part, and the files it hands back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_convert
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "cache"))
+    code = gpu_convert.main(["--model", str(model_dir), "--part", "all", "--out", str(out), "--work", str(tmp_path / "work"),
+                             "--rows", "all-hedgehog", "--tokens", str(2 * 2 * LENGTH), "--transfer-tokens", str(2 * 2 * LENGTH),
+                             "--length", str(LENGTH), "--batch", "2", "--bench-steps", "3", "--sample-batch", "8", "--quick"])
+    assert code == 0
+    kinds = [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["loaded", "throughput", "data", "converted", "converted", "matrix", "done"]
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert throughput["all-hedgehog/end_to_end"]["tokens_per_s"] > 0 and "control/end_to_end" in throughput
+    matrix = (out / "matrix.md").read_text()
+    assert "all-hedgehog" in matrix and "control" in matrix and "gate" in matrix
+    import tarfile
+
+    with tarfile.open(out / "conversions-1.tar") as tar:
+        names = tar.getnames()
+    assert "conversions/all-hedgehog/fit/params.safetensors" in names and "conversions/control/adapters.safetensors" in names
+    assert not any("checkpoint" in name for name in names)

@@ -1,0 +1,233 @@
+"""Two-stage conversion of SmolLM2 on one GPU: stage-2 throughput and MFU, then the gated matrix rows.
+
+    python benchmarks/gpu_convert.py --model SmolLM2-135M-Instruct.Q4_1.gguf --part all --out $OUT \\
+        [--tokens 4M] [--transfer-tokens 512K] [--length 512] [--batch 32] [--work /tmp/attnprobe-convert]
+
+Parts (each resumes where the previous call stopped, as long as --work survives between calls):
+    throughput  stage-1 and stage-2 steps of all-hedgehog and stage-2 steps of the control on random tokens:
+                tokens/s, MFU (benchmarks/convert_bench.py counts the FLOPs), peak memory -> throughput.json
+    data        the training windows: self-samples of the model (temperature 1, generated 1,024 at a time)
+                mixed with the prose's training range; cached under --work
+    convert     every row of --rows and the control, two stages each, checkpoints every 25 steps; after each
+                row its fit and adapters go into $OUT (conversions-N.tar, under 15 MiB each)
+    evaluate    the matrix code on every row (recall with --samples per cell, held-out perplexity, the gate)
+                -> matrix.md, matrix.parquet
+    all         the four in order
+
+Everything written to $OUT is written as soon as it exists: results.jsonl (one line per finished step of the
+plan: throughput, data, each row's conversion, each evaluated row), the tars, matrix.md. With --minutes M the
+stage-2 budget per row is derived from the measured throughput so that converting every row takes about M
+minutes (stage 1 takes --transfer-tokens on top).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_bench import H200_BF16_PEAK, stage2_flops_per_token  # noqa: E402
+from gpu_bench import import_attnprobe  # noqa: E402
+
+ROWS = "all-hedgehog,window+linear,sink+window+linear,layers-1of2-softmax,layers-1of4-softmax"
+TAR_LIMIT = 15 * 2 ** 20
+
+
+class Results:
+    """results.jsonl in $OUT, appended and flushed line by line."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "results.jsonl"
+
+    def add(self, kind: str, **record) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"kind": kind, "time": time.strftime("%H:%M:%S"), **record}, default=str) + "\n")
+        print(kind, json.dumps(record, default=str)[:400], flush=True)
+
+
+def recipe(args, kernel, tokens, transfer_tokens):
+    from attnprobe.analyses.convert import ConvertConfig
+
+    return ConvertConfig(kernel=kernel, length=args.length, batch=args.batch, accumulation=args.accumulation,
+                         transfer_tokens=transfer_tokens, tokens=tokens, lr=args.lr, transfer_lr=args.transfer_lr,
+                         ce_weight=args.ce_weight, checkpoint_every=25, seed=0)
+
+
+def throughput(args, model, backend, results: Results) -> dict:
+    """Timed steps on random tokens (speed does not depend on the text): the steps after the first two."""
+    from attnprobe.analyses import convert as conversion
+    from attnprobe.analyses.architectures import catalogue
+    from attnprobe.analyses.data import TrainingData
+
+    steps = args.bench_steps
+    ids = torch.randint(0, model.hf.config.vocab_size, (2 * steps * args.batch, args.length),
+                        generator=torch.Generator().manual_seed(0))
+    data = TrainingData(ids, {"sha256": "random", "tokens": ids.numel()})
+    flops = stage2_flops_per_token(model.hf.config, args.length)
+    cuda = torch.cuda.is_available()
+    report = {"length": args.length, "batch": args.batch, "flops_per_token": flops,
+              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    variant = catalogue(model)["all-hedgehog"]
+    for name, kernel, heads in (("all-hedgehog", "hedgehog", conversion.replaced_heads(model, variant.keep(model, None))),
+                                ("control", None, {})):
+        stamps: dict[str, list[float]] = {}
+
+        def on_step(progress):
+            stamps.setdefault(progress.stage, []).append(time.perf_counter())
+
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tokens = steps * args.batch * args.length
+        where = Path(args.work) / "throughput" / name
+        shutil.rmtree(where, ignore_errors=True)  # timed afresh on every call
+        conversion.convert(model, backend, heads, recipe(args, kernel, tokens, tokens if heads else 0), data, where, on_step=on_step)
+        for stage, times in stamps.items():
+            gaps = [b - a for a, b in zip(times[1:], times[2:])]  # steps 3.. (the first ones compile and allocate)
+            rate = args.batch * args.length / (sum(gaps) / len(gaps)) if gaps else float("nan")
+            entry = {"tokens_per_s": rate, "steps_timed": len(gaps)}
+            if stage == "end_to_end":
+                entry["mfu"] = rate * flops["mfu_count"] / H200_BF16_PEAK
+                entry["mfu_needed_flops"] = rate * flops["needed"] / H200_BF16_PEAK
+                entry["minutes_for_20M"] = 20e6 / rate / 60
+            report[f"{name}/{stage}"] = entry
+        report[f"{name}/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    (Path(args.out) / "throughput.json").write_text(json.dumps(report, indent=1))
+    results.add("throughput", **report)
+    return report
+
+
+def pack(args, names: list[str]) -> None:
+    """Each finished row's fit/, adapters and manifest into tars of at most 15 MiB (no checkpoints)."""
+    groups: list[list[Path]] = [[]]
+    size = 0
+    for name in names:
+        folder = Path(args.work) / "run" / "conversions" / name
+        if not (folder / "conversion.json").exists():
+            continue
+        files = [folder / "conversion.json", folder / "adapters.safetensors", *sorted((folder / "fit").glob("*"))]
+        row_size = sum(f.stat().st_size for f in files if f.exists())
+        if groups[-1] and size + row_size > TAR_LIMIT:
+            groups.append([])
+            size = 0
+        groups[-1] += [f for f in files if f.exists()]
+        size += row_size
+    for index, group in enumerate(g for g in groups if g):
+        target = Path(args.out) / f"conversions-{index + 1}.tar"
+        with tarfile.open(str(target) + ".partial", "w") as tar:
+            for file in group:
+                tar.add(file, arcname=str(file.relative_to(Path(args.work) / "run")))
+        os.replace(str(target) + ".partial", target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the SmolLM2 .gguf (or any model spec)")
+    parser.add_argument("--part", default="all", choices=["throughput", "data", "convert", "evaluate", "all"])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
+    parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
+    parser.add_argument("--rows", default=ROWS)
+    parser.add_argument("--tokens", default="4M", help="stage-2 tokens per row")
+    parser.add_argument("--minutes", type=float, default=None, help="instead of --tokens: minutes for all rows' stage 2")
+    parser.add_argument("--transfer-tokens", default="512K")
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--transfer-lr", type=float, default=1e-2)
+    parser.add_argument("--ce-weight", type=float, default=0.0)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the sampled data (halves the sampling)")
+    parser.add_argument("--bench-steps", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=5, help="recall samples per cell in the evaluation")
+    parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
+    parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.quick:
+        print("no CUDA device: this benchmark needs a GPU (or --quick for a smoke run on the CPU)")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
+    import_attnprobe()
+    from attnprobe.analyses import convert as conversion
+    from attnprobe.analyses.architectures import MatrixSizes, catalogue
+    from attnprobe.analyses.data import training_data
+    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.model import load_model
+    from attnprobe.probe.rundir import read_json, write_json
+
+    results = Results(args.out)
+    started = time.perf_counter()
+    model = load_model(args.model)  # fp32 weights; on CUDA accelerate runs training under bf16 autocast
+    backend = make_backend("native", model)
+    results.add("loaded", model=args.model, seconds=round(time.perf_counter() - started, 1))
+    parts = ["throughput", "data", "convert", "evaluate"] if args.part == "all" else [args.part]
+    plan_path = Path(args.work) / "plan.json"
+    if "throughput" in parts:
+        report = throughput(args, model, backend, results)
+        rate = report["all-hedgehog/end_to_end"]["tokens_per_s"]
+        names = [n for n in args.rows.split(",") if n]
+        tokens = conversion.parse_tokens(args.tokens)
+        if args.minutes is not None:  # the control costs about as much as a converted row
+            tokens = int(rate * args.minutes * 60 / (len(names) + 1) // (args.batch * args.length)) * args.batch * args.length
+        write_json(plan_path, {"tokens": tokens, "transfer_tokens": conversion.parse_tokens(args.transfer_tokens)})
+    if not plan_path.exists():
+        write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens),
+                               "transfer_tokens": conversion.parse_tokens(args.transfer_tokens)})
+    plan = read_json(plan_path)
+    names = [n for n in args.rows.split(",") if n]
+    variants = [catalogue(model)[n] for n in names] + [conversion.control_variant()]
+    config = recipe(args, None, plan["tokens"], plan["transfer_tokens"])
+    steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
+    if set(parts) & {"data", "convert", "evaluate"}:
+        began = time.perf_counter()
+        data = training_data(model, steps * config.batch * config.length, config.length, epochs=args.epochs,
+                             sample_batch=args.sample_batch)
+        results.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
+    run = Path(args.work) / "run"
+    if "convert" in parts:
+        for variant in variants:
+            began = time.perf_counter()
+            last = {}
+
+            def on_step(progress, label, last=last):
+                last.update(stage=progress.stage, step=progress.step, steps=progress.steps, loss=progress.loss,
+                            tokens_per_s=round(progress.tokens_per_s))
+            conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step)
+            manifest = read_json(run / "conversions" / variant.name / "conversion.json")
+            results.add("converted", row=variant.name, seconds=round(time.perf_counter() - began, 1), budget=manifest["budget"],
+                        first_batch_kl=manifest["losses"].get("first_batch_kl"), last_step=last,
+                        transfer_loss=(manifest["losses"].get("transfer") or [None])[-1:],
+                        mean_head_error=_mean(manifest["head_error"]))
+            pack(args, [v.name for v in variants])
+    if "evaluate" in parts:
+        sizes = conversion.quick_sizes(census=False) if args.quick else MatrixSizes(samples=args.samples, census=False)
+
+        def status(message):  # each evaluated row reaches $OUT before the next starts
+            if message.startswith("evaluating") and (run / "variants").exists():
+                rows = [read_json(f) for f in sorted((run / "variants").glob("*.json"))]
+                (args.out / "rows.json").write_text(json.dumps(rows, default=str))
+            print(message, flush=True)
+        table, _ = conversion.conversion_matrix(model, backend, variants, config, data, run, sizes, None, evaluate=True, status=status)
+        table.to_parquet(args.out / "matrix.parquet", index=False)
+        (args.out / "matrix.md").write_text(table.drop(columns=["description", "conversion"], errors="ignore")
+                                            .to_markdown(index=False, floatfmt=".3g") + "\n")
+        results.add("matrix", rows=table[["architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc",
+                                          "kv_recall_acc", "copy_acc"]].to_dict("records"))
+    results.add("done", seconds=round(time.perf_counter() - started, 1))
+    return 0
+
+
+def _mean(errors: dict) -> float | None:
+    values = [v for per_layer in errors.values() for v in per_layer]
+    return sum(values) / len(values) if values else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
