@@ -8,8 +8,10 @@
              alone, or every attention parameter
 
 The control is the unmodified model through the identical stage 2 ("softmax, fine-tuned"). Training runs
-the replaced heads through the kernels' torch forms (the Triton kernels are forward-only) inside
-`backend.patched`, with gradients; evaluation runs the fast forms, and tests hold the two equal.
+the replaced heads inside `backend.patched` with gradients and `kernels.dispatch.differentiable()`: the
+quadratic form up to 1,024 tokens, the chunked torch form beyond (our Triton kernels are forward-only;
+flash-linear-attention's ops have a backward and stay on); evaluation runs the fast forms, and tests hold
+the two equal. Any registered kernel converts: stage 1 trains whatever `kernel.parameters()` holds.
 
 Accelerate does the plumbing: device, bf16 autocast on CUDA, gradient accumulation and data parallelism
 (`accelerate launch --num_processes N attnprobe convert ...`: each process takes its slice of every global
@@ -44,7 +46,7 @@ from attnprobe.hooks.backend import Backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
-from attnprobe.kernels.dispatch import torch_paths
+from attnprobe.kernels.dispatch import differentiable
 from attnprobe.kernels.fit import LOSS_SCALE, QUADRATIC_UP_TO, FitResult, load_fit, save_fit, transfer_loss
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import _atomic, read_json, write_json
@@ -462,7 +464,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
             def e2e_step(module, ids):
                 with accelerator.autocast():
                     target = teacher(ids)
-                with backend.patched(student.edits), torch_paths():
+                with backend.patched(student.edits), differentiable():
                     logits = module(ids)
                     return distillation_loss(logits, target, ids, config.ce_weight)
 

@@ -18,6 +18,7 @@ import torch
 
 _force_torch = os.environ.get("ATTNPROBE_TORCH_KERNELS") == "1"
 _triton_on_cpu = False
+_differentiable = False
 
 
 def force_torch(flag: bool = True) -> None:
@@ -26,15 +27,15 @@ def force_torch(flag: bool = True) -> None:
 
 
 @contextmanager
-def torch_paths():
-    """Within the block every caller takes its torch path: the Triton kernels are forward-only, so training
-    (anything that needs gradients through a kernel) runs inside this."""
-    global _force_torch
-    previous, _force_torch = _force_torch, True
+def differentiable():
+    """Within the block kernels take only paths with a backward: our Triton kernels are forward-only, so
+    their callers take the torch forms; fla's ops (autograd functions) stay on. Training runs inside this."""
+    global _differentiable
+    previous, _differentiable = _differentiable, True
     try:
         yield
     finally:
-        _force_torch = previous
+        _differentiable = previous
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def triton_runs_on(x: torch.Tensor) -> bool:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    if _force_torch or not triton_installed():
+    if _force_torch or _differentiable or not triton_installed():
         return False
     return x.is_cuda or (_triton_on_cpu and x.device.type == "cpu")
 
@@ -75,5 +76,5 @@ def fla_installed() -> bool:
 
 def use_fla(x: torch.Tensor) -> bool:
     """Whether a gated or delta-rule kernel should run flash-linear-attention's Triton ops: CUDA tensors
-    where use_triton says yes and fla-core is installed (its ops do not run on CPU tensors)."""
-    return x.is_cuda and use_triton(x) and fla_installed()
+    with Triton installed and not forced off, and fla-core installed (its ops do not run on CPU tensors)."""
+    return x.is_cuda and not _force_torch and triton_installed() and fla_installed()

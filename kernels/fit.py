@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.io import atomic_write
 
-from .dispatch import torch_paths
+from .dispatch import differentiable
 from .registry import make_kernel
 from .base import Kernel
 
@@ -61,7 +61,7 @@ def _student(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
 
 def transfer_loss(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
     """MSE between the kernel's z and the teacher's z, per head (H,), differentiable (torch paths only)."""
-    with torch_paths():
+    with differentiable():
         return ((_student(kernel, teacher).float() - teacher.z.float()) ** 2).mean(dim=(0, 2, 3))
 
 

@@ -15,7 +15,7 @@ from attnprobe.hooks.backend import make_backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 from attnprobe.hooks.swap import swap_edits
-from attnprobe.kernels.dispatch import torch_paths
+from attnprobe.kernels.dispatch import differentiable
 from attnprobe.probe import texts
 from tiny_hf import tiny_model_dir
 
@@ -61,12 +61,12 @@ def data_for(model, config, prose_file):
     return training.training_data(model, tokens, config.length, [prose_file])
 
 
-def test_training_path_equals_inference_path(tiny, prose_file, tmp_path):
-    """The student trains through the kernels' torch forms with gradients; evaluation (backend.run) runs the
-    prefill forms; both give the same logits for the same converted model, adapters included."""
+@pytest.mark.parametrize("kernel,options", [("sink+window+linear", {"window": 4, "sinks": 1}), ("gated-deltanet", {})])
+def test_training_path_equals_inference_path(tiny, prose_file, tmp_path, kernel, options):
+    """The student trains through the kernels' quadratic forms with gradients; evaluation (backend.run) runs
+    the prefill forms; both give the same logits for the same converted model, adapters included."""
     model, backend = tiny
-    config = recipe(kernel="sink+window+linear", options={"window": 4, "sinks": 1}, transfer_tokens=2 * 4 * LENGTH,
-                    tokens=2 * 4 * LENGTH)
+    config = recipe(kernel=kernel, options=options, transfer_tokens=2 * 4 * LENGTH, tokens=2 * 4 * LENGTH)
     data = data_for(model, config, prose_file)
     conversion.convert(model, backend, HEADS, config, data, tmp_path)
     ids = data.windows[:2]
@@ -75,7 +75,7 @@ def test_training_path_equals_inference_path(tiny, prose_file, tmp_path):
         assert adapters and all(p.abs().sum() > 0 for p in adapters)  # stage 2 moved the adapters
         inference = backend.run(ids, edits=swap_edits(model, fit))
         student = conversion.Student(model.hf, fit.kernels, fit.heads, LENGTH)
-        with backend.patched(student.edits), torch_paths():
+        with backend.patched(student.edits), differentiable():
             trained = student(ids)
         assert trained.requires_grad
     torch.testing.assert_close(trained.float(), inference, atol=1e-5, rtol=1e-5)
