@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from attnprobe.hooks.backend import Backend
+from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
@@ -567,12 +567,13 @@ def parse_tokens(text: str) -> int:
         raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
 
 
-def progress_bar(console=None):
+def progress_bar(console=None, disable: bool = False):
     """A rich progress bar and the `on_step` callback that drives it: step, tokens/s, loss."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Bar(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+              disable=disable)
     tasks: dict[str, int] = {}
 
     def on_step(report: Progress, label: str = "") -> None:
@@ -634,7 +635,7 @@ def quick_sizes(census: bool = False):
     from .architectures import MatrixSizes
 
     return MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                       perplexity_tokens=256, census=census, census_lengths=(128,))
+                       perplexity_tokens=256, census=census, census_lengths=(128,), efficiency_contexts=(64,), decode_tokens=4)
 
 
 def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
@@ -645,7 +646,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
     import pandas as pd
 
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.kernels.registry import KERNELS
     from attnprobe.probe.rundir import write_parquet
 
@@ -681,22 +682,24 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
                            ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
     from accelerate import PartialState
 
-    config.check(PartialState().num_processes)
+    state = PartialState()
+    config.check(state.num_processes)
     for variant in chosen:  # every kernel and head selection is checked before anything trains
         if variant.kernel:
             make_kernel(variant.kernel, 1, model.info.head_dim)
             variant.keep(model, heads_table)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
-    bar, on_step = progress_bar(console)
+    bar, on_step = progress_bar(console, disable=not state.is_main_process)
     with bar:
         sampling = bar.add_task("training data", total=None, speed="", loss="")
-        training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
-                                 progress=lambda done, total: bar.update(sampling, completed=done, total=total))
+        with state.main_process_first():  # the main process samples and caches; the others read its shards
+            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
+                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
         sizes = quick_sizes(census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
-                                          on_step=on_step if PartialState().is_main_process else lambda p, label: None)
+                                          on_step=on_step)
     if table is None:
         return None
     write_parquet(out / "matrix.parquet", table)

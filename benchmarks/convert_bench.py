@@ -61,7 +61,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from attnprobe.analyses import convert as conversion
     from attnprobe.analyses.data import training_data
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
     from attnprobe.probe import texts
 

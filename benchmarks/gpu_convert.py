@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnprobe.analyses import convert as conversion
     from attnprobe.analyses.architectures import MatrixSizes, catalogue
     from attnprobe.analyses.data import training_data
-    from attnprobe.hooks.backend import make_backend
+    from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
     from attnprobe.probe.rundir import read_json, write_json
 

@@ -3,7 +3,9 @@
 The model is frozen; for every replaced head the kernel's output z on cached teacher inputs is pulled
 towards the teacher's z by Adam on 1000 x MSE. Heads are independent given their inputs, so one
 layer's heads are fitted together and the per-head error is reported. Parameter-free kernels take
-no steps and only get their error measured.
+no steps and only get their error measured. `fit_kernels` is the full-batch fit on one teacher pass;
+`attnprobe convert` (analyses/convert.py) runs the same `transfer_loss` over mini-batches of many
+teacher passes with a learning-rate schedule, then fine-tunes end to end.
 
 Fitted parameters are saved as `params.safetensors` (keys `{layer}.{parameter}`, each (H, ...))
 beside `manifest.json` (model hash, kernel, options, layers and heads, steps, tokens, per-head loss).

@@ -11,7 +11,7 @@ import torch
 from attnprobe.analyses import convert as conversion
 from attnprobe.analyses import data as training
 from attnprobe.analyses.architectures import gate, gate_columns
-from attnprobe.hooks.backend import make_backend
+from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 from attnprobe.hooks.swap import swap_edits
@@ -383,3 +383,20 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
         names = tar.getnames()
     assert "conversions/all-hedgehog/fit/params.safetensors" in names and "conversions/control/adapters.safetensors" in names
     assert not any("checkpoint" in name for name in names)
+
+
+def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, monkeypatch):
+    import sys
+
+    from attnprobe.analyses import cli
+
+    monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), "--kernel", "hedgehog", "--heads", "1.0,1.3",
+                                      "--tokens", str(2 * 2 * LENGTH), "--transfer-tokens", str(2 * 2 * LENGTH), "--length", str(LENGTH),
+                                      "--batch", "2", "--data", str(prose_file), "--no-evaluate", "--out", str(out)])
+    cli.main()
+    row = json.loads((out / "conversions" / "convert-hedgehog" / "conversion.json").read_text())
+    assert row["heads"] == {"1": [0, 3]} and len(row["losses"]["transfer"]) == 2 and row["data"]["files"] == [str(prose_file)]
+    control = json.loads((out / "conversions" / "control" / "conversion.json").read_text())
+    assert control["heads"] == {} and control["kernel"] is None and len(control["losses"]["end_to_end"]) == 2
