@@ -407,6 +407,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         raise AttnprobeError(f"{directory} holds a finished conversion with other settings: pass another --out or move it away")
     accelerator = _accelerator(config.accumulation)
     config.check(accelerator.num_processes)
+    if model.device != accelerator.device:  # under accelerate launch every process holds the model on its own GPU
+        model.hf.to(accelerator.device)
     if heads and config.kernel is None:
         raise AttnprobeError("heads to replace need a kernel: pass --kernel")
     for layer, hs in heads.items():

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
     parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
     parser.add_argument("--rows", default=ROWS)
-    parser.add_argument("--tokens", default="4M", help="stage-2 tokens per row")
+    parser.add_argument("--tokens", default=None, help="stage-2 tokens per row (default: what --minutes chose, else 4M)")
     parser.add_argument("--minutes", type=float, default=None, help="instead of --tokens: minutes for all rows' stage 2")
     parser.add_argument("--transfer-tokens", default="512K")
     parser.add_argument("--length", type=int, default=512)
@@ -168,22 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     backend = make_backend("native", model)
     results.add("loaded", model=args.model, seconds=round(time.perf_counter() - started, 1))
     parts = ["throughput", "data", "convert", "evaluate"] if args.part == "all" else [args.part]
-    plan_path = Path(args.work) / "plan.json"
+    plan_path = Path(args.work) / "plan.json"  # the budget --minutes chose, kept for the later calls
     if "throughput" in parts:
         report = throughput(args, model, backend, results)
-        rate = report["all-hedgehog/end_to_end"]["tokens_per_s"]
-        names = [n for n in args.rows.split(",") if n]
-        tokens = conversion.parse_tokens(args.tokens)
         if args.minutes is not None:  # the control costs about as much as a converted row
-            tokens = int(rate * args.minutes * 60 / (len(names) + 1) // (args.batch * args.length)) * args.batch * args.length
-        write_json(plan_path, {"tokens": tokens, "transfer_tokens": conversion.parse_tokens(args.transfer_tokens)})
-    if not plan_path.exists():
-        write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens),
-                               "transfer_tokens": conversion.parse_tokens(args.transfer_tokens)})
+            rate = report["all-hedgehog/end_to_end"]["tokens_per_s"]
+            per_row = int(rate * args.minutes * 60 / (len(args.rows.split(",")) + 1))
+            write_json(plan_path, {"tokens": max(1, per_row // (args.batch * args.length)) * args.batch * args.length})
+    if args.tokens is not None or not plan_path.exists():
+        write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
     plan = read_json(plan_path)
     names = [n for n in args.rows.split(",") if n]
     variants = [catalogue(model)[n] for n in names] + [conversion.control_variant()]
-    config = recipe(args, None, plan["tokens"], plan["transfer_tokens"])
+    config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
+    results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     if set(parts) & {"data", "convert", "evaluate"}:
         began = time.perf_counter()

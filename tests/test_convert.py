@@ -372,7 +372,7 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
                              "--length", str(LENGTH), "--batch", "2", "--bench-steps", "3", "--sample-batch", "8", "--quick"])
     assert code == 0
     kinds = [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()]
-    assert kinds == ["loaded", "throughput", "data", "converted", "converted", "matrix", "done"]
+    assert kinds == ["loaded", "throughput", "plan", "data", "converted", "converted", "matrix", "done"]
     throughput = json.loads((out / "throughput.json").read_text())
     assert throughput["all-hedgehog/end_to_end"]["tokens_per_s"] > 0 and "control/end_to_end" in throughput
     matrix = (out / "matrix.md").read_text()
@@ -400,3 +400,27 @@ def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, mon
     assert row["heads"] == {"1": [0, 3]} and len(row["losses"]["transfer"]) == 2 and row["data"]["files"] == [str(prose_file)]
     control = json.loads((out / "conversions" / "control" / "conversion.json").read_text())
     assert control["heads"] == {} and control["kernel"] is None and len(control["losses"]["end_to_end"]) == 2
+
+
+@pytest.mark.parametrize("train", ["kernels", "attention"])
+def test_other_stage2_modes_train_and_restore(tiny, prose_file, tmp_path, train):
+    model, backend = tiny
+    config = recipe(train=train, transfer_tokens=0, tokens=2 * 4 * LENGTH)
+    before = {name: p.detach().clone() for name, p in model.hf.named_parameters()}
+    manifest = conversion.convert(model, backend, HEADS, config, data_for(model, config, prose_file), tmp_path)
+    assert manifest["train"] == train and len(manifest["losses"]["end_to_end"]) == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapters.safetensors")
+    if train == "kernels":
+        assert saved == {}
+    else:  # the four projections of every layer, trained, and the model itself given back untouched
+        assert len(saved) == 4 * model.info.n_layers
+        assert any(not torch.equal(value, before[name]) for name, value in saved.items())
+    assert all(torch.equal(p, before[name]) for name, p in model.hf.named_parameters())
+    ids = torch.tensor([texts.fit_ids(model.tokenizer, 24)])
+    with conversion.applied(model, tmp_path) as fit:
+        converted = backend.run(ids, edits=swap_edits(model, fit))
+    with conversion.adapted(model, train, config.lora_rank, saved):
+        again = backend.run(ids, edits=swap_edits(model, conversion.load_fit(tmp_path / "fit")))
+    torch.testing.assert_close(converted, again)
