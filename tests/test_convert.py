@@ -291,7 +291,7 @@ def test_foreign_or_damaged_checkpoints_are_refused_and_kept(tiny, prose_file, t
     assert len(finished["losses"]["transfer"]) == 3
 
 
-def test_cli_bad_input_exits_2_with_one_line(model_dir, tmp_path, monkeypatch, capsys):
+def test_cli_bad_input_exits_2_with_one_line(model_dir, prose_file, tmp_path, monkeypatch, capsys):
     import sys
 
     from attnprobe.analyses import cli
@@ -299,7 +299,11 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, tmp_path, monkeypatch, c
     cases = [(["--kernel", "softermax", "--layers", "0"], "unknown kernel"),
              (["--kernel", "hedgehog", "--heads", "0.9"], "out of range"),
              (["--variants", "all-nothing"], "unknown variant"),
-             (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20G", "--data", str(tmp_path / "x.txt")], "not found")]
+             (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20G", "--data", str(tmp_path / "x.txt")], "not found"),
+             (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20M", "--data", str(prose_file)], "lower --tokens"),
+             (["--kernel", "hedgehog", "--layers", "0", "--tokens", "lots"], "cannot read a token count"),
+             (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network")]
+    monkeypatch.setattr(training.socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
     for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), *args, "--out", str(tmp_path / "run")])
         with pytest.raises(SystemExit) as exit_info:
