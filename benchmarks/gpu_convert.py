@@ -12,7 +12,7 @@ Parts (each resumes where the previous call stopped, as long as --work survives 
                 row its fit and adapters go into $OUT (conversions-N.tar, under 15 MiB each)
     evaluate    the matrix code on every row (recall with --samples per cell, held-out perplexity, the gate)
                 -> matrix.md, matrix.parquet
-    all         the four in order
+    all         the four in order (or name several: --part throughput,data)
 
 Everything written to $OUT is written as soon as it exists: results.jsonl (one line per finished step of the
 plan: throughput, data, each row's conversion, each evaluated row), the tars, matrix.md. With --minutes M the
@@ -130,7 +130,7 @@ def pack(args, names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SmolLM2 .gguf (or any model spec)")
-    parser.add_argument("--part", default="all", choices=["throughput", "data", "convert", "evaluate", "all"])
+    parser.add_argument("--part", default="all", help="throughput, data, convert, evaluate (comma-separated) or all")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
     parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
     parser.add_argument("--rows", default=ROWS)
@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.quick:
         print("no CUDA device: this benchmark needs a GPU (or --quick for a smoke run on the CPU)")
         return 2
+    every = ["throughput", "data", "convert", "evaluate"]
+    parts = every if args.part == "all" else [part.strip() for part in args.part.split(",")]
+    if set(parts) - set(every):
+        print(f"unknown --part {args.part}: choose from {', '.join(every)} or all")
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
@@ -167,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)  # fp32 weights; on CUDA accelerate runs training under bf16 autocast
     backend = make_backend("native", model)
     results.add("loaded", model=args.model, seconds=round(time.perf_counter() - started, 1))
-    parts = ["throughput", "data", "convert", "evaluate"] if args.part == "all" else [args.part]
     plan_path = Path(args.work) / "plan.json"  # the budget --minutes chose, kept for the later calls
     if "throughput" in parts:
         report = throughput(args, model, backend, results)
