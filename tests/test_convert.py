@@ -399,7 +399,9 @@ def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), "--kernel", "hedgehog", "--heads", "1.0,1.3",
                                       "--tokens", str(2 * 2 * LENGTH), "--transfer-tokens", str(2 * 2 * LENGTH), "--length", str(LENGTH),
                                       "--batch", "2", "--data", str(prose_file), "--no-evaluate", "--out", str(out)])
-    cli.main()
+    with pytest.raises(SystemExit) as finished:
+        cli.main()
+    assert finished.value.code == 0
     row = json.loads((out / "conversions" / "convert-hedgehog" / "conversion.json").read_text())
     assert row["heads"] == {"1": [0, 3]} and len(row["losses"]["transfer"]) == 2 and row["data"]["files"] == [str(prose_file)]
     control = json.loads((out / "conversions" / "control" / "conversion.json").read_text())
