@@ -632,14 +632,6 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
     return table, pd.concat(samples, ignore_index=True).drop(columns=["response"], errors="ignore")
 
 
-def quick_sizes(census: bool = False):
-    """Evaluation sizes of a smoke run (as `swap --quick`)."""
-    from .architectures import MatrixSizes
-
-    return MatrixSizes(passkey_lengths=(128,), passkey_depths=(0.5,), kv_pairs=(4,), copy_lengths=(8,), samples=1,
-                       perplexity_tokens=256, census=census, census_lengths=(128,), efficiency_contexts=(64,), decode_tokens=4)
-
-
 def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
@@ -652,7 +644,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     from attnprobe.kernels.registry import KERNELS
     from attnprobe.probe.rundir import write_parquet
 
-    from .architectures import MatrixSizes, Variant, catalogue
+    from .architectures import MatrixSizes, Variant, catalogue, matrix_markdown
     from .data import training_data
     from .selection import parse_heads
 
@@ -698,7 +690,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
             training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
                                      progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
-        sizes = quick_sizes(census) if quick else MatrixSizes(census=census)
+        sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
                                           on_step=on_step)
@@ -706,6 +698,5 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         return None
     write_parquet(out / "matrix.parquet", table)
     write_parquet(out / "recall.parquet", recall)
-    (out / "matrix.md").write_text(table.drop(columns=["description", "conversion"], errors="ignore")
-                                   .to_markdown(index=False, floatfmt=".3g") + "\n")
+    (out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
     return table

@@ -10,7 +10,7 @@ Parts (each resumes where the previous call stopped, as long as --work survives 
                 mixed with the prose's training range; cached under --work
     convert     every row of --rows and the control, two stages each, checkpoints every 25 steps; after each
                 row its fit and adapters go into $OUT (conversions-N.tar, under 15 MiB each)
-    evaluate    the matrix code on every row (recall with --samples per cell, held-out perplexity, the gate)
+    evaluate    the matrix code on every row (recall at --sizes (MatrixSizes.gpu: 30+ samples per task), held-out perplexity, the gate)
                 -> matrix.md, matrix.parquet
     all         the four in order (or name several: --part throughput,data)
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ce-weight", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=2, help="passes over the sampled data (halves the sampling)")
     parser.add_argument("--bench-steps", type=int, default=10)
-    parser.add_argument("--samples", type=int, default=5, help="recall samples per cell in the evaluation")
+    parser.add_argument("--sizes", default="gpu", choices=["gpu", "quick"], help="evaluation sizes (architectures.MatrixSizes)")
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
     from attnprobe.analyses import convert as conversion
-    from attnprobe.analyses.architectures import MatrixSizes, catalogue
+    from attnprobe.analyses.architectures import MatrixSizes, catalogue, matrix_markdown
     from attnprobe.analyses.data import training_data
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         mean_head_error=_mean(manifest["head_error"]))
             pack(args, [v.name for v in variants])
     if "evaluate" in parts:
-        sizes = conversion.quick_sizes(census=False) if args.quick else MatrixSizes(samples=args.samples, census=False)
+        sizes = MatrixSizes.quick(census=False) if args.quick else getattr(MatrixSizes, args.sizes)(census=False)
 
         def status(message):  # each evaluated row reaches $OUT before the next starts
             if message.startswith("evaluating") and (run / "variants").exists():
@@ -218,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             print(message, flush=True)
         table, _ = conversion.conversion_matrix(model, backend, variants, config, data, run, sizes, None, evaluate=True, status=status)
         table.to_parquet(args.out / "matrix.parquet", index=False)
-        (args.out / "matrix.md").write_text(table.drop(columns=["description", "conversion"], errors="ignore")
-                                            .to_markdown(index=False, floatfmt=".3g") + "\n")
-        results.add("matrix", rows=table[["architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc",
-                                          "kv_recall_acc", "copy_acc"]].to_dict("records"))
+        (args.out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
+        shown = [c for c in ("architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc", "kv_recall_acc", "copy_acc",
+                             "niah_acc") if c in table]
+        results.add("matrix", rows=table[shown].to_dict("records"))
     results.add("done", seconds=round(time.perf_counter() - started, 1))
     return 0
 
