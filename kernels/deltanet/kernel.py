@@ -61,6 +61,8 @@ class DeltaKernel(Kernel):
     """gate None: DeltaNet; "head": Gated DeltaNet (one decay per head and token); "channel": Kimi Delta
     Attention (one decay per channel, S_t = (I - b_t k_t k_t^T) diag(a_t) S_{t-1} + b_t k_t v_t^T)."""
 
+    delta_rule = True  # what kernels.fla asks instead of importing this class
+
     normalized = False
 
     def __init__(self, n_heads: int, head_dim: int, name: str = "deltanet", gate: str | None = None, beta: float = 0.5,
