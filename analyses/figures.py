@@ -23,9 +23,6 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.probe.mechanisms import default_thresholds, mechanisms
-from matplotlib.colors import ListedColormap, LogNorm, Normalize
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from . import style
 from .style import styled
