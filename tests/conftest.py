@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_hf import TinyTokenizer, tiny_gemma3, tiny_llama, wrap
+from tiny_hf import TinyTokenizer, tiny_gemma3, tiny_llama, tiny_model_dir, wrap
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny model directory (safetensors + tokenizer) for CLI and loading tests, one per test module."""
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

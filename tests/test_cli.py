@@ -1,23 +1,11 @@
 """The command line, driven as a user drives it, on a tiny local model directory."""
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from tiny_hf import tiny_model_dir
+from tiny_hf import attnprobe
 
-CLI = [sys.executable, "-m", "attnprobe.analyses.cli"]
-
-
-def attnprobe(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,16 @@ import time
 import pandas as pd
 import pytest
 
-from tiny_hf import tiny_model_dir
+from tiny_hf import CLI, attnprobe
 
-CLI = [sys.executable, "-m", "attnprobe.analyses.cli"]
 SMALL = ["--lengths", "128", "--depths", "0.5", "--needles", "1", "--sink-sequences", "8", "--prose-length", "96",
          "--perplexity-tokens", "128", "--perplexity-length", "64"]
-
-
-def attnprobe(*args):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=900)
 
 
 def one_line_error(result, message):
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

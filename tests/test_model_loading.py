@@ -18,9 +18,8 @@ from attnprobe.hooks.embedded import Embedded, Part, embedded_gguf_path
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 
-from tiny_hf import tiny_model_dir
+from tiny_hf import attnprobe, tiny_model_dir
 
-CLI = [sys.executable, "-m", "attnprobe.analyses.cli"]
 
 
 def sha(data: bytes) -> str:
@@ -234,11 +233,6 @@ def test_a_damaged_fp32_copy_is_named_and_rebuilt(tmp_path, monkeypatch, capsys)
 
 # ---- local model directories -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
 def damaged_copy(tiny: Path, tmp_path: Path, damage: str) -> Path:
     import shutil
 
@@ -270,10 +264,9 @@ def test_a_damaged_model_directory_is_one_clear_error(tiny, tmp_path, damage, me
 
 
 def test_the_cli_names_a_damaged_model_directory_without_a_traceback(tiny, tmp_path):
-    import subprocess
 
     path = damaged_copy(tiny, tmp_path, "truncated")
-    result = subprocess.run(CLI + ["info", "--model", str(path)], capture_output=True, text=True, timeout=300)
+    result = attnprobe("info", "--model", path, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(path) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 

@@ -3,6 +3,8 @@
 trained) BPE tokenizer, so the CLI can be driven end to end the way a user drives it."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -64,3 +66,11 @@ def tiny_model_dir(root: Path, layers: int = 2, vocab: int = 400, max_positions:
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+CLI = [sys.executable, "-m", "attnprobe.analyses.cli"]
+
+
+def attnprobe(*args, cwd=None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the attnprobe CLI in a fresh interpreter, as a user would; arguments may be paths or numbers."""
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
