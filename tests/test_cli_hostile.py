@@ -134,19 +134,29 @@ def test_binary_or_non_utf8_texts_are_refused(tiny, tmp_path, content, message):
 
 
 def test_ctrl_c_exits_130_and_the_rerun_resumes(tiny, tmp_path):
+    """Interrupted mid-retrieval (150 NIAH samples, so work is surely left when the first one lands), the
+    run exits 130 and the rerun keeps every finished stage and sample."""
     out = tmp_path / "run"
-    command = CLI + ["census", "--model", str(tiny), "--out", str(out)] + SMALL
+    many = ["--lengths", "128,192,256", "--depths", "0.1,0.3,0.5,0.7,0.9", "--needles", "10"] + SMALL[SMALL.index("--sink-sequences"):]
+    command = CLI + ["census", "--model", str(tiny), "--out", str(out)] + many
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = out / "shards" / "niah"
     deadline = time.time() + 300
-    while not (out / "shards" / "sinks.done").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
+    while not any(samples.glob("*.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the census ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted: rerun to resume" in stderr and "Traceback" not in stderr
+    kept = {path.name: path.stat().st_mtime_ns for path in samples.glob("*.json")}
+    assert 0 < len(kept) < 150 and (out / "shards" / "sinks.done").exists()
+    sinks_done = (out / "shards" / "sinks.done").stat().st_mtime_ns
     rerun = attnprobe(*command[len(CLI):])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert (out / "heads.parquet").exists()
+    assert (out / "heads.parquet").exists() and len(list(samples.glob("*.json"))) == 150
+    assert (out / "shards" / "sinks.done").stat().st_mtime_ns == sinks_done
+    assert all(samples.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
 
 
 def test_damaged_run_files_are_redone_or_named(tiny, census_dir, tmp_path):
