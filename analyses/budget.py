@@ -89,10 +89,10 @@ class BudgetSizes:
     sparse: tuple[str, ...] = SPARSE
     unit: str = "kv"
     tasks: tuple[str, ...] = TASKS
-    passkey_lengths: tuple[int, ...] = (1024, 4096, 8000)
+    passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_samples: int = 2
-    niah_lengths: tuple[int, ...] = (1024, 4096, 8000)
+    niah_lengths: tuple[int, ...] = (1024, 2048, 4096)
     niah_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     niah_needles: int = 2
     perplexity_tokens: int = 2048

@@ -453,7 +453,7 @@ def budget(
     unit: str = typer.Option("kv", help="kv: rank KV heads (a KV head's cache is kept whole) | head: rank query heads"),
     seeds: Optional[int] = typer.Option(None, help="random draws (default 3; --quick 2)"),
     tasks: str = typer.Option("passkey,niah", help="recall tasks of every cell: passkey, niah"),
-    lengths: Optional[str] = typer.Option(None, help="passkey and NIAH lengths in tokens (default 1024,4096,8000; --quick 128)"),
+    lengths: Optional[str] = typer.Option(None, help="passkey and NIAH lengths in tokens (default 1024,2048,4096; --quick 128)"),
     chunk: Optional[int] = typer.Option(None, help="query chunk of the replaced heads' prefill (default 64; 512 is faster on a GPU)"),
     quick: bool = typer.Option(False, help="CPU sizes: short prompts, one sample per cell, 2 DuoAttention steps"),
     time_limit: Optional[float] = typer.Option(None, help="start no new cell after this many seconds (rerun to resume)"),

@@ -131,15 +131,17 @@ def _key_words(n: int, rng: random.Random) -> list[str]:
 
 def kv_recall(model, n_pairs: Sequence[int] = (16, 32, 64), samples: int = 8, seed: int = 0, variant: str = "base",
               bos: bool | None = None, beyond: int = BEYOND_WINDOW) -> pd.DataFrame:
-    """Key-value recall: n lines 'word: 4-digit number', then one key again as a new line 'word:';
-    correct if the first number generated is its value.
+    """Key-value recall: n lines 'word: 4-digit number', then 'Repeat the line of the key word.' and the
+    answer started as 'word:'; correct if the first number generated is its value.
 
+    The request is the user's turn of the chat template where the tokenizer has one (SmolLM2-135M
+    answers 0.27 of bare 'word:' completions but about 0.9 of these, see README), plain text otherwise.
     The queried pair is drawn among those whose line ends at least `beyond` tokens before the
-    query, so a windowed hybrid cannot read it from its window. `length` is the number of pairs,
+    request, so a windowed hybrid cannot read it from its window. `length` is the number of pairs,
     `depth` where the queried pair sits in the list (0-1)."""
     tokenizer, rows = model.tokenizer, []
     rng = random.Random(seed)
-    intro = _encode(tokenizer, "Remember these keys and values.\n")
+    intro = _encode(tokenizer, "Memorize this list of keys and values.\n")
     for n in n_pairs:
         for sample in range(samples):
             keys = _key_words(n, rng)
@@ -151,7 +153,8 @@ def kv_recall(model, n_pairs: Sequence[int] = (16, 32, 64), samples: int = 8, se
             if not far:
                 raise AttnprobeError(f"{n} key-value pairs span fewer than {beyond} tokens: use more pairs (at least 16)")
             index = rng.choice(far)
-            prompt, _ = wrap_prompt(tokenizer, body, f"{keys[index]}:", "plain", bos)
+            prompt, _ = wrap_prompt(tokenizer, body, f"\nRepeat the line of the key {keys[index]}.", "auto", bos,
+                                    reply=f"{keys[index]}:")
             generated = greedy_decode(model, prompt, max_new_tokens=8)
             answer = _first_number(tokenizer.decode(generated, skip_special_tokens=True))
             rows.append({"variant": variant, "task": "kv_recall", "length": n, "depth": index / max(n - 1, 1),

@@ -10,7 +10,7 @@
 #   MODEL   smollm2-135m or the path of its .gguf (default smollm2-135m)
 #   RESUME  optional: a budget_run.tar.gz from an earlier call; its finished cells are not redone
 #   LIMIT   seconds after which no new cell starts (default 330); HARD kills the sweep (default 480)
-#   LENGTHS passkey and NIAH lengths (default 1024,4096,8000: up to SmolLM2's 8K window)
+#   LENGTHS passkey and NIAH lengths (default 1024,2048,4096: SmolLM2 answers about half its passkeys at 8K)
 #   DTYPE   float32 (default, as the census) or bfloat16; DEVICE cuda (default) or cpu
 #   EXTRA   more `attnprobe budget` options, e.g. "--quick --selectors retrieval,random" (a CPU smoke run)
 #
@@ -35,7 +35,7 @@ if [ -n "${RESUME:-}" ] && [ ! -d "$RUN" ]; then tar -xzf "$RESUME" -C "$WORK" |
 start=$(date +%s)
 timeout "${HARD:-480}" python3 -m attnprobe.analyses.cli --dtype "${DTYPE:-float32}" --device "${DEVICE:-cuda}" budget \
   --model "${MODEL:-smollm2-135m}" --from "$CENSUS" --out "$RUN" --time-limit "${LIMIT:-330}" --chunk 512 \
-  --lengths "${LENGTHS:-1024,4096,8000}" ${EXTRA:-} > "$OUT/budget.log" 2>&1
+  --lengths "${LENGTHS:-1024,2048,4096}" ${EXTRA:-} > "$OUT/budget.log" 2>&1
 rc=$?
 echo "rc=$rc wall=$(( $(date +%s) - start )) s" >> "$OUT/budget.log"
 tail -40 "$OUT/budget.log"

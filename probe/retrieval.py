@@ -105,8 +105,11 @@ def resolve_format(tokenizer, prompt_format: str) -> str:
 
 
 def wrap_prompt(tokenizer, body_ids: list[int], tail_text: str, prompt_format: str = "auto",
-                bos: bool | None = None) -> tuple[list[int], int]:
+                bos: bool | None = None, reply: str = "") -> tuple[list[int], int]:
     """Ids of `body_ids` + `tail_text`, inside the chat template or plain; returns (ids, offset of the body).
+
+    `reply` is where the answer starts: after the template's generation prompt, or, plain, on the
+    line after `tail_text`.
 
     BOS: None keeps the tokenizer's convention, True adds one at the start unless the prompt already
     starts with it, False adds none. A chat template's own tokens are never removed: SmolLM2's
@@ -116,9 +119,9 @@ def wrap_prompt(tokenizer, body_ids: list[int], tail_text: str, prompt_format: s
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
                                                  add_generation_prompt=True)
         head, tail = rendered.split(_PLACEHOLDER)
-        head_ids, tail_ids = _encode(tokenizer, head), _encode(tokenizer, tail_text + tail)
+        head_ids, tail_ids = _encode(tokenizer, head), _encode(tokenizer, tail_text + tail + reply)
     else:
-        head_ids, tail_ids = [], _encode(tokenizer, tail_text)
+        head_ids, tail_ids = [], _encode(tokenizer, tail_text + ("\n" + reply if reply else ""))
         if bos is None:
             bos = adds_bos(tokenizer)
     bos_id = tokenizer.bos_token_id

@@ -187,6 +187,15 @@ def test_bos_off_keeps_the_chat_templates_own_first_token():
     assert tok.decode(off["prompt_ids"][a0:a1]).strip() == "smoked paprika"
 
 
+def test_reply_starts_the_answer_after_the_generation_prompt_or_on_a_new_line():
+    body = [ord(c) for c in "list"]
+    chat, offset = retrieval.wrap_prompt(ChatCharTokenizer(), body, " ask", "auto", reply="key:")
+    plain, _ = retrieval.wrap_prompt(CharTokenizer(), body, " ask", "auto", reply="key:")
+    assert CharTokenizer().decode(chat) == "[user]list ask[end]\n[assistant]key:" and offset == len("[user]")
+    assert CharTokenizer().decode(plain) == "list ask\nkey:"
+    assert retrieval.wrap_prompt(CharTokenizer(), body, " ask")[0] == body + [ord(c) for c in " ask"]
+
+
 def test_packaged_needles_are_well_formed():
     needles = retrieval.load_needles()
     assert len(needles) >= 8
