@@ -371,7 +371,7 @@ def _run_matrix(model, backend, variants, heads, out, sizes, settings, progress,
     recall_table = pd.concat(recall_rows, ignore_index=True)
     write_parquet(out / "matrix.parquet", table)
     write_parquet(out / "recall.parquet", recall_table)
-    write_parquet(out / "niah.parquet", recall_table[recall_table["task"] == "passkey"])
+    write_parquet(out / "niah.parquet", recall_table[recall_table["task"].isin(["passkey", "niah"])])  # depth x length tasks
     (out / "matrix.md").write_text(matrix_markdown(table))
     return table, recall_table
 

@@ -64,6 +64,16 @@ def test_matrix_uses_the_runs_one_bos_convention(tiny, tmp_path, monkeypatch):
     assert bool((fitted[0][:, 0] == model.tokenizer.bos_token_id).all())
 
 
+def test_matrix_writes_the_depth_grids_of_passkey_and_niah(tiny, tmp_path):
+    """niah.parquet (the recall_grids figure's input) holds every depth x length task, not passkey alone."""
+    model, backend = tiny
+    variant = Variant("original", None, lambda m, h: set(), "the pretrained model")
+    architectures.run_matrix(model, backend, [variant], None, tmp_path, MatrixSizes.quick(**SIZES))
+    grids = pd.read_parquet(tmp_path / "niah.parquet")
+    assert set(grids["task"]) == {"passkey", "niah"}
+    assert set(pd.read_parquet(tmp_path / "recall.parquet")["task"]) == {"passkey", "niah", "kv_recall", "copying"}
+
+
 def test_census_and_matrix_quote_one_perplexity(tmp_path):
     """The census's massive-activation intervention ("none" row) and the matrix score the same text
     with the same function: one number."""
