@@ -17,7 +17,7 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
@@ -316,6 +316,14 @@ def _compact(value: float) -> str:
 
 # ----------------------------------------------------------------------------- recall
 
+def _bytes_label(value: float) -> str:
+    """'9.4 MB'-style tick text: the style turns mathtext off, so log ticks need plain labels."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} B"
+
+
 @styled
 def recall_grids(niah: pd.DataFrame) -> Figure:
     """Accuracy over needle depth x context length: rows = task, columns = variant."""
@@ -325,7 +333,7 @@ def recall_grids(niah: pd.DataFrame) -> Figure:
     n_depths = accuracy["depth"].nunique()
     scale = 100 if accuracy["depth"].max() <= 1 else 1  # depth as a fraction or already in percent
     fig = style.new_figure("full", height=0.6 + len(tasks) * (0.35 + 0.17 * n_depths))
-    axes = fig.subplots(len(tasks), len(variants), squeeze=False, sharex=True, sharey=True)
+    axes = fig.subplots(len(tasks), len(variants), squeeze=False, sharex=True, sharey="row")  # tasks differ in depths
     for row, task in enumerate(tasks):
         for column, variant in enumerate(variants):
             ax = axes[row, column]
@@ -553,6 +561,7 @@ def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
         if column == "kv_cache_bytes_measured":
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _bytes_label(value)))  # no mathtext (style)
         ax.set_xlabel(f"{labels[column]} at {context} tokens")
         ax.set_ylim(-0.05, 1.05)
         sns.despine(ax=ax)

@@ -128,6 +128,18 @@ def test_pdf_on_request_and_bad_inputs(tmp_path):
         write_report(tmp_path / "nowhere")
 
 
+def test_recall_grids_show_every_depth_of_each_task():
+    """Passkey and NIAH have their own depths: each row of grids shows all of its task's depths."""
+    rows = [{"variant": v, "task": task, "length": length, "depth": depth, "correct": True}
+            for v in ("original", "sink+window") for task, depths in (("passkey", (0.0, 0.25, 0.5, 0.75)), ("niah", (0.25, 0.75)))
+            for depth in depths for length in (1024, 2048)]
+    fig = figures.recall_grids(pd.DataFrame(rows))
+    fig.canvas.draw()
+    for ax, depths in zip(fig.axes[:4], (4, 4, 2, 2)):
+        assert len([t for t in ax.get_yticklabels() if t.get_text()]) in (depths, 0)
+        assert abs(ax.get_ylim()[0] - ax.get_ylim()[1]) == depths
+
+
 def test_mean_ci95_uses_student_t():
     mean, half = figures.mean_ci95(pd.Series([1.0, 2.0, 3.0]))
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))

@@ -40,6 +40,9 @@ def test_frontier_plots_each_architecture_at_the_longest_solved_length_and_conte
     assert any(abs(seg[0][1] - low) < 1e-9 and abs(seg[1][1] - high) < 1e-9 for c in bars for seg in c.get_segments())
     markers = [line.get_marker() for line in memory.lines if line.get_marker() not in ("None", "_", None)]
     assert "*" in markers  # the original is marked
+    fig.canvas.draw()  # the style turns mathtext off: log ticks must read as bytes, not '$\\mathdefault{10^{5}}$'
+    ticks = [label.get_text() for label in memory.get_xticklabels() if label.get_text()]
+    assert ticks and all("$" not in tick and tick.endswith("B") for tick in ticks), ticks
 
 
 def test_frontier_needs_measured_columns():
