@@ -17,7 +17,7 @@ import seaborn as sns
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.reducers import Keep
@@ -561,6 +561,7 @@ def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
         if column == "kv_cache_bytes_measured":
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # a span under a decade still gets labels
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _bytes_label(value)))  # no mathtext (style)
         ax.set_xlabel(f"{labels[column]} at {context} tokens")
         ax.set_ylim(-0.05, 1.05)
