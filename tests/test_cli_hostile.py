@@ -139,7 +139,9 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(tiny, tmp_path):
     out = tmp_path / "run"
     many = ["--lengths", "128,192,256", "--depths", "0.1,0.3,0.5,0.7,0.9", "--needles", "10"] + SMALL[SMALL.index("--sink-sequences"):]
     command = CLI + ["census", "--model", str(tiny), "--out", str(out)] + many
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     samples = out / "shards" / "niah"
     deadline = time.time() + 300
     while not any(samples.glob("*.json")) and time.time() < deadline and process.poll() is None:
