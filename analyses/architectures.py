@@ -298,10 +298,9 @@ def _record_texts(path: Path, used: list[dict]) -> None:
 
 def _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit=None):
     keep = variant.keep(model, heads)
-    if fit is not None:
-        kernel = fit
-    else:
-        kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps, bos) if variant.kernel else None
+    kernel = fit
+    if kernel is None and variant.kernel:
+        kernel = fitted_kernel(model, backend, variant.kernel, out / "fits", sizes.fit_tokens, sizes.fit_steps, bos)
     edits = variant_edits(model, kernel, keep)
     name = variant.name
     with backend.patched(edits):

@@ -264,7 +264,6 @@ def test_a_damaged_model_directory_is_one_clear_error(tiny, tmp_path, damage, me
 
 
 def test_the_cli_names_a_damaged_model_directory_without_a_traceback(tiny, tmp_path):
-
     path = damaged_copy(tiny, tmp_path, "truncated")
     result = attnprobe("info", "--model", path, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr

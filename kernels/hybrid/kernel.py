@@ -140,15 +140,16 @@ class HybridKernel(Kernel):
         sink_ok = (torch.arange(n_sinks, device=device)[None, :] < query_pos[:, :1] - window)[:, None, :].expand(-1, window, -1)
         exact = torch.cat([sink_ok, exact], dim=-1)
         phi_q, phi_k = self._features(q, k, scaling)
-        middle = s = n = None
+        qb, kb, vb = (blocks(x) for x in (q, k, v))
+        middle = s = n = phi_qb = phi_kb = None
         if phi_q is not None:
+            phi_qb, phi_kb = blocks(phi_q), blocks(phi_k)
             middle = torch.cat([torch.zeros_like(sink_ok), visible & ~exact[..., n_sinks:] & (local_pos >= self.sinks)[:, None, :]], dim=-1)
             # keys of the blocks before b-1, past the sinks: an exclusive prefix sum shifted by two blocks
             past_sinks = (torch.arange(length, device=device) >= self.sinks)[:, None]
-            fk, vb = blocks(phi_k * past_sinks), blocks(v)
+            fk = blocks(phi_k * past_sinks)
             s = F.pad((fk.transpose(-1, -2) @ vb).cumsum(dim=2), (0, 0, 0, 0, 2, 0))[:, :, :n_blocks]
             n = F.pad(fk.sum(dim=3).cumsum(dim=2), (0, 0, 2, 0))[:, :, :n_blocks]
-        tensors = [blocks(x) for x in (q, k, v)] + ([] if phi_q is None else [blocks(phi_q), blocks(phi_k)])
         budget = GROUP_SCORES_CUDA if q.is_cuda else GROUP_SCORES_CPU
         group = max(1, budget // (q.shape[0] * q.shape[1] * window * exact.shape[-1]))
         outputs = []
@@ -159,8 +160,7 @@ class HybridKernel(Kernel):
                 before = xb[:, :, b0 - 1:b1 - 1] if b0 else F.pad(xb[:, :, :b1 - 1], (0, 0, 0, 0, 1, 0))
                 return torch.cat([raw[:, :, None, :n_sinks].expand(-1, -1, b1 - b0, -1, -1), before, xb[:, :, b0:b1]], dim=3)
 
-            qb, kb, vb = tensors[:3]
-            phi = None if phi_q is None else (tensors[3][:, :, b0:b1], keys(tensors[4], phi_k), middle[b0:b1],
+            phi = None if phi_q is None else (phi_qb[:, :, b0:b1], keys(phi_kb, phi_k), middle[b0:b1],
                                               LinearState(s[:, :, b0:b1], n[:, :, b0:b1], None))
             outputs.append(self._mix(qb[:, :, b0:b1], keys(kb, k), keys(vb, v), scaling, exact[b0:b1], *(phi or ())))
         z = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, :length]
