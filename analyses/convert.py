@@ -28,7 +28,6 @@ batch). A conversion directory holds
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import time
@@ -43,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attnprobe.hooks.backends import Backend
+from attnprobe.hooks.embedded import file_sha256
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
@@ -248,14 +248,6 @@ class _Switched:
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _identity(model: Model, config: ConvertConfig, heads: Mapping[int, list[int]], data: TrainingData) -> dict:
     """What a checkpoint must match to be resumed."""
     return {"format": FORMAT, "model_hash": model.info.weights_sha256, "kernel": config.kernel,
@@ -289,7 +281,7 @@ def save_checkpoint(directory: Path, identity: dict, progress: dict, named: Mapp
     _atomic(directory / name, lambda temp: save_file(tensors, temp))
     previous = read_json(directory / CHECKPOINT)["tensors"] if (directory / CHECKPOINT).exists() else None
     write_json(directory / CHECKPOINT, {**identity, **progress, "param_groups": groups, "tensors": name,
-                                        "tensors_sha256": _sha256(directory / name)})
+                                        "tensors_sha256": file_sha256(directory / name)})
     if previous and previous != name:
         (directory / previous).unlink(missing_ok=True)
 
@@ -312,7 +304,7 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
             detail = f" ({str(have)[:12]} != {str(want)[:12]})" if key in ("model_hash", "kernel", "data_sha256") else ""
             raise AttnprobeError(f"checkpoint {path} was made for {what}{detail}: rerun with the same options, or {fix}")
     tensors_path = directory / manifest.get("tensors", "")
-    if not tensors_path.is_file() or _sha256(tensors_path) != manifest.get("tensors_sha256"):
+    if not tensors_path.is_file() or file_sha256(tensors_path) != manifest.get("tensors_sha256"):
         raise AttnprobeError(f"checkpoint tensors {tensors_path} are missing or damaged (sha256 differs from {path}): {fix}")
     try:
         return manifest, load_file(tensors_path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.hooks.model import Model, cache_root
+from attnprobe.hooks.model import Model, cache_root, hub_reachable
 from attnprobe.probe import texts
 from attnprobe.probe.rundir import _atomic
 
@@ -80,17 +79,9 @@ def _documents_from_path(path: Path) -> list[str]:
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 
-def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _documents_from_dataset(name: str, split: str = "train", column: str = "text", limit_chars: int | None = None) -> list[str]:
     """Text of a Hugging Face dataset `NAME` or `NAME:CONFIG`, streamed until `limit_chars` characters."""
-    if not _network_reachable():
+    if not hub_reachable():
         raise AttnprobeError(f"no network to fetch dataset '{name}' from the Hugging Face hub: "
                              "pass local files with --data, or leave both out to train on self-sampled text")
     try:

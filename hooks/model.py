@@ -217,7 +217,7 @@ def _check_device(device) -> str:
     return str(device)
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """A TCP connect to the hub with a short timeout, so an offline machine fails in seconds, not minutes."""
     from huggingface_hub import constants
 
@@ -238,7 +238,7 @@ def _hub_kwargs(spec: str) -> dict:
 
     if isinstance(try_to_load_from_cache(spec, "config.json"), str):
         return {"local_files_only": True}
-    if not _hub_reachable():
+    if not hub_reachable():
         raise AttnprobeError(f"'{spec}' is not an embedded model ({', '.join(EMBEDDED)}) or a local path, and the hub "
                              "cannot be reached (no network): pass a local model directory or .gguf file")
     return {}

@@ -3,6 +3,7 @@ down, resume after an interruption equals an uninterrupted run, the control, the
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
@@ -236,7 +237,7 @@ def test_budget_larger_than_the_data(tiny, prose_file):
 
 def test_a_dataset_name_without_a_network_fails_at_once(monkeypatch, tiny):
     model, _ = tiny
-    monkeypatch.setattr(training.socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
     started = time.perf_counter()
     with pytest.raises(AttnprobeError, match="no network to fetch dataset 'wikitext:wikitext-2-raw-v1'.*--data"):
         training.training_data(model, 1000, LENGTH, dataset="wikitext:wikitext-2-raw-v1")
@@ -303,7 +304,7 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, prose_file, tmp_path, mo
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20M", "--data", str(prose_file)], "lower --tokens"),
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "lots"], "cannot read a token count"),
              (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network")]
-    monkeypatch.setattr(training.socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
     for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), *args, "--out", str(tmp_path / "run")])
         with pytest.raises(SystemExit) as exit_info:
@@ -341,8 +342,6 @@ def _ddp_worker(rank, world, port, model_dir, prose_file, out):
 
 def test_two_processes_over_gloo_follow_one_process(model_dir, prose_file, tmp_path, monkeypatch):
     """accelerate's data parallelism: the same global batch split over 2 processes gives 1 process's loss curve."""
-    import socket
-
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:
