@@ -214,11 +214,11 @@ class MatrixSizes:
     @classmethod
     def gpu(cls, **given) -> "MatrixSizes":
         """GPU sizes: 36 passkey, 30 key-value, 30 copying and 48 NIAH samples per row, passkey and NIAH at
-        1K-4K (SmolLM2-135M answered 2 of 4 passkeys at 8K in a CPU check, see README); sizes the user gave
-        explicitly (`given`) are kept."""
+        1K-4K (SmolLM2-135M answered 2 of 4 passkeys at 8K in a CPU check, see README), the efficiency columns
+        at 2K, 8K and 32K (NaN past the model's window); sizes the user gave explicitly (`given`) are kept."""
         sizes = dict(passkey_lengths=(1024, 2048, 4096), passkey_samples=3, kv_pairs=(16, 32, 64), kv_samples=10,
                      copy_samples=15, niah_lengths=(1024, 2048, 4096), niah_needles=8, perplexity_tokens=4096,
-                     census_lengths=(1024, 2048), fit_tokens=8192)
+                     census_lengths=(1024, 2048), fit_tokens=8192, efficiency_contexts=(2048, 8192, 32768))
         return cls(**{**sizes, **given})
 
     @classmethod

@@ -378,7 +378,7 @@ def swap(
     variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all; --list-variants shows them)"),
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run); sizes given explicitly are kept"),
-    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 30 samples per task and row, passkey and NIAH to 8K); sizes given explicitly are kept"),
+    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 30 samples per task and row, passkey and NIAH to 4K, efficiency at 2K/8K/32K); sizes given explicitly are kept"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume"),
 ) -> None:
     """Replace heads in place with linear or hybrid kernels and measure what is lost.

@@ -139,3 +139,17 @@ def test_matrix_accuracies_carry_wilson_intervals():
     text = matrix_markdown(pd.DataFrame([{"architecture": "original", "description": "x", **columns}]))
     low, high = wilson_interval(9, 10)
     assert f"0.90 ({low:.2f}-{high:.2f}, n=10)" in text and "passkey_ci_low" not in text
+
+
+def test_gpu_sizes_measure_efficiency_to_32k_and_leave_contexts_past_the_window_undefined(tiny, monkeypatch):
+    model, backend = tiny
+    sizes = MatrixSizes.gpu()
+    assert sizes.efficiency_contexts == (2048, 8192, 32768)
+    assert MatrixSizes.gpu(efficiency_contexts=(64,)).efficiency_contexts == (64,)  # a given size is kept
+    measured = []
+    monkeypatch.setattr(architectures, "measure_decoding",
+                        lambda m, b, edits, context, tokens: measured.append(context) or {"decode_tokens_per_s": 1.0})
+    monkeypatch.setattr(model.info, "max_context", 8192)
+    columns = architectures.efficiency_columns(model, backend, [], sizes)
+    assert measured == [2048, 8192]
+    assert columns["decode_tokens_per_s_8192"] == 1.0 and math.isnan(columns["decode_tokens_per_s_32768"])
