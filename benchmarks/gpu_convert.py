@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
     plan = read_json(plan_path)
     names = [n for n in args.rows.split(",") if n]
-    variants = [catalogue(model)[n] for n in names] + [conversion.control_variant()]
+    variants = [conversion.control_variant()] + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
     config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
     results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
