@@ -586,10 +586,6 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
     matrix code with the gate: (matrix table, recall rows); (None, None) without `evaluate` or off the main process."""
     import dataclasses
 
-    import pandas as pd
-
-    from .architectures import catalogue, evaluate_variant, gate_columns
-
     out = Path(out)
     rows_to_convert = [v for v in variants if v.name != "original"]
     for variant in rows_to_convert:
@@ -601,8 +597,21 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
 
     if not evaluate or not PartialState().is_main_process:
         return None, None
+    return evaluate_conversions(model, backend, rows_to_convert, out, sizes, heads_table, status)
+
+
+def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
+                         status: Callable[[str], None] = lambda m: None):
+    """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
+    finished row in out/variants/) through the matrix code, with the gate: (matrix table, recall rows).
+    Needs no training data, so conversions made on one machine are evaluated on another."""
+    import pandas as pd
+
+    from .architectures import catalogue, evaluate_variant, gate_columns
+
+    out = Path(out)
     rows, samples = [], []
-    for variant in [catalogue(model)["original"], *rows_to_convert]:
+    for variant in [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]:
         done = out / "variants" / f"{variant.name}.json"
         if done.exists():  # resume: a finished row is not evaluated again
             rows.append(read_json(done))

@@ -10,8 +10,9 @@ Parts (each resumes where the previous call stopped, as long as --work survives 
                 mixed with the prose's training range; cached under --work
     convert     every row of --rows and the control, two stages each, checkpoints every 25 steps; after each
                 row its fit and adapters go into $OUT (conversions-N.tar, under 15 MiB each)
-    evaluate    the matrix code on every row (recall at --sizes (MatrixSizes.gpu: 30+ samples per task), held-out perplexity, the gate)
-                -> matrix.md, matrix.parquet
+    evaluate    the matrix code on the original and every row converted under --work (recall at --sizes (MatrixSizes.gpu:
+                30+ samples per task), held-out perplexity, the gate) -> matrix.md, matrix.parquet; needs neither a GPU
+                nor the training data, so rows converted on the GPU (conversions-N.tar) are evaluated anywhere
     all         the four in order (or name several: --part throughput,data)
 
 Everything written to $OUT is written as soon as it exists: results.jsonl (one line per finished step of the
@@ -145,17 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ce-weight", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=2, help="passes over the sampled data (halves the sampling)")
     parser.add_argument("--bench-steps", type=int, default=10)
-    parser.add_argument("--sizes", default="gpu", choices=["gpu", "quick"], help="evaluation sizes (architectures.MatrixSizes)")
+    parser.add_argument("--sizes", default="gpu", choices=["gpu", "cpu", "quick"],
+                        help="evaluation sizes (architectures.MatrixSizes: gpu(), the CPU defaults, quick())")
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and not args.quick:
-        print("no CUDA device: this benchmark needs a GPU (or --quick for a smoke run on the CPU)")
-        return 2
     every = ["throughput", "data", "convert", "evaluate"]
     parts = every if args.part == "all" else [part.strip() for part in args.part.split(",")]
     if set(parts) - set(every):
         print(f"unknown --part {args.part}: choose from {', '.join(every)} or all")
+        return 2
+    if not torch.cuda.is_available() and not args.quick and parts != ["evaluate"]:
+        print("no CUDA device: training needs a GPU (--part evaluate runs anywhere; --quick is a smoke run on the CPU)")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
@@ -185,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.rows.split(",") if n]
     variants = [conversion.control_variant()] + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
     config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
-    results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
-    if set(parts) & {"data", "convert", "evaluate"}:
+    if set(parts) & {"data", "convert"}:  # evaluating reads the conversions' own manifests, not this plan
+        results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)
         began = time.perf_counter()
         data = training_data(model, steps * config.batch * config.length, config.length, epochs=args.epochs,
                              sample_batch=args.sample_batch)
@@ -209,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                         mean_head_error=_mean(manifest["head_error"]))
             pack(args, [v.name for v in variants])
     if "evaluate" in parts:
-        sizes = MatrixSizes.quick(census=False) if args.quick else getattr(MatrixSizes, args.sizes)(census=False)
+        sizes = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes](census=False)
 
         def status(message):  # each evaluated row reaches $OUT before the next starts
             if message.startswith("evaluating") and (run / "variants").exists():
                 rows = [read_json(f) for f in sorted((run / "variants").glob("*.json"))]
                 (args.out / "rows.json").write_text(json.dumps(rows, default=str))
             print(message, flush=True)
-        table, _ = conversion.conversion_matrix(model, backend, variants, config, data, run, sizes, None, evaluate=True, status=status)
+        table, _ = conversion.evaluate_conversions(model, backend, variants, run, sizes, None, status)  # the rows converted above
         table.to_parquet(args.out / "matrix.parquet", index=False)
         (args.out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
         shown = [c for c in ("architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc", "kv_recall_acc", "copy_acc",

@@ -19,7 +19,7 @@ if [ "$PHASE" = 0 ]; then  # the kernel families alone on the card: fla parity a
   exit 0
 fi
 if [ ! -f /tmp/model/smollm2.gguf ]; then
-  cp .m2/part01 /tmp/model/ && cat /tmp/model/part00 /tmp/model/part01 > /tmp/model/smollm2.gguf || exit 3
+  cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > /tmp/model/smollm2.gguf || exit 3
 fi
 sha256sum /tmp/model/smollm2.gguf | grep -q ^b179c952 || { echo BADHASH; exit 3; }
 M=/tmp/model/smollm2.gguf; W=/tmp/w; mkdir -p $W/logs

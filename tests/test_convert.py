@@ -387,6 +387,26 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     assert "conversions/all-hedgehog/fit/params.safetensors" in names and "conversions/control/adapters.safetensors" in names
     assert not any("checkpoint" in name for name in names)
 
+    # rows converted elsewhere (the tar unpacked into a fresh --work) are evaluated on the CPU without training data
+    work = tmp_path / "elsewhere"
+    (work / "run").mkdir(parents=True)
+    with tarfile.open(out / "conversions-1.tar") as tar:
+        tar.extractall(work / "run", filter="data")
+    monkeypatch.setattr("attnprobe.analyses.data.training_data", lambda *a, **k: pytest.fail("evaluating sampled training data"))
+    again = tmp_path / "again"
+    code = gpu_convert.main(["--model", str(model_dir), "--part", "evaluate", "--sizes", "quick", "--out", str(again),
+                             "--work", str(work), "--rows", "all-hedgehog"])
+    assert code == 0
+    kinds = [json.loads(line)["kind"] for line in (again / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["loaded", "matrix", "done"]
+    import pandas as pd
+
+    evaluated = pd.read_parquet(again / "matrix.parquet").set_index("architecture")
+    assert {"original", "control", "all-hedgehog"} <= set(evaluated.index)
+    first = pd.read_parquet(out / "matrix.parquet").set_index("architecture")
+    assert evaluated.loc["all-hedgehog", "perplexity"] == pytest.approx(first.loc["all-hedgehog", "perplexity"], rel=1e-4)
+    assert gpu_convert.main(["--model", str(model_dir), "--part", "convert", "--out", str(again), "--work", str(work)]) == 2
+
 
 def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, monkeypatch):
     import sys
