@@ -21,6 +21,7 @@ from attnprobe.hooks.model import Model
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 from attnprobe.probe import texts
+from attnprobe.probe.rundir import write_json, write_parquet
 
 from .selection import Head, by_layer, parse_heads, top_heads
 
@@ -155,36 +156,73 @@ def _summary_row(task: str, selection: str, k: int, seed: int, group: pd.DataFra
             "n": total, "ci_low": low, "ci_high": high}
 
 
+class SweepCells:
+    """A sweep's finished configurations, one parquet each under `folder`, so an interrupted sweep resumes.
+    `settings` (what the task and masking were) is written once; a folder of another sweep is refused.
+    `texts.json` keeps the text ranges the finished cells read (a fully resumed run reads none)."""
+
+    def __init__(self, folder: Path, settings: dict) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "settings.json"
+        if config.exists() and json.loads(config.read_text()) != json.loads(json.dumps(settings)):
+            raise AttnprobeError(f"{self.folder} holds a sweep with other settings: give another --out, or delete it to start over")
+        write_json(config, settings)
+
+    def get(self, label: str) -> pd.DataFrame | None:
+        path = self.folder / f"{label}.parquet"
+        return pd.read_parquet(path) if path.exists() else None
+
+    def put(self, label: str, rows: pd.DataFrame, used: list[dict]) -> None:
+        write_parquet(self.folder / f"{label}.parquet", rows)
+        write_json(self.folder / "texts.json", texts.summarise(self.texts() + used))
+
+    def texts(self) -> list[dict]:
+        path = self.folder / "texts.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+
 def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[int], draws: int = DEFAULT_DRAWS,
                   task: Task | None = None, mode: str = "uniform", score: str = "retrieval_score",
                   exclude_top: int | None = None, bos: bool = False,
-                  progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  progress: Callable[[str], None] | None = None,
+                  cells: SweepCells | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Mask the top-K heads by `score` and, `draws` times per K, K random heads drawn outside the top
     `exclude_top` (default: 10 % of all heads, at least max(K)).
 
-    `task` should not be what ranked the heads (`heldout_niah`). Returns (summary: task, selection,
-    k, seed, accuracy, n, ci_low, ci_high with one row per draw and a 'random-pooled' row per K whose
-    Wilson interval pools every draw's samples; every sample's row)."""
+    `task` should not be what ranked the heads (`heldout_niah`). With `cells`, each finished configuration
+    is saved and a rerun evaluates only the missing ones. Returns (summary: task, selection, k, seed,
+    accuracy, n, ci_low, ci_high with one row per draw and a 'random-pooled' row per K whose Wilson
+    interval pools every draw's samples; every sample's row, without the model's responses)."""
     if task is None:
         raise AttnprobeError("give the sweep a task, e.g. heldout_niah(run_dir, lengths, depths)")
     progress = progress or (lambda message: None)
+
+    def cell(label: str, heads: Sequence[Head], **columns) -> pd.DataFrame:
+        saved = cells.get(label) if cells else None
+        if saved is not None:
+            return saved
+        with texts.recording() as used:
+            edits = ablation_edits(model, backend, heads, mode, bos=bos) if heads else []
+            rows = evaluate(model, backend, edits, task, label).assign(**columns).drop(columns=["response"], errors="ignore")
+        if cells:
+            cells.put(label, rows, used)
+        return rows
+
     info = model.info
     total = info.n_layers * info.n_heads
     exclude_top = max(max(ks), round(EXCLUDED_SHARE * total)) if exclude_top is None else exclude_top
     if exclude_top + max(ks) > total:
         raise AttnprobeError(f"cannot draw {max(ks)} random heads outside the top {exclude_top} of {total}: lower --exclude-top")
     banned = ",".join(f"{layer}.{head}" for layer, head in top_heads(run_dir, exclude_top, score))
-    samples = [evaluate(model, backend, [], task, "original").assign(selection="none", k=0, seed=-1)]
+    samples = [cell("original", [], selection="none", k=0, seed=-1)]
     progress("original")
     for k in ks:
-        top = top_heads(run_dir, k, score)
-        samples.append(evaluate(model, backend, ablation_edits(model, backend, top, mode, bos=bos), task, f"top-{k}")
-                       .assign(selection="top", k=k, seed=-1))
+        samples.append(cell(f"top-{k}", top_heads(run_dir, k, score), selection="top", k=k, seed=-1))
         progress(f"top-{k}")
         for seed in range(draws):
             chosen = parse_heads(f"random:{k}", info, run_dir, seed, exclude=banned or None)
-            samples.append(evaluate(model, backend, ablation_edits(model, backend, chosen, mode, bos=bos), task,
-                                    f"random-{k}-s{seed}").assign(selection="random", k=k, seed=seed))
+            samples.append(cell(f"random-{k}-s{seed}", chosen, selection="random", k=k, seed=seed))
             progress(f"random-{k} draw {seed + 1}/{draws}")
     rows = pd.concat(samples, ignore_index=True)
     summary = wilson_summary(rows)

@@ -290,7 +290,7 @@ def ablate(
     Writes ablation.parquet (task, selection, k, seed, accuracy, n, 95 % Wilson interval), niah.parquet
     (every sample: variant, task, length, depth, correct) and manifest.json."""
     from attnprobe.analyses import recall
-    from attnprobe.analyses.ablation import MODES, ablation_edits, evaluate, heldout_niah, masking_sweep, wilson_summary
+    from attnprobe.analyses.ablation import MODES, SweepCells, ablation_edits, evaluate, heldout_niah, masking_sweep, wilson_summary
     from attnprobe.probe import texts as texts_module
     from attnprobe.probe.census import resolve_bos
     from attnprobe.analyses.selection import parse_heads
@@ -334,10 +334,14 @@ def ablate(
     started = time.time()
     recorder = texts_module.recording()
     used_text = recorder.__enter__()  # the text ranges this run reads, for its manifest
-    if sweep is not None:
+    if sweep is not None:  # each finished configuration is kept under OUT/sweep_cells: a rerun resumes
+        cells = SweepCells(out / "sweep_cells", {"ks": ks, "draws": seeds, "mode": mode, "score": score, "exclude_top": exclude_top,
+                                                 "task": task, "lengths": length_list, "depths": depth_list, "bos": bos,
+                                                 "census": str(Path(from_run).resolve()), "weights": loaded.info.weights_sha256})
         with console.status("sweeping") as status:
             summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score, exclude_top, bos,
-                                          progress=lambda message: status.update(f"sweep: {message}"))
+                                          progress=lambda message: status.update(f"sweep: {message}"), cells=cells)
+        used_text.extend(cells.texts())  # the ranges the resumed cells read in an earlier run
         chosen_label = f"sweep {ks} by {score}"
     else:
         chosen = parse_heads(heads, loaded.info, from_run, seed, exclude, layers)

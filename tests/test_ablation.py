@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from attnprobe.analyses import ablation
 from attnprobe.analyses.ablation import DEFAULT_DRAWS, ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
 from attnprobe.analyses.selection import parse_heads
 from attnprobe.hooks.errors import AttnprobeError
@@ -97,6 +98,37 @@ def test_sweep_top_heads_hurt_more_than_random(planted, tmp_path):
     assert by["none"]["accuracy"].item() == 1.0
     assert top["accuracy"] < by["random"]["accuracy"].min()
     assert pooled["n"] == 10 * top["n"] and top["ci_high"] < pooled["ci_low"]
+
+
+def test_an_interrupted_sweep_resumes_from_its_saved_cells(planted, tmp_path, monkeypatch):
+    """Each finished configuration is saved; after a crash in the fourth, the rerun evaluates only what is
+    missing and equals an uninterrupted sweep. A folder holding another sweep's cells is refused."""
+    model, backend = planted
+    score = {COPY_HEAD: 1.0, PREVIOUS_HEAD: 0.5}
+    pd.DataFrame([{"layer": l, "head": h, "retrieval_score": score.get((l, h), 0.0)} for l in range(2) for h in range(4)]
+                 ).to_parquet(tmp_path / "heads.parquet")
+    whole, _ = masking_sweep(model, backend, tmp_path, ks=[1], draws=4, task=copy_task, exclude_top=2)
+    evaluated = []
+
+    def crashing(m, label):
+        if len(evaluated) == 3:
+            raise KeyboardInterrupt
+        evaluated.append(label)
+        return copy_task(m, label)
+
+    settings = {"ks": [1], "draws": 4}
+    with pytest.raises(KeyboardInterrupt):
+        masking_sweep(model, backend, tmp_path, ks=[1], draws=4, task=crashing, exclude_top=2,
+                      cells=ablation.SweepCells(tmp_path / "cells", settings))
+    assert evaluated == ["original", "top-1", "random-1-s0"]
+    evaluated.clear()
+    resumed, rows = masking_sweep(model, backend, tmp_path, ks=[1], draws=4, task=lambda m, label: evaluated.append(label)
+                                  or copy_task(m, label), exclude_top=2, cells=ablation.SweepCells(tmp_path / "cells", settings))
+    assert evaluated == ["random-1-s1", "random-1-s2", "random-1-s3"]
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert len(rows) == 6 * 10 and "response" not in rows
+    with pytest.raises(AttnprobeError, match="other settings"):
+        ablation.SweepCells(tmp_path / "cells", {"ks": [2], "draws": 4})
 
 
 def test_sweep_random_heads_never_come_from_the_excluded_top(planted, tmp_path, monkeypatch):

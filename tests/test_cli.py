@@ -94,6 +94,25 @@ def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
     assert measured.loc["all-elu", "kv_cache_bytes_measured_64"] < measured.loc["original", "kv_cache_bytes_measured_64"]
 
 
+def test_a_rerun_sweep_reuses_its_saved_cells(tiny, census_dir, tmp_path):
+    census, _ = census_dir
+    args = ("ablate", "--model", tiny, "--sweep", "1", "--seeds", "2", "--from", census, "--task", "niah",
+            "--lengths", "96", "--depths", "0.5", "--out", tmp_path / "sweep")
+    first = attnprobe(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    cells = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "sweep_cells").glob("*.parquet")}
+    assert set(cells) == {"original.parquet", "top-1.parquet", "random-1-s0.parquet", "random-1-s1.parquet"}
+    before = pd.read_parquet(tmp_path / "sweep" / "ablation.parquet")
+    texts = json.loads((tmp_path / "sweep" / "manifest.json").read_text())["texts"]
+    again = attnprobe(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "sweep_cells").glob("*.parquet")} == cells
+    pd.testing.assert_frame_equal(before, pd.read_parquet(tmp_path / "sweep" / "ablation.parquet"))
+    assert texts and json.loads((tmp_path / "sweep" / "manifest.json").read_text())["texts"] == texts  # the resumed cells' ranges
+    other = attnprobe(*args[:-2], "--mode", "zero", "--out", tmp_path / "sweep")
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["info", "--model", "/no/such/model.gguf"], "not found"),
     (["info", "--model", "nonsense-model"], "is not an embedded model"),
