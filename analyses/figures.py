@@ -527,6 +527,19 @@ def passkey_frontier_length(recall: pd.DataFrame) -> int:
     return int(solved.index.max()) if not solved.empty else int(passkey["length"].min())
 
 
+def label_lifts(points: Sequence[tuple[float, float]], log: bool = False, near: float = 0.3) -> list[int]:
+    """How many label heights to raise each point's label so labels of points that lie close together (x within
+    `near` of the panel's x span, about one label's width; log x on a log axis; accuracy within 0.05) do not
+    print over each other."""
+    xs = [math.log10(max(x, 1e-30)) if log else x for x, _ in points]
+    span = (max(xs) - min(xs)) or 1.0
+    lifts: list[int] = []
+    for i, (x, (_, y)) in enumerate(zip(xs, points)):
+        taken = {lifts[j] for j in range(i) if abs(xs[j] - x) < near * span and abs(points[j][1] - y) < 0.05}
+        lifts.append(next(level for level in range(len(points) + 1) if level not in taken))
+    return lifts
+
+
 @styled
 def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
     """Recall against decode cost: passkey accuracy (95 % Wilson interval) at the longest length the original
@@ -545,11 +558,11 @@ def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
     axes = fig.subplots(1, 2, sharey=True)
     labels = {"kv_cache_bytes_measured": "cache + states, bytes (less is cheaper)", "decode_tokens_per_s": "decode tokens/s (more is faster)"}
     for ax, (column, context) in zip(axes, panels):
-        for row in matrix.itertuples():
-            name = row.architecture
-            if name not in at.index or pd.isna(getattr(row, f"{column}_{context}")):
-                continue
-            x = float(getattr(row, f"{column}_{context}"))
+        points = [(row.architecture, float(getattr(row, f"{column}_{context}"))) for row in matrix.itertuples()
+                  if row.architecture in at.index and not pd.isna(getattr(row, f"{column}_{context}"))]
+        accuracies = {name: at.at[name, "sum"] / at.at[name, "count"] for name, _ in points}
+        lifts = label_lifts([(x, accuracies[name]) for name, x in points], log=column == "kv_cache_bytes_measured")
+        for (name, x), lift in zip(points, lifts):
             correct, total = int(at.at[name, "sum"]), int(at.at[name, "count"])
             low, high = wilson_interval(correct, total)
             accuracy = correct / total
@@ -557,7 +570,7 @@ def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
             marker, color = ("*", "black") if name == "original" else ("o", style.SELECTION_COLORS.get("random", "grey") if control else "C0")
             ax.errorbar([x], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt=marker, color=color,
                         markerfacecolor="none" if control else color, markersize=9 if name == "original" else 5, capsize=2)
-            ax.annotate(name, (x, accuracy), textcoords="offset points", xytext=(4, 3), fontsize=6)
+            ax.annotate(name, (x, accuracy), textcoords="offset points", xytext=(4, 3 + 8 * lift), fontsize=6)
         if column == "kv_cache_bytes_measured":
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())

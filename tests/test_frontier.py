@@ -49,3 +49,13 @@ def test_frontier_needs_measured_columns():
     matrix, recall = tables()
     with pytest.raises(AttnprobeError, match="measured efficiency"):
         figures.frontier(matrix[["architecture"]], recall)
+
+
+def test_labels_of_points_that_lie_together_are_stacked():
+    from attnprobe.analyses.figures import label_lifts
+
+    # 9.0 MB and 9.4 MB at accuracy 0 (all-hedgehog and sink+window on one log axis), 4.4 MB a third of the span
+    # away, 0.38 GB far off, and one point above them
+    points = [(9.0e6, 0.0), (9.4e6, 0.0), (1.5e6, 0.0), (3.8e8, 0.67), (9.2e6, 0.0), (9.1e6, 0.8)]
+    assert label_lifts(points, log=True) == [0, 1, 0, 0, 2, 0]
+    assert label_lifts([(1.0, 0.0), (100.0, 0.0)], log=False) == [0, 0]
