@@ -117,7 +117,9 @@ def main(argv=None) -> int:
         finally:
             dispatch.force_torch(False)
 
-    for name in args.families:
+    started = time.perf_counter()
+    for name in args.families:  # each step announced first: fla compiles its kernels on first use, for minutes
+        print(f"[{time.perf_counter() - started:6.1f} s] parity of {name} at {args.parity_length}", flush=True)
         kernel = kernel_for(name, device)
         q, k, v = inputs(args.parity_length, device, torch.float32)
         reference = prefill(kernel, q, k, v, torch_path=True).float()
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
         q, k, v = inputs(length, device, half)
         sdpa = timed_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device)
         for name in args.families:
+            print(f"[{time.perf_counter() - started:6.1f} s] prefill time of {name} at {length}", flush=True)
             kernel = kernel_for(name, device)
             row = {"family": name, "length": length, "sdpa_ms": sdpa,
                    "fla_ms": timed_ms(lambda f=kernel: prefill(f, q, k, v, False), device) if fla_here else why,
