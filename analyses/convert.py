@@ -633,6 +633,35 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
     return table, pd.concat(samples, ignore_index=True).drop(columns=["response"], errors="ignore")
 
 
+def census_of_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
+                          status: Callable[[str], None] = lambda m: None):
+    """The small census of the matrix (`census_presence`) re-run inside the original and each variant converted
+    into out/conversions/NAME: which mechanisms each converted architecture keeps, measured in its own heads
+    (effective attention for the linear ones). Each row is saved in out/census/NAME.json (a rerun resumes);
+    returns the table (architecture and the census columns)."""
+    import pandas as pd
+
+    from attnprobe.probe.census import resolve_bos
+
+    from .architectures import catalogue, census_presence, variant_edits
+
+    out = Path(out)
+    bos = resolve_bos(sizes.bos, model)
+    rows = []
+    for variant in [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]:
+        done = out / "census" / f"{variant.name}.json"
+        if not done.exists():
+            status(f"census of {variant.name}")
+            context = applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
+            with context as fit:
+                edits = variant_edits(model, fit, variant.keep(model, heads_table)) if variant.kernel else []
+                with backend.standing_edits(edits):
+                    columns = census_presence(model, backend, out / "census" / variant.name, sizes, bos)
+            write_json(done, {"architecture": variant.name, **columns})
+        rows.append(read_json(done))
+    return pd.DataFrame(rows)
+
+
 def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],

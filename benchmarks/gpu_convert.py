@@ -13,7 +13,9 @@ Parts (each resumes where the previous call stopped, as long as --work survives 
     evaluate    the matrix code on the original and every row converted under --work (recall at --sizes (MatrixSizes.gpu:
                 30+ samples per task), held-out perplexity, the gate) -> matrix.md, matrix.parquet; needs neither a GPU
                 nor the training data, so rows converted on the GPU (conversions-N.tar) are evaluated anywhere
-    all         the four in order (or name several: --part throughput,data)
+    census      the matrix's small census re-run inside the original and every converted row (which mechanisms each
+                keeps, in its own heads) -> census.parquet; like evaluate it runs anywhere
+    all         the first four in order (or name several: --part throughput,data)
 
 Everything written to $OUT is written as soon as it exists: results.jsonl (one line per finished step of the
 plan: throughput, data, each row's conversion, each evaluated row), the tars, matrix.md. With --minutes M the
@@ -151,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
-    every = ["throughput", "data", "convert", "evaluate"]
-    parts = every if args.part == "all" else [part.strip() for part in args.part.split(",")]
+    every = ["throughput", "data", "convert", "evaluate", "census"]
+    parts = every[:4] if args.part == "all" else [part.strip() for part in args.part.split(",")]
     if set(parts) - set(every):
         print(f"unknown --part {args.part}: choose from {', '.join(every)} or all")
         return 2
-    if not torch.cuda.is_available() and not args.quick and parts != ["evaluate"]:
-        print("no CUDA device: training needs a GPU (--part evaluate runs anywhere; --quick is a smoke run on the CPU)")
+    if not torch.cuda.is_available() and not args.quick and set(parts) - {"evaluate", "census"}:
+        print("no CUDA device: training needs a GPU (--part evaluate,census run anywhere; --quick is a smoke run on the CPU)")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
@@ -224,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = [c for c in ("architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc", "kv_recall_acc", "copy_acc",
                              "niah_acc") if c in table]
         results.add("matrix", rows=table[shown].to_dict("records"))
+    if "census" in parts:
+        sizes = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]()
+        table = conversion.census_of_conversions(model, backend, variants, run, sizes, None, status=lambda m: print(m, flush=True))
+        table.to_parquet(args.out / "census.parquet", index=False)
+        results.add("census", rows=table.to_dict("records"))
     results.add("done", seconds=round(time.perf_counter() - started, 1))
     return 0
 

@@ -393,14 +393,16 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     with tarfile.open(out / "conversions-1.tar") as tar:
         tar.extractall(work / "run", filter="data")
     monkeypatch.setattr("attnprobe.analyses.data.training_data", lambda *a, **k: pytest.fail("evaluating sampled training data"))
+    import pandas as pd
+
     again = tmp_path / "again"
-    code = gpu_convert.main(["--model", str(model_dir), "--part", "evaluate", "--sizes", "quick", "--out", str(again),
+    code = gpu_convert.main(["--model", str(model_dir), "--part", "evaluate,census", "--sizes", "quick", "--out", str(again),
                              "--work", str(work), "--rows", "all-hedgehog"])
     assert code == 0
     kinds = [json.loads(line)["kind"] for line in (again / "results.jsonl").read_text().splitlines()]
-    assert kinds == ["loaded", "matrix", "done"]
-    import pandas as pd
-
+    assert kinds == ["loaded", "matrix", "census", "done"]
+    census = pd.read_parquet(again / "census.parquet").set_index("architecture")
+    assert list(census.index) == ["original", "control", "all-hedgehog"] and census["sink_rate"].notna().all()
     evaluated = pd.read_parquet(again / "matrix.parquet").set_index("architecture")
     assert {"original", "control", "all-hedgehog"} <= set(evaluated.index)
     first = pd.read_parquet(out / "matrix.parquet").set_index("architecture")
