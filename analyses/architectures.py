@@ -134,31 +134,36 @@ def variant_edits(model: Model, kernel: FitResult | str | None, keep: set[Head])
 
 
 def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, bytes_per_value: int = 2, **options) -> tuple[int, int]:
-    """(bytes per token that grow with context, fixed state bytes) at `bytes_per_value` (fp16/bf16).
+    """(bytes per token that grow with context, fixed state bytes) at `bytes_per_value` (fp16/bf16), as the
+    architecture's cache (`hooks.cache`) holds them.
 
-    A KV head must cache K and V for every token if any of its query heads is softmax (or a sliding
-    layer's window, which is fixed); otherwise it keeps the tokens the kernel keeps exact (a hybrid's
-    sinks and window; every token for the softmax kernel). Each replaced query head also keeps the
-    kernel's own fixed-size state (`Kernel.state_numbers`)."""
+    A KV head caches K and V for every token while any of its query heads is softmax (a sliding layer's
+    window, which is fixed); a KV head whose query heads are all replaced keeps none. Each replaced query head
+    keeps its kernel's own state (`Kernel.state_numbers`) and its own copy of the tokens the kernel keeps exact
+    (a hybrid's sinks and window): the decode state is per query head, so under GQA that copy is `group` times
+    what one shared KV head would need. (A feature-map state also keeps one log-scale number per head,
+    not counted.)"""
     info = model.info
     group = info.n_heads // info.n_kv_heads
     replacement = make_kernel(kernel, 1, info.head_dim, **options) if kernel else None
     per_token, fixed = 0, 0
     kv_numbers = 2 * info.head_dim * bytes_per_value  # K and V of one token
     for layer in range(info.n_layers):
+        replaced = {h for h in range(info.n_heads) if replacement is not None and (layer, h) not in keep}
         for kv in range(info.n_kv_heads):
-            query_heads = range(kv * group, (kv + 1) * group)
-            if replacement is None or any((layer, h) in keep for h in query_heads):
-                tokens = info.window(layer)  # None in a full layer: every token
-            else:
-                tokens = replacement.cached_tokens
-            if tokens is None:
+            if set(range(kv * group, (kv + 1) * group)) <= replaced:
+                continue
+            window = info.window(layer)  # None in a full layer: every token
+            if window is None:
                 per_token += kv_numbers
             else:
-                fixed += kv_numbers * tokens
-        if replacement is not None:
-            replaced = sum(1 for h in range(info.n_heads) if (layer, h) not in keep)
-            fixed += replaced * replacement.state_numbers(info.head_dim) * bytes_per_value
+                fixed += kv_numbers * window
+        if replaced:
+            if replacement.cached_tokens is None:
+                per_token += len(replaced) * kv_numbers
+            else:
+                fixed += len(replaced) * kv_numbers * replacement.cached_tokens
+            fixed += len(replaced) * replacement.state_numbers(info.head_dim) * bytes_per_value
     return per_token, fixed
 
 

@@ -90,6 +90,24 @@ def test_greedy_decoding_through_the_architecture_cache_equals_the_dynamic_cache
     assert cache.nbytes() == expected_bytes(model, edits, length, prompt.shape[0])
 
 
+@pytest.mark.parametrize("architecture, kernel", [("sink+window", "sink+window"), ("window", "window+linear")])
+def test_the_matrix_columns_count_what_the_cache_holds(tiny_llama_model, architecture, kernel):
+    """Under GQA (4 query heads on 2 KV heads) each windowed head keeps its own sinks and window: the matrix's
+    computed fixed bytes equal the measured cache after decoding past the window (a feature-map state's one
+    log-scale number per head aside)."""
+    from attnprobe.analyses.architectures import cache_bytes_per_token
+
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = edits_for(model, architecture)
+    cache = architecture_cache(model, edits)
+    greedy(model, backend, edits, torch.randint(3, 100, (1, 13), generator=torch.Generator().manual_seed(7)), cache)
+    element = next(model.hf.parameters()).element_size()
+    per_token, fixed = cache_bytes_per_token(model, set(), kernel, bytes_per_value=element, **SMALL[kernel])
+    log_scales = 4 * sum(len(e.heads) for e in edits) if kernel == "window+linear" else 0
+    assert per_token == 0 and cache.nbytes() == fixed + log_scales
+
+
 def test_dropped_heads_hold_no_keys_and_the_original_holds_what_a_dynamic_cache_does(tiny_llama_model):
     model = tiny_llama_model
     backend = make_backend("native", model)
