@@ -395,7 +395,7 @@ def ablation_curves(ablation: pd.DataFrame) -> Figure:
         sns.despine(ax=ax)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower left")
-    fig.suptitle("Head ablation (bands: 95% Wilson, samples pooled over draws)")
+    fig.suptitle("Head ablation\n(95 % Wilson bands, draws pooled)")
     return fig
 
 
