@@ -600,6 +600,18 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
     return evaluate_conversions(model, backend, rows_to_convert, out, sizes, heads_table, status)
 
 
+def _with_original(model: Model, variants: Sequence) -> list:
+    """The original first, then the variants (a reference row is never converted)."""
+    from .architectures import catalogue
+
+    return [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]
+
+
+def _conversion_of(model: Model, out: Path, variant):
+    """The context that puts `variant`'s conversion into the model (the original has none)."""
+    return applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
+
+
 def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
                          status: Callable[[str], None] = lambda m: None):
     """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
@@ -607,19 +619,18 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
     Needs no training data, so conversions made on one machine are evaluated on another."""
     import pandas as pd
 
-    from .architectures import catalogue, evaluate_variant, gate_columns
+    from .architectures import evaluate_variant, gate_columns
 
     out = Path(out)
     rows, samples = [], []
-    for variant in [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]:
+    for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
         if done.exists():  # resume: a finished row is not evaluated again
             rows.append(read_json(done))
             samples.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
             continue
         status(f"evaluating {variant.name}")
-        context = applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
-        with context as fit:
+        with _conversion_of(model, out, variant) as fit:
             row, recall = evaluate_variant(model, backend, variant, heads_table, out, sizes, status, fit=fit)
         if variant.name != "original":
             row["conversion"] = str(out / "conversions" / variant.name)
@@ -643,17 +654,16 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
 
     from attnprobe.probe.census import resolve_bos
 
-    from .architectures import catalogue, census_presence, variant_edits
+    from .architectures import census_presence, variant_edits
 
     out = Path(out)
     bos = resolve_bos(sizes.bos, model)
     rows = []
-    for variant in [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]:
+    for variant in _with_original(model, variants):
         done = out / "census" / f"{variant.name}.json"
         if not done.exists():
             status(f"census of {variant.name}")
-            context = applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
-            with context as fit:
+            with _conversion_of(model, out, variant) as fit:
                 edits = variant_edits(model, fit, variant.keep(model, heads_table)) if variant.kernel else []
                 with backend.standing_edits(edits):
                     columns = census_presence(model, backend, out / "census" / variant.name, sizes, bos)

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              sample_batch=args.sample_batch)
         results.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
     run = Path(args.work) / "run"
+    preset = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
     if "convert" in parts:
         for variant in variants:
             began = time.perf_counter()
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         mean_head_error=_mean(manifest["head_error"]))
             pack(args, [v.name for v in variants])
     if "evaluate" in parts:
-        sizes = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes](census=False)
+        sizes = preset(census=False)  # the census part below runs the census on its own
 
         def status(message):  # each evaluated row reaches $OUT before the next starts
             if message.startswith("evaluating") and (run / "variants").exists():
@@ -227,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                              "niah_acc") if c in table]
         results.add("matrix", rows=table[shown].to_dict("records"))
     if "census" in parts:
-        sizes = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]()
-        table = conversion.census_of_conversions(model, backend, variants, run, sizes, None, status=lambda m: print(m, flush=True))
+        table = conversion.census_of_conversions(model, backend, variants, run, preset(), None, status=lambda m: print(m, flush=True))
         table.to_parquet(args.out / "census.parquet", index=False)
         results.add("census", rows=table.to_dict("records"))
     results.add("done", seconds=round(time.perf_counter() - started, 1))
