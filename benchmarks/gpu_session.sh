@@ -1,52 +1,65 @@
 #!/usr/bin/env bash
-# The main session's GPU driver (benchmarks/RESULTS.md says which session ran what). The model travels in two
-# calls (shared/gpu.md): call 1 carries .m1 (first GGUF part + the transformers wheel) and .whl (gguf, fla-core,
-# tokenizers) and runs `PHASE=0 bash benchmarks/gpu_session.sh` (installs, then the fla family benchmark alone
-# on the card); call 2, sent at once, carries .m2 (second part) and runs `PHASE=1 ...`; call 3 `PHASE=2 ...`
-# resumes every job and evaluates the conversions. Every job writes under /tmp/w (kept while the machine is
-# warm), is resumable, and stops before the call's limit; then one tar per job goes into $OUT.
+# The main session's GPU driver (benchmarks/RESULTS.md says which session ran what). Jobs run as their own
+# process sessions (setsid), so they outlive a call's 10-minute limit while back-to-back calls keep the machine
+# warm; each call ends by packing what every job has written so far into $OUT.
+#
+#   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
+#       installs, then starts the fla family benchmark (no model needed)
+#   call 2, sent at once, carry .m2 (the other parts + census/):         PHASE=jobs bash benchmarks/gpu_session.sh
+#       assembles the model and starts the budget sweep (four processes over one run directory) and two
+#       two-stage conversions (data, convert, evaluate, census)
+#   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
+#       waits S seconds or until every job ended; PHASE=finish also assembles the budget tables
+# Files into $OUT (at most 8): families.tgz, budget.tgz, conv1.tgz, conv2.tgz, logs.tgz and each conversion's tar.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
-T0=$(date +%s); LIMIT=${LIMIT:-540}; PHASE=${PHASE:-1}
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
-mkdir -p /tmp/model /tmp/whl
-[ -d .m1 ] && cp .m1/part00 /tmp/model/ && cp .m1/*.whl /tmp/whl/
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl /tmp/whl/*.whl || exit 4
-rm -rf /tmp/ap; python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ap . || exit 4
+T0=$(date +%s); LIMIT=${LIMIT:-560}; PHASE=${PHASE:-wait}
+W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
 export PYTHONPATH=/tmp/ap:/tmp/site
-if [ "$PHASE" = 0 ]; then  # the kernel families alone on the card: fla parity and prefill time against SDPA
-  timeout $(( $(left) - 5 )) python3 benchmarks/gpu_families.py --out $OUT/families --lengths 2048 8192 32768
-  exit 0
+job() {  # job NAME COMMAND...: a process session of its own, its output in logs/NAME.txt, its exit in logs/NAME.rc
+  local name=$1; shift
+  setsid nohup bash -c "$*; echo \$? > $W/logs/$name.rc" > $W/logs/$name.txt 2>&1 < /dev/null &
+}
+running() { pgrep -f "gpu_families.py|attnprobe.analyses.cli|gpu_convert.py" > /dev/null; }
+pack() {
+  cd $W || return
+  for d in families budget conv1_out conv2_out logs; do
+    [ -e $d ] && tar -czf $OUT/${d%_out}.tgz --exclude='cells/*/samples.parquet' --exclude='conversions-*.tar' $d
+  done
+  for c in conv1_out/conversions-*.tar conv2_out/conversions-*.tar; do [ -f "$c" ] && cp "$c" $OUT/$(dirname $c)-$(basename $c); done
+  ls -la $OUT; tail -n 3 $W/logs/*.txt
+}
+if [ "$PHASE" = start ]; then
+  cp .m1/part00 /tmp/model/ && mkdir -p /tmp/whl && cp .m1/*.whl /tmp/whl/
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl /tmp/whl/*.whl || exit 4
+  rm -rf /tmp/ap; python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ap . || exit 4
+  cp -r benchmarks /tmp/bench  # the jobs read these, not the next call's copy of the tree
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > $W/logs/gpu.txt
+  job families python3 /tmp/bench/gpu_families.py --out $W/families --lengths 2048 8192 32768
+  sleep 20; pack; exit 0
 fi
-if [ ! -f /tmp/model/smollm2.gguf ]; then
-  cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > /tmp/model/smollm2.gguf || exit 3
+if [ "$PHASE" = jobs ]; then
+  cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > $M || exit 3
+  sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
+  cp -r .m2/census $W/census
+  AP="python3 -m attnprobe.analyses.cli --device cuda budget --model $M --from $W/census --out $W/budget --chunk 512 --lengths 1024,2048,4096"
+  DUO="--kinds sink+window:sinks=64,window=256"
+  # one run directory: cells are files of their own, each process runs its own selectors (the references run in each)
+  job budget-duo-retrieval $AP $DUO --selectors duo,retrieval
+  job budget-razor-fit $AP $DUO --selectors razor,fit --sparse "''"
+  job budget-random $AP $DUO --selectors random --seeds 3 --sparse "''"
+  job budget-hedgehog $AP --kinds hedgehog --selectors razor,fit --budgets 0.25,0.5,0.75 --sparse "''"
+  CONVERT="python3 /tmp/bench/gpu_convert.py --model $M --part data,convert,evaluate,census --tokens 2M"
+  job conv1 $CONVERT --rows all-gla,all-decay --work $W/conv1 --out $W/conv1_out
+  # the second conversion reads the first's sampled training data (same cache) once it exists
+  job conv2 "until grep -q '\"kind\": \"data\"' $W/conv1_out/results.jsonl 2>/dev/null; do sleep 5; done;" \
+      ATTNPROBE_CACHE=$W/conv1/cache $CONVERT --rows all-deltanet,sink+window+gdn --work $W/conv2 --out $W/conv2_out
 fi
-sha256sum /tmp/model/smollm2.gguf | grep -q ^b179c952 || { echo BADHASH; exit 3; }
-M=/tmp/model/smollm2.gguf; W=/tmp/w; mkdir -p $W/logs
-AP="python3 -m attnprobe.analyses.cli"
-echo "setup done at $(( $(date +%s) - T0 )) s"
-nvidia-smi --query-gpu=name,memory.used --format=csv > $W/logs/gpu.txt
-# 1. census, then the masking sweep beside the budget sweep (both rank heads with this census); the budget sweep
-#    streams with DuoAttention's sizes (64 sinks + 256 recent; 4 + 64 ran on the CPU) and trains its gates
-( MODEL=$M timeout $(left) bash benchmarks/gpu_restate.sh $W/restate census
-  MODEL=$M timeout $(( $(left) - 10 )) bash benchmarks/gpu_restate.sh $W/restate sweep > $W/logs/sweep.txt 2>&1 &
-  OUT=$W/budget CENSUS=$W/restate/census MODEL=$M LIMIT=$(( $(left) - 60 )) HARD=$(( $(left) - 10 )) \
-    EXTRA="--selectors retrieval,razor,duo,fit,random --budgets 0.125,0.25,0.5,0.75 --kinds sink+window:sinks=64,window=256" \
-    bash benchmarks/gpu_budget.sh > $W/logs/budget.txt 2>&1
-  wait ) > $W/logs/restate.txt 2>&1 &
-# 2. the matrix on the recall tasks, two halves side by side, resumable per architecture
-( MODEL=$M timeout $(left) python3 -m attnprobe.analyses.cli --device cuda swap --model $M --matrix --gpu-sizes \
-    --variants original,sink+window,window+linear,layers-1of2-softmax,layers-1of4-softmax-gdn --out $W/m1 ) > $W/logs/m1.txt 2>&1 &
-( MODEL=$M timeout $(left) python3 -m attnprobe.analyses.cli --device cuda swap --model $M --matrix --gpu-sizes \
-    --variants all-gated-deltanet,all-hedgehog,all-gla,all-decay,sink+window+gdn --out $W/m2 ) > $W/logs/m2.txt 2>&1 &
-# 3. two-stage conversion of three rows and the control, then (phase 2) their gated evaluation
-( if [ "$PHASE" = 1 ]; then PARTS=data,convert; else PARTS=convert,evaluate; fi
-  timeout $(( $(left) - 25 )) python3 benchmarks/gpu_convert.py --model $M --part $PARTS --tokens 2M \
-    --rows all-gated-deltanet,layers-1of4-softmax-gdn,all-hedgehog --out $W/convert --work $W/convert_work ) > $W/logs/convert.txt 2>&1 &
-while [ "$(left)" -gt 15 ] && [ -n "$(jobs -r)" ]; do sleep 5; done
-echo "jobs done or stopped at $(( $(date +%s) - T0 )) s: $(jobs -r | wc -l) still running"
-kill $(jobs -p) 2>/dev/null; sleep 2
-cd $W; for d in restate m1 m2 budget logs; do [ -e $d ] && tar -czf $OUT/$d.tgz --exclude='*.gguf' --exclude='*.pt' $d; done
-[ -d convert ] && tar -czf $OUT/convert.tgz --exclude='conversions-*.tar' convert
-[ "$PHASE" = 2 ] && for c in convert/conversions-*.tar; do [ -f "$c" ] && cp "$c" $OUT/; done
-ls -la $OUT
+if [ "$PHASE" = finish ]; then
+  while running && [ $(( $(date +%s) - T0 )) -lt $(( LIMIT - 90 )) ]; do sleep 5; done
+  pkill -f "attnprobe.analyses.cli --device cuda budget"; sleep 3
+  timeout 80 python3 -m attnprobe.analyses.cli --device cuda budget --model $M --from $W/census --out $W/budget --chunk 512 \
+    --lengths 1024,2048,4096 --kinds "sink+window:sinks=64,window=256;hedgehog" --time-limit 0 > $W/logs/budget-assemble.txt 2>&1
+fi
+while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
+pack

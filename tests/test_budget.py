@@ -93,6 +93,27 @@ def test_a_rerun_resumes_without_evaluating_and_a_time_limit_skips_cells(tiny, s
     assert budget.read_json(tmp_path / "manifest.json")["cells_skipped_for_time"] == 1 + 1 + 2 * 3
 
 
+def test_a_fitted_kind_and_split_runs_share_one_directory(tiny, tmp_path):
+    """The GPU driver's layout: processes with different selectors (one with a fitted linear kind) write
+    cells into one run directory, and a run over every selector with no time left assembles them all."""
+    _, census, model, backend = tiny
+    linear = small_sizes(kinds=("hedgehog",), selectors=("fit",), budgets=(0.5,), sparse=())
+    streaming = small_sizes(selectors=("retrieval",), sparse=())
+    first = budget.run_sweep(model, backend, tmp_path, linear, census)["budget"]
+    assert (tmp_path / "fits").exists() and set(first["kind"]) == {"none", "hedgehog"}
+    fit_cell = first[first["selector"] == "fit"]
+    assert len(fit_cell) == 1 and fit_cell.iloc[0]["units"] == 2 and fit_cell.iloc[0]["fixed_bytes"] > 0
+    budget.run_sweep(model, backend, tmp_path, streaming, census)
+    both = small_sizes(kinds=("sink+window:sinks=2,window=8", "hedgehog"), selectors=("retrieval", "fit"), budgets=(0.5,),
+                       sparse=())
+    assembled = budget.run_sweep(model, backend, tmp_path, both, census, time_limit=0)["budget"]
+    cells = set(map(tuple, assembled[["kind", "selector"]].drop_duplicates().values))
+    assert {("hedgehog", "fit"), ("sink+window:sinks=2,window=8", "retrieval"), ("none", "all-exact")} <= cells
+    # not run by either process: counted as skipped, not invented
+    assert ("hedgehog", "retrieval") not in cells
+    assert budget.read_json(tmp_path / "manifest.json")["cells_skipped_for_time"] == 2
+
+
 def test_budgets_run_coarse_first():
     assert budget.coarse_first(budget.BUDGETS) == [0.25, 0.125, 0.75, 0.0625, 0.5]
     assert sorted(budget.coarse_first([0.3, 0.1, 0.2])) == [0.1, 0.2, 0.3]
