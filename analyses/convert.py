@@ -47,7 +47,7 @@ from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
 from attnprobe.kernels.dispatch import differentiable
-from attnprobe.kernels.fit import LOSS_SCALE, QUADRATIC_UP_TO, FitResult, load_fit, save_fit, transfer_loss
+from attnprobe.kernels.fit import LOSS_SCALE, FitResult, load_fit, save_fit, transfer_loss
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import _atomic, read_json, write_json
 
@@ -132,8 +132,8 @@ class Student(nn.Module):
         super().__init__()
         self.hf = hf
         self.kernels = nn.ModuleDict({str(layer): kernel for layer, kernel in kernels.items()})
-        quadratic = length <= QUADRATIC_UP_TO  # one T x T product trains faster than the chunk loop up to here
-        self.edits = [kernel_edit(layer, heads[layer], self.kernels[str(layer)], recompute=quadratic) for layer in sorted(heads)]
+        # whole sequences, no state: each kernel's train_forward picks its form (fla, quadratic or chunked)
+        self.edits = [kernel_edit(layer, heads[layer], self.kernels[str(layer)], recompute=True) for layer in sorted(heads)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=ids, use_cache=False).logits

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.work) / "run"
     preset = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
     if "convert" in parts:
+        failed = []
         for variant in variants:
             began = time.perf_counter()
             last = {}
@@ -206,13 +207,21 @@ def main(argv: list[str] | None = None) -> int:
             def on_step(progress, label, last=last):
                 last.update(stage=progress.stage, step=progress.step, steps=progress.steps, loss=progress.loss,
                             tokens_per_s=round(progress.tokens_per_s))
-            conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step)
+            try:
+                conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step)
+            except Exception as error:  # one row's failure (a kernel's backward, memory) does not cost the other rows
+                if variant.name == "control":
+                    raise
+                results.add("failed", row=variant.name, error=f"{type(error).__name__}: {error}"[:2000], last_step=last)
+                failed.append(variant)
+                continue
             manifest = read_json(run / "conversions" / variant.name / "conversion.json")
             results.add("converted", row=variant.name, seconds=round(time.perf_counter() - began, 1), budget=manifest["budget"],
                         first_batch_kl=manifest["losses"].get("first_batch_kl"), last_step=last,
                         transfer_loss=(manifest["losses"].get("transfer") or [None])[-1:],
                         mean_head_error=_mean(manifest["head_error"]))
             pack(args, [v.name for v in variants])
+        variants = [v for v in variants if v not in failed]
     if "evaluate" in parts:
         sizes = preset(census=False)  # the census part below runs the census on its own
 

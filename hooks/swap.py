@@ -34,7 +34,8 @@ Heads = Sequence[int] | Mapping[int, Sequence[int]] | None
 def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: bool = False) -> Edit:
     """Replace `heads` of `layer` by `kernel` (which covers exactly those heads, in that order).
 
-    recompute=True runs the quadratic reference over the whole call each time (no state, no KV cache).
+    recompute=True runs the whole call each time through `kernel.train_forward` (no state, no KV cache): the
+    quadratic reference up to 1,024 tokens unless fla's chunked op runs the kernel (CUDA), as training does.
     """
     heads = list(heads)
     if kernel.n_heads != len(heads):
@@ -47,7 +48,7 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
         if recompute:
             if call.is_decode:
                 raise AttnprobeError("recompute=True needs the whole sequence in each call: generate with use_cache=False")
-            z = kernel.quadratic(q, k, v, call.scaling)
+            z = kernel.train_forward(q, k, v, call.scaling)
         elif not call.is_decode:
             z, state["kernel"] = kernel.prefill(q, k, v, call.scaling)
             state["length"] = k.shape[2]

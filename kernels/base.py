@@ -31,6 +31,7 @@ from torch import nn
 from attnprobe.hooks.errors import AttnprobeError
 
 CHUNK = 64  # tokens per chunk of the chunked prefills (and of the Triton linear kernels)
+QUADRATIC_UP_TO = 1024  # sequence length up to which training uses the quadratic form (one T x T product is fastest)
 TINY = torch.finfo(torch.float32).tiny  # the floor of every normalizing denominator
 
 
@@ -102,6 +103,18 @@ class Kernel(nn.Module):
 
     def forward(self, q, k, v, scaling: float) -> torch.Tensor:
         return self.prefill(q, k, v, scaling)[0]
+
+    def fla_prefills(self, x: torch.Tensor) -> bool:
+        """Whether `prefill` runs a flash-linear-attention chunked op (which has a backward) on tensors like x."""
+        return False
+
+    def train_forward(self, q, k, v, scaling: float) -> torch.Tensor:
+        """z of whole sequences, differentiable, in the form that trains best: fla's chunked op where prefill
+        runs it (O(T) memory), else the quadratic form up to QUADRATIC_UP_TO tokens (one T x T product is the
+        fastest there), else the chunked torch prefill."""
+        if q.shape[2] <= QUADRATIC_UP_TO and not self.fla_prefills(q):
+            return self.quadratic(q, k, v, scaling)
+        return self.forward(q, k, v, scaling)
 
     def quadratic(self, q, k, v, scaling: float) -> torch.Tensor:
         raise NotImplementedError

@@ -33,7 +33,6 @@ LOSS_SCALE = 1000.0  # as the reference: keeps Adam's steps sensible on small MS
 # (sink+window+linear) per SmolLM2 layer (9 heads) on 2 shared CPU cores: all 270 heads in 5-14 min.
 DEFAULT_STEPS = 30
 DEFAULT_LR = 1e-2
-QUADRATIC_UP_TO = 1024  # sequence length up to which training uses the quadratic form (faster on CPU)
 PARAMS_FILE, MANIFEST_FILE = "params.safetensors", "manifest.json"
 
 
@@ -57,8 +56,7 @@ class TeacherLayer:
 
 
 def _student(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:
-    form = kernel.quadratic if teacher.q.shape[2] <= QUADRATIC_UP_TO else kernel.forward
-    return form(teacher.q, teacher.k, teacher.v, teacher.scaling)
+    return kernel.train_forward(teacher.q, teacher.k, teacher.v, teacher.scaling)
 
 
 def transfer_loss(kernel: Kernel, teacher: TeacherLayer) -> torch.Tensor:

@@ -62,3 +62,35 @@ def test_catalogue_rows_come_from_the_registry():
     assert set(names("hybrid")) <= set(rows)
     assert all(rows[name].kernel in FAMILIES for name in rows if name != "original")
     assert {"all-gla", "all-decay", "all-deltanet", "all-gated-deltanet", "layers-1of4-softmax-gdn", "sink+window+gdn"} <= set(rows)
+
+
+@pytest.mark.parametrize("name", ["gla", "decay", "deltanet", "gated-deltanet", "kda"])
+def test_training_takes_fla_where_its_prefill_does(name, monkeypatch):
+    """train_forward (stage 1 and stage 2 of a conversion) runs the quadratic form up to 1,024 tokens on the
+    CPU, but fla's chunked op (O(T) memory) wherever prefill runs it; fla's plain delta rule refuses fp32,
+    so fp32 DeltaNet stays on our form. fla is faked here: the CPU has no Triton."""
+    import torch
+
+    from attnprobe.kernels import fla
+    from attnprobe.kernels.deltanet import kernel as deltanet_module
+    from attnprobe.kernels.gla import kernel as gla_module
+
+    kernel = make_kernel(name, 2, 8)
+    q = k = v = torch.randn(1, 2, 16, 8)
+    calls = []
+    monkeypatch.setattr(kernel, "quadratic", lambda *a: calls.append("quadratic") or q)
+    assert not kernel.fla_prefills(q)
+    kernel.train_forward(q, k, v, 0.3)
+    for module in (deltanet_module, gla_module):
+        monkeypatch.setattr(module, "use_fla", lambda x: True)
+    def fake(*args):  # fla.prefill(op, q, k, values, ...) or fla.delta_prefill(q, k, v, ...): give the values back
+        calls.append("fla")
+        return (args[3] if isinstance(args[0], str) else args[2]), None
+
+    monkeypatch.setattr(fla, "prefill", fake)
+    monkeypatch.setattr(fla, "delta_prefill", fake)
+    kernel.train_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+    kernel.train_forward(q, k, v, 0.3)
+    plain_delta = name == "deltanet"
+    assert calls == ["quadratic", "fla", "quadratic" if plain_delta else "fla"]
+    assert kernel.fla_prefills(q) is not plain_delta and kernel.fla_prefills(q.bfloat16())

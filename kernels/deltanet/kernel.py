@@ -123,9 +123,13 @@ class DeltaKernel(Kernel):
         w = torch.linalg.solve_triangular(system, torch.diag_embed(beta), upper=False, unitriangular=True)
         return decayed_products(qn, kn, log_alpha, rows) @ w
 
+    def fla_prefills(self, x):
+        # fla's plain delta rule (chunk_delta_rule) refuses fp32 inputs: fp32 runs our chunked form
+        return use_fla(x) and (self.gate is not None or x.dtype != torch.float32)
+
     def prefill(self, q, k, v, scaling):
         qn, kn, v, beta, log_alpha = self._inputs(q, k, v)
-        if use_fla(q):
+        if self.fla_prefills(q):
             from ..fla import delta_prefill
 
             o, state = delta_prefill(qn, kn, v, beta, log_alpha, self.gate, q.dtype)

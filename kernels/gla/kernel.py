@@ -80,9 +80,12 @@ class GatedKernel(Kernel):
         weights = forms.blocked_weights(phi_q, phi_k, self.log_gates(k).expand_as(phi_k), rows)
         return safe_ratio(weights, weights.sum(-1)) if self.normalize else weights
 
+    def fla_prefills(self, x):
+        return self.fla_op is not None and use_fla(x)
+
     def prefill(self, q, k, v, scaling):
         phi_q, phi_k, values, log_alpha = self._inputs(q, k, v, scaling)
-        if self.fla_op is not None and use_fla(q):
+        if self.fla_prefills(q):
             from ..fla import prefill as fla_prefill
 
             o, state = fla_prefill(self.fla_op, phi_q, phi_k, values, log_alpha, q.dtype)
