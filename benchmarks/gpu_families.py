@@ -65,6 +65,17 @@ def timed_ms(fn, device, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measured(fn):
+    """fn(), or the error it raised as text: one family's failure (an fla op refusing a shape or dtype, memory)
+    is recorded in its cell and the rest of the benchmark still runs."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - recorded, not hidden
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return f"error: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+
+
 def markdown(results: dict) -> str:
     lines = ["## Parity: fla's Triton prefill vs our torch chunked form (fp32 reference), max abs error of z", "",
              "| family | T | fla fp32 | fla bf16 |", "|---|---|---|---|"]
@@ -126,22 +137,25 @@ def main(argv=None) -> int:
         row = {"family": name, "length": args.parity_length, "fp32": why, "bf16": why}
         if fla_here:
             # a family whose fla op refuses fp32 (the plain delta rule) runs our own form there: say so, do not compare
-            row["fp32"] = (float((prefill(kernel, q, k, v, False).float() - reference).abs().max()) if kernel.fla_prefills(q)
-                           else "our form (fla: bf16 only)")
-            row["bf16"] = float((prefill(kernel, *(x.to(half) for x in (q, k, v)), False).float() - reference).abs().max())
+            row["fp32"] = measured(lambda: float((prefill(kernel, q, k, v, False).float() - reference).abs().max())
+                                   if kernel.fla_prefills(q) else "our form (fla: bf16 only)")
+            row["bf16"] = measured(lambda: float((prefill(kernel, *(x.to(half) for x in (q, k, v)), False).float()
+                                                  - reference).abs().max()))
         results["parity"].append(row)
         write(args.out, results)
         print(row, flush=True)
 
     for length in args.lengths:
         q, k, v = inputs(length, device, half)
-        sdpa = timed_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), device)
+        sdpa = measured(lambda: timed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                         device))
         for name in args.families:
             print(f"[{time.perf_counter() - started:6.1f} s] prefill time of {name} at {length}", flush=True)
             kernel = kernel_for(name, device)
             row = {"family": name, "length": length, "sdpa_ms": sdpa,
-                   "fla_ms": timed_ms(lambda f=kernel: prefill(f, q, k, v, False), device) if fla_here else why,
-                   "torch_ms": timed_ms(lambda f=kernel: prefill(f, q, k, v, True), device, repeats=1) if length <= args.torch_up_to else None}
+                   "fla_ms": measured(lambda f=kernel: timed_ms(lambda: prefill(f, q, k, v, False), device)) if fla_here else why,
+                   "torch_ms": measured(lambda f=kernel: timed_ms(lambda: prefill(f, q, k, v, True), device, repeats=1))
+                   if length <= args.torch_up_to else None}
             results["timing"].append(row)
             write(args.out, results)
             print(row, flush=True)
