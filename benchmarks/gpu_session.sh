@@ -16,15 +16,18 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 T0=$(date +%s); LIMIT=${LIMIT:-560}; PHASE=${PHASE:-wait}
 W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
 export PYTHONPATH=/tmp/ap:/tmp/site
-job() {  # job NAME COMMAND...: a process session of its own, its output in logs/NAME.txt, its exit in logs/NAME.rc
+job() {  # job NAME COMMAND...: a process session of its own (its id in logs/NAME.pid), output logs/NAME.txt, exit logs/NAME.rc
   local name=$1; shift
   setsid nohup bash -c "$*; echo \$? > $W/logs/$name.rc" > $W/logs/$name.txt 2>&1 < /dev/null &
+  echo $! > $W/logs/$name.pid
 }
-running() { pgrep -f "gpu_families.py|attnprobe.analyses.cli|gpu_convert.py" > /dev/null; }
+# by the recorded ids, not by matching command lines (a pattern also matches the shell of the call that asks)
+running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+stop() { for f in $W/logs/$1*.pid; do [ -f "$f" ] && kill -- -"$(cat "$f")" 2>/dev/null; done; }
 pack() {
   cd $W || return
   for d in families budget conv1_out conv2_out logs; do
-    [ -e $d ] && tar -czf $OUT/${d%_out}.tgz --exclude='cells/*/samples.parquet' --exclude='conversions-*.tar' $d
+    [ -e $d ] && tar -czf $OUT/${d%_out}.tgz --exclude='conversions-*.tar' $d  # whole run directories: they resume here
   done
   for c in conv1_out/conversions-*.tar conv2_out/conversions-*.tar; do [ -f "$c" ] && cp "$c" $OUT/$(dirname $c)-$(basename $c); done
   ls -la $OUT; tail -n 3 $W/logs/*.txt
@@ -57,7 +60,7 @@ if [ "$PHASE" = jobs ]; then
 fi
 if [ "$PHASE" = finish ]; then
   while running && [ $(( $(date +%s) - T0 )) -lt $(( LIMIT - 90 )) ]; do sleep 5; done
-  pkill -f "attnprobe.analyses.cli --device cuda budget"; sleep 3
+  stop budget; sleep 3
   timeout 80 python3 -m attnprobe.analyses.cli --device cuda budget --model $M --from $W/census --out $W/budget --chunk 512 \
     --lengths 1024,2048,4096 --kinds "sink+window:sinks=64,window=256;hedgehog" --time-limit 0 > $W/logs/budget-assemble.txt 2>&1
 fi

@@ -83,6 +83,7 @@ def test_training_takes_fla_where_its_prefill_does(name, monkeypatch):
     kernel.train_forward(q, k, v, 0.3)
     for module in (deltanet_module, gla_module):
         monkeypatch.setattr(module, "use_fla", lambda x: True)
+
     def fake(*args):  # fla.prefill(op, q, k, values, ...) or fla.delta_prefill(q, k, v, ...): give the values back
         calls.append("fla")
         return (args[3] if isinstance(args[0], str) else args[2]), None
