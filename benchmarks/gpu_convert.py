@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
     parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
     parser.add_argument("--rows", default=ROWS)
+    parser.add_argument("--no-control", action="store_true",
+                        help="convert only --rows (another process converts the control into the same --work)")
     parser.add_argument("--tokens", default=None, help="stage-2 tokens per row (default: what --minutes chose, else 4M)")
     parser.add_argument("--minutes", type=float, default=None, help="instead of --tokens: minutes for all rows' stage 2")
     parser.add_argument("--transfer-tokens", default="512K")
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnprobe.analyses.data import training_data
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
+    from attnprobe.kernels import fla
     from attnprobe.probe.rundir import read_json, write_json
 
     results = Results(args.out)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
     plan = read_json(plan_path)
     names = [n for n in args.rows.split(",") if n]
-    variants = [conversion.control_variant()] + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
+    variants = ([] if args.no_control else [conversion.control_variant()]) + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
     config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     if set(parts) & {"data", "convert"}:  # evaluating reads the conversions' own manifests, not this plan
@@ -202,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for variant in variants:
             began = time.perf_counter()
-            last = {}
+            last, rates = {}, []
 
-            def on_step(progress, label, last=last):
+            def on_step(progress, label, last=last, rates=rates):
                 last.update(stage=progress.stage, step=progress.step, steps=progress.steps, loss=progress.loss,
                             tokens_per_s=round(progress.tokens_per_s))
+                if progress.stage == "end_to_end":
+                    rates.append(progress.tokens_per_s)
             try:
                 conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step)
             except Exception as error:  # one row's failure (a kernel's backward, memory) does not cost the other rows
@@ -218,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest = read_json(run / "conversions" / variant.name / "conversion.json")
             results.add("converted", row=variant.name, seconds=round(time.perf_counter() - began, 1), budget=manifest["budget"],
                         first_batch_kl=manifest["losses"].get("first_batch_kl"), last_step=last,
+                        stage2_median_tokens_per_s=round(sorted(rates)[len(rates) // 2]) if rates else None,
                         transfer_loss=(manifest["losses"].get("transfer") or [None])[-1:],
-                        mean_head_error=_mean(manifest["head_error"]))
+                        mean_head_error=_mean(manifest["head_error"]),
+                        fla_backward_errors={str(key): error for key, error in fla.backward_errors.items()})
             pack(args, [v.name for v in variants])
         variants = [v for v in variants if v not in failed]
     if "evaluate" in parts:

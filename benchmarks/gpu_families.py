@@ -5,7 +5,8 @@ reference (parity) and against SDPA (time), on SmolLM2-shaped heads (9 query hea
 
 For each family (unfitted kernels with their parameters moved off the init, so every gate and beta
 varies): parity at `--parity-length` (2,048) of the fla path (fp32 and bf16 inputs) against our chunked
-torch form in fp32 on the same GPU (max abs error of z), then the prefill time of the fla path in bf16 at
+torch form in fp32 on the same GPU (max abs error of z), the relative error of fla's input gradients in
+bf16 (`kernels.fla.backward_error`: what decides whether a conversion trains through fla), then the prefill time of the fla path in bf16 at
 each length, beside SDPA's causal attention on the same q, k, v and, up to `--torch-up-to`, our torch
 chunked form. Results go to OUT/gpu_families.json and OUT/gpu_families.md after every measurement.
 On a machine where fla cannot run (no CUDA, no fla-core) the fla columns say so and the rest still runs,
@@ -78,9 +79,9 @@ def measured(fn):
 
 def markdown(results: dict) -> str:
     lines = ["## Parity: fla's Triton prefill vs our torch chunked form (fp32 reference), max abs error of z", "",
-             "| family | T | fla fp32 | fla bf16 |", "|---|---|---|---|"]
+             "| family | T | fla fp32 | fla bf16 | backward bf16 (relative, T = 256) |", "|---|---|---|---|---|"]
     for row in results["parity"]:
-        lines.append(f"| {row['family']} | {row['length']:,} | {_cell(row['fp32'])} | {_cell(row['bf16'])} |")
+        lines.append(f"| {row['family']} | {row['length']:,} | {_cell(row['fp32'])} | {_cell(row['bf16'])} | {_cell(row.get('backward'))} |")
     lines += ["", "## Prefill time, ms (1 x 9 heads x T x 64, bf16; median of 3)", "",
               "| family | T | fla | our torch | SDPA |", "|---|---|---|---|---|"]
     for row in results["timing"]:
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     import_attnprobe()
-    from attnprobe.kernels import dispatch
+    from attnprobe.kernels import dispatch, fla
 
     device = torch.device(args.device)
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,13 +135,14 @@ def main(argv=None) -> int:
         kernel = kernel_for(name, device)
         q, k, v = inputs(args.parity_length, device, torch.float32)
         reference = prefill(kernel, q, k, v, torch_path=True).float()
-        row = {"family": name, "length": args.parity_length, "fp32": why, "bf16": why}
+        row = {"family": name, "length": args.parity_length, "fp32": why, "bf16": why, "backward": why}
         if fla_here:
             # a family whose fla op refuses fp32 (the plain delta rule) runs our own form there: say so, do not compare
             row["fp32"] = measured(lambda: float((prefill(kernel, q, k, v, False).float() - reference).abs().max())
                                    if kernel.fla_prefills(q) else "our form (fla: bf16 only)")
             row["bf16"] = measured(lambda: float((prefill(kernel, *(x.to(half) for x in (q, k, v)), False).float()
                                                   - reference).abs().max()))
+            row["backward"] = measured(lambda: fla.backward_error(kernel, device, half))  # inf: fla refused it
         results["parity"].append(row)
         write(args.out, results)
         print(row, flush=True)

@@ -5,12 +5,15 @@
 #
 #   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
 #       installs, then starts the fla family benchmark (no model needed)
-#   call 2, sent at once, carry .m2 (the other parts + census/):         PHASE=jobs bash benchmarks/gpu_session.sh
-#       assembles the model and starts the budget sweep (four processes over one run directory) and two
-#       two-stage conversions (data, convert, evaluate, census)
+#   call 2, sent at once, carry .m2 (the other parts):                    PHASE=jobs bash benchmarks/gpu_session.sh
+#       assembles the model, samples the training data once (shared through one cache), then runs the
+#       two-stage conversions: the new families at 2M tokens (convert, evaluate, census on the GPU) and the
+#       20M-token rows in four lanes over one run directory (convert only; evaluated where they come back)
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
-#       waits S seconds or until every job ended; PHASE=finish also assembles the budget tables
-# Files into $OUT (at most 8): families.tgz, budget.tgz, conv1.tgz, conv2.tgz, logs.tgz and each conversion's tar.
+#       waits S seconds or until every job ended
+# $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (at most 8 come back), in order of worth: logs and
+# results first, then the finished conversions, then what an unfinished 20M row needs to resume (the sampled
+# data and its last checkpoint). A prefix of the pieces unpacks: cat pack.tgz.* | tar -xzf - (ignore the end).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 T0=$(date +%s); LIMIT=${LIMIT:-560}; PHASE=${PHASE:-wait}
@@ -23,14 +26,15 @@ job() {  # job NAME COMMAND...: a process session of its own (its id in logs/NAM
 }
 # by the recorded ids, not by matching command lines (a pattern also matches the shell of the call that asks)
 running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
-stop() { for f in $W/logs/$1*.pid; do [ -f "$f" ] && kill -- -"$(cat "$f")" 2>/dev/null; done; }
 pack() {
   cd $W || return
-  for d in families budget conv1_out conv2_out logs; do
-    [ -e $d ] && tar -czf $OUT/${d%_out}.tgz --exclude='conversions-*.tar' $d  # whole run directories: they resume here
-  done
-  for c in conv1_out/conversions-*.tar conv2_out/conversions-*.tar; do [ -f "$c" ] && cp "$c" $OUT/$(dirname $c)-$(basename $c); done
-  ls -la $OUT; tail -n 3 $W/logs/*.txt
+  rm -f $OUT/pack.tgz.*
+  # finished rows' checkpoints are not needed (their conversions-N.tar holds fit and adapters)
+  ckpt=$(for d in w14/run/conversions/*/; do [ -f "$d/conversion.json" ] || ls "$d"checkpoint* 2>/dev/null; done)
+  tar -czf - --ignore-failed-read logs families conv15a conv15b lane_? \
+      $(ls -d w15a/run/variants w15a/run/census w15b/run/variants w15b/run/census 2>/dev/null) \
+      $(ls -d cache/samples 2>/dev/null) $ckpt 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
+  ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
 if [ "$PHASE" = start ]; then
   cp .m1/part00 /tmp/model/ && mkdir -p /tmp/whl && cp .m1/*.whl /tmp/whl/
@@ -38,31 +42,29 @@ if [ "$PHASE" = start ]; then
   rm -rf /tmp/ap; python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ap . || exit 4
   cp -r benchmarks /tmp/bench  # the jobs read these, not the next call's copy of the tree
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > $W/logs/gpu.txt
+  python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)" >> $W/logs/gpu.txt 2>&1
   job families python3 /tmp/bench/gpu_families.py --out $W/families --lengths 2048 8192 32768
   sleep 20; pack; exit 0
 fi
 if [ "$PHASE" = jobs ]; then
   cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
-  cp -r .m2/census $W/census
-  AP="python3 -m attnprobe.analyses.cli --device cuda budget --model $M --from $W/census --out $W/budget --chunk 512 --lengths 1024,2048,4096"
-  DUO="--kinds sink+window:sinks=64,window=256"
-  # one run directory: cells are files of their own, each process runs its own selectors (the references run in each)
-  job budget-duo-retrieval $AP $DUO --selectors duo,retrieval
-  job budget-razor-fit $AP $DUO --selectors razor,fit --sparse "''"
-  job budget-random $AP $DUO --selectors random --seeds 3 --sparse "''"
-  job budget-hedgehog $AP --kinds hedgehog --selectors razor,fit --budgets 0.25,0.5,0.75 --sparse "''"
-  CONVERT="python3 /tmp/bench/gpu_convert.py --model $M --part data,convert,evaluate,census --tokens 2M"
-  job conv1 $CONVERT --rows all-gla,all-decay --work $W/conv1 --out $W/conv1_out
-  # the second conversion reads the first's sampled training data (same cache) once it exists
-  job conv2 "until grep -q '\"kind\": \"data\"' $W/conv1_out/results.jsonl 2>/dev/null; do sleep 5; done;" \
-      ATTNPROBE_CACHE=$W/conv1/cache $CONVERT --rows all-deltanet,sink+window+gdn --work $W/conv2 --out $W/conv2_out
-fi
-if [ "$PHASE" = finish ]; then
-  while running && [ $(( $(date +%s) - T0 )) -lt $(( LIMIT - 90 )) ]; do sleep 5; done
-  stop budget; sleep 3
-  timeout 80 python3 -m attnprobe.analyses.cli --device cuda budget --model $M --from $W/census --out $W/budget --chunk 512 \
-    --lengths 1024,2048,4096 --kinds "sink+window:sinks=64,window=256;hedgehog" --time-limit 0 > $W/logs/budget-assemble.txt 2>&1
+  export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  CONVERT="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048"
+  # the data once: the 2M rows' windows first (2 epochs), then the 20M rows' (4 epochs; the shards are shared)
+  job data "$CONVERT --part data --tokens 2M --work $W/w15a --out $W/data15 && touch $W/data15.ok &&" \
+      "$CONVERT --part data --tokens 20M --epochs 4 --work $W/w14 --out $W/data14 && touch $W/data14.ok"
+  after() { echo "until [ -f $W/$1.ok ]; do sleep 5; done;"; }
+  C15="$CONVERT --part data,convert,evaluate,census --tokens 2M"
+  job conv15a "$(after data15) $C15 --rows all-gla,all-decay --work $W/w15a --out $W/conv15a"
+  job conv15b "$(after data15) $C15 --rows sink+window+gdn,all-kda --work $W/w15b --out $W/conv15b"
+  # one run directory, one row per process at a time; lane a converts the control first
+  C14="$(after data14) $CONVERT --part data,convert --tokens 20M --epochs 4 --work $W/w14"
+  job lane_a "$C14 --rows all-hedgehog --out $W/lane_a"
+  job lane_b "$C14 --no-control --rows layers-1of2-softmax,window+linear --out $W/lane_b"
+  job lane_c "$C14 --no-control --rows layers-1of4-softmax --out $W/lane_c"
+  job lane_d "$C14 --no-control --rows sink+window+linear --out $W/lane_d"
+  sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
 pack

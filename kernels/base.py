@@ -30,6 +30,8 @@ from torch import nn
 
 from attnprobe.hooks.errors import AttnprobeError
 
+from .dispatch import torch_forms
+
 CHUNK = 64  # tokens per chunk of the chunked prefills (and of the Triton linear kernels)
 QUADRATIC_UP_TO = 1024  # sequence length up to which training uses the quadratic form (one T x T product is fastest)
 TINY = torch.finfo(torch.float32).tiny  # the floor of every normalizing denominator
@@ -108,13 +110,22 @@ class Kernel(nn.Module):
         """Whether `prefill` runs a flash-linear-attention chunked op (which has a backward) on tensors like x."""
         return False
 
+    quadratic_trains = True  # whether the quadratic form is the one to train at short lengths (memory permitting)
+
     def train_forward(self, q, k, v, scaling: float) -> torch.Tensor:
         """z of whole sequences, differentiable, in the form that trains best: fla's chunked op where prefill
-        runs it (O(T) memory), else the quadratic form up to QUADRATIC_UP_TO tokens (one T x T product is the
-        fastest there), else the chunked torch prefill."""
-        if q.shape[2] <= QUADRATIC_UP_TO and not self.fla_prefills(q):
-            return self.quadratic(q, k, v, scaling)
-        return self.forward(q, k, v, scaling)
+        runs it and its backward agrees with ours on this device (`fla.trains`; O(T) memory), else the
+        quadratic form up to QUADRATIC_UP_TO tokens (one T x T product is the fastest there), else the chunked
+        torch prefill."""
+        if self.fla_prefills(q):
+            from . import fla
+
+            if fla.trains(self, q):
+                return self.forward(q, k, v, scaling)
+        with torch_forms():
+            if q.shape[2] <= QUADRATIC_UP_TO and self.quadratic_trains:
+                return self.quadratic(q, k, v, scaling)
+            return self.forward(q, k, v, scaling)
 
     def quadratic(self, q, k, v, scaling: float) -> torch.Tensor:
         raise NotImplementedError

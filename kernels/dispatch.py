@@ -27,6 +27,17 @@ def force_torch(flag: bool = True) -> None:
 
 
 @contextmanager
+def torch_forms():
+    """Within the block every kernel takes its torch form (what `force_torch` does, for one block)."""
+    global _force_torch
+    previous, _force_torch = _force_torch, True
+    try:
+        yield
+    finally:
+        _force_torch = previous
+
+
+@contextmanager
 def differentiable():
     """Within the block kernels take only paths with a backward: our Triton kernels are forward-only, so
     their callers take the torch forms; fla's ops (autograd functions) stay on. Training runs inside this."""

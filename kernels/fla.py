@@ -7,7 +7,15 @@ their features themselves) and asks for the final state, (B, H, d_k, d_v) as our
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import torch
+
+from .dispatch import torch_forms
+
+BACKWARD_TOLERANCE = 0.02  # relative RMS error of fla's input gradients against our fp32 torch form's
+backward_errors: dict[tuple, float] = {}  # (family, op, device, dtype) -> that error, inf where fla raised
 
 
 def _fla(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -91,3 +99,36 @@ def decode(kernel, state, q, k, v, scaling) -> tuple[torch.Tensor, torch.Tensor]
         o, state = fused_recurrent_simple_gla(qf, kf, vf, g=log_alpha[..., 0].transpose(1, 2).float().contiguous(), scale=1.0,
                                               initial_state=state, output_final_state=True)
     return kernel._output(o.transpose(1, 2).float()).to(dtype), state.float()
+
+
+def trains(kernel, like: torch.Tensor) -> bool:
+    """Whether fla's backward for `kernel`'s op may train on tensors like `like`: checked once per op, device and
+    dtype against our torch form on random inputs. fla 0.6 refuses its gated chunk backward (scalar decay, Gated
+    DeltaNet) on Hopper with Triton 3.4-3.7.0 (its issue 640), and wrong gradients have been reported for other
+    (op, GPU, Triton) combinations; a conversion must not follow a refused or wrong gradient."""
+    key = (kernel.name, getattr(kernel, "fla_op", None), getattr(kernel, "gate", None), str(like.device), like.dtype)
+    if key not in backward_errors:
+        backward_errors[key] = backward_error(kernel, like.device, like.dtype)
+    return backward_errors[key] <= BACKWARD_TOLERANCE
+
+
+def backward_error(kernel, device, dtype, length: int = 256) -> float:
+    """max over q, k, v of ||grad_fla - grad_torch|| / ||grad_torch|| for one random (1, H, length, d) input and output
+    gradient; the torch form runs in fp32 on the same (dtype-rounded) inputs. inf where fla raises."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (1, kernel.n_heads, length, kernel.head_dim)
+    inputs = [torch.randn(shape, generator=generator, device=device).to(dtype) for _ in range(3)]
+    upstream = torch.randn(shape, generator=generator, device=device)
+    grads = []
+    for reference in (False, True):
+        leaves = [(x.float() if reference else x).detach().requires_grad_() for x in inputs]
+        try:
+            with torch_forms() if reference else nullcontext():
+                z = kernel.prefill(*leaves, kernel.head_dim ** -0.5)[0]
+            grads.append(torch.autograd.grad(z.float(), leaves, upstream))
+        except RuntimeError:
+            if reference:
+                raise
+            return math.inf
+    return max(float((g - r.to(g.dtype)).float().norm() / r.float().norm().clamp_min(1e-30))
+               for g, r in zip(*grads))

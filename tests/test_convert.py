@@ -161,6 +161,21 @@ def test_gate_limits_and_columns():
     assert gated.loc["hybrid", "gate_limit"] == 1.10 and gated.loc["linear", "gate_limit"] == 1.25
 
 
+def test_chunked_distillation_loss_equals_the_whole_batch_kl(monkeypatch):
+    """The loss in pieces (recomputed in the backward) has the value and gradient of one KL over every token."""
+    monkeypatch.setattr(conversion, "KL_CHUNK", 5)  # 3 x 4 = 12 tokens: pieces of 5, 5 and 2
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 11, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 4, 11, generator=generator)
+    ids = torch.randint(0, 11, (3, 4), generator=generator)
+    loss = conversion.distillation_loss(logits, teacher, ids, 0.0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    whole = torch.nn.functional.kl_div(torch.log_softmax(logits, -1).flatten(0, 1), torch.log_softmax(teacher, -1).flatten(0, 1),
+                                       log_target=True, reduction="batchmean")
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    assert loss.item() > 0 and torch.allclose(loss, whole, atol=1e-6) and torch.allclose(grad, whole_grad, atol=1e-7)
+
+
 def test_learning_rate_warms_up_then_decays():
     rates = [conversion.lr_at(step, 100, 1.0, 0.1, 0.1) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)

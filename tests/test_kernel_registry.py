@@ -65,13 +65,15 @@ def test_catalogue_rows_come_from_the_registry():
 
 
 @pytest.mark.parametrize("name", ["gla", "decay", "deltanet", "gated-deltanet", "kda"])
-def test_training_takes_fla_where_its_prefill_does(name, monkeypatch):
-    """train_forward (stage 1 and stage 2 of a conversion) runs the quadratic form up to 1,024 tokens on the
-    CPU, but fla's chunked op (O(T) memory) wherever prefill runs it; fla's plain delta rule refuses fp32,
-    so fp32 DeltaNet stays on our form. fla is faked here: the CPU has no Triton."""
+def test_training_takes_fla_where_its_backward_agrees(name, monkeypatch):
+    """train_forward (stage 1 and stage 2 of a conversion) runs fla's chunked op (O(T) memory) wherever prefill
+    runs it and `fla.trains` accepts its backward on that device; else our torch form: the quadratic one up to
+    1,024 tokens for the delta rule, the chunked one for the gated family (its blocked quadratic form is
+    memory-bound). fla's plain delta rule refuses fp32, so fp32 DeltaNet stays on our form. fla is faked here:
+    the CPU has no Triton."""
     import torch
 
-    from attnprobe.kernels import fla
+    from attnprobe.kernels import dispatch, fla
     from attnprobe.kernels.deltanet import kernel as deltanet_module
     from attnprobe.kernels.gla import kernel as gla_module
 
@@ -79,10 +81,11 @@ def test_training_takes_fla_where_its_prefill_does(name, monkeypatch):
     q = k = v = torch.randn(1, 2, 16, 8)
     calls = []
     monkeypatch.setattr(kernel, "quadratic", lambda *a: calls.append("quadratic") or q)
-    assert not kernel.fla_prefills(q)
+    torch_form = ["quadratic"] if kernel.quadratic_trains else []
+    assert not kernel.fla_prefills(q) and kernel.quadratic_trains == (name not in ("gla", "decay"))
     kernel.train_forward(q, k, v, 0.3)
     for module in (deltanet_module, gla_module):
-        monkeypatch.setattr(module, "use_fla", lambda x: True)
+        monkeypatch.setattr(module, "use_fla", lambda x: not dispatch._force_torch)
 
     def fake(*args):  # fla.prefill(op, q, k, values, ...) or fla.delta_prefill(q, k, v, ...): give the values back
         calls.append("fla")
@@ -90,8 +93,31 @@ def test_training_takes_fla_where_its_prefill_does(name, monkeypatch):
 
     monkeypatch.setattr(fla, "prefill", fake)
     monkeypatch.setattr(fla, "delta_prefill", fake)
+    monkeypatch.setattr(fla, "trains", lambda kernel, x: True)
     kernel.train_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
     kernel.train_forward(q, k, v, 0.3)
     plain_delta = name == "deltanet"
-    assert calls == ["quadratic", "fla", "quadratic" if plain_delta else "fla"]
+    assert calls == torch_form + ["fla"] + (torch_form if plain_delta else ["fla"])
     assert kernel.fla_prefills(q) is not plain_delta and kernel.fla_prefills(q.bfloat16())
+    calls.clear()
+    monkeypatch.setattr(fla, "trains", lambda kernel, x: False)  # a refused or disagreeing backward: our form
+    kernel.train_forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3)
+    assert calls == torch_form
+
+
+def test_fla_backward_check_measures_and_caches(monkeypatch):
+    """The gradient comparison itself: with both sides on our torch form (the CPU) the error is 0 in fp32 and
+    bf16-sized in bf16; `trains` runs it once per op, device and dtype and holds it to BACKWARD_TOLERANCE."""
+    import torch
+
+    from attnprobe.kernels import fla
+
+    kernel = make_kernel("gated-deltanet", 2, 16)
+    assert fla.backward_error(kernel, torch.device("cpu"), torch.float32, length=64) < 1e-5
+    assert fla.backward_error(kernel, torch.device("cpu"), torch.bfloat16, length=64) < 0.05
+    seen = []
+    monkeypatch.setattr(fla, "backward_errors", {})
+    monkeypatch.setattr(fla, "backward_error", lambda kernel, device, dtype: seen.append(dtype) or 0.5)
+    x = torch.zeros(1)
+    assert not fla.trains(kernel, x) and not fla.trains(kernel, x) and seen == [torch.float32]
+    assert fla.backward_errors[("gated-deltanet", None, "head", "cpu", torch.float32)] == 0.5

@@ -31,6 +31,7 @@ class GatedKernel(Kernel):
     """
 
     fla_op = None  # the flash-linear-attention op of the family (set by subclasses)
+    quadratic_trains = False  # the blocked quadratic form keeps a (rows x 16 x d) decay tensor per block: train chunked
 
     def __init__(self, n_heads: int, head_dim: int, feature_map: str = "softmax", normalize: bool = True,
                  chunk: int = CHUNK) -> None:
