@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = []
         for variant in variants:
             began = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             last, rates = {}, []
 
             def on_step(progress, label, last=last, rates=rates):
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                         stage2_median_tokens_per_s=round(sorted(rates)[len(rates) // 2]) if rates else None,
                         transfer_loss=(manifest["losses"].get("transfer") or [None])[-1:],
                         mean_head_error=_mean(manifest["head_error"]),
-                        fla_backward_errors={str(key): error for key, error in fla.backward_errors.items()})
+                        fla_backward_errors={str(key): error for key, error in fla.backward_errors.items()},
+                        peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None)
             pack(args, [v.name for v in variants])
         variants = [v for v in variants if v not in failed]
     if "evaluate" in parts:

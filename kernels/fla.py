@@ -108,7 +108,11 @@ def trains(kernel, like: torch.Tensor) -> bool:
     (op, GPU, Triton) combinations; a conversion must not follow a refused or wrong gradient."""
     key = (kernel.name, getattr(kernel, "fla_op", None), getattr(kernel, "gate", None), str(like.device), like.dtype)
     if key not in backward_errors:
-        backward_errors[key] = backward_error(kernel, like.device, like.dtype)
+        # a graph of its own: no autocast, and outside any enclosing activation checkpoint (whose recomputation,
+        # finding the answer cached, would save fewer tensors than the first forward did)
+        with torch.enable_grad(), torch.autocast(like.device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+            backward_errors[key] = backward_error(kernel, like.device, like.dtype)
     return backward_errors[key] <= BACKWARD_TOLERANCE
 
 

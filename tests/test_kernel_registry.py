@@ -68,8 +68,8 @@ def test_catalogue_rows_come_from_the_registry():
 def test_training_takes_fla_where_its_backward_agrees(name, monkeypatch):
     """train_forward (stage 1 and stage 2 of a conversion) runs fla's chunked op (O(T) memory) wherever prefill
     runs it and `fla.trains` accepts its backward on that device; else our torch form: the quadratic one up to
-    1,024 tokens for the delta rule, the chunked one for the gated family (its blocked quadratic form is
-    memory-bound). fla's plain delta rule refuses fp32, so fp32 DeltaNet stays on our form. fla is faked here:
+    1,024 tokens (scalar decay's is one T x T decay matrix), the chunked one for GLA (its per-channel quadratic
+    form is memory-bound). fla's plain delta rule refuses fp32, so fp32 DeltaNet stays on our form. fla is faked here:
     the CPU has no Triton."""
     import torch
 
@@ -82,7 +82,7 @@ def test_training_takes_fla_where_its_backward_agrees(name, monkeypatch):
     calls = []
     monkeypatch.setattr(kernel, "quadratic", lambda *a: calls.append("quadratic") or q)
     torch_form = ["quadratic"] if kernel.quadratic_trains else []
-    assert not kernel.fla_prefills(q) and kernel.quadratic_trains == (name not in ("gla", "decay"))
+    assert not kernel.fla_prefills(q) and kernel.quadratic_trains == (name != "gla")
     kernel.train_forward(q, k, v, 0.3)
     for module in (deltanet_module, gla_module):
         monkeypatch.setattr(module, "use_fla", lambda x: not dispatch._force_torch)
@@ -121,3 +121,25 @@ def test_fla_backward_check_measures_and_caches(monkeypatch):
     x = torch.zeros(1)
     assert not fla.trains(kernel, x) and not fla.trains(kernel, x) and seen == [torch.float32]
     assert fla.backward_errors[("gated-deltanet", None, "head", "cpu", torch.float32)] == 0.5
+
+
+def test_the_fla_check_inside_an_activation_checkpoint(monkeypatch):
+    """Stage 1 runs each layer under torch.utils.checkpoint: the first forward runs the backward check, the
+    recomputation finds it cached, and the two must still save the same tensors (the GPU run of 2026-12-02
+    failed there). fla is faked by a path that disagrees with ours, so training takes our form."""
+    import torch
+
+    from attnprobe.kernels import dispatch, fla
+    from attnprobe.kernels.gla import kernel as gla_module
+
+    kernel = make_kernel("decay", 2, 8)
+    monkeypatch.setattr(gla_module, "use_fla", lambda x: not dispatch._force_torch)
+    monkeypatch.setattr(fla, "prefill", lambda op, phi_q, phi_k, values, log_alpha, dtype: (2 * values, None))
+    monkeypatch.setattr(fla, "backward_errors", {})
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    loss = torch.utils.checkpoint.checkpoint(lambda q, k, v: kernel.train_forward(q, k, v, 0.3).square().sum(), q, k, v,
+                                             use_reentrant=False)
+    loss.backward()
+    with dispatch.torch_forms():
+        expected = torch.autograd.grad(kernel.train_forward(q, k, v, 0.3).square().sum(), q)[0]
+    assert list(fla.backward_errors.values()) == [float("inf")] and torch.allclose(q.grad, expected)

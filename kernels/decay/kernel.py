@@ -52,6 +52,8 @@ class DecayKernel(GatedKernel):
         if data_dependent:
             self.decay_weight = nn.Parameter(torch.zeros(n_heads, head_dim))
 
+    quadratic_trains = True  # one gate per head and token: its quadratic form is one T x T decay matrix
+
     def options(self):
         # half_life only initialises decay_logit, which carries the (fitted) decay from then on
         return {**super().options(), "data_dependent": self.data_dependent}

@@ -14,8 +14,14 @@ BLOCK = 16  # keys per block on the diagonal (its (R, BLOCK, d) decay tensor bou
 
 
 def blocked_weights(q, k, log_alpha, rows: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """Unnormalized A (B, H, R, S) of queries at positions `rows` over keys 0..S-1, exactly."""
+    """Unnormalized A (B, H, R, S) of queries at positions `rows` over keys 0..S-1, exactly. log_alpha is
+    (B, H, T, d) per channel, or (B, H, T, 1): one gate per head and token, whose decay is one (R x S) matrix."""
     rows = rows.to(q.device)
+    if log_alpha.shape[-1] == 1:
+        total = log_alpha[..., 0].cumsum(dim=2)
+        visible = torch.arange(k.shape[2], device=q.device)[None, :] <= rows[:, None]
+        log_decay = (total[:, :, rows, None] - total[:, :, None, :]).masked_fill(~visible, float("-inf"))
+        return (q @ k.transpose(-1, -2)) * torch.exp(log_decay)
     total = log_alpha.cumsum(dim=2)
     total_q = total[:, :, rows]
     n_keys = k.shape[2]

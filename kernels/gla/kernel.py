@@ -65,7 +65,7 @@ class GatedKernel(Kernel):
         q, k, v = as_fp32(q, k, v)
         phi_q, phi_k = self.features(q, k, scaling)
         values = forms.with_ones(v) if self.normalize else v
-        return phi_q, phi_k, values, self.log_gates(k).expand_as(phi_k)
+        return phi_q, phi_k, values, self.log_gates(k)  # (B, H, T, d) per channel, (B, H, T, 1) scalar
 
     def _output(self, o):
         return safe_ratio(o[..., :-1], o[..., -1]) if self.normalize else o
@@ -78,7 +78,7 @@ class GatedKernel(Kernel):
     def attention_weights(self, q, k, scaling, rows):
         q, k = as_fp32(q, k)
         phi_q, phi_k = self.features(q, k, scaling)
-        weights = forms.blocked_weights(phi_q, phi_k, self.log_gates(k).expand_as(phi_k), rows)
+        weights = forms.blocked_weights(phi_q, phi_k, self.log_gates(k), rows)
         return safe_ratio(weights, weights.sum(-1)) if self.normalize else weights
 
     def fla_prefills(self, x):
