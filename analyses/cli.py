@@ -540,6 +540,8 @@ def convert(
     epochs: int = typer.Option(1, help="passes over the training data the budget may take"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
+    recompute_layers: bool = typer.Option(False, help="stage 2 keeps only each decoder layer's inputs and recomputes the rest "
+                                          "in the backward pass (about one layer of activations, one more forward; same result)"),
     evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
     census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
@@ -560,7 +562,8 @@ def convert(
                            control=control, tokens=tokens, transfer_tokens=transfer_tokens, length=length, batch=batch,
                            accumulation=accumulation, lr=lr, transfer_lr=transfer_lr, train=train, lora_rank=lora_rank,
                            ce_weight=ce_weight, data=data or [], dataset=dataset, epochs=epochs, seed=seed,
-                           checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console)
+                           checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console,
+                           recompute_layers=recompute_layers)
     if table is not None:
         _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
         console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))

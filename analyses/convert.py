@@ -139,6 +139,43 @@ class Student(nn.Module):
         return self.hf(input_ids=ids, use_cache=False).logits
 
 
+@contextmanager
+def recomputed_layers(hf: nn.Module, backend: Backend) -> Iterator[None]:
+    """Within the block each decoder layer keeps only its inputs for the backward pass and recomputes the rest
+    (torch.utils.checkpoint): activation memory of about one layer for one more forward. The backward runs
+    after `backend.patched` has closed, so each recomputation re-enters the edit session and the
+    differentiable mode its forward ran under (else a replaced head would be recomputed as softmax)."""
+    from attnprobe.hooks.backends.base import decoder_layers
+    from attnprobe.kernels import dispatch
+
+    def wrapped(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            session, flag = backend.session, dispatch._differentiable
+
+            def rerun(*args, **kwargs):
+                previous = backend.session, dispatch._differentiable
+                backend.session, dispatch._differentiable = session, flag
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    backend.session, dispatch._differentiable = previous
+            return torch.utils.checkpoint.checkpoint(rerun, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    if not hasattr(backend, "session"):
+        raise AttnprobeError(f"recomputing layers needs the native backend, not {backend.name}")
+    layers = list(decoder_layers(hf))
+    for layer in layers:
+        layer.forward = wrapped(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
 KL_CHUNK = 4096  # tokens per piece of the KL: one piece's fp32 log-probabilities exist at a time
 
 
@@ -399,8 +436,10 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
 
 
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
-            directory: Path, on_step: Callable[[Progress], None] = lambda p: None) -> dict:
+            directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False) -> dict:
     """Convert `heads` ({layer: heads}, empty for the control) of `model` with `config`; write `directory`.
+    `recompute_layers` trades stage 2's activation memory for one more forward (`recomputed_layers`); the
+    result is the same, so it is not part of the recipe a checkpoint must match.
 
     Returns the conversion manifest. Rerunning with the same arguments resumes from the last checkpoint."""
     directory = Path(directory)
@@ -484,8 +523,9 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
             if resume is None:  # a resumed stage 2 has it in its checkpoint's losses
                 losses["first_batch_kl"] = [kl()]
             if params and n_e2e:
-                _train_stage("end_to_end", accelerator, student, params, e2e_windows, config, config.lr, e2e_step,
-                             directory, identity, resume, losses, on_step)
+                with recomputed_layers(model.hf, backend) if recompute_layers else nullcontext():
+                    _train_stage("end_to_end", accelerator, student, params, e2e_windows, config, config.lr, e2e_step,
+                                 directory, identity, resume, losses, on_step)
             losses["first_batch_kl"] = losses["first_batch_kl"][:1] + [kl()]
         saved_adapters = {name: p.detach().cpu().clone() for name, p in adapter_params.items()}
     errors = _head_errors(backend, kernels, heads, e2e_windows[:config.batch // config.accumulation] if n_e2e else transfer_windows[:1],
@@ -594,7 +634,7 @@ def progress_bar(console=None, disable: bool = False):
 def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config: ConvertConfig, data: TrainingData,
                       out: Path, sizes, heads_table=None, evaluate: bool = True,
                       on_step: Callable[[Progress, str], None] = lambda p, label: None,
-                      status: Callable[[str], None] = lambda m: None):
+                      status: Callable[[str], None] = lambda m: None, recompute_layers: bool = False):
     """Convert each variant (and the control) into out/conversions/NAME, then evaluate every row through the
     matrix code with the gate: (matrix table, recall rows); (None, None) without `evaluate` or off the main process."""
     import dataclasses
@@ -605,7 +645,8 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
         heads = replaced_heads(model, variant.keep(model, heads_table)) if variant.kernel else {}
         status(f"converting {variant.name}")
         convert(model, backend, heads, dataclasses.replace(config, kernel=variant.kernel), data,
-                out / "conversions" / variant.name, on_step=lambda report, name=variant.name: on_step(report, name))
+                out / "conversions" / variant.name, on_step=lambda report, name=variant.name: on_step(report, name),
+                recompute_layers=recompute_layers)
     from accelerate import PartialState
 
     if not evaluate or not PartialState().is_main_process:
@@ -689,7 +730,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
         dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None):
+        console=None, recompute_layers: bool = False):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
     import pandas as pd
 
@@ -746,7 +787,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
-                                          on_step=on_step)
+                                          on_step=on_step, recompute_layers=recompute_layers)
     if table is None:
         return None
     write_parquet(out / "matrix.parquet", table)

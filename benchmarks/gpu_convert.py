@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
     parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
     parser.add_argument("--rows", default=ROWS)
+    parser.add_argument("--recompute-layers", action="store_true",
+                        help="stage 2 keeps only each decoder layer's inputs (about one layer of activations, one more forward)")
     parser.add_argument("--no-control", action="store_true",
                         help="convert only --rows (another process converts the control into the same --work)")
     parser.add_argument("--tokens", default=None, help="stage-2 tokens per row (default: what --minutes chose, else 4M)")
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 if progress.stage == "end_to_end":
                     rates.append(progress.tokens_per_s)
             try:
-                conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step)
+                conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step,
+                                             recompute_layers=args.recompute_layers)
             except Exception as error:  # one row's failure (a kernel's backward, memory) does not cost the other rows
                 if variant.name == "control":
                     raise

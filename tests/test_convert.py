@@ -133,6 +133,23 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, prose_fi
         assert torch.equal(want[key], got[key]), key
 
 
+def test_recomputed_layers_train_exactly_as_kept_ones(tiny, prose_file, tmp_path):
+    """Stage 2 with every decoder layer recomputed in the backward pass (the memory saver on the GPU) gives the
+    same losses and parameters as keeping the activations; the replaced heads are recomputed as kernels,
+    not as softmax, although the backward runs after the edit session has closed."""
+    model, backend = tiny
+    config = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=3 * 4 * LENGTH)
+    data = data_for(model, config, prose_file)
+    kept = conversion.convert(model, backend, HEADS, config, data, tmp_path / "kept")
+    redone = conversion.convert(model, backend, HEADS, config, data, tmp_path / "recomputed", recompute_layers=True)
+    assert redone["losses"]["end_to_end"] == pytest.approx(kept["losses"]["end_to_end"], rel=1e-5)
+    want, got = _parameters(tmp_path / "kept"), _parameters(tmp_path / "recomputed")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.allclose(want[key], got[key], atol=1e-6), key
+    assert type(model.hf.model.layers[0]).forward is model.hf.model.layers[0].forward.__func__  # restored
+
+
 def test_the_control_fine_tunes_only_adapters(tiny, prose_file, tmp_path):
     model, backend = tiny
     config = recipe(kernel=None, ce_weight=1.0, tokens=3 * 4 * LENGTH)
