@@ -4,11 +4,12 @@
 # warm; each call ends by packing what every job has written so far into $OUT.
 #
 #   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
-#       installs, then starts the fla family benchmark (no model needed)
-#   call 2, sent at once, carry .m2 (the other parts):                    PHASE=jobs bash benchmarks/gpu_session.sh
-#       assembles the model, samples the training data once (shared through one cache), then runs the
-#       two-stage conversions: the new families at 2M tokens (convert, evaluate, census on the GPU) and the
-#       20M-token rows in four lanes over one run directory (convert only; evaluated where they come back)
+#   call 2, carry .m2 (the other GGUF parts):                             PHASE=model bash benchmarks/gpu_session.sh
+#   call 3, carry .m3 (what the 20M rows resume from: the sampled data, the finished control, checkpoints):
+#                                                                         PHASE=jobs bash benchmarks/gpu_session.sh
+#       starts three lanes of 20M-token conversions over one run directory (convert only; they are evaluated
+#       where they come back) and the new families at 2M tokens (convert, evaluate, census), every stage 2 with
+#       --recompute-layers (the OOMs of 2026-12-02: seven processes at 25-72 GB each on one card)
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (at most 8 come back), in order of worth: logs and
@@ -26,14 +27,25 @@ job() {  # job NAME COMMAND...: a process session of its own (its id in logs/NAM
 }
 # by the recorded ids, not by matching command lines (a pattern also matches the shell of the call that asks)
 running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+resumable() {  # each unfinished row's checkpoint.json and the tensors it names, copied as one consistent pair
+  rm -rf $W/resume
+  for d in $W/w14/run/conversions/*/; do
+    [ -f "$d/checkpoint.json" ] && [ ! -f "$d/conversion.json" ] || continue
+    for attempt in 1 2 3; do  # a checkpoint written meanwhile replaces the pair: copy again
+      local to=$W/resume/w14/run/conversions/$(basename $d); mkdir -p $to
+      cp $d/checkpoint.json $to/ && name=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tensors'])" $to/checkpoint.json) \
+        && cp $d/$name $to/ 2>/dev/null && break
+      rm -rf $to
+    done
+  done
+}
 pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
-  # finished rows' checkpoints are not needed (their conversions-N.tar holds fit and adapters)
-  ckpt=$(for d in w14/run/conversions/*/; do [ -f "$d/conversion.json" ] || ls "$d"checkpoint* 2>/dev/null; done)
-  tar -czf - --ignore-failed-read logs families conv15a conv15b lane_? \
-      $(ls -d w15a/run/variants w15a/run/census w15b/run/variants w15b/run/census 2>/dev/null) \
-      $(ls -d cache/samples 2>/dev/null) $ckpt 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
+  resumable
+  tar -czf - --ignore-failed-read logs $(ls -d families conv15 lane_? 2>/dev/null) \
+      $(ls -d w15/run/variants w15/run/census 2>/dev/null) $(ls -d cache/samples 2>/dev/null) \
+      $(ls -d resume 2>/dev/null) 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
 if [ "$PHASE" = start ]; then
@@ -43,27 +55,24 @@ if [ "$PHASE" = start ]; then
   cp -r benchmarks /tmp/bench  # the jobs read these, not the next call's copy of the tree
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > $W/logs/gpu.txt
   python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)" >> $W/logs/gpu.txt 2>&1
-  job families python3 /tmp/bench/gpu_families.py --out $W/families --lengths 2048 8192 32768
-  sleep 20; pack; exit 0
+  exit 0
 fi
-if [ "$PHASE" = jobs ]; then
+if [ "$PHASE" = model ]; then
   cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
+  exit 0
+fi
+if [ "$PHASE" = jobs ]; then
+  [ -f $M ] || exit 3
+  cp -r .m3/w14 .m3/cache $W/ || exit 3  # the run directory and the sampled windows (same sha256: dd8925e9)
   export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  CONVERT="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048"
-  # the data once: the 2M rows' windows first (2 epochs), then the 20M rows' (4 epochs; the shards are shared)
-  job data "$CONVERT --part data --tokens 2M --work $W/w15a --out $W/data15 && touch $W/data15.ok &&" \
-      "$CONVERT --part data --tokens 20M --epochs 4 --work $W/w14 --out $W/data14 && touch $W/data14.ok"
-  after() { echo "until [ -f $W/$1.ok ]; do sleep 5; done;"; }
-  C15="$CONVERT --part data,convert,evaluate,census --tokens 2M"
-  job conv15a "$(after data15) $C15 --rows all-gla,all-decay --work $W/w15a --out $W/conv15a"
-  job conv15b "$(after data15) $C15 --rows sink+window+gdn,all-kda --work $W/w15b --out $W/conv15b"
-  # one run directory, one row per process at a time; lane a converts the control first
-  C14="$(after data14) $CONVERT --part data,convert --tokens 20M --epochs 4 --work $W/w14"
-  job lane_a "$C14 --rows all-hedgehog --out $W/lane_a"
-  job lane_b "$C14 --no-control --rows layers-1of2-softmax,window+linear --out $W/lane_b"
-  job lane_c "$C14 --no-control --rows layers-1of4-softmax --out $W/lane_c"
-  job lane_d "$C14 --no-control --rows sink+window+linear --out $W/lane_d"
+  C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
+  # one run directory, one row per process at a time; the control in it is finished (it came back in .m3)
+  C14="$C --part data,convert --tokens 20M --epochs 4 --work $W/w14 --no-control"
+  job lane_a "$C14 --rows layers-1of2-softmax,all-hedgehog --out $W/lane_a"
+  job lane_b "$C14 --rows layers-1of4-softmax,window+linear --out $W/lane_b"
+  job lane_c "$C14 --rows sink+window+linear --out $W/lane_c"
+  job conv15 "$C --part data,convert,evaluate,census --tokens 2M --rows all-gla,all-decay,sink+window+gdn --work $W/w15 --out $W/conv15"
   sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
