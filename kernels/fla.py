@@ -134,5 +134,5 @@ def backward_error(kernel, device, dtype, length: int = 256) -> float:
             if reference:
                 raise
             return math.inf
-    return max(float((g - r.to(g.dtype)).float().norm() / r.float().norm().clamp_min(1e-30))
+    return max(float((g.float() - r).norm() / r.norm().clamp_min(1e-30))
                for g, r in zip(*grads))
