@@ -75,7 +75,7 @@ def throughput(args, model, backend, results: Results) -> dict:
     data = TrainingData(ids, {"sha256": "random", "tokens": ids.numel()})
     flops = stage2_flops_per_token(model.hf.config, args.length)
     cuda = torch.cuda.is_available()
-    report = {"length": args.length, "batch": args.batch, "flops_per_token": flops,
+    report = {"length": args.length, "batch": args.batch, "recompute_layers": args.recompute_layers, "flops_per_token": flops,
               "device": torch.cuda.get_device_name() if cuda else "cpu"}
     variant = catalogue(model)["all-hedgehog"]
     for name, kernel, heads in (("all-hedgehog", "hedgehog", conversion.replaced_heads(model, variant.keep(model, None))),
@@ -91,7 +91,8 @@ def throughput(args, model, backend, results: Results) -> dict:
         tokens = steps * args.batch * args.length
         where = Path(args.work) / "throughput" / name
         shutil.rmtree(where, ignore_errors=True)  # timed afresh on every call
-        conversion.convert(model, backend, heads, recipe(args, kernel, tokens, tokens if heads else 0), data, where, on_step=on_step)
+        conversion.convert(model, backend, heads, recipe(args, kernel, tokens, tokens if heads else 0), data, where, on_step=on_step,
+                           recompute_layers=args.recompute_layers)
         for stage, times in stamps.items():
             gaps = [b - a for a, b in zip(times[1:], times[2:])]  # steps 3.. (the first ones compile and allocate)
             rate = args.batch * args.length / (sum(gaps) / len(gaps)) if gaps else float("nan")

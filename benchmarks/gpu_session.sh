@@ -5,16 +5,18 @@
 #
 #   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
 #   call 2, carry .m2 (the other GGUF parts):                             PHASE=model bash benchmarks/gpu_session.sh
-#   call 3, carry .m3 (what the 20M rows resume from: the sampled data, the finished control, checkpoints):
+#   call 3, carry .m3 (the sampled training windows, sha256 dd8925e9, so no call samples them again):
 #                                                                         PHASE=jobs bash benchmarks/gpu_session.sh
-#       starts four lanes of 20M-token conversions over one run directory (convert only; they are evaluated
-#       where they come back) and the new families at 2M tokens (convert, evaluate, census), every stage 2 with
-#       --recompute-layers (the OOMs of 2026-12-02: seven processes at 25-72 GB each on one card)
+#       measures stage-2 throughput alone on the card at batch 32 and 128 (x 512 tokens, --recompute-layers), then
+#       converts the control and the five 20M rows at batch 128 in two lanes over one run directory, and
+#       sink+window+gdn at 2M tokens (the recipe of the other family rows) beside them. A stage-2 step costs about
+#       29,000 torch ops of host time whatever its batch (CPU profile), so at batch 32 one process leaves the card
+#       mostly idle and processes side by side only time-slice it (2026-12-02: five at 7,000-10,000 tokens/s each)
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
-# $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (at most 8 come back), in order of worth: logs and
-# results first, then the finished conversions, then what an unfinished 20M row needs to resume (the sampled
-# data and its last checkpoint). A prefix of the pieces unpacks: cat pack.tgz.* | tar -xzf - (ignore the end).
+# $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
+# logs and results first, then the finished conversions, then each unfinished row's last checkpoint. A prefix of
+# the pieces unpacks: cat pack.tgz.* | tar -xzf - (ignore the end).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 T0=$(date +%s); LIMIT=${LIMIT:-560}; PHASE=${PHASE:-wait}
@@ -29,10 +31,10 @@ job() {  # job NAME COMMAND...: a process session of its own (its id in logs/NAM
 running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
 resumable() {  # each unfinished row's checkpoint.json and the tensors it names, copied as one consistent pair
   rm -rf $W/resume
-  for d in $W/w14/run/conversions/*/; do
+  for d in $W/w128/run/conversions/*/; do
     [ -f "$d/checkpoint.json" ] && [ ! -f "$d/conversion.json" ] || continue
     for attempt in 1 2 3; do  # a checkpoint written meanwhile replaces the pair: copy again
-      local to=$W/resume/w14/run/conversions/$(basename $d); mkdir -p $to
+      local to=$W/resume/w128/run/conversions/$(basename $d); mkdir -p $to
       cp $d/checkpoint.json $to/ && name=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tensors'])" $to/checkpoint.json) \
         && cp $d/$name $to/ 2>/dev/null && break
       rm -rf $to
@@ -43,9 +45,8 @@ pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
   resumable
-  tar -czf - --ignore-failed-read logs $(ls -d families conv15 lane_? 2>/dev/null) \
-      $(ls -d w15/run/variants w15/run/census 2>/dev/null) $(ls -d cache/samples 2>/dev/null) \
-      $(ls -d resume 2>/dev/null) 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
+  tar -czf - --ignore-failed-read logs $(ls -d tput/b* lane_? conv15 resume 2>/dev/null) 2>/dev/null \
+      | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
 if [ "$PHASE" = start ]; then
@@ -64,18 +65,16 @@ if [ "$PHASE" = model ]; then
 fi
 if [ "$PHASE" = jobs ]; then
   [ -f $M ] || exit 3
-  cp -r .m3/w14 .m3/cache $W/ || exit 3  # the run directory and the sampled windows (same sha256: dd8925e9)
+  cp -r .m3/cache $W/ || exit 3
   export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
-  # one run directory, one row per process at a time; the control in it is finished (it came back in .m3)
-  C14="$C --part data,convert --tokens 20M --epochs 4 --work $W/w14 --no-control"
-  # a stage-2 step of batch 32 x 512 costs about 29,000 torch ops of host time (profile on the CPU): one process
-  # leaves the card mostly idle, so the lanes run side by side (about 27,000 tokens/s each beside three others)
-  job lane_a "$C14 --rows layers-1of2-softmax,all-hedgehog --out $W/lane_a"
-  job lane_b "$C14 --rows layers-1of4-softmax --out $W/lane_b"
-  job lane_c "$C14 --rows sink+window+linear --out $W/lane_c"
-  job lane_d "$C14 --rows window+linear --out $W/lane_d"
-  job conv15 "$C --part data,convert,evaluate,census --tokens 2M --rows all-gla,all-decay,sink+window+gdn --work $W/w15 --out $W/conv15"
+  T="$C --part throughput --bench-steps 8 --work $W/tput"
+  job tput "$T --batch 32 --out $W/tput/b32 && $T --batch 128 --out $W/tput/b128"
+  after="while [ ! -f $W/logs/tput.rc ]; do sleep 5; done;"  # the throughput is timed alone on the card
+  C14="$C --part data,convert --tokens 20M --epochs 4 --batch 128 --work $W/w128"
+  job lane_a "$after $C14 --rows layers-1of2-softmax,all-hedgehog --out $W/lane_a"
+  job lane_b "$after $C14 --no-control --rows layers-1of4-softmax,window+linear,sink+window+linear --out $W/lane_b"
+  job conv15 "$after $C --part data,convert --tokens 2M --no-control --rows sink+window+gdn --work $W/w15 --out $W/conv15"
   sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done

@@ -404,12 +404,14 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "cache"))
     code = gpu_convert.main(["--model", str(model_dir), "--part", "all", "--out", str(out), "--work", str(tmp_path / "work"),
                              "--rows", "all-hedgehog", "--tokens", str(2 * 2 * LENGTH), "--transfer-tokens", str(2 * 2 * LENGTH),
-                             "--length", str(LENGTH), "--batch", "2", "--bench-steps", "3", "--sample-batch", "8", "--quick"])
+                             "--length", str(LENGTH), "--batch", "2", "--bench-steps", "3", "--sample-batch", "8", "--quick",
+                             "--recompute-layers"])
     assert code == 0
     kinds = [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()]
     assert kinds == ["loaded", "throughput", "plan", "data", "converted", "converted", "matrix", "done"]
     throughput = json.loads((out / "throughput.json").read_text())
     assert throughput["all-hedgehog/end_to_end"]["tokens_per_s"] > 0 and "control/end_to_end" in throughput
+    assert throughput["recompute_layers"] is True
     matrix = (out / "matrix.md").read_text()
     assert "all-hedgehog" in matrix and "control" in matrix and "gate" in matrix
     import tarfile
