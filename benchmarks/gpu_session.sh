@@ -11,7 +11,7 @@
 #       converts the control and the five 20M rows at batch 128 in two lanes over one run directory, and
 #       sink+window+gdn at 2M tokens (the recipe of the other family rows) beside them. A stage-2 step costs about
 #       29,000 torch ops of host time whatever its batch (CPU profile), so at batch 32 one process leaves the card
-#       mostly idle and processes side by side only time-slice it (2026-12-02: five at 7,000-10,000 tokens/s each)
+#       mostly idle and processes side by side only time-slice it (2026-12-02: five at 7,000-10,500 tokens/s each)
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
