@@ -10,7 +10,7 @@
 #       measures stage-2 throughput alone on the card at batch 32 and 128 (x 512 tokens, --recompute-layers), then
 #       converts the control and four 20M rows at batch 128 in two lanes over one run directory (layers-1of2-softmax
 #       has its 20M row at batch 32 beside the batch-32 control), and
-#       sink+window+gdn at 2M tokens (the recipe of the other family rows) beside them. A stage-2 step costs about
+#       sink+window+gdn, all-gated-deltanet and all-kda at 2M tokens (the recipe of the other family rows) beside them. A stage-2 step costs about
 #       29,000 torch ops of host time whatever its batch (CPU profile), so at batch 32 one process leaves the card
 #       mostly idle and processes side by side only time-slice it (2026-12-02: five at 7,000-10,500 tokens/s each)
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
@@ -76,7 +76,7 @@ if [ "$PHASE" = jobs ]; then
   # two lanes: at batch 32 one process peaked at 13 GiB, so three at batch 128 may not fit the card
   job lane_a "$after $C14 --rows all-hedgehog,sink+window+linear --out $W/lane_a"
   job lane_b "$after $C14 --no-control --rows layers-1of4-softmax,window+linear --out $W/lane_b"
-  job conv15 "$after $C --part data,convert --tokens 2M --no-control --rows sink+window+gdn --work $W/w15 --out $W/conv15"
+  job conv15 "$after $C --part data,convert --tokens 2M --no-control --rows sink+window+gdn,all-gated-deltanet,all-kda --work $W/w15 --out $W/conv15"
   sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
