@@ -7,12 +7,13 @@
 #   call 2, carry .m2 (the other GGUF parts):                             PHASE=model bash benchmarks/gpu_session.sh
 #   call 3, carry .m3 (the sampled training windows, sha256 dd8925e9, so no call samples them again):
 #                                                                         PHASE=jobs bash benchmarks/gpu_session.sh
-#       measures stage-2 throughput alone on the card at batch 32 and 128 (x 512 tokens, --recompute-layers), then
-#       converts the control and four 20M rows at batch 128 in two lanes over one run directory (layers-1of2-softmax
-#       has its 20M row at batch 32 beside the batch-32 control), and
-#       sink+window+gdn, all-gated-deltanet and all-kda at 2M tokens (the recipe of the other family rows) beside them. A stage-2 step costs about
-#       29,000 torch ops of host time whatever its batch (CPU profile), so at batch 32 one process leaves the card
-#       mostly idle and processes side by side only time-slice it (2026-12-02: five at 7,000-10,500 tokens/s each)
+#       converts the three 20M rows still missing at batch 128 in two lanes over one run directory (their control,
+#       layers-1of4-softmax and the stage-2 throughput came from the fifth session; layers-1of2-softmax has its
+#       20M row at batch 32 beside the batch-32 control), resuming from any checkpoints in .m3/resume/w128, and
+#       sink+window+gdn, all-gated-deltanet and all-kda at 2M tokens (the recipe of the other family rows) beside
+#       them. One process at batch 128 peaks at 47.7 GiB, so no more than two fit beside the 2M job; alone on the
+#       card a stage-2 step is mostly GPU time (control 48,400 tokens/s at batch 32, 69,600 at 128), so processes
+#       side by side share one card's throughput rather than add to it
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
@@ -46,7 +47,7 @@ pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
   resumable
-  tar -czf - --ignore-failed-read logs $(ls -d tput/b* lane_? conv15 resume 2>/dev/null) 2>/dev/null \
+  tar -czf - --ignore-failed-read logs $(ls -d lane_? conv15 resume 2>/dev/null) 2>/dev/null \
       | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
@@ -67,16 +68,13 @@ fi
 if [ "$PHASE" = jobs ]; then
   [ -f $M ] || exit 3
   cp -r .m3/cache $W/ || exit 3
+  [ ! -d .m3/resume/w128 ] || cp -r .m3/resume/w128 $W/ || exit 3  # checkpoints a pack brought back resume
   export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
-  T="$C --part throughput --bench-steps 8 --work $W/tput"
-  job tput "$T --batch 32 --out $W/tput/b32 && $T --batch 128 --out $W/tput/b128"
-  after="while [ ! -f $W/logs/tput.rc ]; do sleep 5; done;"  # the throughput is timed alone on the card
-  C14="$C --part data,convert --tokens 20M --epochs 4 --batch 128 --work $W/w128"
-  # two lanes: at batch 32 one process peaked at 13 GiB, so three at batch 128 may not fit the card
-  job lane_a "$after $C14 --rows all-hedgehog,sink+window+linear --out $W/lane_a"
-  job lane_b "$after $C14 --no-control --rows layers-1of4-softmax,window+linear --out $W/lane_b"
-  job conv15 "$after $C --part data,convert --tokens 2M --no-control --rows sink+window+gdn,all-gated-deltanet,all-kda --work $W/w15 --out $W/conv15"
+  C14="$C --part data,convert --tokens 20M --epochs 4 --batch 128 --no-control --work $W/w128"
+  job lane_a "$C14 --rows ${LANE_A:-all-hedgehog,sink+window+linear} --out $W/lane_a"
+  job lane_b "$C14 --rows ${LANE_B:-window+linear} --out $W/lane_b"
+  job conv15 "$C --part data,convert --tokens 2M --no-control --rows sink+window+gdn,all-gated-deltanet,all-kda --work $W/w15 --out $W/conv15"
   sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
