@@ -11,6 +11,8 @@ measurement), decode_bench.json and decode_bench.md (rewritten after each).
     python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --batch 8 --out $OUT/batch8
     # where a step's time goes (profiler tables and host syncs per row, in $OUT/profile)
     python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 32768 --new-tokens 16 --profile --out $OUT/profile
+    # each step replayed as a CUDA graph (the original over a StaticCache) beside the eager steps
+    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,32768 --modes eager,graph --out $OUT/graph
     # CPU, small: a tiny random GQA Llama (what the test runs)
     python benchmarks/decode_bench.py --tiny --contexts 64,128 --new-tokens 8 --out /tmp/decode_bench
 
@@ -24,7 +26,15 @@ Architectures (fresh kernels: cost does not depend on fitted parameters):
 Each measurement prefills `context - new_tokens - warmup` tokens, decodes `warmup` tokens untimed (first
 calls at these shapes) and `new_tokens` timed ones (CUDA events on a GPU), so the cache ends at the context
 length. The original runs before the native backend is attached: transformers' SDPA and its own cache, no
-attnprobe hook. No CUDA graphs: every step launches its kernels from Python.
+attnprobe hook.
+
+Modes (--modes): `eager` launches every step's kernels from Python; `graph` captures one step as a CUDA
+graph after the warm-up and replays it (hooks/cache.py StaticStep: the original over a transformers
+StaticCache of exactly the context, a replaced model with its states updated in place), so a step costs its
+GPU work alone. Only architectures whose step reads fixed-size tensors qualify (the original and the all-
+rows); the others are left out of that mode. On CPU `graph` runs the same static step eagerly. Ratios
+compare with the original of the same mode; `tokens_equal_eager` is the share of a graph row's greedy
+tokens equal to its eager row's (when both ran).
 
 What batch 1 measures: for a 135M model one decode step is a few hundred small kernels, so on a GPU the
 step time is mostly launch and Python time, about the same for every architecture; attention over a 32K
@@ -48,7 +58,7 @@ from pathlib import Path
 import torch
 
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.cache import measure_decoding
+from attnprobe.hooks.cache import graph_capturable, measure_decoding
 from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.hooks.io import atomic_write_text
 from attnprobe.hooks.model import DEFAULT_MODEL, Model, describe, load_model
@@ -137,10 +147,10 @@ def random_weights_like(model: Model, positions: int) -> Model:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| context | architecture | weights | cache MB | cache / original | decode tok/s | decode speed-up "
-             "| prefill ms | prefill / original | peak MB | peak / original |", "|" + "---|" * 11]
+    lines = ["| context | mode | architecture | weights | cache MB | cache / original | decode tok/s | decode speed-up "
+             "| prefill ms | prefill / original | peak MB | peak / original |", "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['architecture']} | {r['weights']} | {r['kv_cache_bytes_measured'] / 1e6:.2f} "
+        lines.append(f"| {r['context']} | {r['decode_mode']} | {r['architecture']} | {r['weights']} | {r['kv_cache_bytes_measured'] / 1e6:.2f} "
                      f"| {r.get('cache_ratio', math.nan):.3f} | {r['decode_tokens_per_s']:.1f} | {r.get('decode_speedup', math.nan):.2f} "
                      f"| {r['prefill_ms']:.1f} | {r.get('prefill_ratio', math.nan):.2f} | {r['peak_memory_bytes'] / 1e6:.1f} "
                      f"| {r.get('peak_ratio', math.nan):.3f} |")
@@ -158,18 +168,19 @@ def ratios(row: dict, original: dict | None) -> dict:
 
 
 def goals(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked on the longest context measured."""
+    """The issue's goals, checked on the longest context measured, in each decode mode."""
     longest = max(r["context"] for r in rows)
-    at = {r["architecture"]: r for r in rows if r["context"] == longest}
     lines = []
-    for name, row in at.items():
-        if name.startswith("all-") and "decode_speedup" in row:
-            ok = row["decode_speedup"] >= 2 and row["cache_ratio"] <= 0.1
-            lines.append(f"{name} at {longest}: decode x{row['decode_speedup']:.2f} (goal >= 2), cache x{row['cache_ratio']:.4f} "
-                         f"(goal <= 0.1): {'met' if ok else 'NOT met'}")
-    if "hybrid-25" in at and "cache_ratio" in at["hybrid-25"]:
-        ratio = at["hybrid-25"]["cache_ratio"]
-        lines.append(f"hybrid-25 at {longest}: cache x{ratio:.3f} (goal <= 1/3): {'met' if ratio <= 1 / 3 else 'NOT met'}")
+    for mode in dict.fromkeys(r["decode_mode"] for r in rows):
+        at = {r["architecture"]: r for r in rows if r["context"] == longest and r["decode_mode"] == mode}
+        for name, row in at.items():
+            if name.startswith("all-") and "decode_speedup" in row:
+                ok = row["decode_speedup"] >= 2 and row["cache_ratio"] <= 0.1
+                lines.append(f"{name} at {longest} ({mode}): decode x{row['decode_speedup']:.2f} (goal >= 2), cache "
+                             f"x{row['cache_ratio']:.4f} (goal <= 0.1): {'met' if ok else 'NOT met'}")
+        if "hybrid-25" in at and "cache_ratio" in at["hybrid-25"]:
+            ratio = at["hybrid-25"]["cache_ratio"]
+            lines.append(f"hybrid-25 at {longest} ({mode}): cache x{ratio:.3f} (goal <= 1/3): {'met' if ratio <= 1 / 3 else 'NOT met'}")
     return lines
 
 
@@ -183,34 +194,61 @@ def run(args) -> list[dict]:
     names = args.architectures.split(",") if args.architectures else default_architectures()
     machine = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
                "torch": torch.__version__, "dtype": args.dtype, "model": model.info.model_id, "new_tokens": args.new_tokens,
-               "batch": args.batch, "warmup": args.warmup,
+               "batch": args.batch, "warmup": args.warmup, "modes": args.modes,
                "command": " ".join(sys.argv)}
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - {"eager", "graph"})
+    if unknown:
+        raise AttnprobeError(f"unknown decode modes {unknown}: choose among eager, graph")
     rows: list[dict] = []
+    failures: list[dict] = []
     stream = (out / "decode_bench.jsonl").open("a")
     for context in contexts:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
-        original = None
         backend = None
-        # the original first, before the backend's hooks exist: transformers' own SDPA and cache, nothing of ours
-        for name in sorted(names, key=lambda name: name != "original"):
-            if name != "original" and backend is None:
-                backend = make_backend("native", run_model)
-            edits = architecture_edits(run_model, name)
-            runner = backend if edits else None
-            measure_decoding(run_model, runner, edits, 64, 2, args.batch)  # warm-up: kernels compiled, allocator warm
-            profile = out / f"profile-{context}-{name}.txt" if args.profile else None
-            row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random", "batch": args.batch,
-                   **measure_decoding(run_model, runner, edits, context, args.new_tokens, args.batch, warmup=args.warmup,
-                                      profile=profile)}
-            original = row if name == "original" else original
-            row.update(ratios(row, original))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            stream.write(json.dumps(row) + "\n")
-            stream.flush()
-            atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows)}, indent=1))
-            atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(goals(rows)) + "\n")
+        eager_tokens = {}
+        for mode in modes:
+            original = None
+            # the original first, before the backend's hooks exist: transformers' own SDPA and cache, nothing of ours
+            for name in sorted(names, key=lambda name: name != "original"):
+                if name != "original" and backend is None:
+                    backend = make_backend("native", run_model)
+                edits = architecture_edits(run_model, name)
+                if mode == "graph" and not graph_capturable(run_model, edits):
+                    print(f"{name}: no graph mode (its step reads tensors that grow or Python-side positions)", flush=True)
+                    continue
+                runner = backend if edits else None
+                graph = mode == "graph"
+                profile = out / f"profile-{context}-{name}.txt" if args.profile and not graph else None
+                try:
+                    measure_decoding(run_model, runner, edits, 64, 2, args.batch, graph=graph)  # warm-up: kernels compiled, allocator warm
+                    measured = measure_decoding(run_model, runner, edits, context, args.new_tokens, args.batch, warmup=args.warmup,
+                                                profile=profile, graph=graph)
+                except (RuntimeError, AttnprobeError) as error:  # a capture that fails is a result too: recorded, the run goes on
+                    if not graph:
+                        raise
+                    failures.append({"context": context, "architecture": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
+                    print(json.dumps(failures[-1]), flush=True)
+                    atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows) if rows else [],
+                                                                             "failures": failures}, indent=1))
+                    continue
+                tokens = measured.pop("tokens")
+                row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random",
+                       "batch": args.batch, **measured}
+                if mode == "eager":
+                    eager_tokens[name] = tokens
+                elif name in eager_tokens:
+                    row["tokens_equal_eager"] = (tokens == eager_tokens[name]).float().mean().item()
+                original = row if name == "original" else original
+                row.update(ratios(row, original))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                stream.write(json.dumps(row) + "\n")
+                stream.flush()
+                atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows),
+                                                                         "failures": failures}, indent=1))
+                atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(goals(rows)) + "\n")
         if backend is not None:
             backend.close()
         del run_model, backend
@@ -232,6 +270,8 @@ def parse(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps; the cache ends at the context length")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (the cache grows with it, a state too)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps at the context before the timed ones")
+    parser.add_argument("--modes", default="eager", help="comma list of eager, graph (a CUDA graph per step; CPU: the "
+                        "static step run eagerly)")
     parser.add_argument("--profile", action="store_true", help="write profile-CONTEXT-ARCH.txt: a torch.profiler table of "
                         "4 more decode steps and, on CUDA, the source lines that synchronised the host")
     parser.add_argument("--architectures", default=None, help=f"comma list (default: {','.join(default_architectures())})")

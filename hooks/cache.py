@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer, StaticCache
 
 from .edits import Edit, head_index
 from .errors import AttnprobeError
@@ -36,15 +36,20 @@ from .sites import Site
 
 def tensor_bytes(value) -> int:
     """Bytes of every tensor in `value` (tensors, dataclasses, dicts, lists, tuples)."""
+    return sum(t.numel() * t.element_size() for t in tensor_leaves(value))
+
+
+def tensor_leaves(value) -> list[torch.Tensor]:
+    """The tensors in `value`, in a fixed order (what `tensor_bytes` counts)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return [value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return sum(tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return [t for f in dataclasses.fields(value) for t in tensor_leaves(getattr(value, f.name))]
     if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
+        return [t for v in value.values() for t in tensor_leaves(v)]
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
+        return [t for v in value for t in tensor_leaves(v)]
+    return []
 
 
 def kept_kv_heads(n_heads: int, n_kv_heads: int, replaced: set[int]) -> list[int]:
@@ -214,27 +219,105 @@ class _Timer:
         return time.perf_counter() - self.begin
 
 
+STATIC_ONLY = ("a static decode step needs the original model or every head replaced by a fixed-state kernel "
+               "(no window, no softmax head): decode this architecture eagerly")
+
+
+def graph_capturable(model: Model, edits: Sequence[Edit]) -> bool:
+    """Whether a decode step keeps every tensor it reads at a fixed size, so one step can be replayed as a CUDA
+    graph: no edit (the original, over a StaticCache), or every head of every layer on a kernel with a fixed
+    state and no kept tokens (linear, gated, delta-rule). A window's ring buffer, a softmax head's growing
+    cache or any other edit keep Python-side positions a replay would not advance."""
+    if not edits:
+        return True
+    info = model.info
+    covered: dict[int, set[int]] = {}
+    for edit in edits:
+        if edit.site != Site.Z or edit.kernel is None or edit.kernel.cached_tokens != 0:
+            return False
+        covered.setdefault(edit.layer, set()).update(edit.heads)
+    return all(covered.get(layer) == set(range(info.n_heads)) for layer in range(info.n_layers))
+
+
+class StaticStep:
+    """One greedy decode step whose inputs and states stay at fixed addresses, so it can be captured once as a
+    CUDA graph and replayed: the token and its position are buffers updated in place, each replaced head's new
+    state is copied back into the tensors it was read from, and the original keeps its keys and values in a
+    transformers StaticCache. Called eagerly it is an ordinary decode step (what CPU tests check)."""
+
+    def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
+        if not graph_capturable(model, edits):
+            raise AttnprobeError(STATIC_ONLY)
+        self.model, self.edits, self.cache = model, list(edits), cache
+        self.token = token.clone()
+        self.position = torch.full_like(token, position)
+
+    def __call__(self) -> torch.Tensor:
+        before = [edit.state.get("kernel") for edit in self.edits]
+        logits = self.model.hf(input_ids=self.token, cache=self.cache, position_ids=self.position, use_cache=True).logits
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.position.add_(1)
+        for edit, old in zip(self.edits, before):
+            new = edit.state["kernel"]
+            for to, value in zip(tensor_leaves(old), tensor_leaves(new), strict=True):
+                if to.shape != value.shape:
+                    raise AttnprobeError(f"layer {edit.layer}'s {edit.kernel.name} state changed shape in a decode step: decode it eagerly")
+                if to.data_ptr() != value.data_ptr():
+                    to.copy_(value)
+            edit.state["kernel"] = old
+        return self.token
+
+
+def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool):
+    """The cache a measurement decodes through: the architecture's own, or for the original in a static
+    decode a StaticCache of exactly `context` positions (the keys a DynamicCache holds at the end)."""
+    if static and not edits:
+        return StaticCache(config=model.hf.config, max_cache_len=context)
+    return architecture_cache(model, edits)
+
+
+def cache_nbytes(cache) -> int:
+    """Keys and values a cache holds, plus the replaced heads' states for an ArchitectureCache."""
+    if isinstance(cache, ArchitectureCache):
+        return cache.nbytes()
+    return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers if layer.is_initialized)
+
+
 @torch.no_grad()
 def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
-                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None) -> dict:
+                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None,
+                     graph: bool = False) -> dict:
     """Prefill `context - new_tokens - warmup` random tokens (`batch` sequences), decode `warmup` tokens
     untimed (first calls at these shapes: allocator, kernel selection) and then `new_tokens` timed ones,
     greedily, through an ArchitectureCache with `edits` on (the native backend), so the cache ends at
     `context`. backend=None (no edits) runs the model as it is: its own attention, no attnprobe hook.
+    graph=True decodes through a StaticStep (the original over a StaticCache): on CUDA captured once after the
+    warm-up as a CUDA graph and replayed, so no step waits for Python; on CPU run eagerly.
     Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
     and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
-    process's peak resident set, VmHWM, NaN where Linux's is absent). `profile`: afterwards, 4 more decode
-    steps under torch.profiler, its table written there (and, on CUDA, the lines that synchronised the host)."""
+    process's peak resident set, VmHWM, NaN where Linux's is absent); `decode_mode` (eager, static or
+    cuda-graph) and `tokens`, the (batch, new_tokens) greedy tokens of the timed steps. `profile`: afterwards,
+    4 more eager decode steps under torch.profiler, its table written there (and, on CUDA, the lines that
+    synchronised the host)."""
     if not 0 < new_tokens < context - warmup:
         raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context - {warmup}")
     if backend is None and edits:
         raise AttnprobeError("edits need a backend: pass the native backend")
     device = model.device
+    capture = graph and device.type == "cuda"
+    if capture and warmup < 1:
+        raise AttnprobeError("a CUDA graph is captured after at least one warm-up step: pass warmup >= 1")
+    if graph and profile is not None:
+        raise AttnprobeError("--profile profiles eager steps: leave out --graph")
+    if graph and not graph_capturable(model, edits):
+        raise AttnprobeError(STATIC_ONLY)
     generator = torch.Generator().manual_seed(seed)
     vocab = model.hf.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (batch, context - new_tokens - warmup), generator=generator).to(device)
-    cache = architecture_cache(model, edits)
+    prompt = context - new_tokens - warmup
+    ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
+    cache = decode_cache(model, edits, context, graph)
     timer = _Timer(device)
+    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
 
     def step(token):
         return model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
@@ -245,14 +328,35 @@ def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int,
         timer.start()
         token = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         prefill = timer.stop()
-        for _ in range(warmup):
-            token = step(token)
-        timer.start()
-        for _ in range(new_tokens):  # the cache ends at context
-            token = step(token)
-        decode = timer.stop()
-        measured = {"kv_cache_bytes_measured": cache.nbytes(), "decode_tokens_per_s": batch * new_tokens / decode,
-                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device)}
+        if graph:
+            static = StaticStep(model, edits, cache, token, prompt)
+            side = torch.cuda.Stream(device) if capture else None
+            with torch.cuda.stream(side) if capture else contextlib.nullcontext():  # warm up off the capture stream
+                for _ in range(warmup):
+                    static()
+            if capture:
+                torch.cuda.current_stream(device).wait_stream(side)
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    static()
+            run = cuda_graph.replay if capture else static
+            timer.start()
+            for i in range(new_tokens):  # the cache ends at context
+                run()
+                tokens[:, i:i + 1].copy_(static.token)
+            decode = timer.stop()
+            token = static.token
+        else:
+            for _ in range(warmup):
+                token = step(token)
+            timer.start()
+            for i in range(new_tokens):
+                token = step(token)
+                tokens[:, i:i + 1].copy_(token)
+            decode = timer.stop()
+        measured = {"kv_cache_bytes_measured": cache_nbytes(cache), "decode_tokens_per_s": batch * new_tokens / decode,
+                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device),
+                    "decode_mode": "cuda-graph" if capture else "static" if graph else "eager", "tokens": tokens.cpu()}
         if profile is not None:
             _profile_steps(step, token, device, profile)
     return measured

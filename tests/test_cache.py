@@ -189,6 +189,12 @@ def test_decode_bench_measures_every_architecture_beside_the_original(tmp_path):
     assert len(saved["rows"]) == len(rows) and any("hybrid-25" in line for line in saved["goals"])
     assert (tmp_path / "decode_bench.md").read_text().count("\n| ") == len(rows) + 1
     assert bench.exact_heads(bench.tiny_model("cpu", torch.float32)) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    # both modes: the static step only where it applies, its tokens those of the eager rows
+    both = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32", "--new-tokens", "3", "--modes", "eager,graph",
+                                  "--architectures", ",".join(names), "--out", str(tmp_path / "modes")]))
+    static = [r for r in both if r["decode_mode"] == "static"]
+    assert [r["architecture"] for r in static] == ["original", "all-hedgehog"]
+    assert all(r["tokens_equal_eager"] == 1.0 for r in static) and static[0]["decode_speedup"] == 1.0
 
 
 def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
@@ -268,3 +274,40 @@ def test_fla_fused_recurrent_decode_equals_the_torch_step_on_cuda(name):
     got, got_state = DECODERS["fla"](kernel, state.clone(), q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], 0.125)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got_state, want_state, atol=2e-3, rtol=2e-3)
+
+
+STATIC = {"original": [], "all-hedgehog": ["hedgehog"] * 3, "all-gated-deltanet": ["gated-deltanet"] * 3,
+          "mixed-families": ["gla", "decay", "hedgehog"]}
+
+
+@pytest.mark.parametrize("architecture", list(STATIC))
+def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture):
+    """The step a CUDA graph replays (token and position buffers, states copied back in place, the original
+    over a StaticCache), run eagerly as on CPU, decodes the tokens the eager loop decodes, holding the same
+    bytes, and keeps every replaced head's state in the tensors it started from."""
+    from attnprobe.hooks.cache import measure_decoding
+
+    model = tiny_llama_model
+    torch.manual_seed(6)
+    edits = [kernel_edit(layer, range(4), make_kernel(name, 4, model.info.head_dim)) for layer, name in enumerate(STATIC[architecture])]
+    backend = make_backend("native", model) if edits else None
+    eager = measure_decoding(model, backend, edits, 40, new_tokens=12, batch=2, warmup=2)
+    static = measure_decoding(model, backend, edits, 40, new_tokens=12, batch=2, warmup=2, graph=True)
+    assert (eager["decode_mode"], static["decode_mode"]) == ("eager", "static")
+    assert torch.equal(static["tokens"], eager["tokens"]) and static["tokens"].shape == (2, 12)
+    assert static["kv_cache_bytes_measured"] == eager["kv_cache_bytes_measured"]
+
+
+def test_only_fixed_size_steps_are_captured(tiny_llama_model):
+    from attnprobe.hooks.cache import StaticStep, graph_capturable, measure_decoding
+
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    whole = [kernel_edit(layer, range(4), make_kernel("hedgehog", 4, 16)) for layer in range(3)]
+    assert graph_capturable(model, []) and graph_capturable(model, whole)
+    for edits in (whole[:2], whole[:2] + [kernel_edit(2, [0, 1], make_kernel("hedgehog", 2, 16))], edits_for(model, "sink+window")):
+        assert not graph_capturable(model, edits)  # a softmax layer or head, or a window's ring buffer
+        with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
+            StaticStep(model, edits, architecture_cache(model, edits), torch.zeros(1, 1, dtype=torch.long), 5)
+        with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
+            measure_decoding(model, backend, edits, 40, new_tokens=4, graph=True)
