@@ -5,15 +5,14 @@
 #
 #   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
 #   call 2, carry .m2 (the other GGUF parts):                             PHASE=model bash benchmarks/gpu_session.sh
+#       with DECODE=1 it then runs the decode benchmark alone on the card, eager beside CUDA graphs (sixth session)
 #   call 3, carry .m3 (the sampled training windows, sha256 dd8925e9, so no call samples them again):
 #                                                                         PHASE=jobs bash benchmarks/gpu_session.sh
-#       converts the three 20M rows still missing at batch 128 in two lanes over one run directory (their control,
-#       layers-1of4-softmax and the stage-2 throughput came from the fifth session; layers-1of2-softmax has its
-#       20M row at batch 32 beside the batch-32 control), resuming from any checkpoints in .m3/resume/w128, and
-#       sink+window+gdn, all-gated-deltanet and all-kda at 2M tokens (the recipe of the other family rows) beside
-#       them. One process at batch 128 peaks at 47.7 GiB, so no more than two fit beside the 2M job; alone on the
-#       card a stage-2 step is mostly GPU time (control 48,400 tokens/s at batch 32, 69,600 at 128), so processes
-#       side by side share one card's throughput rather than add to it
+#       converts the two 20M rows still missing at batch 128 in two lanes over one run directory, resuming from
+#       the checkpoints in .m3/resume/w128 (sink+window+linear at step 100 of 305, window+linear at 50, from the
+#       sixth session; their control, layers-1of4-softmax and all-hedgehog are done). One process at batch 128
+#       peaks at 47.7 GiB; alone on the card a stage-2 step is mostly GPU time (control 48,400 tokens/s at batch
+#       32, 69,600 at 128), so processes side by side share one card's throughput rather than add to it
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
@@ -47,7 +46,7 @@ pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
   resumable
-  tar -czf - --ignore-failed-read logs $(ls -d lane_? conv15 resume 2>/dev/null) 2>/dev/null \
+  tar -czf - --ignore-failed-read logs $(ls -d lane_? resume 2>/dev/null) 2>/dev/null \
       | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
@@ -63,6 +62,7 @@ fi
 if [ "$PHASE" = model ]; then
   cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
+  [ "${DECODE:-0}" = 1 ] || exit 0
   # decode cost alone on the card (nothing else running), eager steps beside CUDA-graph replays
   D="python3 /tmp/bench/decode_bench.py --model $M --device cuda --dtype bfloat16 --modes eager,graph"
   mkdir -p $OUT/decode
@@ -78,10 +78,8 @@ if [ "$PHASE" = jobs ]; then
   export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
   C14="$C --part data,convert --tokens 20M --epochs 4 --batch 128 --no-control --work $W/w128"
-  job conv15 "$C --part data,convert --tokens 2M --no-control --rows sink+window+gdn,all-gated-deltanet,all-kda --work $W/w15 --out $W/conv15"
-  job lane_a "$C14 --rows ${LANE_A:-all-hedgehog,sink+window+linear} --out $W/lane_a"
-  # the second 20M lane after the 2M rows: sink+window+gdn's stage 1 ran out of memory beside two lanes before
-  job lane_b "while [ ! -f $W/logs/conv15.rc ]; do sleep 5; done; $C14 --rows ${LANE_B:-window+linear} --out $W/lane_b"
+  job lane_a "$C14 --rows ${LANE_A:-sink+window+linear} --out $W/lane_a"
+  job lane_b "$C14 --rows ${LANE_B:-window+linear} --out $W/lane_b"
   sleep 30
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
