@@ -203,6 +203,13 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     failures: list[dict] = []
     stream = (out / "decode_bench.jsonl").open("a")
+
+    def save():  # rewritten after each row or failure
+        found = goals(rows) if rows else []
+        atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": found,
+                                                                 "failures": failures}, indent=1))
+        atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(found) + "\n")
+
     for context in contexts:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
@@ -230,8 +237,7 @@ def run(args) -> list[dict]:
                         raise
                     failures.append({"context": context, "architecture": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
                     print(json.dumps(failures[-1]), flush=True)
-                    atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows) if rows else [],
-                                                                             "failures": failures}, indent=1))
+                    save()
                     continue
                 tokens = measured.pop("tokens")
                 row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random",
@@ -246,9 +252,7 @@ def run(args) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 stream.write(json.dumps(row) + "\n")
                 stream.flush()
-                atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": goals(rows),
-                                                                         "failures": failures}, indent=1))
-                atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(goals(rows)) + "\n")
+                save()
         if backend is not None:
             backend.close()
         del run_model, backend

@@ -120,6 +120,11 @@ class CompactLayer(CacheLayerMixin):
         self.length = self.past = 0
 
 
+def kv_bytes(cache: Cache) -> int:
+    """Bytes of the keys and values a transformers Cache holds, over its initialised layers."""
+    return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers if layer.is_initialized)
+
+
 class ArchitectureCache(Cache):
     """One layer per decoder layer: transformers' own where every head is softmax, compact elsewhere."""
 
@@ -145,7 +150,7 @@ class ArchitectureCache(Cache):
 
     def kv_bytes(self) -> int:
         """Bytes of the keys and values the cache holds."""
-        return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in self.layers if layer.is_initialized)
+        return kv_bytes(self)
 
     def state_bytes(self) -> int:
         """Bytes of the replaced heads' kernel states (held by their edits)."""
@@ -278,9 +283,7 @@ def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool
 
 def cache_nbytes(cache) -> int:
     """Keys and values a cache holds, plus the replaced heads' states for an ArchitectureCache."""
-    if isinstance(cache, ArchitectureCache):
-        return cache.nbytes()
-    return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers if layer.is_initialized)
+    return cache.nbytes() if isinstance(cache, ArchitectureCache) else kv_bytes(cache)
 
 
 @torch.no_grad()
@@ -308,7 +311,7 @@ def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int,
     if capture and warmup < 1:
         raise AttnprobeError("a CUDA graph is captured after at least one warm-up step: pass warmup >= 1")
     if graph and profile is not None:
-        raise AttnprobeError("--profile profiles eager steps: leave out --graph")
+        raise AttnprobeError("a profile records eager steps: measure it with graph=False")
     if graph and not graph_capturable(model, edits):
         raise AttnprobeError(STATIC_ONLY)
     generator = torch.Generator().manual_seed(seed)

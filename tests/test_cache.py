@@ -284,7 +284,7 @@ STATIC = {"original": [], "all-hedgehog": ["hedgehog"] * 3, "all-gated-deltanet"
 def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture):
     """The step a CUDA graph replays (token and position buffers, states copied back in place, the original
     over a StaticCache), run eagerly as on CPU, decodes the tokens the eager loop decodes, holding the same
-    bytes, and keeps every replaced head's state in the tensors it started from."""
+    bytes."""
     from attnprobe.hooks.cache import measure_decoding
 
     model = tiny_llama_model
