@@ -99,3 +99,21 @@ def test_sink_window_gdn_mixes_the_two_outputs():
     expected = f * _sink_window(q, k, v, 0.4, 4, 2) + (1 - f) * gdn
     for form, z in _forms(kernel, q, k, v, 0.4).items():
         torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-4, msg=form)
+
+
+@pytest.mark.parametrize("name", ["sink+window", "window+linear", "sink+window+linear", "sink+window+gdn"])
+def test_training_form_has_the_quadratic_gradients(name):
+    """A conversion trains hybrids through the blocked prefill, not the T x T form: its output and the gradients
+    of q, k, v and the kernel's own parameters equal the quadratic reference's."""
+    q, k, v = (x.requires_grad_() for x in _qkv(11, length=29))
+    kernel = make_kernel(name, 2, 6, window=4, sinks=2, chunk=4)
+    assert not (kernel.exact if name == "sink+window+gdn" else kernel).quadratic_trains
+    inputs = [q, k, v, *kernel.parameters()]
+    target = torch.randn(1, 2, 29, 6, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for form in ("train_forward", "quadratic"):
+        z = getattr(kernel, form)(q, k, v, 0.4)
+        grads[form] = (z, torch.autograd.grad((z * target).sum(), inputs))
+    torch.testing.assert_close(grads["train_forward"][0], grads["quadratic"][0], atol=1e-5, rtol=1e-4)
+    for trained, reference in zip(grads["train_forward"][1], grads["quadratic"][1]):
+        torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-4)

@@ -39,6 +39,10 @@ class MixKernel(Kernel):
     def quadratic(self, q, k, v, scaling):
         return self._mix(self.exact.quadratic(q, k, v, scaling), self.recurrent.quadratic(q, k, v, scaling))
 
+    def train_forward(self, q, k, v, scaling):
+        # each part in the form that trains best for it (the window blocked, the delta rule through fla where allowed)
+        return self._mix(self.exact.train_forward(q, k, v, scaling), self.recurrent.train_forward(q, k, v, scaling))
+
     def attention_weights(self, q, k, scaling, rows):
         return self._mix(self.exact.attention_weights(q, k, scaling, rows), self.recurrent.attention_weights(q, k, scaling, rows))
 
