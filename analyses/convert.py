@@ -563,6 +563,60 @@ def _head_errors(backend, kernels, heads, ids, accelerator) -> dict[str, list[fl
         return {str(layer): transfer_loss(kernels[layer], teachers[layer].heads(heads[layer])).tolist() for layer in heads}
 
 
+def conversion_from_checkpoint(model: Model, directory: Path) -> dict:
+    """Turn the stage-2 checkpoint of an unfinished conversion into a conversion `applied` reads: the kernels and
+    adapters as they stood, the budget the tokens trained so far, `partial` where it stopped (its learning rate had
+    not finished its cosine). A run cut short, or a point on the way to the full budget, is then evaluated as what
+    it is; rerunning the full `convert` afterwards refuses the directory, so move the checkpoint first to go on."""
+    directory = Path(directory)
+    if (directory / CONVERSION).exists():
+        raise AttnprobeError(f"{directory} already holds a finished conversion: nothing to take from its checkpoint")
+    path = directory / CHECKPOINT
+    if not path.exists():
+        raise AttnprobeError(f"{directory} holds no {CHECKPOINT}: run attnprobe convert into it first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): convert again into a fresh --out") from None
+    if manifest.get("model_hash") != model.info.weights_sha256:
+        raise AttnprobeError(f"checkpoint {path} was made from weights {str(manifest.get('model_hash'))[:12]}, not "
+                             f"{model.info.weights_sha256[:12]}: load the model it was converted from")
+    if manifest.get("stage") != "end_to_end":
+        raise AttnprobeError(f"checkpoint {path} stopped in stage 1 (attention transfer): no end-to-end step to evaluate yet")
+    identity = {key: manifest.get(key) for key in ("format", "model_hash", "kernel", "heads", "config", "data_sha256")}
+    _, tensors = load_checkpoint(directory, identity)
+    config = ConvertConfig(**manifest["config"])
+    heads = {int(layer): hs for layer, hs in manifest["heads"].items()}
+    kernels = {layer: make_kernel(config.kernel, len(hs), model.info.head_dim, **config.options) for layer, hs in heads.items()}
+    with torch.no_grad():
+        for layer, kernel in kernels.items():
+            state = kernel.state_dict()
+            missing = [name for name in state if f"param.kernel.{layer}.{name}" not in tensors]
+            if missing:  # a fixed tensor the checkpoint does not hold (it is only written with the finished fit)
+                raise AttnprobeError(f"checkpoint {path} does not hold {config.kernel}'s {missing[0]}: finish the conversion instead")
+            kernel.load_state_dict({name: tensors[f"param.kernel.{layer}.{name}"] for name in state})
+    adapters = {key.removeprefix("param.adapter."): value for key, value in tensors.items() if key.startswith("param.adapter.")}
+    trained = manifest["step"] * config.batch * config.length
+    transfer_steps = len(manifest["losses"].get("transfer", []))
+    result = {
+        "identity": identity, "model_id": model.info.model_id, "model_hash": model.info.weights_sha256,
+        "kernel": config.kernel, "options": kernels[min(kernels)].options() if kernels else {}, "train": config.train,
+        "heads": manifest["heads"], "config": manifest["config"], "data": {"sha256": manifest["data_sha256"]},
+        "budget": {"transfer_tokens": transfer_steps * config.batch * config.length, "tokens": trained,
+                   "transfer_steps": transfer_steps, "steps": manifest["step"]},
+        "partial": {"step": manifest["step"], "steps": manifest["steps"], "checkpoint": manifest["tensors"]},
+        "losses": manifest["losses"], "head_error_after_transfer": {}, "head_error": {},
+    }
+    if kernels:
+        fit = FitResult(config.kernel, result["options"], kernels, heads, {layer: [] for layer in heads}, transfer_steps,
+                        result["budget"]["transfer_tokens"])
+        save_fit(fit, directory / FIT, model.info.weights_sha256)
+    _atomic(directory / ADAPTERS, lambda temp: save_file({k: v.contiguous() for k, v in adapters.items()}, temp,
+                                                         metadata={"train": config.train, "model_hash": model.info.weights_sha256}))
+    write_json(directory / CONVERSION, result)
+    return result
+
+
 @contextmanager
 def applied(model: Model, directory: Path) -> Iterator[FitResult | None]:
     """Put a finished conversion's adapters into `model` for the block; yield its kernels (None for the control)."""
@@ -688,6 +742,10 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
             row, recall = evaluate_variant(model, backend, variant, heads_table, out, sizes, status, fit=fit)
         if variant.name != "original":
             row["conversion"] = str(out / "conversions" / variant.name)
+            manifest = read_json(out / "conversions" / variant.name / CONVERSION)
+            row["stage2_tokens"] = manifest["budget"]["tokens"]
+            if "partial" in manifest:  # taken from a checkpoint: say so beside its numbers
+                row["partial"] = f"step {manifest['partial']['step']} of {manifest['partial']['steps']}"
         from attnprobe.probe.rundir import write_parquet
 
         write_parquet(out / "variants" / f"{variant.name}.parquet", recall.drop(columns=["response"], errors="ignore"))

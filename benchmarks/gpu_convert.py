@@ -10,12 +10,14 @@ Parts (each resumes where the previous call stopped, as long as --work survives 
                 mixed with the prose's training range; cached under --work
     convert     every row of --rows and the control, two stages each, checkpoints every 25 steps; after each
                 row its fit and adapters go into $OUT (conversions-N.tar, under 15 MiB each)
+    finish      each row of --rows stopped in stage 2 becomes a partial conversion from its last checkpoint (its
+                budget the tokens trained so far, flagged `partial` in the matrix); runs anywhere
     evaluate    the matrix code on the original and every row converted under --work (recall at --sizes (MatrixSizes.gpu:
                 30+ samples per task), held-out perplexity, the gate) -> matrix.md, matrix.parquet; needs neither a GPU
                 nor the training data, so rows converted on the GPU (conversions-N.tar) are evaluated anywhere
     census      the matrix's small census re-run inside the original and every converted row (which mechanisms each
                 keeps, in its own heads) -> census.parquet; like evaluate it runs anywhere
-    all         the first four in order (or name several: --part throughput,data)
+    all         throughput, data, convert and evaluate in order (or name several: --part throughput,data)
 
 Everything written to $OUT is written as soon as it exists: results.jsonl (one line per finished step of the
 plan: throughput, data, each row's conversion, each evaluated row), the tars, matrix.md. With --minutes M the
@@ -134,7 +136,7 @@ def pack(args, names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SmolLM2 .gguf (or any model spec)")
-    parser.add_argument("--part", default="all", help="throughput, data, convert, evaluate (comma-separated) or all")
+    parser.add_argument("--part", default="all", help="throughput, data, convert, finish, evaluate, census (comma-separated) or all (the first three and evaluate)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_convert_out")))
     parser.add_argument("--work", default="/tmp/attnprobe-convert", help="run directory kept between calls")
     parser.add_argument("--rows", default=ROWS)
@@ -158,13 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
-    every = ["throughput", "data", "convert", "evaluate", "census"]
-    parts = every[:4] if args.part == "all" else [part.strip() for part in args.part.split(",")]
+    every = ["throughput", "data", "convert", "finish", "evaluate", "census"]
+    parts = ["throughput", "data", "convert", "evaluate"] if args.part == "all" else [part.strip() for part in args.part.split(",")]
     if set(parts) - set(every):
         print(f"unknown --part {args.part}: choose from {', '.join(every)} or all")
         return 2
-    if not torch.cuda.is_available() and not args.quick and set(parts) - {"evaluate", "census"}:
-        print("no CUDA device: training needs a GPU (--part evaluate,census run anywhere; --quick is a smoke run on the CPU)")
+    if not torch.cuda.is_available() and not args.quick and set(parts) - {"finish", "evaluate", "census"}:
+        print("no CUDA device: training needs a GPU (--part finish,evaluate,census run anywhere; --quick is a smoke run on the CPU)")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
@@ -236,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                         peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None)
             pack(args, [v.name for v in variants])
         variants = [v for v in variants if v not in failed]
+    if "finish" in parts:
+        for variant in variants:
+            directory = run / "conversions" / variant.name
+            if (directory / "checkpoint.json").exists() and not (directory / "conversion.json").exists():
+                manifest = conversion.conversion_from_checkpoint(model, directory)
+                results.add("finished from checkpoint", row=variant.name, partial=manifest["partial"], budget=manifest["budget"])
     if "evaluate" in parts:
         sizes = preset(census=False)  # the census part below runs the census on its own
 

@@ -133,6 +133,47 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, prose_fi
         assert torch.equal(want[key], got[key]), key
 
 
+def test_a_checkpoint_becomes_a_partial_conversion(tiny, prose_file, tmp_path):
+    """A run stopped in stage 2 is evaluated as what it is: its checkpoint's kernels and adapters, its budget the
+    tokens trained so far, `partial` where it stopped; a stage-1 checkpoint, a finished conversion and other
+    weights are refused."""
+    from safetensors.torch import load_file
+
+    model, backend = tiny
+    config = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH)
+    data = data_for(model, config, prose_file)
+    for stage, directory in (("transfer", tmp_path / "early"), ("end_to_end", tmp_path / "late")):
+        def stop(report, stage=stage):
+            if report.stage == stage and report.step == 3 - (stage == "transfer"):
+                raise Interrupt
+        with pytest.raises(Interrupt):
+            conversion.convert(model, backend, HEADS, config, data, directory, on_step=stop)
+    with pytest.raises(AttnprobeError, match="stage 1"):
+        conversion.conversion_from_checkpoint(model, tmp_path / "early")
+    late = tmp_path / "late"
+    checkpoint = json.loads((late / "checkpoint.json").read_text())
+    saved = load_file(late / checkpoint["tensors"])
+    manifest = conversion.conversion_from_checkpoint(model, late)
+    assert manifest["partial"]["step"] == 2 and manifest["partial"]["steps"] == 4
+    assert manifest["budget"] == {"transfer_tokens": 2 * 4 * LENGTH, "tokens": 2 * 4 * LENGTH, "transfer_steps": 2, "steps": 2}
+    kernels, adapters = load_file(late / "fit" / "params.safetensors"), load_file(late / "adapters.safetensors")
+    assert kernels and adapters
+    for prefix, tensors in (("param.kernel.", kernels), ("param.adapter.", adapters)):
+        for key, value in tensors.items():
+            assert torch.equal(value, saved[prefix + key]), key
+    ids = data.windows[:1]
+    with conversion.applied(model, late) as fit:
+        converted = backend.run(ids, edits=swap_edits(model, fit))
+    assert (converted - backend.run(ids)).abs().max() > 1e-3
+    with pytest.raises(AttnprobeError, match="already holds a finished conversion"):
+        conversion.conversion_from_checkpoint(model, late)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.json").write_text(json.dumps({**checkpoint, "model_hash": "0" * 64}))
+    with pytest.raises(AttnprobeError, match="other|from weights"):
+        conversion.conversion_from_checkpoint(model, foreign)
+
+
 def test_recomputed_layers_train_exactly_as_kept_ones(tiny, prose_file, tmp_path):
     """Stage 2 with every decoder layer recomputed in the backward pass (the memory saver on the GPU) gives the
     same losses and parameters as keeping the activations; the replaced heads are recomputed as kernels,
