@@ -6,13 +6,13 @@
 #   call 1, carry .m1 (first GGUF part + the transformers wheel) and .whl:  PHASE=start bash benchmarks/gpu_session.sh
 #   call 2, carry .m2 (the other GGUF parts):                             PHASE=model bash benchmarks/gpu_session.sh
 #       with DECODE=1 it then runs the decode benchmark alone on the card, eager beside CUDA graphs (sixth session)
-#   call 3, carry .m3 (the sampled training windows, sha256 dd8925e9, so no call samples them again):
-#                                                                         PHASE=jobs bash benchmarks/gpu_session.sh
-#       converts the two 20M rows still missing at batch 128 in two lanes over one run directory, resuming from
-#       the checkpoints in .m3/resume/w128 (sink+window+linear at step 100 of 305, window+linear at 50, from the
-#       sixth session; their control, layers-1of4-softmax and all-hedgehog are done). One process at batch 128
-#       peaks at 47.7 GiB; alone on the card a stage-2 step is mostly GPU time (control 48,400 tokens/s at batch
-#       32, 69,600 at 128), so processes side by side share one card's throughput rather than add to it
+#   call 3:                                                            PHASE=jobs bash benchmarks/gpu_session.sh
+#       starts PHASE=plan as a process session of its own: the training windows of the 20M rows (8 passes over 3
+#       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then the two 20M rows still missing
+#       at batch 128 (sink+window+linear, window+linear) side by side. In the seventh session they reached step
+#       200 of 305 in 1,250 s beside each other, training through the T x T form; they now train through the
+#       blocked prefill. One process at batch 128 peaks at 47.7 GiB; processes side by side share one card's
+#       throughput rather than add to it
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
@@ -46,7 +46,7 @@ pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
   resumable
-  tar -czf - --ignore-failed-read logs $(ls -d lane_? resume 2>/dev/null) 2>/dev/null \
+  tar -czf - --ignore-failed-read logs $(ls -d lane_? data* resume 2>/dev/null) 2>/dev/null \
       | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
@@ -71,16 +71,19 @@ if [ "$PHASE" = model ]; then
     --out $OUT/decode/batch8 > $OUT/decode/batch8.txt 2>&1
   exit 0
 fi
+C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
 if [ "$PHASE" = jobs ]; then
   [ -f $M ] || exit 3
-  cp -r .m3/cache $W/ || exit 3
-  [ ! -d .m3/resume/w128 ] || cp -r .m3/resume/w128 $W/ || exit 3  # checkpoints a pack brought back resume
-  export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  C="python3 /tmp/bench/gpu_convert.py --model $M --sample-batch 2048 --recompute-layers"
-  C14="$C --part data,convert --tokens 20M --epochs 4 --batch 128 --no-control --work $W/w128"
-  job lane_a "$C14 --rows ${LANE_A:-sink+window+linear} --out $W/lane_a"
-  job lane_b "$C14 --rows ${LANE_B:-window+linear} --out $W/lane_b"
+  job plan "PHASE=plan bash /tmp/bench/gpu_session.sh"
   sleep 30
+fi
+if [ "$PHASE" = plan ]; then
+  export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  C14="$C --tokens 20M --epochs 8 --batch 128 --no-control --work $W/w128"
+  $C14 --part data --out $W/data20m > $W/logs/data20m.txt 2>&1 || exit 5  # sampled once, before the lanes read it
+  job lane_a "$C14 --part data,convert --rows sink+window+linear --out $W/lane_a"
+  job lane_b "$C14 --part data,convert --rows window+linear --out $W/lane_b"
+  exit 0
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
 pack
