@@ -571,20 +571,14 @@ def conversion_from_checkpoint(model: Model, directory: Path) -> dict:
     directory = Path(directory)
     if (directory / CONVERSION).exists():
         raise AttnprobeError(f"{directory} already holds a finished conversion: nothing to take from its checkpoint")
-    path = directory / CHECKPOINT
-    if not path.exists():
+    loaded = load_checkpoint(directory, {"model_hash": model.info.weights_sha256})  # refuses damage and other weights
+    if loaded is None:
         raise AttnprobeError(f"{directory} holds no {CHECKPOINT}: run attnprobe convert into it first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): convert again into a fresh --out") from None
-    if manifest.get("model_hash") != model.info.weights_sha256:
-        raise AttnprobeError(f"checkpoint {path} was made from weights {str(manifest.get('model_hash'))[:12]}, not "
-                             f"{model.info.weights_sha256[:12]}: load the model it was converted from")
-    if manifest.get("stage") != "end_to_end":
-        raise AttnprobeError(f"checkpoint {path} stopped in stage 1 (attention transfer): no end-to-end step to evaluate yet")
-    identity = {key: manifest.get(key) for key in ("format", "model_hash", "kernel", "heads", "config", "data_sha256")}
-    _, tensors = load_checkpoint(directory, identity)
+    manifest, tensors = loaded
+    if manifest["stage"] != "end_to_end":
+        raise AttnprobeError(f"checkpoint {directory / CHECKPOINT} stopped in stage 1 (attention transfer): no end-to-end "
+                             "step to evaluate yet")
+    identity = {key: manifest[key] for key in ("format", "model_hash", "kernel", "heads", "config", "data_sha256")}
     config = ConvertConfig(**manifest["config"])
     heads = {int(layer): hs for layer, hs in manifest["heads"].items()}
     kernels = {layer: make_kernel(config.kernel, len(hs), model.info.head_dim, **config.options) for layer, hs in heads.items()}
@@ -593,7 +587,7 @@ def conversion_from_checkpoint(model: Model, directory: Path) -> dict:
             state = kernel.state_dict()
             missing = [name for name in state if f"param.kernel.{layer}.{name}" not in tensors]
             if missing:  # a fixed tensor the checkpoint does not hold (it is only written with the finished fit)
-                raise AttnprobeError(f"checkpoint {path} does not hold {config.kernel}'s {missing[0]}: finish the conversion instead")
+                raise AttnprobeError(f"checkpoint in {directory} does not hold {config.kernel}'s {missing[0]}: finish the conversion instead")
             kernel.load_state_dict({name: tensors[f"param.kernel.{layer}.{name}"] for name in state})
     adapters = {key.removeprefix("param.adapter."): value for key, value in tensors.items() if key.startswith("param.adapter.")}
     trained = manifest["step"] * config.batch * config.length
