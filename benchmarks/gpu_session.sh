@@ -8,11 +8,11 @@
 #       with DECODE=1 it then runs the decode benchmark alone on the card, eager beside CUDA graphs (sixth session)
 #   call 3:                                                            PHASE=jobs bash benchmarks/gpu_session.sh
 #       starts PHASE=plan as a process session of its own: the training windows of the 20M rows (8 passes over 3
-#       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then the two 20M rows still missing
-#       at batch 128 (sink+window+linear, window+linear) side by side. In the seventh session they reached step
-#       200 of 305 in 1,250 s beside each other, training through the T x T form; they now train through the
-#       blocked prefill. One process at batch 128 peaks at 47.7 GiB; processes side by side share one card's
-#       throughput rather than add to it
+#       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then two lanes side by side at batch
+#       128: sink+window+linear, and the 20M control followed by window+linear. In the seventh session the two
+#       rows reached step 200 of 305 in 1,250 s beside each other, training through the T x T form; they now
+#       train through the blocked prefill. One process at batch 128 peaks at 47.7 GiB; processes side by side
+#       share one card's throughput rather than add to it
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
@@ -82,7 +82,8 @@ if [ "$PHASE" = plan ]; then
   C14="$C --tokens 20M --epochs 8 --batch 128 --no-control --work $W/w128"
   $C14 --part data --out $W/data20m > $W/logs/data20m.txt 2>&1 || exit 5  # sampled once, before the lanes read it
   job lane_a "$C14 --part data,convert --rows sink+window+linear --out $W/lane_a"
-  job lane_b "$C14 --part data,convert --rows window+linear --out $W/lane_b"
+  # the control (about a third of a hybrid row's work) first, so both rows are read against a 20M control
+  job lane_b "${C14/--no-control/} --part data,convert --rows window+linear --out $W/lane_b"
   exit 0
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
