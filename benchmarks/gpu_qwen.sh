@@ -4,8 +4,9 @@
 # The machine has no network and keeps /tmp only while warm (30 s between calls), and a call carries 64 MiB:
 # `python benchmarks/split_for_gpu.py` (here) cuts the GGUF into pieces under .m1 .. .mN and prints the calls.
 # Stages, run from the repository root on the GPU machine (several may follow one another in one call):
-#   piece    copy the pieces carried in this call (.m*/qwen.part*, the manifest, the gguf wheel) to /tmp/qwen
-#   setup    join the pieces, check size and sha256, install the gguf wheel and this checkout into /tmp/site,
+#   piece    copy the pieces carried in this call (.m*/qwen.part*, the manifest, the gguf wheel, and the
+#            transformers wheel where a folder holds one: the image's 5.17 is older than the CPU's) to /tmp/qwen
+#   setup    join the pieces, check size and sha256, install the wheels and this checkout into /tmp/site,
 #            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt
 #   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens, stopped a minute
 #            before the call's 600 s limit and resumed by the next `census` call: $OUT/census.json (wall time and
@@ -26,7 +27,7 @@ tree() {  # this call's checkout as the attnprobe package (no build step: the im
 }
 
 piece() {
-  for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl; do
+  for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl .m*/transformers-*.whl; do
     [ -f "$f" ] && cp "$f" "$WORK/" && echo "have $(basename "$f")"
   done
   ls -l "$WORK"
@@ -54,7 +55,7 @@ os.replace(target + ".partial", target)
 json.dump({"assembled_s": time.time() - start, "sha256": digest.hexdigest()}, open(report, "w"))
 print(f"assembled and checked {target}")
 EOF
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl || return 2
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl $(ls "$WORK"/transformers-*.whl 2>/dev/null) || return 2
   rm -f "$WORK"/qwen.part*  # the assembled file holds them now
   start=$(date +%s.%N)
   python3 -m attnprobe.analyses.cli --dtype float32 info --model qwen2.5-coder-0.5b > "$OUT/info.txt" 2>&1 || { cat "$OUT/info.txt"; return 2; }
