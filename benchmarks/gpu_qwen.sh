@@ -5,10 +5,12 @@
 # `python benchmarks/split_for_gpu.py` (here) cuts the GGUF into pieces under .m1 .. .mN and prints the calls.
 # Stages, run from the repository root on the GPU machine (several may follow one another in one call):
 #   piece    copy the pieces carried in this call (.m*/qwen.part*, the manifest, the gguf wheel, and the
-#            transformers wheel where a folder holds one: the image's 5.17 is older than the CPU's) to /tmp/qwen
+#            transformers wheel where a folder holds one: the image's 5.17 is older than the CPU's; the
+#            haystack file from `python benchmarks/long_prose.py .m9/stdlib_prose.txt`) to /tmp/qwen
 #   setup    join the pieces, check size and sha256, install the wheels and this checkout into /tmp/site,
 #            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt
-#   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens, stopped a minute
+#   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens in the stdlib
+#            docstring prose (the embedded prose's census range holds 10K tokens), stopped a minute
 #            before the call's 600 s limit and resumed by the next `census` call: $OUT/census.json (wall time and
 #            peak GPU memory of every call, summed), $OUT/census.log, $OUT/census_run.tar.gz (the run directory)
 #   stats    benchmarks/gpu_census.py on the real weights: the statistics pass at 2K/8K/32K against SDPA and
@@ -27,7 +29,7 @@ tree() {  # this call's checkout as the attnprobe package (no build step: the im
 }
 
 piece() {
-  for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl .m*/transformers-*.whl; do
+  for f in .m*/qwen.part* .m*/qwen.manifest .m*/gguf-*.whl .m*/transformers-*.whl .m*/stdlib_prose.txt; do
     [ -f "$f" ] && cp "$f" "$WORK/" && echo "have $(basename "$f")"
   done
   ls -l "$WORK"
@@ -57,16 +59,17 @@ print(f"assembled and checked {target}")
 EOF
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl $(ls "$WORK"/transformers-*.whl 2>/dev/null) || return 2
   rm -f "$WORK"/qwen.part*  # the assembled file holds them now
-  start=$(date +%s.%N)
+  start=$SECONDS
   python3 -m attnprobe.analyses.cli --dtype float32 info --model qwen2.5-coder-0.5b > "$OUT/info.txt" 2>&1 || { cat "$OUT/info.txt"; return 2; }
-  echo "first load (dequantize + fp32 copy): $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a "$OUT/info.txt"
+  echo "first load (dequantize + fp32 copy): $(( SECONDS - start )) s (whole seconds)" | tee -a "$OUT/info.txt"
   cat "$OUT/info.txt"
 }
 
 census() {  # stops $MARGIN s before the call's 600 s limit so that what it made still comes back
   limit=$(( ${CALL_LIMIT:-600} - ${MARGIN:-60} - SECONDS ))
   [ "$limit" -gt 60 ] || { echo "too little time left in this call for the census: run 'census' in a call of its own"; return 0; }
-  timeout "$limit" python3 - "$RUN" "$LENGTHS" "$WORK/census.json" <<'EOF' 2>&1 | tee -a "$WORK/census.log"
+  [ -f "$WORK/stdlib_prose.txt" ] || { echo "no haystack: carry .m9 with stdlib_prose.txt (benchmarks/long_prose.py)"; return 2; }
+  HAYSTACK=$WORK/stdlib_prose.txt timeout "$limit" python3 - "$RUN" "$LENGTHS" "$WORK/census.json" <<'EOF' 2>&1 | tee -a "$WORK/census.log"
 import json, os, signal, sys, time
 import torch
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # timeout's signal: still record this call below
@@ -75,7 +78,7 @@ run, lengths, report = sys.argv[1:]
 previous = json.load(open(report)) if os.path.exists(report) else {"calls": []}
 start, rc = time.time(), 0
 sys.argv = ["attnprobe", "--dtype", "bfloat16", "--device", os.environ.get("DEVICE", "cuda"), "census", "--model", "qwen2.5-coder-0.5b",
-            "--out", run, "--lengths", lengths, "--prose-length", "2048"]
+            "--out", run, "--lengths", lengths, "--prose-length", "2048", "--haystack", os.environ["HAYSTACK"]]
 try:
     main()
 except SystemExit as exc:

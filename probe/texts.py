@@ -82,7 +82,9 @@ def prose(path: str | Path | None = None) -> str:
 # ---- the partition: every consumer takes its tokens from one named, disjoint range -------------
 
 # Ranges in order along the tokenized source: (name, tokens, what it is for); the last takes the rest.
-# A text too short for these sizes (a user's file) is cut in the same proportions.
+# A text too short for these sizes (a user's file) is cut in the same proportions; a user's file longer
+# than they need grows them in proportion, so that its haystacks reach a long window (the embedded prose
+# keeps these sizes, which every recorded run used).
 # A model is never evaluated on text it was fitted on, and heads are never ranked and evaluated on
 # the same haystack.
 LAYOUT = (
@@ -123,7 +125,9 @@ def token_range(tokenizer, name: str, path=None) -> tuple[int, int]:
         raise AttnprobeError(f"unknown text range '{name}': choose one of {', '.join(RANGES)}")
     total, start = len(source_ids(tokenizer, path)), 0
     fixed = sum(size for _, size, _ in LAYOUT if size is not None)
-    scale = min(1.0, total / (1.25 * fixed))  # a short text: every range shrinks alike, fit keeps a fifth
+    scale = total / (1.25 * fixed)  # every range shrinks or grows alike; fit keeps a fifth
+    if path is None:
+        scale = min(1.0, scale)
     for range_name, size, _ in LAYOUT:
         end = total if size is None else min(start + int(size * scale), total)
         if range_name == name:

@@ -79,6 +79,21 @@ def test_user_text_too_short_is_a_user_error(tmp_path):
         texts.haystack_ids(CharTokenizer(), 1000, path=short)
 
 
+def test_long_user_text_grows_every_range_alike(tmp_path):
+    """A user's file four times the layout's need gives haystacks four times the census range."""
+    tok = CharTokenizer()
+    fixed = sum(size for _, size, _ in texts.LAYOUT if size is not None)
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank. "
+    long = tmp_path / "long.txt"
+    long.write_text(sentence * (5 * fixed // len(sentence) + 1))
+    spans = [texts.token_range(tok, name, path=long) for name in texts.RANGES]
+    census, evaluation = (end - start for start, end in spans[:2])
+    assert census >= 3.9 * texts.LAYOUT[0][1] and evaluation >= 3.9 * texts.LAYOUT[1][1]
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert len(texts.haystack_ids(tok, 3 * texts.LAYOUT[0][1], path=long)) == 3 * texts.LAYOUT[0][1]
+    assert texts.token_range(tok, "census") == (0, texts.LAYOUT[0][1])  # the embedded prose keeps its sizes
+
+
 def test_haystack_held_out_and_natural_sequences():
     tok = CharTokenizer()
     hay = texts.haystack_ids(tok, 3000)
