@@ -15,7 +15,8 @@
 #            before the call's 600 s limit and resumed by the next `census` call: $OUT/census.json (wall time and
 #            peak GPU memory of every call, summed), $OUT/census.log, $OUT/census_run.tar.gz (the run directory)
 #   stats    benchmarks/gpu_census.py on the real weights: the statistics pass at 2K/8K/32K against SDPA and
-#            eager: $OUT/stats.json, $OUT/stats.log
+#            eager: $OUT/stats.json, $OUT/stats.log (DTYPE=float32 checks the bf16 numbers' precision; STATS_LENGTHS
+#            and EAGER_LENGTHS replace the lengths: eager fp32 at 8K would need about 100 GB)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen/out}
 WORK=/tmp/qwen
@@ -104,8 +105,8 @@ EOF
 
 stats() {
   [ $(( ${CALL_LIMIT:-600} - SECONDS )) -gt 240 ] || { echo "too little time left in this call: run 'stats' in a call of its own"; return 0; }
-  python3 benchmarks/gpu_census.py --gguf "$GGUF" --lengths 2048 8192 32768 --eager-lengths 2048 4096 8192 \
-    --torch-path-max 8192 --out "$OUT/stats.json" 2>&1 | tee "$OUT/stats.log"
+  python3 benchmarks/gpu_census.py --gguf "$GGUF" --dtype "${DTYPE:-bfloat16}" --lengths ${STATS_LENGTHS:-2048 8192 32768} \
+    --eager-lengths ${EAGER_LENGTHS:-2048 4096 8192} --torch-path-max 8192 --out "$OUT/stats.json" 2>&1 | tee "$OUT/stats.log"
 }
 
 [ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }

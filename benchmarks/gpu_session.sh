@@ -8,11 +8,14 @@
 #       with DECODE=1 it then runs the decode benchmark alone on the card, eager beside CUDA graphs (sixth session)
 #   call 3:                                                            PHASE=jobs bash benchmarks/gpu_session.sh
 #       starts PHASE=plan as a process session of its own: the training windows of the 20M rows (8 passes over 3
-#       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then two lanes side by side at batch
-#       128: sink+window+linear, and the 20M control followed by window+linear. In the seventh session the two
+#       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then two lanes side by side at
+#       batch 128: sink+window+linear, and a 2M control (CONTROL=0 skips it) followed by window+linear. In the seventh session the two
 #       rows reached step 200 of 305 in 1,250 s beside each other, training through the T x T form; they now
 #       train through the blocked prefill. One process at batch 128 peaks at 47.7 GiB; processes side by side
 #       share one card's throughput rather than add to it
+#   after a lost machine, carry .m3 (a pack's resume/ and cache/samples, unpacked here) in a call of its own:
+#                                                                    PHASE=resume bash benchmarks/gpu_session.sh
+#       then PHASE=jobs: each row resumes from its checkpoint, the windows are read, not sampled again
 #   later calls:                                                         PHASE=wait LIMIT=S bash benchmarks/gpu_session.sh
 #       waits S seconds or until every job ended
 # $OUT gets pack.tgz.NN: one tar.gz in pieces of 16 MB (64 MiB of them come back per call), in order of worth:
@@ -46,7 +49,8 @@ pack() {
   cd $W || return
   rm -f $OUT/pack.tgz.*
   resumable
-  tar -czf - --ignore-failed-read logs $(ls -d lane_? data* resume 2>/dev/null) 2>/dev/null \
+  # the sampled windows too (about 4 MB a shard): a lost machine then costs no resampling, only the carry back
+  tar -czf - --ignore-failed-read logs $(ls -d lane_? data* resume cache/samples 2>/dev/null) 2>/dev/null \
       | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
   ls -la $OUT; tail -n 2 $W/logs/*.txt
 }
@@ -58,6 +62,11 @@ if [ "$PHASE" = start ]; then
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > $W/logs/gpu.txt
   python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)" >> $W/logs/gpu.txt 2>&1
   exit 0
+fi
+if [ "$PHASE" = resume ]; then  # carried back from an earlier machine: .m3/resume/w128 (checkpoints), .m3/cache/samples
+  [ -d .m3/resume/w128 ] && mkdir -p $W/w128 && cp -r .m3/resume/w128/. $W/w128/
+  [ -d .m3/cache/samples ] && mkdir -p $W/cache && cp -r .m3/cache/samples $W/cache/
+  find $W/w128 $W/cache -name '*.json' -o -name 'shard-*' 2>/dev/null; exit 0
 fi
 if [ "$PHASE" = model ]; then
   cp .m2/part0* /tmp/model/ && cat /tmp/model/part0* > $M || exit 3
@@ -82,8 +91,12 @@ if [ "$PHASE" = plan ]; then
   C14="$C --tokens 20M --epochs 8 --batch 128 --no-control --work $W/w128"
   $C14 --part data --out $W/data20m > $W/logs/data20m.txt 2>&1 || exit 5  # sampled once, before the lanes read it
   job lane_a "$C14 --part data,convert --rows sink+window+linear --out $W/lane_a"
-  # the control (about a third of a hybrid row's work) first, so both rows are read against a 20M control
-  job lane_b "${C14/--no-control/} --part data,convert --rows window+linear --out $W/lane_b"
+  # CONTROL=1 (default): first the control through the same stage 2 at 2M tokens (a tenth of a 20M control's time,
+  # which the rows need; every earlier control, 2M or 20M, measured perplexity 16.32-16.33 against the original's
+  # 16.33), in this lane: a third process beside the two rows ran out of the card's memory (ninth session)
+  CONTROL_JOB="${C14/--no-control/} --tokens 2M --rows '' --work $W/w128c --part data,convert --out $W/lane_c;"
+  [ "${CONTROL:-1}" = 1 ] || CONTROL_JOB=""
+  job lane_b "$CONTROL_JOB $C14 --part data,convert --rows window+linear --out $W/lane_b"
   exit 0
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
