@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -187,6 +187,8 @@ class MatrixSizes:
     niah_lengths: tuple[int, ...] = _option((512, 1024), "NIAH context lengths (evaluation haystack)")
     niah_depths: tuple[float, ...] = _option((0.25, 0.75), "NIAH depths (0-1)")
     niah_needles: int = _option(4, "NIAH evaluation needles (packaged ones the default census does not rank with)")
+    niah_haystack: Optional[str] = _option(None, "UTF-8 text file whose evaluation range gives the NIAH haystacks "
+                                           "(default: the embedded prose, 8K tokens; a long file reaches a 32K window)")
     perplexity_tokens: int = _option(2048, "held-out tokens for perplexity")
     perplexity_length: int = _option(WINDOW, "tokens per perplexity row (BOS counted), as the census's")
     bos: str = _option("auto", "one BOS convention for fitting, every task and each variant's census: auto | on | off")
@@ -213,6 +215,8 @@ class MatrixSizes:
                           ("decode_tokens", 1)):
             if getattr(self, name) < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.niah_haystack is not None and not Path(self.niah_haystack).expanduser().is_file():
+            raise AttnprobeError(f"--niah-haystack {self.niah_haystack}: no such file; pass a UTF-8 text file or leave it out")
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
 
@@ -317,7 +321,8 @@ def _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit=Non
         tables.append(recall.copying(model, sizes.copy_lengths, sizes.copy_samples, variant=name, bos=bos))
         progress(f"{name}: needle in a haystack")
         needles = recall.evaluation_needles()[: sizes.niah_needles]
-        tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=name, bos=bos))
+        tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=name, bos=bos,
+                                  haystack=sizes.niah_haystack))
     progress(f"{name}: perplexity")
     ppl = held_out_perplexity(backend, sizes.perplexity_tokens, sizes.perplexity_length, model.info.bos_id if bos else None, edits)
     rows = pd.concat(tables, ignore_index=True)

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-steps", type=int, default=10)
     parser.add_argument("--sizes", default="gpu", choices=["gpu", "cpu", "quick"],
                         help="evaluation sizes (architectures.MatrixSizes: gpu(), the CPU defaults, quick())")
+    parser.add_argument("--niah-lengths", default=None, help="NIAH lengths of the evaluation, e.g. 8192,16384,32640 (default: --sizes')")
+    parser.add_argument("--niah-haystack", default=None, help="text file whose evaluation range gives the NIAH haystacks (long contexts)")
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
@@ -205,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                              sample_batch=args.sample_batch)
         results.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
     run = Path(args.work) / "run"
-    preset = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
+    chosen = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
+    given = {"niah_haystack": args.niah_haystack} if args.niah_haystack else {}
+    if args.niah_lengths:
+        given["niah_lengths"] = tuple(int(n) for n in args.niah_lengths.split(","))
+
+    def preset(**sizes):
+        return chosen(**{**given, **sizes})
     if "convert" in parts:
         failed = []
         for variant in variants:

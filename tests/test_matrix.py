@@ -13,6 +13,7 @@ import torch
 from attnprobe.analyses import architectures
 from attnprobe.analyses.architectures import MatrixSizes, Variant, evaluate_variant
 from attnprobe.hooks.backends.native import NativeBackend
+from attnprobe.hooks.errors import AttnprobeError
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.retrieval import CENSUS as RETRIEVAL, heads_table, run_sample
@@ -153,3 +154,24 @@ def test_gpu_sizes_measure_efficiency_to_32k_and_leave_contexts_past_the_window_
     columns = architectures.efficiency_columns(model, backend, [], sizes)
     assert measured == [2048, 8192]
     assert columns["decode_tokens_per_s_8192"] == 1.0 and math.isnan(columns["decode_tokens_per_s_32768"])
+
+
+def test_matrix_takes_niah_haystacks_from_a_users_long_file(tiny, tmp_path):
+    """--niah-haystack: the NIAH haystacks come from that file's evaluation range (grown with the file, so a
+    long file reaches long contexts), perplexity still from the embedded prose; a missing file is one clear error."""
+    model, backend = tiny
+    long_text = tmp_path / "long.txt"
+    paragraph = "The river carried the small boat past the old mill and under the stone bridge at dawn. "
+    long_text.write_text("\n".join(f"{paragraph * 3} Chapter {i} ends here." for i in range(2000)))
+    embedded = texts.token_range(model.tokenizer, "evaluation")
+    start, end = texts.token_range(model.tokenizer, "evaluation", str(long_text))
+    assert end - start > embedded[1] - embedded[0]  # the long file's evaluation range outgrows the embedded one
+    sizes = MatrixSizes.quick(niah_haystack=str(long_text), niah_lengths=(512,), **SIZES)
+    variant = Variant("original", None, lambda m, h: set(), "the pretrained model")
+    evaluate_variant(model, backend, variant, None, tmp_path / "run", sizes)
+    used = {r["purpose"]: r for r in json.loads((tmp_path / "run" / "texts.json").read_text())}
+    assert str(long_text) in used["NIAH haystack (evaluation)"]["source"]
+    assert used["NIAH haystack (evaluation)"]["token_start"] == start
+    assert "pydoc_data" in used["perplexity"]["source"]
+    with pytest.raises(AttnprobeError, match="no such file"):
+        MatrixSizes(niah_haystack=str(tmp_path / "missing.txt"))
