@@ -215,8 +215,8 @@ class MatrixSizes:
                           ("decode_tokens", 1)):
             if getattr(self, name) < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.niah_haystack is not None and not Path(self.niah_haystack).expanduser().is_file():
-            raise AttnprobeError(f"--niah-haystack {self.niah_haystack}: no such file; pass a UTF-8 text file or leave it out")
+        if self.niah_haystack is not None:
+            texts.prose(self.niah_haystack)  # a missing, binary or empty file fails here, before any fit
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
 

@@ -27,6 +27,7 @@ minutes (stage 1 takes --transfer-tokens on top).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -207,13 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                              sample_batch=args.sample_batch)
         results.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
     run = Path(args.work) / "run"
-    chosen = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
     given = {"niah_haystack": args.niah_haystack} if args.niah_haystack else {}
     if args.niah_lengths:
         given["niah_lengths"] = tuple(int(n) for n in args.niah_lengths.split(","))
-
-    def preset(**sizes):
-        return chosen(**{**given, **sizes})
+    chosen = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
+    preset = functools.partial(chosen, **given)
     if "convert" in parts:
         failed = []
         for variant in variants:

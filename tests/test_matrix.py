@@ -173,5 +173,5 @@ def test_matrix_takes_niah_haystacks_from_a_users_long_file(tiny, tmp_path):
     assert str(long_text) in used["NIAH haystack (evaluation)"]["source"]
     assert used["NIAH haystack (evaluation)"]["token_start"] == start
     assert "pydoc_data" in used["perplexity"]["source"]
-    with pytest.raises(AttnprobeError, match="no such file"):
+    with pytest.raises(AttnprobeError, match="text file not found"):
         MatrixSizes(niah_haystack=str(tmp_path / "missing.txt"))
