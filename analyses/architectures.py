@@ -194,6 +194,8 @@ class MatrixSizes:
     bos: str = _option("auto", "one BOS convention for fitting, every task and each variant's census: auto | on | off")
     census: bool = _option(True, "re-run a small census on each modified model")
     census_lengths: tuple[int, ...] = _option((512, 1024), "NIAH lengths of that census")
+    census_induction_length: int = _option(50, "period of that census's repeated random string for induction heads "
+                                              "(a hybrid's exact window hides induction at shorter periods)")
     fit_tokens: int = _option(2048, "calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)")
     fit_steps: int = _option(30, "Adam steps of attention transfer per layer")
     efficiency_contexts: tuple[int, ...] = _option((256, 1024), "contexts of the measured efficiency columns (GPU: 2048,8192,32768)")
@@ -212,7 +214,7 @@ class MatrixSizes:
             setattr(self, name, tuple(float(d) for d in values))
         for name, low in (("passkey_samples", 1), ("kv_samples", 1), ("copy_samples", 1), ("niah_needles", 1),
                           ("perplexity_tokens", 2), ("perplexity_length", 2), ("fit_tokens", 1), ("fit_steps", 0),
-                          ("decode_tokens", 1)):
+                          ("decode_tokens", 1), ("census_induction_length", 2)):
             if getattr(self, name) < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.niah_haystack is not None:
@@ -264,7 +266,8 @@ def census_presence(model: Model, backend: Backend, out: Path, sizes: MatrixSize
     mechanisms are still there (the registry's matrix columns; retrieval adds how many samples were
     accepted and the teacher-forced count, see `probe.retrieval`)."""
     config = CensusConfig(bos="on" if bos else "off", sink_sequences=20, prose_sequences=1, prose_length=256,
-                          lengths=list(sizes.census_lengths), depths=[0.25, 0.75], needles=2)
+                          lengths=list(sizes.census_lengths), depths=[0.25, 0.75], needles=2,
+                          induction_length=sizes.census_induction_length)
     in_matrix = [m for m in mechanisms() if m.matrix]
     heads = Census(model, backend, config, out).execute(tuple(dict.fromkeys(m.stage for m in in_matrix)))
     return {key: value for m in in_matrix for key, value in m.matrix_columns(out, heads, config.thresholds).items()}

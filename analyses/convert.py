@@ -714,6 +714,22 @@ def _conversion_of(model: Model, out: Path, variant):
     return applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
 
 
+def _same_sizes(folder: Path, sizes) -> None:
+    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes: record the
+    sizes with the first row, refuse other sizes later (a silently mixed table otherwise)."""
+    path, wanted = folder.with_name(f"{folder.name}.sizes.json"), json.loads(json.dumps(asdict(sizes)))
+    if path.exists():
+        if read_json(path) != wanted:
+            changed = sorted(k for k in wanted if read_json(path).get(k) != wanted[k])
+            raise AttnprobeError(f"the rows in {folder} were measured with other sizes ({', '.join(changed)}): "
+                                 f"rerun with the same options, or remove {folder} (or use another --work) to measure again")
+        return
+    if folder.exists() and any(folder.glob("*.json")):
+        raise AttnprobeError(f"the rows in {folder} do not say which sizes measured them (an older run): "
+                             f"remove {folder} (or use another --work) to measure again")
+    write_json(path, wanted)
+
+
 def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
                          status: Callable[[str], None] = lambda m: None):
     """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
@@ -724,6 +740,7 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
     from .architectures import evaluate_variant, gate_columns
 
     out = Path(out)
+    _same_sizes(out / "variants", sizes)
     rows, samples = [], []
     for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
@@ -764,6 +781,7 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
 
     out = Path(out)
     bos = resolve_bos(sizes.bos, model)
+    _same_sizes(out / "census", sizes)
     rows = []
     for variant in _with_original(model, variants):
         done = out / "census" / f"{variant.name}.json"

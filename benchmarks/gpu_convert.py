@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluation sizes (architectures.MatrixSizes: gpu(), the CPU defaults, quick())")
     parser.add_argument("--niah-lengths", default=None, help="NIAH lengths of the evaluation, e.g. 8192,16384,32640 (default: --sizes')")
     parser.add_argument("--niah-haystack", default=None, help="text file whose evaluation range gives the NIAH haystacks (long contexts)")
+    parser.add_argument("--census-induction-length", type=int, default=None,
+                        help="period of the census's repeated string (default 50; past a hybrid's 64-token window, e.g. 128)")
     parser.add_argument("--sample-batch", type=int, default=1024, help="sequences per generate call of the self-sampling")
     parser.add_argument("--quick", action="store_true", help="tiny evaluation sizes; allowed on the CPU (a smoke run of the script)")
     args = parser.parse_args(argv)
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     given = {"niah_haystack": args.niah_haystack} if args.niah_haystack else {}
     if args.niah_lengths:
         given["niah_lengths"] = tuple(int(n) for n in args.niah_lengths.split(","))
+    if args.census_induction_length is not None:
+        given["census_induction_length"] = args.census_induction_length
     chosen = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
     preset = functools.partial(chosen, **given)
     if "convert" in parts:
@@ -279,4 +283,12 @@ def _mean(errors: dict) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as error:  # attnprobe's bad-input errors are one line (importable once main has begun)
+        from attnprobe.hooks.errors import AttnprobeError
+
+        if not isinstance(error, AttnprobeError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

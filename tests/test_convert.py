@@ -483,6 +483,20 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     first = pd.read_parquet(out / "matrix.parquet").set_index("architecture")
     assert evaluated.loc["all-hedgehog", "perplexity"] == pytest.approx(first.loc["all-hedgehog", "perplexity"], rel=1e-4)
     assert gpu_convert.main(["--model", str(model_dir), "--part", "convert", "--out", str(again), "--work", str(work)]) == 2
+    # saved rows are reused only at the sizes that measured them: a census at another induction period is refused
+    from attnprobe.hooks.errors import AttnprobeError
+
+    with pytest.raises(AttnprobeError, match="other sizes .*census_induction_length"):
+        gpu_convert.main(["--model", str(model_dir), "--part", "census", "--sizes", "quick", "--out", str(again),
+                          "--work", str(work), "--rows", "all-hedgehog", "--census-induction-length", "30"])
+    assert json.loads((work / "run" / "census.sizes.json").read_text())["census_induction_length"] == 50
+    moved = tmp_path / "moved"
+    (moved / "run").mkdir(parents=True)
+    (moved / "run" / "conversions").symlink_to(work / "run" / "conversions")
+    assert gpu_convert.main(["--model", str(model_dir), "--part", "census", "--sizes", "quick", "--out", str(again),
+                             "--work", str(moved), "--rows", "all-hedgehog", "--census-induction-length", "30"]) == 0
+    config = json.loads(next((moved / "run" / "census" / "original").rglob("config.json")).read_text())
+    assert config["induction_length"] == 30
 
 
 def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, monkeypatch):
@@ -526,3 +540,19 @@ def test_other_stage2_modes_train_and_restore(tiny, prose_file, tmp_path, train)
     with conversion.adapted(model, train, config.lora_rank, saved):
         again = backend.run(ids, edits=swap_edits(model, conversion.load_fit(tmp_path / "fit")))
     torch.testing.assert_close(converted, again)
+
+
+def test_saved_rows_without_their_sizes_are_not_reused(tmp_path):
+    """Rows saved by an older run say nothing of their sizes: a rerun refuses them rather than mixing them in."""
+    from attnprobe.analyses.architectures import MatrixSizes
+    from attnprobe.analyses.convert import _same_sizes
+    from attnprobe.hooks.errors import AttnprobeError
+
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "original.json").write_text("{}")
+    with pytest.raises(AttnprobeError, match="do not say which sizes"):
+        _same_sizes(tmp_path / "variants", MatrixSizes())
+    _same_sizes(tmp_path / "census", MatrixSizes())  # nothing saved yet: the sizes are recorded
+    _same_sizes(tmp_path / "census", MatrixSizes())
+    with pytest.raises(AttnprobeError, match="other sizes \\(perplexity_tokens\\)"):
+        _same_sizes(tmp_path / "census", MatrixSizes(perplexity_tokens=64))
