@@ -9,7 +9,8 @@
 #   call 3:                                                            PHASE=jobs bash benchmarks/gpu_session.sh
 #       starts PHASE=plan as a process session of its own: the training windows of the 20M rows (8 passes over 3
 #       shards of 2,048 samples, sha256 029a8d89, as in the seventh session), then two lanes side by side at
-#       batch 128: sink+window+linear, and a 2M control (CONTROL=0 skips it) followed by window+linear. In the seventh session the two
+#       batch 128: ROWS_A (default sink+window+linear; empty skips the lane), and a 2M control (CONTROL=0 skips it)
+#       followed by ROWS_B (default window+linear). In the seventh session the two
 #       rows reached step 200 of 305 in 1,250 s beside each other, training through the T x T form; they now
 #       train through the blocked prefill. One process at batch 128 peaks at 47.7 GiB; processes side by side
 #       share one card's throughput rather than add to it
@@ -90,13 +91,14 @@ if [ "$PHASE" = plan ]; then
   export ATTNPROBE_CACHE=$W/cache PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   C14="$C --tokens 20M --epochs 8 --batch 128 --no-control --work $W/w128"
   $C14 --part data --out $W/data20m > $W/logs/data20m.txt 2>&1 || exit 5  # sampled once, before the lanes read it
-  job lane_a "$C14 --part data,convert --rows sink+window+linear --out $W/lane_a"
+  ROWS_A=${ROWS_A-sink+window+linear}; ROWS_B=${ROWS_B-window+linear}
+  [ -z "$ROWS_A" ] || job lane_a "$C14 --part data,convert --rows $ROWS_A --out $W/lane_a"
   # CONTROL=1 (default): first the control through the same stage 2 at 2M tokens (a tenth of a 20M control's time,
   # which the rows need; every earlier control, 2M or 20M, measured perplexity 16.32-16.33 against the original's
   # 16.33), in this lane: a third process beside the two rows ran out of the card's memory (ninth session)
   CONTROL_JOB="${C14/--no-control/} --tokens 2M --rows '' --work $W/w128c --part data,convert --out $W/lane_c;"
   [ "${CONTROL:-1}" = 1 ] || CONTROL_JOB=""
-  job lane_b "$CONTROL_JOB $C14 --part data,convert --rows window+linear --out $W/lane_b"
+  job lane_b "$CONTROL_JOB $C14 --part data,convert --rows $ROWS_B --out $W/lane_b"
   exit 0
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
