@@ -17,6 +17,15 @@
 #   stats    benchmarks/gpu_census.py on the real weights: the statistics pass at 2K/8K/32K against SDPA and
 #            eager: $OUT/stats.json, $OUT/stats.log (DTYPE=float32 checks the bf16 numbers' precision; STATS_LENGTHS
 #            and EAGER_LENGTHS replace the lengths: eager fp32 at 8K would need about 100 GB)
+#   convert  the matrix rows: two processes of their own (setsid), outliving this call while later calls keep the
+#            machine warm. One runs gpu_convert.py's data and convert parts (self-samples, the control, then
+#            ROWS, TOKENS of stage 2 each, batch BATCH); the other evaluates the original at once and each row as
+#            soon as its conversion exists (--sizes cpu with NIAH at NIAH_LENGTHS in the haystack file), so the
+#            evaluation shares the card with the training instead of waiting for it. A folder .mN/restore
+#            carried in this call (an earlier pack, unpacked) resumes both: finished rows, checkpoints, windows
+#   evaluate one foreground pass of that evaluation over the finished rows (after a restore, for instance)
+#   wait     waits LIMIT seconds or until both processes ended, then packs their logs, results and run
+#            folders (no model) into $OUT/pack.tgz.NN, 16 MB pieces: cat pack.tgz.* | tar -xzf -
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen/out}
 WORK=/tmp/qwen
@@ -109,11 +118,69 @@ stats() {
     --eager-lengths ${EAGER_LENGTHS:-2048 4096 8192} --torch-path-max 8192 --out "$OUT/stats.json" 2>&1 | tee "$OUT/stats.log"
 }
 
-[ $# -gt 0 ] || { sed -n 2,18p "$0"; exit 2; }
+CONVERT="python3 $WORK/bench/gpu_convert.py --model qwen2.5-coder-0.5b --work $WORK/matrix --recompute-layers"
+EVALUATE="--part evaluate --tokens ${TOKENS:-1M} --sizes cpu --niah-haystack $WORK/stdlib_prose.txt --niah-lengths ${NIAH_LENGTHS:-8192,16384,32640}"
+ROWS=${ROWS:-sink+window+linear,all-hedgehog,layers-1of2-softmax}
+
+convert() {
+  [ -f "$GGUF" ] && [ -f "$WORK/stdlib_prose.txt" ] || { echo "run piece (every .mN) and setup first"; return 3; }
+  rm -rf "$WORK/bench" && cp -r benchmarks "$WORK/bench"  # the processes read this copy, not a later call's tree
+  mkdir -p "$WORK/logs"
+  for restore in .m*/restore; do [ -d "$restore" ] && cp -r "$restore/." "$WORK/" && echo "restored $restore"; done
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  setsid nohup bash -c "$CONVERT --part data,convert --tokens ${TOKENS:-1M} --batch ${BATCH:-32} --rows $ROWS \
+      --out $WORK/train; echo \$? > $WORK/logs/train.rc" > "$WORK/logs/train.txt" 2>&1 < /dev/null &
+  echo $! > "$WORK/logs/train.pid"
+  # the original first (it needs no conversion), then the control and each row once its conversion.json exists;
+  # evaluated rows are kept in matrix/run/variants, so every pass re-measures only what is new. It starts once the
+  # training process has loaded the model (and written the fp32 copy both then read)
+  setsid nohup bash -c "
+    until grep -q ^loaded $WORK/logs/train.txt || [ -f $WORK/logs/train.rc ]; do sleep 5; done
+    measured=x
+    while :; do
+      [ -f $WORK/logs/train.rc ] && last=1 || last=0  # read before the rows: a row that ends later is seen next pass
+      rows=\$(bash $WORK/bench/gpu_qwen.sh converted)
+      [ \"\$rows\" = \"\$measured\" ] || { ROWS_NOW=\$rows bash $WORK/bench/gpu_qwen.sh evaluate >> $WORK/logs/evaluate.txt 2>&1; measured=\$rows; }
+      [ \$last = 1 ] && break
+      sleep 10
+    done; echo done > $WORK/logs/evaluate.rc" > /dev/null 2>&1 < /dev/null &
+  echo $! > "$WORK/logs/evaluate.pid"
+  sleep 20; tail -n 3 "$WORK"/logs/*.txt
+}
+
+converted() {  # the finished conversions among the control and ROWS, as evaluate's options: [--no-control] --rows A,B
+  local rows=""
+  for r in ${ROWS//,/ }; do [ -f "$WORK/matrix/run/conversions/$r/conversion.json" ] && rows=$rows,$r; done
+  [ -f "$WORK/matrix/run/conversions/control/conversion.json" ] || printf -- "--no-control "
+  echo "--rows=${rows#,}"
+}
+
+evaluate() {  # one pass over the original and the finished rows (ROWS_NOW: converted's answer), resumable per row
+  [ -n "${ROWS_NOW:-}" ] || for restore in .m*/restore; do [ -d "$restore" ] && cp -r "$restore/." "$WORK/" && echo "restored $restore"; done
+  [ -d "$WORK/bench" ] || cp -r benchmarks "$WORK/bench"
+  $CONVERT $EVALUATE ${ROWS_NOW:-$(converted)} --out "$WORK/evaluate"
+}
+
+wait_and_pack() {
+  while [ $SECONDS -lt "${LIMIT:-540}" ]; do
+    alive=0; for f in "$WORK"/logs/*.pid; do kill -0 "$(cat "$f")" 2>/dev/null && alive=1; done
+    [ $alive = 1 ] || break; sleep 5
+  done
+  rm -f "$OUT"/pack.tgz.*
+  # the run folders without the training process's half-written files: checkpoints are written atomically
+  tar -czf - -C "$WORK" --ignore-failed-read --exclude="*.tar" logs train evaluate matrix/run matrix/plan.json cache/samples 2>/dev/null \
+    | split -b 16000000 -d -a 2 - "$OUT/pack.tgz."
+  ls -la "$OUT"; tail -n 4 "$WORK"/logs/*.txt
+}
+
+[ $# -gt 0 ] || { sed -n 2,27p "$0"; exit 2; }
 for stage in "$@"; do
   case "$stage" in
     piece) piece || exit $? ;;
-    setup|census|stats) tree && "$stage" || exit $? ;;
-    *) echo "unknown stage '$stage': piece, setup, census or stats"; exit 2 ;;
+    setup|census|stats|convert) tree && "$stage" || exit $? ;;
+    evaluate) { [ -n "${ROWS_NOW:-}" ] || tree; } && evaluate || exit $? ;;  # called by convert's loop: its tree is in place
+    converted) converted ;;
+    wait) wait_and_pack ;;
+    *) echo "unknown stage '$stage': piece, setup, census, stats, convert, evaluate or wait"; exit 2 ;;
   esac
 done
