@@ -218,6 +218,27 @@ def test_close_gives_the_model_back(name):
     assert reads[(2, Site.PATTERN)].fired
 
 
+def test_expanded_kv_heads_give_the_grouped_sdpa_numbers(monkeypatch):
+    """The float32 CUDA prefill hands SDPA repeated KV heads instead of `enable_gqa` (see expand_kv_heads):
+    forced on here, the untouched layers' output equals plain transformers' grouped SDPA."""
+    from attnprobe.hooks.backends import native
+
+    hf, ids = tiny_llama(), torch.randint(3, 100, (2, 16))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    assert not native.expand_kv_heads(torch.zeros(1, 4, 16, 16), torch.zeros(1, 2, 16, 16), None)  # CPU: its own kernels
+    expanded = []
+
+    def everywhere(query, key, mask):
+        expanded.append(key.shape[1] < query.shape[1] and query.shape[2] > 1 and mask is None)
+        return expanded[-1]
+
+    monkeypatch.setattr(native, "expand_kv_heads", everywhere)
+    got = make_backend("native", wrap(hf, TinyTokenizer())).run(ids)
+    assert expanded and all(expanded)  # every layer took the expanded form
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=0)
+
+
 def test_nnsight_refuses_pattern_edits():
     backend = make_backend("nnsight", wrap(tiny_llama(), TinyTokenizer()))
     with pytest.raises(AttnprobeError, match="transformer-lens"):

@@ -3,7 +3,8 @@
 The model's attention implementation is switched to `attnprobe`, a function registered with
 transformers' AttentionInterface. For each call it takes the first of the named `PATHS` that applies:
 
-    sdpa-passthrough    nothing to read or edit in the layer: SDPA unchanged (same numbers, same speed)
+    sdpa-passthrough    nothing to read or edit in the layer: SDPA unchanged (same numbers, same speed; a
+                        float32 CUDA prefill gets its KV heads repeated: `expand_kv_heads`)
     compact-decode      a decode step over an ArchitectureCache (hooks/cache.py): softmax heads run SDPA
                         over the keys their KV heads kept, replaced heads step their own state
     fused-statistics    CUDA, pattern read only by PatternStats: SDPA (cuDNN/flash also returns the row
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -64,10 +66,28 @@ class Call:
     def sdpa(self, query=None, key=None, value=None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        z, _ = sdpa_attention_forward(self.module, self.query if query is None else query, self.key if key is None else key,
-                                      self.value if value is None else value, self.attention_mask, scaling=self.scaling,
+        query = self.query if query is None else query
+        key = self.key if key is None else key
+        value = self.value if value is None else value
+        module = self.module
+        if expand_kv_heads(query, key, self.attention_mask):
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+            module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(self.module, "is_causal", True))
+        z, _ = sdpa_attention_forward(module, query, key, value, self.attention_mask, scaling=self.scaling,
                                       sliding_window=self.sliding_window, **self.kwargs)
         return z
+
+
+def expand_kv_heads(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whether SDPA should get every query head its own copy of the keys and values.
+
+    transformers asks SDPA for grouped-query attention whenever there is no mask, but on CUDA in
+    float32 only the math kernel takes `enable_gqa`, and it forms every T x T score: about 111 GiB at
+    32K tokens for Qwen2.5's 14 heads. With the KV heads repeated the memory-efficient kernel serves
+    the same prefill in O(T) memory (the copies cost 2 x T x heads x d)."""
+    return (query.device.type == "cuda" and query.dtype == torch.float32 and attention_mask is None
+            and query.shape[2] > 1 and key.shape[1] < query.shape[1])
 
 
 # ---------------------------------------------------------------- paths: (applies, run) -> z (B, T, H, d)
