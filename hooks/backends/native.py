@@ -83,9 +83,9 @@ def expand_kv_heads(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
     """Whether SDPA should get every query head its own copy of the keys and values.
 
     transformers asks SDPA for grouped-query attention whenever there is no mask, but on CUDA in
-    float32 only the math kernel takes `enable_gqa`, and it forms every T x T score: about 111 GiB at
-    32K tokens for Qwen2.5's 14 heads. With the KV heads repeated the memory-efficient kernel serves
-    the same prefill in O(T) memory (the copies cost 2 x T x heads x d)."""
+    float32 only the math kernel takes `enable_gqa`, and it forms every T x T score: 129.8 GiB for one
+    32,704-token call in Qwen2.5's shape on an H200 (benchmarks/gqa_sdpa_memory.py). With the KV heads
+    repeated the memory-efficient kernel serves it in 0.33 GiB (the copies cost 2 x T x heads x d)."""
     return (query.device.type == "cuda" and query.dtype == torch.float32 and attention_mask is None
             and query.shape[2] > 1 and key.shape[1] < query.shape[1])
 
