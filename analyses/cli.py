@@ -584,6 +584,26 @@ def print_summary(out: Path, heads) -> None:
 
 
 INTERRUPTED = "interrupted: rerun to resume"
+OUT_OF_MEMORY = ("out of memory{size}: what finished is kept in --out; rerun with less at once (convert: --recompute-layers "
+                 "or a larger --accumulation with the same --batch, both resume; other commands: shorter --lengths or fewer "
+                 "samples, in a new --out)")
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one-line message for a failed allocation (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    import re
+
+    import torch
+
+    text = str(error)
+    if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+        return None
+    asked = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", text, re.IGNORECASE)
+    if asked is None:
+        return OUT_OF_MEMORY.format(size="")
+    number, unit = asked.groups()
+    size = f"{float(number) / 2 ** 30:.2f} GiB" if unit == "bytes" else f"{number} {unit}"
+    return OUT_OF_MEMORY.format(size=f" (one allocation of {size})")
 
 
 def main() -> None:
@@ -595,6 +615,12 @@ def main() -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         code = 130
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        message = out_of_memory(error)
+        if message is None:
+            raise
+        errors.print(f"[red]error:[/red] {message}", highlight=False)
+        sys.exit(2)
     except typer.TyperException as error:  # usage errors (bad option values): one line too, click's exit code
         if not hasattr(error, "format_message"):
             raise

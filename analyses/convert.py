@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -61,7 +61,7 @@ FORMAT = 1
 
 @dataclass
 class ConvertConfig:
-    """One conversion's recipe; everything here is recorded and must match to resume."""
+    """One conversion's recipe; everything here is recorded, and all but `accumulation` must match to resume."""
 
     kernel: str | None = "hedgehog"  # None: the control (no head replaced)
     options: dict = field(default_factory=dict)
@@ -299,10 +299,16 @@ class _Switched:
 
 
 def _identity(model: Model, config: ConvertConfig, heads: Mapping[int, list[int]], data: TrainingData) -> dict:
-    """What a checkpoint must match to be resumed."""
+    """What a checkpoint must match to be resumed. Not the accumulation steps: they split the same global batch
+    (the same gradient up to rounding), so a run that ran out of memory resumes with more of them."""
     return {"format": FORMAT, "model_hash": model.info.weights_sha256, "kernel": config.kernel,
-            "heads": {str(layer): list(h) for layer, h in sorted(heads.items())}, "config": asdict(config),
+            "heads": {str(layer): list(h) for layer, h in sorted(heads.items())}, "config": _recipe(asdict(config)),
             "data_sha256": data.description["sha256"]}
+
+
+def _recipe(config: Mapping) -> dict:
+    """A recorded config as a checkpoint must match it (manifests written before this rule hold `accumulation`)."""
+    return {key: value for key, value in config.items() if key != "accumulation"}
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -348,10 +354,15 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
         raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): {fix}") from None
     for key, want in identity.items():
         have = manifest.get(key)
+        if key == "config" and isinstance(have, dict):
+            have = _recipe(have)
         if have != want:
             what = {"model_hash": "other model weights", "kernel": "another kernel", "heads": "other heads",
                     "data_sha256": "other training data", "config": "another recipe"}.get(key, f"another {key}")
             detail = f" ({str(have)[:12]} != {str(want)[:12]})" if key in ("model_hash", "kernel", "data_sha256") else ""
+            if key == "config" and isinstance(have, dict):
+                changed = [name for name in want if have.get(name) != want[name]]
+                detail = f" ({', '.join(f'{name} {have.get(name)} != {want[name]}' for name in changed[:2])})" if changed else ""
             raise AttnprobeError(f"checkpoint {path} was made for {what}{detail}: rerun with the same options, or {fix}")
     tensors_path = directory / manifest.get("tensors", "")
     if not tensors_path.is_file() or file_sha256(tensors_path) != manifest.get("tensors_sha256"):
@@ -446,7 +457,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     heads = {int(layer): sorted(int(h) for h in hs) for layer, hs in heads.items() if hs}
     if (directory / CONVERSION).exists():
         done = read_json(directory / CONVERSION)
-        if done.get("identity") == _identity(model, config, heads, data):
+        recorded = done.get("identity") or {}
+        if {**recorded, "config": _recipe(recorded.get("config") or {})} == _identity(model, config, heads, data):
             return done
         raise AttnprobeError(f"{directory} holds a finished conversion with other settings: pass another --out or move it away")
     accelerator = _accelerator(config.accumulation)
@@ -493,8 +505,9 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         _train_stage("transfer", accelerator, transfer, learnable, transfer_windows, config, config.transfer_lr,
                      transfer_step, directory, identity, resume, losses, on_step)
         resume = load_checkpoint(directory, identity)
-    errors_after_transfer = _head_errors(backend, kernels, heads, transfer_windows[:config.batch // config.accumulation]
-                                         if n_transfer else e2e_windows[:1], accelerator) if heads else {}
+    micro = config.batch // config.accumulation
+    errors_after_transfer = _head_errors(backend, kernels, heads, transfer_windows[:config.batch] if n_transfer else e2e_windows[:1],
+                                         accelerator, micro) if heads else {}
 
     # stage 2: KL to the teacher through the whole model, kernels and adapters together
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global generator
@@ -514,11 +527,11 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                     logits = module(ids)
                     return distillation_loss(logits, target, ids, config.ce_weight)
 
-            probe = e2e_windows[:config.batch // config.accumulation].to(accelerator.device)
+            probe = e2e_windows[:config.batch].to(accelerator.device)
 
             def kl() -> float:  # on one fixed batch, before and after: the training curve itself is noisy
                 with torch.no_grad():
-                    return float(e2e_step(student, probe)) if len(probe) else math.nan
+                    return _mean_over(probe, micro, lambda ids: float(e2e_step(student, ids))) if len(probe) else math.nan
 
             if resume is None:  # a resumed stage 2 has it in its checkpoint's losses
                 losses["first_batch_kl"] = [kl()]
@@ -528,8 +541,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                                  directory, identity, resume, losses, on_step)
             losses["first_batch_kl"] = losses["first_batch_kl"][:1] + [kl()]
         saved_adapters = {name: p.detach().cpu().clone() for name, p in adapter_params.items()}
-    errors = _head_errors(backend, kernels, heads, e2e_windows[:config.batch // config.accumulation] if n_e2e else transfer_windows[:1],
-                          accelerator) if heads else {}
+    errors = _head_errors(backend, kernels, heads, e2e_windows[:config.batch] if n_e2e else transfer_windows[:1],
+                          accelerator, micro) if heads else {}
     seconds = time.perf_counter() - started
     manifest = {
         "identity": identity, "model_id": model.info.model_id, "model_hash": model.info.weights_sha256,
@@ -554,13 +567,27 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     return manifest
 
 
-def _head_errors(backend, kernels, heads, ids, accelerator) -> dict[str, list[float]]:
+def _mean_over(ids: torch.Tensor, micro: int, measure: Callable[[torch.Tensor], Any]) -> Any:
+    """`measure` (a mean over its sequences: a number or a tensor) of all of `ids`, run `micro` sequences at a time
+    as training runs them, so a probe's number does not depend on the accumulation steps."""
+    pieces = ids.split(max(1, micro))
+    return sum(measure(piece) * (len(piece) / len(ids)) for piece in pieces)  # one piece: its own number, exactly
+
+
+def _head_errors(backend, kernels, heads, ids, accelerator, micro: int) -> dict[str, list[float]]:
     """Per-head MSE against the softmax teacher on `ids` (the model as it is now, adapters included)."""
     if len(ids) == 0:
         return {}
-    with torch.no_grad(), accelerator.autocast():
-        teachers = collect_teacher(backend, ids.to(accelerator.device), sorted(heads))
-        return {str(layer): transfer_loss(kernels[layer], teachers[layer].heads(heads[layer])).tolist() for layer in heads}
+
+    def errors(piece: torch.Tensor) -> torch.Tensor:  # layers x heads would be ragged: one flat vector
+        with torch.no_grad(), accelerator.autocast():
+            teachers = collect_teacher(backend, piece.to(accelerator.device), sorted(heads))
+            return torch.cat([transfer_loss(kernels[layer], teachers[layer].heads(heads[layer])) for layer in heads])
+    flat = _mean_over(ids, micro, errors).tolist()
+    result, start = {}, 0
+    for layer in heads:
+        result[str(layer)], start = flat[start:start + len(heads[layer])], start + len(heads[layer])
+    return result
 
 
 def conversion_from_checkpoint(model: Model, directory: Path) -> dict:

@@ -93,6 +93,34 @@ def test_out_that_is_a_file_or_inside_one_or_unwritable(tiny, tmp_path):
         locked.chmod(0o700)
 
 
+@pytest.mark.parametrize("raised, message", [
+    ("cuda", "out of memory (one allocation of 20.00 GiB): what finished is kept in --out"),
+    ("cpu", "out of memory (one allocation of 37252.90 GiB)"),
+    ("other", None),
+])
+def test_running_out_of_memory_is_one_line_naming_the_fix(tiny, tmp_path, monkeypatch, capsys, raised, message):
+    import torch
+
+    from attnprobe.analyses import cli
+
+    error = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                            "capacity of 139.81 GiB of which 1.2 GiB is free."),
+             "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 40000000000000 bytes. Error code 12"),
+             "other": RuntimeError("shape mismatch")}[raised]
+    monkeypatch.setattr(cli, "_load", lambda spec: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(tiny), "--out", str(tmp_path / "run")])
+    if message is None:  # a bug stays a traceback, not a message about memory
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            cli.main()
+        return
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    captured = capsys.readouterr()
+    one_line_error(subprocess.CompletedProcess([], exit_code.value.code, captured.out, captured.err), message)
+    assert "--accumulation" in captured.err
+
+
 def test_a_failed_census_does_not_block_the_corrected_command(tiny, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("Only a few words here.")

@@ -133,6 +133,40 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny, prose_fi
         assert torch.equal(want[key], got[key]), key
 
 
+def test_a_run_out_of_memory_resumes_with_more_accumulation_steps(tiny, prose_file, tmp_path):
+    """Accumulation splits the same global batch, so it is not part of the recipe: a run stopped in stage 2
+    resumes with twice the steps (the losses of the same global batches, up to rounding), the probes cover the
+    same first batch, and the finished conversion is taken as it is under a third setting."""
+    model, backend = tiny
+    config = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH)
+    data = data_for(model, config, prose_file)
+    whole = conversion.convert(model, backend, HEADS, config, data, tmp_path / "whole")
+
+    def stop(report):
+        if report.stage == "end_to_end" and report.step == 3:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        conversion.convert(model, backend, HEADS, config, data, tmp_path / "resumed", on_step=stop)
+    split = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH, accumulation=2)
+    resumed = conversion.convert(model, backend, HEADS, split, data, tmp_path / "resumed")
+    assert resumed["losses"]["transfer"] == whole["losses"]["transfer"]
+    assert resumed["losses"]["end_to_end"][:2] == whole["losses"]["end_to_end"][:2]  # from the checkpoint
+    for key in ("end_to_end", "first_batch_kl"):
+        torch.testing.assert_close(torch.tensor(resumed["losses"][key]), torch.tensor(whole["losses"][key]), rtol=1e-4, atol=1e-6)
+    for layer, errors in whole["head_error"].items():
+        torch.testing.assert_close(torch.tensor(resumed["head_error"][layer]), torch.tensor(errors), rtol=1e-4, atol=1e-8)
+    assert resumed["config"]["accumulation"] == 2
+    again = conversion.convert(model, backend, HEADS, recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH,
+                                                              accumulation=4), data, tmp_path / "resumed")
+    assert again == resumed
+    with pytest.raises(AttnprobeError, match=r"another recipe \(lr 0.003 != 0.001\)"):
+        stopped = tmp_path / "stopped"
+        with pytest.raises(Interrupt):
+            conversion.convert(model, backend, HEADS, config, data, stopped, on_step=stop)
+        conversion.convert(model, backend, HEADS, recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH, lr=1e-3),
+                           data, stopped)
+
+
 def test_a_checkpoint_becomes_a_partial_conversion(tiny, prose_file, tmp_path):
     """A run stopped in stage 2 is evaluated as what it is: its checkpoint's kernels and adapters, its budget the
     tokens trained so far, `partial` where it stopped; a stage-1 checkpoint, a finished conversion and other
