@@ -147,6 +147,9 @@ def test_a_run_out_of_memory_resumes_with_more_accumulation_steps(tiny, prose_fi
             raise Interrupt
     with pytest.raises(Interrupt):
         conversion.convert(model, backend, HEADS, config, data, tmp_path / "resumed", on_step=stop)
+    saved = tmp_path / "resumed" / "checkpoint.json"  # as written before accumulation left the recipe
+    manifest = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**manifest, "config": {**manifest["config"], "accumulation": 1}}))
     split = recipe(transfer_tokens=2 * 4 * LENGTH, tokens=4 * 4 * LENGTH, accumulation=2)
     resumed = conversion.convert(model, backend, HEADS, split, data, tmp_path / "resumed")
     assert resumed["losses"]["transfer"] == whole["losses"]["transfer"]
