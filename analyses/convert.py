@@ -307,8 +307,14 @@ def _identity(model: Model, config: ConvertConfig, heads: Mapping[int, list[int]
 
 
 def _recipe(config: Mapping) -> dict:
-    """A recorded config as a checkpoint must match it (manifests written before this rule hold `accumulation`)."""
     return {key: value for key, value in config.items() if key != "accumulation"}
+
+
+def _recorded(identity: Mapping) -> dict:
+    """A saved identity as it compares with `_identity` (manifests written before accumulation left the recipe
+    hold it)."""
+    config = identity.get("config")
+    return {**identity, "config": _recipe(config)} if isinstance(config, dict) else dict(identity)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -352,10 +358,9 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): {fix}") from None
+    recorded = _recorded(manifest)
     for key, want in identity.items():
-        have = manifest.get(key)
-        if key == "config" and isinstance(have, dict):
-            have = _recipe(have)
+        have = recorded.get(key)
         if have != want:
             what = {"model_hash": "other model weights", "kernel": "another kernel", "heads": "other heads",
                     "data_sha256": "other training data", "config": "another recipe"}.get(key, f"another {key}")
@@ -457,8 +462,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     heads = {int(layer): sorted(int(h) for h in hs) for layer, hs in heads.items() if hs}
     if (directory / CONVERSION).exists():
         done = read_json(directory / CONVERSION)
-        recorded = done.get("identity") or {}
-        if {**recorded, "config": _recipe(recorded.get("config") or {})} == _identity(model, config, heads, data):
+        if _recorded(done.get("identity") or {}) == _identity(model, config, heads, data):
             return done
         raise AttnprobeError(f"{directory} holds a finished conversion with other settings: pass another --out or move it away")
     accelerator = _accelerator(config.accumulation)
