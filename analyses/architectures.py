@@ -139,10 +139,9 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
 
     A KV head caches K and V for every token while any of its query heads is softmax (a sliding layer's
     window, which is fixed); a KV head whose query heads are all replaced keeps none. Each replaced query head
-    keeps its kernel's own state (`Kernel.state_numbers`) and its own copy of the tokens the kernel keeps exact
-    (a hybrid's sinks and window): the decode state is per query head, so under GQA that copy is `group` times
-    what one shared KV head would need. (A feature-map state also keeps one log-scale number per head,
-    not counted.)"""
+    keeps its kernel's own state (`Kernel.state_numbers`); the tokens the kernel keeps (a hybrid's sinks and
+    window, a sparse head's cache) are kept once per KV head its replaced heads read (`Kernel.share_kv`).
+    (A feature-map state also keeps one log-scale number per head, not counted.)"""
     info = model.info
     group = info.n_heads // info.n_kv_heads
     replacement = make_kernel(kernel, 1, info.head_dim, **options) if kernel else None
@@ -159,10 +158,11 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
             else:
                 fixed += kv_numbers * window
         if replaced:
+            read = len({head // group for head in replaced})  # KV heads whose tokens the replaced heads keep
             if replacement.cached_tokens is None:
-                per_token += len(replaced) * kv_numbers
+                per_token += read * kv_numbers
             else:
-                fixed += len(replaced) * kv_numbers * replacement.cached_tokens
+                fixed += read * kv_numbers * replacement.cached_tokens
             fixed += len(replaced) * replacement.state_numbers(info.head_dim) * bytes_per_value
     return per_token, fixed
 

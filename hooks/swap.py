@@ -3,7 +3,8 @@
 The pretrained W_q, W_k, W_v, W_o, RoPE and GQA grouping stay; only the map from the heads' q, k, v
 (after RoPE) to z changes. During generation with a KV cache a replaced head decodes from its own
 recurrent state, kept in `edit.state` (prefill stores it, each decode step advances it), instead of
-recomputing over the cache:
+recomputing over the cache; the tokens such a state keeps (a window, a sparse head's cache) are stored
+once per KV head, as under GQA the model's own cache does:
 
     edits = swap_edits(model, "hedgehog", layers=[3, 4])               # fresh kernels, all heads
     edits = swap_edits(model, load_fit("fits/hedgehog"), heads=[0, 2])  # fitted kernels, some heads
@@ -43,7 +44,10 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
 
     def head_fn(call: AttentionCall, chosen: list[int], state: dict) -> torch.Tensor:
         group = call.q.shape[1] // call.k.shape[1]
-        kv_heads = head_index([head // group for head in chosen], call.k.device)
+        of_head = tuple(head // group for head in chosen)
+        if kernel.kv_heads != of_head:  # the model's GQA grouping: a decode state keeps each KV head's tokens once
+            kernel.share_kv(of_head)
+        kv_heads = head_index(of_head, call.k.device)
         q, k, v = call.q[:, head_index(chosen, call.q.device)], call.k[:, kv_heads], call.v[:, kv_heads]
         if recompute:
             if call.is_decode:

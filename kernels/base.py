@@ -12,9 +12,12 @@ and describes itself, so callers ask it instead of listing names:
     attention_weights(q, k, scaling, rows)      its exact effective attention A, z = A v
     learnable                                   whether it has parameters to fit (`parameters()` are exactly those)
     state_numbers(d_v)                          numbers of its fixed-size decode state per head
-    cached_tokens                               KV tokens per head it keeps beside that state (None: all of them)
+    cached_tokens                               KV tokens per KV head it keeps beside that state (None: all of them)
     normalized                                  whether rows of A sum to 1 (gated and delta-rule kernels: no)
 
+Under GQA the edit tells a kernel which of its heads read one KV head (`share_kv`), so a kernel whose
+decode state keeps tokens (softmax, sparse, a hybrid's sinks and window) stores each KV head's keys
+and values once, as the model's own cache does; `stored` and `per_head` move between the two forms.
 Learnable parameters are per head, shaped (H, ...). Any float input is computed in fp32 and the
 output comes back in the input's dtype; states stay fp32. A family is one folder with a `naive.py`
 reference written from its paper beside its fast forms, registered by one line in `registry.py`.
@@ -94,6 +97,37 @@ class Kernel(nn.Module):
     def options(self) -> dict:
         """Constructor options that rebuild this kernel (saved beside fitted parameters)."""
         return {}
+
+    kv_heads: tuple[int, ...] | None = None  # the KV head each of this kernel's heads reads; None: one each
+
+    def share_kv(self, kv_heads) -> None:
+        """Heads i and j with kv_heads[i] == kv_heads[j] read one KV head (GQA): their k and v are equal, so
+        the tokens a decode state keeps are stored once per KV head (`stored`, `per_head`)."""
+        self.kv_heads = tuple(kv_heads)
+        self._kv_index = {}
+
+    def _kv_rows(self, which: str, device) -> torch.Tensor | None:
+        """"first": the first head of each KV head; "of_head": each head's row among them; None when every
+        head has its own KV head (nothing to share)."""
+        kv = self.kv_heads
+        if kv is None or len(set(kv)) == len(kv):
+            return None
+        key = (which, str(device))
+        if key not in self._kv_index:
+            distinct = list(dict.fromkeys(kv))
+            rows = [kv.index(h) for h in distinct] if which == "first" else [distinct.index(h) for h in kv]
+            self._kv_index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._kv_index[key]
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, e) keys or values of this kernel's heads -> one row per KV head, as a state keeps them."""
+        rows = self._kv_rows("first", x.device)
+        return x if rows is None else x.index_select(1, rows)
+
+    def per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `stored`: (B, KV heads, T, e) -> (B, H, T, e), each head its KV head's row."""
+        rows = self._kv_rows("of_head", x.device)
+        return x if rows is None else x.index_select(1, rows)
 
     @property
     def learnable(self) -> bool:

@@ -52,24 +52,27 @@ def greedy(model, backend, edits, prompt, cache):
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
-def expected_state_numbers(kernel, length: int) -> int:
+def expected_state_numbers(kernel, length: int, kv_heads: int) -> int:
     """Numbers a kernel's state holds after `length` tokens, as the kernel describes itself (fp32 each): its
-    fixed state, plus K and V of the tokens it keeps (sinks and window), plus the one reference log-scale
-    per head that a feature-map state keeps beside S and n (LinearState.ref)."""
+    fixed state and the one reference log-scale per head that a feature-map state keeps beside S and n
+    (LinearState.ref), plus K and V of the tokens it keeps (sinks and window) once for each of the
+    `kv_heads` KV heads its heads read."""
     d = kernel.head_dim
     cached = min(length, kernel.cached_tokens)
     log_scale = isinstance(kernel, LinearKernel) or (isinstance(kernel, HybridKernel) and kernel.feature_map is not None)
-    return kernel.n_heads * (kernel.state_numbers(d) + 2 * d * cached + int(log_scale))
+    return kernel.n_heads * (kernel.state_numbers(d) + int(log_scale)) + kv_heads * 2 * d * cached
 
 
 def expected_bytes(model, edits, length: int, batch: int) -> int:
     info = model.info
+    group = info.n_heads // info.n_kv_heads
     element = next(model.hf.parameters()).element_size()
     replaced = {}
     for edit in edits:
         replaced.setdefault(edit.layer, set()).update(edit.heads)
     kv = sum(len(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced.get(layer, set()))) for layer in range(info.n_layers))
-    return batch * (kv * 2 * length * info.head_dim * element + sum(4 * expected_state_numbers(e.kernel, length) for e in edits))
+    states = sum(4 * expected_state_numbers(e.kernel, length, len({h // group for h in e.heads})) for e in edits)
+    return batch * (kv * 2 * length * info.head_dim * element + states)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
@@ -92,9 +95,9 @@ def test_greedy_decoding_through_the_architecture_cache_equals_the_dynamic_cache
 
 @pytest.mark.parametrize("architecture, kernel", [("sink+window", "sink+window"), ("window", "window+linear")])
 def test_the_matrix_columns_count_what_the_cache_holds(tiny_llama_model, architecture, kernel):
-    """Under GQA (4 query heads on 2 KV heads) each windowed head keeps its own sinks and window: the matrix's
-    computed fixed bytes equal the measured cache after decoding past the window (a feature-map state's one
-    log-scale number per head aside)."""
+    """Under GQA (4 query heads on 2 KV heads) the windowed heads of one KV head keep its sinks and window
+    once: the matrix's computed fixed bytes equal the measured cache after decoding past the window (a
+    feature-map state's one log-scale number per head aside)."""
     from attnprobe.analyses.architectures import cache_bytes_per_token
 
     model = tiny_llama_model

@@ -127,6 +127,45 @@ def test_generation_decodes_from_state_like_the_quadratic_form(tiny, name, optio
         assert (reference - backend.run(sequence)).abs().max() > 1e-3  # the swap is really on
 
 
+SHARING_KERNELS = [("softmax", {}), ("sink+window", {"window": 4, "sinks": 2}),
+                   ("sink+window+linear", {"window": 4, "sinks": 2, "chunk": 8}),
+                   ("sink+window+gdn", {"window": 4, "sinks": 2, "chunk": 8}), ("oracle-topk", {"k": 4, "sinks": 1}),
+                   ("quest", {"page": 4, "pages": 2}), ("power", {"block": 2, "window": 4, "sinks": 1})]
+
+
+@pytest.mark.parametrize("name,options", SHARING_KERNELS, ids=[name for name, _ in SHARING_KERNELS])
+def test_heads_of_one_kv_head_decode_from_one_copy_of_its_tokens(tiny, name, options, monkeypatch):
+    """Heads 0 and 1 read KV head 0 and head 3 reads KV head 1: a state that keeps tokens keeps 2 rows of
+    them, not 3, and generates what one copy per head generates (and, where decoding is the prefill's rule,
+    what the quadratic form recomputes)."""
+    from attnprobe.kernels.base import Kernel
+
+    model, backend = tiny
+    prompt, new, heads = random_ids(1, 13, seed=4), 8, [0, 1, 3]
+
+    def generate():
+        edits = [kernel_edit(layer, heads, perturbed(name, len(heads), **options)) for layer in (0, 1)]
+        with backend.patched(edits):
+            out = model.hf.generate(prompt, max_new_tokens=new, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        state = edits[0].state["kernel"]
+        state = state[0] if isinstance(state, tuple) else state  # a mix: its exact part keeps the tokens
+        stored = getattr(state, "window_k", None)
+        return out, (state.k if stored is None else stored).shape[1]
+
+    shared, rows = generate()
+    with monkeypatch.context() as patch:
+        patch.setattr(Kernel, "share_kv", lambda self, kv_heads: None)
+        each, rows_each = generate()
+    assert (rows, rows_each) == (2, 3)
+    assert torch.equal(shared.sequences, each.sequences)
+    torch.testing.assert_close(torch.stack(shared.logits, dim=1), torch.stack(each.logits, dim=1), atol=1e-6, rtol=1e-6)
+    if name != "quest":  # quest's prefill is dense, its decode paged
+        kernels = [perturbed(name, len(heads), **options) for _ in (0, 1)]
+        reference = backend.run(shared.sequences, edits=[kernel_edit(layer, heads, kernels[layer], recompute=True) for layer in (0, 1)])
+        torch.testing.assert_close(torch.stack(shared.logits, dim=1), reference[:, prompt.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)
+
+
 def test_recompute_refuses_a_kv_cache(tiny):
     model, backend = tiny
     edits = swap_edits(model, "elu", layers=[0], recompute=True)

@@ -32,13 +32,21 @@ def test_learnable_kernels_are_the_fitted_ones():
 
 
 @pytest.mark.parametrize("name,megabytes", [("taylor", 75.29), ("elu", 2.25), ("relu", 2.25), ("performer", 2.25),
-                                            ("hedgehog", 4.49), ("sink+window", 4.70), ("sink+window+linear", 9.19),
+                                            ("hedgehog", 4.49), ("sink+window", 1.57), ("sink+window+linear", 6.06),
                                             ("gla", 2.25), ("decay", 2.25), ("deltanet", 2.21), ("gated-deltanet", 2.21), ("kda", 2.21),
-                                            ("sink+window+gdn", 6.91)])
+                                            ("sink+window+gdn", 3.78)])
 def test_fixed_state_bytes_are_each_kernels_own(name, megabytes):
     per_token, fixed = cache_bytes_per_token(smollm2_like(), set(), name)
     assert per_token == 0
     assert fixed / 1e6 == pytest.approx(megabytes, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["softmax", "oracle-topk", "quest", "power"])
+def test_heads_that_keep_every_token_keep_one_copy_per_kv_head(name):
+    """Under GQA (9 query heads on 3 KV heads) a softmax or sparse replacement stores what the model's cache
+    does, not one copy per query head."""
+    model = smollm2_like()
+    assert cache_bytes_per_token(model, set(), name) == cache_bytes_per_token(model, set(), None) == (30 * 3 * 2 * 64 * 2, 0)
 
 
 def test_taylor_state_counts_its_2145_features():

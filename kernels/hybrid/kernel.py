@@ -32,9 +32,9 @@ GROUP_SCORES_CUDA, GROUP_SCORES_CPU = 1 << 25, 1 << 20
 
 @dataclass
 class HybridState:
-    sink_k: torch.Tensor  # (B, H, <= sinks, d): keys at positions 0..
+    sink_k: torch.Tensor  # (B, KV heads, <= sinks, d): keys at positions 0.. (`Kernel.stored`)
     sink_v: torch.Tensor
-    window_k: torch.Tensor  # (B, H, <= window, d): keys at the last positions
+    window_k: torch.Tensor  # (B, KV heads, <= window, d): keys at the last positions
     window_v: torch.Tensor
     linear: LinearState | None  # keys evicted from the window, past the sinks
     length: int
@@ -171,6 +171,7 @@ class HybridKernel(Kernel):
         first = max(0, length - window)
         state_linear = None if phi_k is None else self._absorb(self._empty_linear(q), phi_k, v, self.sinks, first)
         n_sinks = min(self.sinks, first)
+        k, v = self.stored(k), self.stored(v)
         # the window as a ring buffer (position p in slot p % window) that decode steps overwrite in place
         window_k, window_v = (x[:, :, first:].roll(first % window, dims=2) for x in (k, v))
         state = HybridState(k[:, :, :n_sinks].clone(), v[:, :, :n_sinks].clone(), window_k, window_v, state_linear, length)
@@ -182,6 +183,7 @@ class HybridKernel(Kernel):
         position = state.length
         sink_k, sink_v, linear = state.sink_k, state.sink_v, state.linear
         window_k, window_v = state.window_k, state.window_v
+        k, v = self.stored(k), self.stored(v)
         if window_k.shape[2] < self.window:
             window_k, window_v = torch.cat([window_k, k], dim=2), torch.cat([window_v, v], dim=2)
         else:
@@ -190,9 +192,9 @@ class HybridKernel(Kernel):
             if position - self.window < self.sinks:
                 sink_k, sink_v = torch.cat([sink_k, old_k], dim=2), torch.cat([sink_v, old_v], dim=2)
             elif linear is not None:
-                linear = self._absorb(linear, self.feature_map(old_k, scaling)[0], old_v, 0, 1)
+                linear = self._absorb(linear, self.feature_map(self.per_head(old_k), scaling)[0], self.per_head(old_v), 0, 1)
             window_k[:, :, slot:slot + 1], window_v[:, :, slot:slot + 1] = k, v
-        keys, values = torch.cat([sink_k, window_k], dim=2), torch.cat([sink_v, window_v], dim=2)
+        keys, values = (self.per_head(torch.cat(x, dim=2)) for x in ((sink_k, window_k), (sink_v, window_v)))
         phi_q = None if self.feature_map is None else self.feature_map(q, scaling)[0]
         z = self._mix(q, keys, values, scaling, None, phi_q, None, None, linear)  # every key held is exact
         return z, HybridState(sink_k, sink_v, window_k, window_v, linear, position + 1)

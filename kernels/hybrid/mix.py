@@ -26,6 +26,11 @@ class MixKernel(Kernel):
     def cached_tokens(self):
         return self.exact.cached_tokens
 
+    def share_kv(self, kv_heads):
+        super().share_kv(kv_heads)
+        self.exact.share_kv(kv_heads)
+        self.recurrent.share_kv(kv_heads)
+
     def state_numbers(self, d_v=None):
         return self.exact.state_numbers(d_v) + self.recurrent.state_numbers(d_v)
 

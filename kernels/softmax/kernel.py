@@ -35,8 +35,8 @@ class SoftmaxKernel(Kernel):
         for start in range(0, q.shape[2], self.chunk):
             stop = min(q.shape[2], start + self.chunk)
             outputs.append(softmax_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], scaling))
-        return torch.cat(outputs, dim=2).to(dtype), KVState(k, v)
+        return torch.cat(outputs, dim=2).to(dtype), KVState(self.stored(k), self.stored(v))
 
     def step(self, state, q, k, v, scaling):
-        state = KVState(torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2))
-        return softmax_attention(q, state.k, state.v, scaling), state
+        state = KVState(torch.cat([state.k, self.stored(k)], dim=2), torch.cat([state.v, self.stored(v)], dim=2))
+        return softmax_attention(q, self.per_head(state.k), self.per_head(state.v), scaling), state

@@ -22,7 +22,7 @@ from ..base import Kernel, allowed_keys, as_fp32
 
 @dataclass
 class SparseState:
-    k: torch.Tensor  # (B, H, S, d): the whole cache
+    k: torch.Tensor  # (B, KV heads, S, d): the whole cache (`Kernel.stored`)
     v: torch.Tensor
 
 
@@ -72,13 +72,14 @@ class SparseKernel(Kernel):
             rows = torch.arange(start, stop, device=q.device)
             keep = self.keep_rows(q[:, :, start:stop], k[:, :, :stop], scaling, rows, context=context)
             outputs.append(masked_softmax(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], scaling, keep))
-        return torch.cat(outputs, dim=2).to(dtype), SparseState(k, v)
+        return torch.cat(outputs, dim=2).to(dtype), SparseState(self.stored(k), self.stored(v))
 
     def step(self, state, q, k, v, scaling):
-        state = SparseState(torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2))
-        rows = torch.tensor([state.k.shape[2] - 1], device=q.device)
-        keep = self.keep_rows(q, state.k, scaling, rows, decode=True)
-        return masked_softmax(q, state.k, state.v, scaling, keep), state
+        state = SparseState(torch.cat([state.k, self.stored(k)], dim=2), torch.cat([state.v, self.stored(v)], dim=2))
+        keys, values = self.per_head(state.k), self.per_head(state.v)
+        rows = torch.tensor([keys.shape[2] - 1], device=q.device)
+        keep = self.keep_rows(q, keys, scaling, rows, decode=True)
+        return masked_softmax(q, keys, values, scaling, keep), state
 
 
 class OracleTopK(SparseKernel):
