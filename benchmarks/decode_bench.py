@@ -59,8 +59,8 @@ import torch
 
 from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.cache import graph_capturable, measure_decoding
-from attnprobe.hooks.errors import AttnprobeError
-from attnprobe.hooks.io import atomic_write_text
+from attnprobe.errors import AttnprobeError
+from attnprobe.io import atomic_write_text
 from attnprobe.hooks.model import DEFAULT_MODEL, Model, describe, load_model
 from attnprobe.hooks.swap import kernel_edit
 from attnprobe.kernels.registry import KERNELS, make_kernel

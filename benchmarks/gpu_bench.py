@@ -17,13 +17,11 @@ so one failure is recorded and the run goes on; it stops starting new shapes aft
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -34,22 +32,11 @@ DEVICE = "cuda"
 
 
 def import_attnprobe() -> None:
-    """Make the four `attnprobe.*` packages importable from this checkout when the package is not installed."""
+    """Make `attnprobe` importable from this checkout's src/ when the package is not installed."""
     try:
         import attnprobe.kernels  # noqa: F401
-        return
     except ImportError:
-        pass
-    package = types.ModuleType("attnprobe")
-    package.__path__ = []
-    sys.modules["attnprobe"] = package
-    for name in ("hooks", "kernels", "probe", "analyses"):
-        spec = importlib.util.spec_from_file_location(f"attnprobe.{name}", ROOT / name / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / name)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(package, name, module)
+        sys.path.insert(0, str(ROOT / "src"))
 
 
 def time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:

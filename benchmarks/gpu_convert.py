@@ -59,7 +59,7 @@ class Results:
 
 
 def recipe(args, kernel, tokens, transfer_tokens):
-    from attnprobe.analyses.convert import ConvertConfig
+    from attnprobe.analyses.conversion.convert import ConvertConfig
 
     return ConvertConfig(kernel=kernel, length=args.length, batch=args.batch, accumulation=args.accumulation,
                          transfer_tokens=transfer_tokens, tokens=tokens, lr=args.lr, transfer_lr=args.transfer_lr,
@@ -68,9 +68,9 @@ def recipe(args, kernel, tokens, transfer_tokens):
 
 def throughput(args, model, backend, results: Results) -> dict:
     """Timed steps on random tokens (speed does not depend on the text): the steps after the first two."""
-    from attnprobe.analyses import convert as conversion
-    from attnprobe.analyses.architectures import catalogue
-    from attnprobe.analyses.data import TrainingData
+    from attnprobe.analyses.conversion import convert as conversion
+    from attnprobe.analyses.experiments.architectures import catalogue
+    from attnprobe.analyses.conversion.data import TrainingData
 
     steps = args.bench_steps
     ids = torch.randint(0, model.hf.config.vocab_size, (2 * steps * args.batch, args.length),
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
-    from attnprobe.analyses import convert as conversion
-    from attnprobe.analyses.architectures import MatrixSizes, catalogue, matrix_markdown
-    from attnprobe.analyses.data import training_data
+    from attnprobe.analyses.conversion import convert as conversion
+    from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue, matrix_markdown
+    from attnprobe.analyses.conversion.data import training_data
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
     from attnprobe.kernels import fla
@@ -286,7 +286,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except Exception as error:  # attnprobe's bad-input errors are one line (importable once main has begun)
-        from attnprobe.hooks.errors import AttnprobeError
+        from attnprobe.errors import AttnprobeError
 
         if not isinstance(error, AttnprobeError):
             raise

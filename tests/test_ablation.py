@@ -3,10 +3,10 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe.analyses import ablation
-from attnprobe.analyses.ablation import DEFAULT_DRAWS, ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
-from attnprobe.analyses.selection import parse_heads
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.analyses.experiments import ablation
+from attnprobe.analyses.experiments.ablation import DEFAULT_DRAWS, ablation_edits, calibrate_sinks, masking_sweep, wilson_interval
+from attnprobe.analyses.experiments.selection import parse_heads
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
@@ -132,8 +132,7 @@ def test_an_interrupted_sweep_resumes_from_its_saved_cells(planted, tmp_path, mo
 
 
 def test_sweep_random_heads_never_come_from_the_excluded_top(planted, tmp_path, monkeypatch):
-    from attnprobe.analyses import ablation
-
+    from attnprobe.analyses.experiments import ablation
     model, backend = planted
     heads = pd.DataFrame([{"layer": l, "head": h, "retrieval_score": float(8 - 4 * l - h)} for l in range(2) for h in range(4)])
     heads.to_parquet(tmp_path / "heads.parquet")
@@ -152,7 +151,7 @@ def test_sweep_random_heads_never_come_from_the_excluded_top(planted, tmp_path, 
 def test_sweep_evaluates_on_needles_the_census_did_not_rank_with(tmp_path):
     import json
 
-    from attnprobe.analyses.ablation import heldout_niah
+    from attnprobe.analyses.experiments.ablation import heldout_niah
     from attnprobe.probe import texts
     from test_retrieval import tiny_model
 

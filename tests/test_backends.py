@@ -11,7 +11,7 @@ import torch
 from attnprobe.hooks.backends import BACKENDS as TABLE
 from attnprobe.hooks.backends import SiteNotFired, make_backend
 from attnprobe.hooks.edits import Edit, replace_heads, uniform_heads, zero_heads
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.attention_stats import allowed_keys as causal_allowed
 from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site

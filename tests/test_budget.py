@@ -6,9 +6,10 @@ import sys
 
 import pandas as pd
 import pytest
-from attnprobe.analyses import budget, figures
+from attnprobe.analyses.experiments import budget
+from attnprobe.analyses.presentation import figures
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 from tiny_hf import tiny_model_dir
 

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.cache import ArchitectureCache, architecture_cache, kept_kv_heads
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.hooks.sites import Site
 from attnprobe.hooks.swap import kernel_edit
@@ -98,7 +98,7 @@ def test_the_matrix_columns_count_what_the_cache_holds(tiny_llama_model, archite
     """Under GQA (4 query heads on 2 KV heads) the windowed heads of one KV head keep its sinks and window
     once: the matrix's computed fixed bytes equal the measured cache after decoding past the window (a
     feature-map state's one log-scale number per head aside)."""
-    from attnprobe.analyses.architectures import cache_bytes_per_token
+    from attnprobe.analyses.experiments.architectures import cache_bytes_per_token
 
     model = tiny_llama_model
     backend = make_backend("native", model)

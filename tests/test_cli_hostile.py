@@ -65,7 +65,6 @@ def census_dir(tiny, tmp_path_factory):
 def test_bad_options_are_refused_before_anything_is_written(tiny, census_dir, tmp_path, args, message, monkeypatch, capsys):
     """In-process (main() as the console script runs it), so the many cases stay fast."""
     from attnprobe.analyses import cli
-
     args = [str(census_dir) if a == "CENSUS" else str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in args]
     if args[0] != "figures":
         args = args[:1] + ["--model", str(tiny), "--out", str(tmp_path / "run")] + args[1:]
@@ -102,7 +101,6 @@ def test_running_out_of_memory_is_one_line_naming_the_fix(tiny, tmp_path, monkey
     import torch
 
     from attnprobe.analyses import cli
-
     error = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
                                             "capacity of 139.81 GiB of which 1.2 GiB is free."),
              "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
@@ -227,7 +225,7 @@ def test_swap_resume_compares_settings_and_quick_keeps_explicit_sizes(tiny, tmp_
 
 
 def test_saved_fits_are_reused_only_with_the_same_budget(tiny, tmp_path, monkeypatch):
-    from attnprobe.analyses import architectures
+    from attnprobe.analyses.experiments import architectures
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
 

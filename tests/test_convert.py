@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from attnprobe.analyses import convert as conversion
-from attnprobe.analyses import data as training
-from attnprobe.analyses.architectures import gate, gate_columns
+from attnprobe.analyses.conversion import convert as conversion
+from attnprobe.analyses.conversion import data as training
+from attnprobe.analyses.experiments.architectures import gate, gate_columns
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 from attnprobe.hooks.swap import swap_edits
 from attnprobe.kernels.dispatch import differentiable
@@ -406,7 +406,6 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, prose_file, tmp_path, mo
     import sys
 
     from attnprobe.analyses import cli
-
     cases = [(["--kernel", "softermax", "--layers", "0"], "unknown kernel"),
              (["--kernel", "hedgehog", "--heads", "0.9"], "out of range"),
              (["--variants", "all-nothing"], "unknown variant"),
@@ -504,7 +503,7 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     (work / "run").mkdir(parents=True)
     with tarfile.open(out / "conversions-1.tar") as tar:
         tar.extractall(work / "run", filter="data")
-    monkeypatch.setattr("attnprobe.analyses.data.training_data", lambda *a, **k: pytest.fail("evaluating sampled training data"))
+    monkeypatch.setattr("attnprobe.analyses.conversion.data.training_data", lambda *a, **k: pytest.fail("evaluating sampled training data"))
     import pandas as pd
 
     again = tmp_path / "again"
@@ -521,7 +520,7 @@ def test_gpu_script_runs_its_plan_on_the_cpu(model_dir, tmp_path, monkeypatch):
     assert evaluated.loc["all-hedgehog", "perplexity"] == pytest.approx(first.loc["all-hedgehog", "perplexity"], rel=1e-4)
     assert gpu_convert.main(["--model", str(model_dir), "--part", "convert", "--out", str(again), "--work", str(work)]) == 2
     # saved rows are reused only at the sizes that measured them: a census at another induction period is refused
-    from attnprobe.hooks.errors import AttnprobeError
+    from attnprobe.errors import AttnprobeError
 
     with pytest.raises(AttnprobeError, match="other sizes .*census_induction_length"):
         gpu_convert.main(["--model", str(model_dir), "--part", "census", "--sizes", "quick", "--out", str(again),
@@ -540,7 +539,6 @@ def test_cli_converts_heads_and_the_control(model_dir, prose_file, tmp_path, mon
     import sys
 
     from attnprobe.analyses import cli
-
     monkeypatch.setenv("ATTNPROBE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), "--kernel", "hedgehog", "--heads", "1.0,1.3",
@@ -581,9 +579,9 @@ def test_other_stage2_modes_train_and_restore(tiny, prose_file, tmp_path, train)
 
 def test_saved_rows_without_their_sizes_are_not_reused(tmp_path):
     """Rows saved by an older run say nothing of their sizes: a rerun refuses them rather than mixing them in."""
-    from attnprobe.analyses.architectures import MatrixSizes
-    from attnprobe.analyses.convert import _same_sizes
-    from attnprobe.hooks.errors import AttnprobeError
+    from attnprobe.analyses.experiments.architectures import MatrixSizes
+    from attnprobe.analyses.conversion.convert import _same_sizes
+    from attnprobe.errors import AttnprobeError
 
     (tmp_path / "variants").mkdir()
     (tmp_path / "variants" / "original.json").write_text("{}")

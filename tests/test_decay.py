@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.decay import half_life_for_distance, naive, retnet_half_lives
 from attnprobe.kernels.registry import make_kernel
 from fla_refs import fla_reference

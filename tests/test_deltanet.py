@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.deltanet import l2_normalize, naive
 from attnprobe.kernels.registry import make_kernel
 from fla_refs import fla_reference

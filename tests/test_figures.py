@@ -17,9 +17,9 @@ import torch
 from fixtures_runs import write_synthetic_run
 from matplotlib.image import AxesImage
 
-from attnprobe.analyses import figures
-from attnprobe.analyses.report import FIGURES, load_run, make_figures, write_report
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.analyses.presentation import figures
+from attnprobe.analyses.presentation.report import FIGURES, load_run, make_figures, write_report
+from attnprobe.errors import AttnprobeError
 
 # figure name -> (words in its title, axis labels it must carry)
 EXPECTED = {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model, describe
 from attnprobe.hooks.swap import collect_teacher, fit_heads, kernel_edit, swap_edits
 from attnprobe.kernels.fit import MANIFEST_FILE, fit_kernels, head_errors, load_fit, save_fit

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from attnprobe.analyses import figures
-from attnprobe.analyses.ablation import wilson_interval
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.analyses.presentation import figures
+from attnprobe.analyses.experiments.ablation import wilson_interval
+from attnprobe.errors import AttnprobeError
 
 
 def tables():
@@ -52,7 +52,7 @@ def test_frontier_needs_measured_columns():
 
 
 def test_labels_of_points_that_lie_together_are_stacked():
-    from attnprobe.analyses.figures import label_lifts
+    from attnprobe.analyses.presentation.figures import label_lifts
 
     # 9.0 MB and 9.4 MB at accuracy 0 (all-hedgehog and sink+window on one log axis), 4.4 MB a third of the span
     # away, 0.38 GB far off, and one point above them

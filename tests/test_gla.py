@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.gla import naive
 from attnprobe.kernels.registry import make_kernel
 from fla_refs import fla_reference

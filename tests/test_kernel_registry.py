@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from attnprobe.analyses.architectures import cache_bytes_per_token, catalogue
+from attnprobe.analyses.experiments.architectures import cache_bytes_per_token, catalogue
 from attnprobe.kernels.registry import FAMILIES, KERNELS, make_kernel, names
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.linear.feature_maps import PerformerMap, TaylorMap
 from attnprobe.kernels.registry import KERNELS, make_kernel, select_heads
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe.analyses import architectures
-from attnprobe.analyses.architectures import MatrixSizes, Variant, evaluate_variant
+from attnprobe.analyses.experiments import architectures
+from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, evaluate_variant
 from attnprobe.hooks.backends.native import NativeBackend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig
 from attnprobe.probe.retrieval import CENSUS as RETRIEVAL, heads_table, run_sample
@@ -127,8 +127,8 @@ def test_teacher_forced_score_finds_the_copy_head_of_a_model_that_cannot_answer(
 
 def test_matrix_accuracies_carry_wilson_intervals():
     """Samples are scored per task; copying pools its tokens (all but the first of each string)."""
-    from attnprobe.analyses.ablation import wilson_interval
-    from attnprobe.analyses.architectures import _accuracy_columns, matrix_markdown
+    from attnprobe.analyses.experiments.ablation import wilson_interval
+    from attnprobe.analyses.experiments.architectures import _accuracy_columns, matrix_markdown
 
     rows = pd.DataFrame([{"task": "passkey", "length": 512, "correct": c} for c in [True] * 9 + [False]]
                         + [{"task": "copying", "length": 11, "correct": False, "token_accuracy": 0.8}] * 2)

@@ -36,7 +36,9 @@ CENSUS = (
 def _reload_registry_readers():
     mechanisms.stages.cache_clear()
     mechanisms.mechanisms.cache_clear()
-    from attnprobe.analyses import cli, figures, style
+    from attnprobe.analyses import cli
+    from attnprobe.analyses.presentation import figures
+    from attnprobe.analyses.presentation import style
     for module in (style, figures, cli):
         importlib.reload(module)
 
@@ -76,7 +78,9 @@ def test_roles_follow_the_runs_own_thresholds():
 
 
 def test_a_new_probe_module_alone_reaches_every_reader(toy_module, tmp_path):
-    from attnprobe.analyses import cli, figures, style
+    from attnprobe.analyses import cli
+    from attnprobe.analyses.presentation import figures
+    from attnprobe.analyses.presentation import style
     from attnprobe.hooks.backends.native import NativeBackend
 
     assert "self_attention" in [s.name for s in mechanisms.stages()]

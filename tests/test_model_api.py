@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.probe.head_types import induction_scores
 from attnprobe.probe.massive import massive_positions, massive_scan
 from attnprobe.probe.patterns import pattern_stats

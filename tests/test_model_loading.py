@@ -15,7 +15,7 @@ import torch
 
 from attnprobe.hooks import embedded, model as model_module
 from attnprobe.hooks.embedded import Embedded, Part, embedded_gguf_path
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
 
 from tiny_hf import attnprobe, tiny_model_dir

@@ -7,7 +7,7 @@ import pytest
 
 from attnprobe.analyses import recall
 from attnprobe.hooks.edits import zero_heads
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends.native import NativeBackend
 
 from test_retrieval import tiny_model

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fixtures_runs import write_synthetic_run
 
-from attnprobe.analyses.report import FIGURES, write_report
+from attnprobe.analyses.presentation.report import FIGURES, write_report
 
 CHROMIUM = os.environ.get("ATTNPROBE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model, describe
 from attnprobe.hooks.backends.native import NativeBackend
 from attnprobe.probe import retrieval, texts

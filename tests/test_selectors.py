@@ -3,9 +3,9 @@ import dataclasses
 
 import pandas as pd
 import pytest
-from attnprobe.analyses import selectors
+from attnprobe.analyses.experiments import selectors
 from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from planted import COPY_HEAD, N_HEADS, N_KV, planted_model
 
 

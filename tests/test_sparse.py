@@ -2,7 +2,7 @@
 the per-query references written from the papers (kernels/sparse/naive.py)."""
 import pytest
 import torch
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.kernels.sparse import naive
 

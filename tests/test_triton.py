@@ -18,7 +18,7 @@ if "triton" not in sys.modules:
 import pytest
 import torch
 
-from attnprobe.hooks.errors import AttnprobeError
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.kernels import attention_stats as reference
 

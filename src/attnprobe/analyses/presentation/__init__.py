@@ -1,0 +1,1 @@
+"""Presentation: figures (pure functions of tables), one style, the self-contained report."""

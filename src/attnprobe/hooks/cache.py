@@ -1,0 +1,391 @@
+"""A KV cache shaped like the architecture: what a swapped model no longer needs, it does not store.
+
+    edits = swap_edits(model, "hedgehog", layers=[3, 4])
+    with backend.patched(edits):                        # the native backend
+        model.hf.generate(ids, past_key_values=architecture_cache(model, edits), max_new_tokens=20)
+
+Per layer, a KV head keeps its keys and values while any of its query heads is still softmax (under
+GQA a KV head serves `group` query heads); a KV head whose query heads are all replaced keeps none.
+A layer without replaced heads gets transformers' own layer (DynamicLayer, or DynamicSlidingWindowLayer
+on a sliding layer). Replaced heads decode from their kernels' states, which the edits hold: a linear
+head's f x d state, a sink+window head's sinks and last `window` keys (hybrid.HybridState), a
+sink+window+linear head both. `nbytes()` counts all of it: the tensors the cache holds + the states.
+
+A compact layer's `update` stores only the kept heads and hands the attention call this step's keys
+and values of every KV head; the native backend's `compact-decode` path then runs SDPA for the kept
+heads over their own cache and lets the replaced heads step their states.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer, StaticCache
+
+from .edits import Edit, head_index
+from attnprobe.errors import AttnprobeError
+from .model import Model
+from .sites import Site
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in `value` (tensors, dataclasses, dicts, lists, tuples)."""
+    return sum(t.numel() * t.element_size() for t in tensor_leaves(value))
+
+
+def tensor_leaves(value) -> list[torch.Tensor]:
+    """The tensors in `value`, in a fixed order (what `tensor_bytes` counts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in tensor_leaves(getattr(value, f.name))]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensor_leaves(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensor_leaves(v)]
+    return []
+
+
+def kept_kv_heads(n_heads: int, n_kv_heads: int, replaced: set[int]) -> list[int]:
+    """KV heads with at least one query head not in `replaced`."""
+    group = n_heads // n_kv_heads
+    return [kv for kv in range(n_kv_heads) if not set(range(kv * group, (kv + 1) * group)) <= replaced]
+
+
+class CompactLayer(CacheLayerMixin):
+    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones)."""
+
+    is_compileable = False
+    is_croppable = False
+    compact = True
+
+    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None):
+        super().__init__()
+        self.kept = list(kept)
+        self.kept_query_heads = [kv * group + i for kv in self.kept for i in range(group)]
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.length = 0  # positions seen
+        self.past = 0  # positions before the current call
+        self.kept_keys = self.kept_values = None  # what the kept heads attend over in the current decode call
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        shape = (key_states.shape[0], len(self.kept), 0, key_states.shape[-1])
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape[:-1] + (value_states.shape[-1],))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.past = self.length
+        self.length += key_states.shape[-2]
+        if not self.kept:  # every head replaced: nothing to store, no copy per token
+            return key_states, value_states
+        kept = head_index(self.kept, key_states.device)
+        keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
+        values = torch.cat([self.values, value_states[:, kept]], dim=-2)
+        if self.sliding_window is not None:
+            self.keys, self.values = keys[:, :, -self.sliding_window + 1:], values[:, :, -self.sliding_window + 1:]
+        else:
+            self.keys, self.values = keys, values
+        # a prefill attends over the call's own keys: keep no second reference to them
+        self.kept_keys, self.kept_values = (keys, values) if self.past else (None, None)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is None:
+            return self.length + query_length, 0
+        offset = max(self.length - self.sliding_window + 1, 0)
+        if self.length >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, offset
+        return self.length + query_length, offset
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.sliding_window is not None else -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.kept_keys = self.kept_values = None
+        self.is_initialized = False
+        self.length = self.past = 0
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes of the keys and values a transformers Cache holds, over its initialised layers."""
+    return sum(tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers if layer.is_initialized)
+
+
+class ArchitectureCache(Cache):
+    """One layer per decoder layer: transformers' own where every head is softmax, compact elsewhere."""
+
+    def __init__(self, model: Model, edits: Sequence[Edit] = ()):
+        info = model.info
+        group = info.n_heads // info.n_kv_heads
+        self.edits = list(edits)
+        replaced: dict[int, set[int]] = {}
+        for edit in self.edits:
+            if edit.site == Site.Z and edit.kernel is not None:
+                replaced.setdefault(edit.layer, set()).update(edit.heads)
+        layers = []
+        for layer in range(info.n_layers):
+            window = info.window(layer)
+            if replaced.get(layer):
+                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window))
+            elif window is not None:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+        self.compact_layers = [layer if isinstance(layer, CompactLayer) else None for layer in layers]
+
+    def kv_bytes(self) -> int:
+        """Bytes of the keys and values the cache holds."""
+        return kv_bytes(self)
+
+    def state_bytes(self) -> int:
+        """Bytes of the replaced heads' kernel states (held by their edits)."""
+        return sum(tensor_bytes(edit.state.get("kernel")) for edit in self.edits)
+
+    def nbytes(self) -> int:
+        return self.kv_bytes() + self.state_bytes()
+
+
+def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> ArchitectureCache:
+    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`)."""
+    overlapping = {}
+    for edit in edits:
+        if edit.site == Site.Z and edit.kernel is not None:
+            seen = overlapping.setdefault(edit.layer, set())
+            if seen & set(edit.heads):
+                raise AttnprobeError(f"two kernel edits replace heads {sorted(seen & set(edit.heads))} of layer {edit.layer}: give each head one kernel")
+            seen.update(edit.heads)
+    return ArchitectureCache(model, edits)
+
+
+EFFICIENCY_COLUMNS = ("kv_cache_bytes_measured", "decode_tokens_per_s", "prefill_ms", "peak_memory_bytes")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the resident high-water mark (VmHWM) to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak(device: torch.device) -> float:
+    """CUDA: peak bytes allocated since the reset; CPU: peak resident bytes of the process (Linux), else NaN."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return math.nan
+    return float(found.group(1)) * 1024 if found else math.nan
+
+
+class _Timer:
+    """Seconds between start and stop: CUDA events on a GPU (no host sync inside the timed loop), else wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return time.perf_counter() - self.begin
+
+
+STATIC_ONLY = ("a static decode step needs the original model or every head replaced by a fixed-state kernel "
+               "(no window, no softmax head): decode this architecture eagerly")
+
+
+def graph_capturable(model: Model, edits: Sequence[Edit]) -> bool:
+    """Whether a decode step keeps every tensor it reads at a fixed size, so one step can be replayed as a CUDA
+    graph: no edit (the original, over a StaticCache), or every head of every layer on a kernel with a fixed
+    state and no kept tokens (linear, gated, delta-rule). A window's ring buffer, a softmax head's growing
+    cache or any other edit keep Python-side positions a replay would not advance."""
+    if not edits:
+        return True
+    info = model.info
+    covered: dict[int, set[int]] = {}
+    for edit in edits:
+        if edit.site != Site.Z or edit.kernel is None or edit.kernel.cached_tokens != 0:
+            return False
+        covered.setdefault(edit.layer, set()).update(edit.heads)
+    return all(covered.get(layer) == set(range(info.n_heads)) for layer in range(info.n_layers))
+
+
+class StaticStep:
+    """One greedy decode step whose inputs and states stay at fixed addresses, so it can be captured once as a
+    CUDA graph and replayed: the token and its position are buffers updated in place, each replaced head's new
+    state is copied back into the tensors it was read from, and the original keeps its keys and values in a
+    transformers StaticCache. Called eagerly it is an ordinary decode step (what CPU tests check)."""
+
+    def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
+        if not graph_capturable(model, edits):
+            raise AttnprobeError(STATIC_ONLY)
+        self.model, self.edits, self.cache = model, list(edits), cache
+        self.token = token.clone()
+        self.position = torch.full_like(token, position)
+
+    def __call__(self) -> torch.Tensor:
+        before = [edit.state.get("kernel") for edit in self.edits]
+        logits = self.model.hf(input_ids=self.token, cache=self.cache, position_ids=self.position, use_cache=True).logits
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.position.add_(1)
+        for edit, old in zip(self.edits, before):
+            new = edit.state["kernel"]
+            for to, value in zip(tensor_leaves(old), tensor_leaves(new), strict=True):
+                if to.shape != value.shape:
+                    raise AttnprobeError(f"layer {edit.layer}'s {edit.kernel.name} state changed shape in a decode step: decode it eagerly")
+                if to.data_ptr() != value.data_ptr():
+                    to.copy_(value)
+            edit.state["kernel"] = old
+        return self.token
+
+
+def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool):
+    """The cache a measurement decodes through: the architecture's own, or for the original in a static
+    decode a StaticCache of exactly `context` positions (the keys a DynamicCache holds at the end)."""
+    if static and not edits:
+        return StaticCache(config=model.hf.config, max_cache_len=context)
+    return architecture_cache(model, edits)
+
+
+def cache_nbytes(cache) -> int:
+    """Keys and values a cache holds, plus the replaced heads' states for an ArchitectureCache."""
+    return cache.nbytes() if isinstance(cache, ArchitectureCache) else kv_bytes(cache)
+
+
+@torch.no_grad()
+def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
+                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None,
+                     graph: bool = False) -> dict:
+    """Prefill `context - new_tokens - warmup` random tokens (`batch` sequences), decode `warmup` tokens
+    untimed (first calls at these shapes: allocator, kernel selection) and then `new_tokens` timed ones,
+    greedily, through an ArchitectureCache with `edits` on (the native backend), so the cache ends at
+    `context`. backend=None (no edits) runs the model as it is: its own attention, no attnprobe hook.
+    graph=True decodes through a StaticStep (the original over a StaticCache): on CUDA captured once after the
+    warm-up as a CUDA graph and replayed, so no step waits for Python; on CPU run eagerly.
+    Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
+    and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
+    process's peak resident set, VmHWM, NaN where Linux's is absent); `decode_mode` (eager, static or
+    cuda-graph) and `tokens`, the (batch, new_tokens) greedy tokens of the timed steps. `profile`: afterwards,
+    4 more eager decode steps under torch.profiler, its table written there (and, on CUDA, the lines that
+    synchronised the host)."""
+    if not 0 < new_tokens < context - warmup:
+        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context - {warmup}")
+    if backend is None and edits:
+        raise AttnprobeError("edits need a backend: pass the native backend")
+    device = model.device
+    capture = graph and device.type == "cuda"
+    if capture and warmup < 1:
+        raise AttnprobeError("a CUDA graph is captured after at least one warm-up step: pass warmup >= 1")
+    if graph and profile is not None:
+        raise AttnprobeError("a profile records eager steps: measure it with graph=False")
+    if graph and not graph_capturable(model, edits):
+        raise AttnprobeError(STATIC_ONLY)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.hf.get_input_embeddings().weight.shape[0]
+    prompt = context - new_tokens - warmup
+    ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
+    cache = decode_cache(model, edits, context, graph)
+    timer = _Timer(device)
+    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
+
+    def step(token):
+        return model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+    _reset_peak(device)
+    with backend.patched(edits) if backend is not None else contextlib.nullcontext():
+        _sync(device)
+        timer.start()
+        token = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        prefill = timer.stop()
+        if graph:
+            static = StaticStep(model, edits, cache, token, prompt)
+            side = torch.cuda.Stream(device) if capture else None
+            with torch.cuda.stream(side) if capture else contextlib.nullcontext():  # warm up off the capture stream
+                for _ in range(warmup):
+                    static()
+            if capture:
+                torch.cuda.current_stream(device).wait_stream(side)
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    static()
+            run = cuda_graph.replay if capture else static
+            timer.start()
+            for i in range(new_tokens):  # the cache ends at context
+                run()
+                tokens[:, i:i + 1].copy_(static.token)
+            decode = timer.stop()
+            token = static.token
+        else:
+            for _ in range(warmup):
+                token = step(token)
+            timer.start()
+            for i in range(new_tokens):
+                token = step(token)
+                tokens[:, i:i + 1].copy_(token)
+            decode = timer.stop()
+        measured = {"kv_cache_bytes_measured": cache_nbytes(cache), "decode_tokens_per_s": batch * new_tokens / decode,
+                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device),
+                    "decode_mode": "cuda-graph" if capture else "static" if graph else "eager", "tokens": tokens.cpu()}
+        if profile is not None:
+            _profile_steps(step, token, device, profile)
+    return measured
+
+
+def _profile_steps(step, token, device: torch.device, path: Path, steps: int = 4) -> None:
+    import warnings
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    synced: Counter = Counter()
+    with profile() as prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")  # each host sync warns, from the line that caused it
+        try:
+            for _ in range(steps):
+                token = step(token)
+            _sync(device)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    synced.update(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    lines = [f"{steps} decode steps", f"host syncs per step: {sum(synced.values()) / steps:g}"]
+    lines += [f"  {n / steps:g}  {where}" for where, n in synced.most_common(20)]
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30))
+    path.write_text("\n".join(lines) + "\n")
