@@ -71,7 +71,7 @@ def main() -> None:
     if args.memory:
         return memory_side_by_side(args)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from attnprobe.analyses.conversion import convert as conversion
+    from attnprobe.analyses.conversion import train as conversion
     from attnprobe.analyses.conversion.data import training_data
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model

@@ -59,7 +59,7 @@ class Results:
 
 
 def recipe(args, kernel, tokens, transfer_tokens):
-    from attnprobe.analyses.conversion.convert import ConvertConfig
+    from attnprobe.analyses.conversion.train import ConvertConfig
 
     return ConvertConfig(kernel=kernel, length=args.length, batch=args.batch, accumulation=args.accumulation,
                          transfer_tokens=transfer_tokens, tokens=tokens, lr=args.lr, transfer_lr=args.transfer_lr,
@@ -68,7 +68,7 @@ def recipe(args, kernel, tokens, transfer_tokens):
 
 def throughput(args, model, backend, results: Results) -> dict:
     """Timed steps on random tokens (speed does not depend on the text): the steps after the first two."""
-    from attnprobe.analyses.conversion import convert as conversion
+    from attnprobe.analyses.conversion import rows as conversion, train as conversion_train
     from attnprobe.analyses.experiments.architectures import catalogue
     from attnprobe.analyses.conversion.data import TrainingData
 
@@ -94,7 +94,7 @@ def throughput(args, model, backend, results: Results) -> dict:
         tokens = steps * args.batch * args.length
         where = Path(args.work) / "throughput" / name
         shutil.rmtree(where, ignore_errors=True)  # timed afresh on every call
-        conversion.convert(model, backend, heads, recipe(args, kernel, tokens, tokens if heads else 0), data, where, on_step=on_step,
+        conversion_train.convert(model, backend, heads, recipe(args, kernel, tokens, tokens if heads else 0), data, where, on_step=on_step,
                            recompute_layers=args.recompute_layers)
         for stage, times in stamps.items():
             gaps = [b - a for a, b in zip(times[1:], times[2:])]  # steps 3.. (the first ones compile and allocate)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
-    from attnprobe.analyses.conversion import convert as conversion
+    from attnprobe.analyses.conversion import rows as conversion, train as conversion_train
     from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue, matrix_markdown
     from attnprobe.analyses.conversion.data import training_data
     from attnprobe.hooks.backends import make_backend
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             directory = run / "conversions" / variant.name
             if (directory / "checkpoint.json").exists() and not (directory / "conversion.json").exists():
-                manifest = conversion.conversion_from_checkpoint(model, directory)
+                manifest = conversion_train.conversion_from_checkpoint(model, directory)
                 results.add("finished from checkpoint", row=variant.name, partial=manifest["partial"], budget=manifest["budget"])
     if "evaluate" in parts:
         sizes = preset(census=False)  # the census part below runs the census on its own

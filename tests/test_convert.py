@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from attnprobe.analyses.conversion import convert as conversion
+from attnprobe.analyses.conversion import train as conversion
 from attnprobe.analyses.conversion import data as training
 from attnprobe.analyses.experiments.architectures import gate, gate_columns
 from attnprobe.hooks.backends import make_backend
@@ -580,7 +580,7 @@ def test_other_stage2_modes_train_and_restore(tiny, prose_file, tmp_path, train)
 def test_saved_rows_without_their_sizes_are_not_reused(tmp_path):
     """Rows saved by an older run say nothing of their sizes: a rerun refuses them rather than mixing them in."""
     from attnprobe.analyses.experiments.architectures import MatrixSizes
-    from attnprobe.analyses.conversion.convert import _same_sizes
+    from attnprobe.analyses.conversion.rows import _same_sizes
     from attnprobe.errors import AttnprobeError
 
     (tmp_path / "variants").mkdir()

@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed on this platform")
 
 
 def test_training_takes_torch_forms_and_equals_the_triton_inference_path(kernels, monkeypatch):  # noqa: F811
-    from attnprobe.analyses.conversion.convert import Student
+    from attnprobe.analyses.conversion.train import Student
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.swap import kernel_edit
     from attnprobe.kernels import dispatch, triton_linear

@@ -28,7 +28,6 @@ batch). A conversion directory holds
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -42,7 +41,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attnprobe.hooks.backends import Backend
-from attnprobe.hooks.embedded import file_sha256
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
@@ -51,12 +49,12 @@ from attnprobe.kernels.fit import LOSS_SCALE, FitResult, load_fit, save_fit, tra
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import _atomic, read_json, write_json
 
+from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
+                                                      load_checkpoint, save_checkpoint)
 from attnprobe.analyses.conversion.data import TrainingData
 
 TRAIN_MODES = ("lora", "kernels", "attention")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-CHECKPOINT, CONVERSION, ADAPTERS, FIT = "checkpoint.json", "conversion.json", "adapters.safetensors", "fit"
-FORMAT = 1
 
 
 @dataclass
@@ -293,89 +291,6 @@ class _Switched:
     def __call__(self, ids):
         with self.context(), torch.no_grad():
             return self.hf(input_ids=ids, use_cache=False).logits
-
-
-# ---- checkpoints -------------------------------------------------------------------------------------------
-
-
-def _identity(model: Model, config: ConvertConfig, heads: Mapping[int, list[int]], data: TrainingData) -> dict:
-    """What a checkpoint must match to be resumed. Not the accumulation steps: they split the same global batch
-    (the same gradient up to rounding), so a run that ran out of memory resumes with more of them."""
-    return {"format": FORMAT, "model_hash": model.info.weights_sha256, "kernel": config.kernel,
-            "heads": {str(layer): list(h) for layer, h in sorted(heads.items())}, "config": _recipe(asdict(config)),
-            "data_sha256": data.description["sha256"]}
-
-
-def _recipe(config: Mapping) -> dict:
-    return {key: value for key, value in config.items() if key != "accumulation"}
-
-
-def _recorded(identity: Mapping) -> dict:
-    """A saved identity as it compares with `_identity` (manifests written before accumulation left the recipe
-    hold it)."""
-    config = identity.get("config")
-    return {**identity, "config": _recipe(config)} if isinstance(config, dict) else dict(identity)
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    state = optimizer.state_dict()
-    tensors = {f"optim.{index}.{key}": value.detach().contiguous().cpu()
-               for index, entries in state["state"].items() for key, value in entries.items()}
-    return tensors, state["param_groups"]
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_checkpoint(directory: Path, identity: dict, progress: dict, named: Mapping[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer) -> None:
-    """Tensors first (a new file per step), then the manifest that names them: a kill at any point leaves
-    the previous checkpoint intact."""
-    tensors, groups = _optimizer_tensors(optimizer)
-    tensors.update({key: value.detach().contiguous().cpu() for key, value in named.items()})
-    name = f"checkpoint-{progress['stage']}-{progress['step']:06d}.safetensors"
-    _atomic(directory / name, lambda temp: save_file(tensors, temp))
-    previous = read_json(directory / CHECKPOINT)["tensors"] if (directory / CHECKPOINT).exists() else None
-    write_json(directory / CHECKPOINT, {**identity, **progress, "param_groups": groups, "tensors": name,
-                                        "tensors_sha256": file_sha256(directory / name)})
-    if previous and previous != name:
-        (directory / previous).unlink(missing_ok=True)
-
-
-def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """(manifest, tensors) of the checkpoint in `directory`, None when there is none; refuses a foreign or damaged one."""
-    path = directory / CHECKPOINT
-    if not path.exists():
-        return None
-    fix = f"move {directory} away or pass another --out to start over"
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): {fix}") from None
-    recorded = _recorded(manifest)
-    for key, want in identity.items():
-        have = recorded.get(key)
-        if have != want:
-            what = {"model_hash": "other model weights", "kernel": "another kernel", "heads": "other heads",
-                    "data_sha256": "other training data", "config": "another recipe"}.get(key, f"another {key}")
-            detail = f" ({str(have)[:12]} != {str(want)[:12]})" if key in ("model_hash", "kernel", "data_sha256") else ""
-            if key == "config" and isinstance(have, dict):
-                changed = [name for name in want if have.get(name) != want[name]]
-                detail = f" ({', '.join(f'{name} {have.get(name)} != {want[name]}' for name in changed[:2])})" if changed else ""
-            raise AttnprobeError(f"checkpoint {path} was made for {what}{detail}: rerun with the same options, or {fix}")
-    tensors_path = directory / manifest.get("tensors", "")
-    if not tensors_path.is_file() or file_sha256(tensors_path) != manifest.get("tensors_sha256"):
-        raise AttnprobeError(f"checkpoint tensors {tensors_path} are missing or damaged (sha256 differs from {path}): {fix}")
-    try:
-        return manifest, load_file(tensors_path)
-    except SafetensorError as error:
-        raise AttnprobeError(f"cannot read checkpoint tensors {tensors_path} ({error}): {fix}") from None
 
 
 # ---- the training loops ------------------------------------------------------------------------------------
@@ -665,233 +580,3 @@ def applied(model: Model, directory: Path) -> Iterator[FitResult | None]:
         yield fit
 
 
-# ---- named rows, the control and the gated matrix ----------------------------------------------------------
-
-CONTROL = "control"
-
-
-def control_variant():
-    from attnprobe.analyses.experiments.architectures import Variant, _none
-
-    return Variant(CONTROL, None, _none, "softmax, fine-tuned: the original through the identical stage 2")
-
-
-def replaced_heads(model: Model, keep: set[tuple[int, int]]) -> dict[int, list[int]]:
-    """{layer: heads replaced}, every head not kept softmax."""
-    info = model.info
-    return {layer: [h for h in range(info.n_heads) if (layer, h) not in keep] for layer in range(info.n_layers)
-            if any((layer, h) not in keep for h in range(info.n_heads))}
-
-
-def parse_tokens(text: str) -> int:
-    """'20M', '512K', '1.5M' or '1000' -> a token count."""
-    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-    text = str(text).strip().upper()
-    try:
-        return int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
-    except ValueError:
-        raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
-
-
-def progress_bar(console=None, disable: bool = False):
-    """A rich progress bar and the `on_step` callback that drives it: step, tokens/s, loss."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Bar(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-              TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-              disable=disable)
-    tasks: dict[str, int] = {}
-
-    def on_step(report: Progress, label: str = "") -> None:
-        key = f"{label} {report.stage}".strip()
-        if key not in tasks:
-            tasks[key] = bar.add_task(key, total=report.steps, speed="", loss="")
-        bar.update(tasks[key], completed=report.step, speed=f"{report.tokens_per_s:,.0f} tok/s", loss=f"{report.loss:.4g}")
-    return bar, on_step
-
-
-def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config: ConvertConfig, data: TrainingData,
-                      out: Path, sizes, heads_table=None, evaluate: bool = True,
-                      on_step: Callable[[Progress, str], None] = lambda p, label: None,
-                      status: Callable[[str], None] = lambda m: None, recompute_layers: bool = False):
-    """Convert each variant (and the control) into out/conversions/NAME, then evaluate every row through the
-    matrix code with the gate: (matrix table, recall rows); (None, None) without `evaluate` or off the main process."""
-    import dataclasses
-
-    out = Path(out)
-    rows_to_convert = [v for v in variants if v.name != "original"]
-    for variant in rows_to_convert:
-        heads = replaced_heads(model, variant.keep(model, heads_table)) if variant.kernel else {}
-        status(f"converting {variant.name}")
-        convert(model, backend, heads, dataclasses.replace(config, kernel=variant.kernel), data,
-                out / "conversions" / variant.name, on_step=lambda report, name=variant.name: on_step(report, name),
-                recompute_layers=recompute_layers)
-    from accelerate import PartialState
-
-    if not evaluate or not PartialState().is_main_process:
-        return None, None
-    return evaluate_conversions(model, backend, rows_to_convert, out, sizes, heads_table, status)
-
-
-def _with_original(model: Model, variants: Sequence) -> list:
-    """The original first, then the variants (a reference row is never converted)."""
-    from attnprobe.analyses.experiments.architectures import catalogue
-
-    return [catalogue(model)["original"], *[v for v in variants if v.name != "original"]]
-
-
-def _conversion_of(model: Model, out: Path, variant):
-    """The context that puts `variant`'s conversion into the model (the original has none)."""
-    return applied(model, out / "conversions" / variant.name) if variant.name != "original" else nullcontext()
-
-
-def _same_sizes(folder: Path, sizes) -> None:
-    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes: record the
-    sizes with the first row, refuse other sizes later (a silently mixed table otherwise)."""
-    path, wanted = folder.with_name(f"{folder.name}.sizes.json"), json.loads(json.dumps(asdict(sizes)))
-    if path.exists():
-        if read_json(path) != wanted:
-            changed = sorted(k for k in wanted if read_json(path).get(k) != wanted[k])
-            raise AttnprobeError(f"the rows in {folder} were measured with other sizes ({', '.join(changed)}): "
-                                 f"rerun with the same options, or remove {folder} (or use another --work) to measure again")
-        return
-    if folder.exists() and any(folder.glob("*.json")):
-        raise AttnprobeError(f"the rows in {folder} do not say which sizes measured them (an older run): "
-                             f"remove {folder} (or use another --work) to measure again")
-    write_json(path, wanted)
-
-
-def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
-                         status: Callable[[str], None] = lambda m: None):
-    """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
-    finished row in out/variants/) through the matrix code, with the gate: (matrix table, recall rows).
-    Needs no training data, so conversions made on one machine are evaluated on another."""
-    import pandas as pd
-
-    from attnprobe.analyses.experiments.architectures import evaluate_variant, gate_columns
-
-    out = Path(out)
-    _same_sizes(out / "variants", sizes)
-    rows, samples = [], []
-    for variant in _with_original(model, variants):
-        done = out / "variants" / f"{variant.name}.json"
-        if done.exists():  # resume: a finished row is not evaluated again
-            rows.append(read_json(done))
-            samples.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
-            continue
-        status(f"evaluating {variant.name}")
-        with _conversion_of(model, out, variant) as fit:
-            row, recall = evaluate_variant(model, backend, variant, heads_table, out, sizes, status, fit=fit)
-        if variant.name != "original":
-            row["conversion"] = str(out / "conversions" / variant.name)
-            manifest = read_json(out / "conversions" / variant.name / CONVERSION)
-            row["stage2_tokens"] = manifest["budget"]["tokens"]
-            if "partial" in manifest:  # taken from a checkpoint: say so beside its numbers
-                row["partial"] = f"step {manifest['partial']['step']} of {manifest['partial']['steps']}"
-        from attnprobe.probe.rundir import write_parquet
-
-        write_parquet(out / "variants" / f"{variant.name}.parquet", recall.drop(columns=["response"], errors="ignore"))
-        write_json(done, row)
-        rows.append(row)
-        samples.append(recall)
-    table = gate_columns(pd.DataFrame(rows), model.info.n_layers * model.info.n_heads)
-    return table, pd.concat(samples, ignore_index=True).drop(columns=["response"], errors="ignore")
-
-
-def census_of_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
-                          status: Callable[[str], None] = lambda m: None):
-    """The small census of the matrix (`census_presence`) re-run inside the original and each variant converted
-    into out/conversions/NAME: which mechanisms each converted architecture keeps, measured in its own heads
-    (effective attention for the linear ones). Each row is saved in out/census/NAME.json (a rerun resumes);
-    returns the table (architecture and the census columns)."""
-    import pandas as pd
-
-    from attnprobe.probe.census import resolve_bos
-
-    from attnprobe.analyses.experiments.architectures import census_presence, variant_edits
-
-    out = Path(out)
-    bos = resolve_bos(sizes.bos, model)
-    _same_sizes(out / "census", sizes)
-    rows = []
-    for variant in _with_original(model, variants):
-        done = out / "census" / f"{variant.name}.json"
-        if not done.exists():
-            status(f"census of {variant.name}")
-            with _conversion_of(model, out, variant) as fit:
-                edits = variant_edits(model, fit, variant.keep(model, heads_table)) if variant.kernel else []
-                with backend.standing_edits(edits):
-                    columns = census_presence(model, backend, out / "census" / variant.name, sizes, bos)
-            write_json(done, {"architecture": variant.name, **columns})
-        rows.append(read_json(done))
-    return pd.DataFrame(rows)
-
-
-def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
-        variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
-        lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
-        dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False):
-    """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
-    import pandas as pd
-
-    from attnprobe.hooks.backends import make_backend
-    from attnprobe.kernels.registry import KERNELS
-    from attnprobe.probe.rundir import write_parquet
-
-    from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, catalogue, matrix_markdown
-    from attnprobe.analyses.conversion.data import training_data
-    from attnprobe.analyses.experiments.selection import parse_heads
-
-    heads_table = None
-    if from_run is not None:
-        if not (Path(from_run) / "heads.parquet").exists():
-            raise AttnprobeError(f"{Path(from_run) / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(Path(from_run) / "heads.parquet")
-    names = catalogue(model)
-    chosen = []
-    if variants:
-        wanted = [v.strip() for v in variants.split(",") if v.strip()]
-        unknown = [v for v in wanted if v not in names]
-        if unknown:
-            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
-        chosen = [names[v] for v in wanted if v != "original"]
-    if kernel is not None or heads or layers:
-        if kernel not in KERNELS:
-            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
-        replaced = set(parse_heads(heads, model.info, from_run, seed, None, layers or (None if heads else f"0-{model.info.n_layers - 1}")))
-        everyone = {(l, h) for l in range(model.info.n_layers) for h in range(model.info.n_heads)}
-        chosen.append(Variant(f"convert-{kernel}", kernel, lambda m, t, keep=everyone - replaced: keep, f"{len(replaced)} heads {kernel}"))
-    if not chosen and not control:
-        raise AttnprobeError("say what to convert: --variants NAMES, or --kernel K with --heads/--layers (or keep --control)")
-    if control:
-        chosen.append(control_variant())
-    config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
-                           tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
-                           ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
-    from accelerate import PartialState
-
-    state = PartialState()
-    config.check(state.num_processes)
-    for variant in chosen:  # every kernel and head selection is checked before anything trains
-        if variant.kernel:
-            make_kernel(variant.kernel, 1, model.info.head_dim)
-            variant.keep(model, heads_table)
-    steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
-    bar, on_step = progress_bar(console, disable=not state.is_main_process)
-    with bar:
-        sampling = bar.add_task("training data", total=None, speed="", loss="")
-        with state.main_process_first():  # the main process samples and caches; the others read its shards
-            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
-                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total))
-        bar.update(sampling, visible=False)
-        sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
-        backend = make_backend("native", model)
-        table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
-                                          on_step=on_step, recompute_layers=recompute_layers)
-    if table is None:
-        return None
-    write_parquet(out / "matrix.parquet", table)
-    write_parquet(out / "recall.parquet", recall)
-    (out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
-    return table
