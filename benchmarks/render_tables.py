@@ -34,7 +34,7 @@ class MissingRecord(FileNotFoundError):
 def record(relative: str) -> Path:
     path = RESULTS / relative
     if not path.exists():
-        raise MissingRecord(f"record {path.relative_to(ROOT)} is not committed")
+        raise MissingRecord(f"record benchmarks/results/{relative} is not committed")
     return path
 
 
@@ -297,6 +297,21 @@ SMOLLM2_ROWS = (
         f"{C03I}/machine3-lane_a.jsonl", f"{C03I}/20M-cpu-census.jsonl"),
 )
 
+WINDOW_LINEAR_ROWS = (
+    Row("original", "original", f"{C04J}/20M-cpu-eval.jsonl", f"{C04J}/20M-cpu-eval.matrix.md"),
+    Row("control (2M)", "control", f"{C04J}/20M-cpu-eval.jsonl", f"{C04J}/20M-cpu-eval.matrix.md", f"{C04J}/machine1-lane_c.jsonl"),
+    Row("window+linear (finished, 305 of 305 steps)", "window+linear", f"{C04J}/20M-cpu-eval.jsonl", f"{C04J}/20M-cpu-eval.matrix.md",
+        f"{C04J}/machine3-lane_b.jsonl"),
+)
+C03H = "convert-h200-2026-12-03h"
+SINK_WINDOW_LINEAR_ROWS = (
+    Row("original", "original", f"{C03I}/20M-cpu-eval.jsonl", f"{C03I}/20M-cpu-eval.matrix.md"),
+    Row("control (2M)", "control", f"{C03I}/20M-cpu-eval.jsonl", f"{C03I}/20M-cpu-eval.matrix.md", f"{C03H}/lane_c.jsonl"),
+    Row("sink+window+linear (finished, 305 of 305 steps)", "sink+window+linear", f"{C03I}/20M-cpu-eval.jsonl",
+        f"{C03I}/20M-cpu-eval.matrix.md", f"{C03I}/machine3-lane_a.jsonl"),
+    Row("window+linear (partial: step 250 of 305)", "window+linear", f"{C03I}/20M-cpu-eval.jsonl", f"{C03I}/20M-cpu-eval.matrix.md"),
+)
+
 
 # ---- which heads stay exact -------------------------------------------------------------------------------------
 SELECTORS = {"duo": "DuoAttention gates", "fit": "fit error", "razor": "RazorAttention", "retrieval": "retrieval score",
@@ -363,6 +378,37 @@ def decode_table(batch1: str, batch8: str, context: int) -> Callable[[], str]:
     return render
 
 
+def decode_rows_table(relative: str) -> Callable[[], str]:
+    """Every row of one decode_bench.json, as the benchmark measured it."""
+    def render() -> str:
+        rows = []
+        for r in json.loads(record(relative).read_text())["rows"]:
+            equal = r.get("tokens_equal_eager")
+            rows.append([r["context"], r["decode_mode"], r["architecture"], r["weights"], f"{r['kv_cache_bytes_measured'] / 1e6:.2f}",
+                         f"{r['cache_ratio']:.3f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_speedup']:.2f}",
+                         f"{r['prefill_ms']:.1f}", f"{r['peak_memory_bytes'] / 1e6:.1f}", "" if equal is None else f"{equal:.2f}"])
+        return table(["context", "mode", "architecture", "weights", "cache MB", "cache / original", "decode tok/s", "speed-up",
+                      "prefill ms", "peak MB", "tokens = eager"], rows)
+
+    return render
+
+
+# ---- stage-2 throughput -----------------------------------------------------------------------------------------
+def throughput_table(*relatives: str) -> Callable[[], str]:
+    def render() -> str:
+        rows = []
+        for relative in relatives:
+            t = json.loads(record(relative).read_text())
+            control, hedgehog = t["control/end_to_end"], t["all-hedgehog/end_to_end"]
+            rows.append([t["batch"], f"{control['tokens_per_s']:,.0f}", f"{control['mfu'] * 100:.1f} %", f"{hedgehog['tokens_per_s']:,.0f}",
+                         f"{hedgehog['mfu'] * 100:.1f} %", f"{t['all-hedgehog/transfer']['tokens_per_s']:,.0f}",
+                         f"{max(t['control/peak_gib'], t['all-hedgehog/peak_gib']):.1f}"])
+        return table(["batch", "control tokens/s", "control MFU", "all-hedgehog stage 2 tokens/s", "MFU",
+                      "all-hedgehog stage 1 tokens/s", "peak GiB"], rows)
+
+    return render
+
+
 # ---- grouped-query SDPA memory ----------------------------------------------------------------------------------
 def gqa_table(relative: str) -> Callable[[], str]:
     def render() -> str:
@@ -394,6 +440,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "budget-hedgehog": budget_table("budget-smollm2-hedgehog-cpu", "hedgehog"),
     "budget-sparse": sparse_table("budget-smollm2-h200"),
     "decode": decode_table("decode-h200-2026-12-02f/batch1/decode_bench.json", "decode-h200-2026-12-02f/batch8/decode_bench.json", 32768),
+    "window-linear-20m": conversion_table(WINDOW_LINEAR_ROWS),
+    "sink-window-linear-20m": conversion_table(SINK_WINDOW_LINEAR_ROWS),
+    "decode-batch1": decode_rows_table("decode-h200-2026-12-02f/batch1/decode_bench.json"),
+    "decode-batch8": decode_rows_table("decode-h200-2026-12-02f/batch8/decode_bench.json"),
+    "throughput": throughput_table("convert-20m-h200-2026-12-02e/throughput-b32.json", "convert-20m-h200-2026-12-02e/throughput-b128.json"),
     "gqa-sdpa": gqa_table("gqa-sdpa-h200-2026-12-04/gqa_sdpa_memory.json"),
 }
 
