@@ -409,6 +409,28 @@ def throughput_table(*relatives: str) -> Callable[[], str]:
     return render
 
 
+# ---- flash-linear-attention against our torch forms ------------------------------------------------------------
+def families_table(relative: str) -> Callable[[], str]:
+    def number(value) -> str:
+        if isinstance(value, str):
+            return value
+        return "refused by fla" if math.isinf(value) else f"{value:.1e}"
+
+    def render() -> str:
+        found = json.loads(record(relative).read_text())
+        timing = {(t["family"], t["length"]): t for t in found["timing"]}
+        lengths = sorted({t["length"] for t in found["timing"]})
+        rows = []
+        for parity in found["parity"]:
+            family = parity["family"]
+            rows.append([family, f"{number(parity['fp32'])} / {number(parity['bf16'])}", number(parity["backward"]),
+                         *(f"{timing[(family, n)]['fla_ms']:.1f} / {timing[(family, n)]['sdpa_ms']:.1f}" for n in lengths)])
+        return table(["family", "forward at 2K, max abs error fp32 / bf16", "backward, bf16 (relative)",
+                      *(f"prefill {n:,}: fla / SDPA ms" for n in lengths)], rows)
+
+    return render
+
+
 # ---- grouped-query SDPA memory ----------------------------------------------------------------------------------
 def gqa_table(relative: str) -> Callable[[], str]:
     def render() -> str:
@@ -445,6 +467,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "decode-batch1": decode_rows_table("decode-h200-2026-12-02f/batch1/decode_bench.json"),
     "decode-batch8": decode_rows_table("decode-h200-2026-12-02f/batch8/decode_bench.json"),
     "throughput": throughput_table("convert-20m-h200-2026-12-02e/throughput-b32.json", "convert-20m-h200-2026-12-02e/throughput-b128.json"),
+    "fla-families": families_table("convert-families-h200-2026-12-02c/gpu_families.json"),
     "gqa-sdpa": gqa_table("gqa-sdpa-h200-2026-12-04/gqa_sdpa_memory.json"),
 }
 
