@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+from attnprobe.analyses.experiments.ablation import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,12 +83,6 @@ def sample_count(cell: str) -> int:
 
 
 # ---- formatting -------------------------------------------------------------------------------------------------
-def wilson(correct: int, total: int) -> tuple[float, float]:
-    from attnprobe.analyses.experiments.ablation import wilson_interval
-
-    return wilson_interval(correct, total)
-
-
 def whole(accuracy: float, n: int) -> int:
     correct = round(accuracy * n)
     if abs(correct - accuracy * n) > 1e-6:
@@ -96,15 +91,15 @@ def whole(accuracy: float, n: int) -> int:
 
 
 def count_cell(accuracy: float, n: int) -> str:
-    """`correct/n (Wilson 95 %)`, the interval left out where the count is the whole of n."""
+    """`correct/n (low-high)`, the 95 % Wilson interval."""
     correct = whole(accuracy, n)
-    low, high = wilson(correct, n)
+    low, high = wilson_interval(correct, n)
     return f"{correct}/{n} ({low:.2f}-{high:.2f})"
 
 
 def rate_cell(accuracy: float, n: int) -> str:
     """A token accuracy over n tokens with its Wilson interval."""
-    low, high = wilson(whole(accuracy, n), n)
+    low, high = wilson_interval(whole(accuracy, n), n)
     return f"{accuracy:.2f} ({low:.2f}-{high:.2f})"
 
 
