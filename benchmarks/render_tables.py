@@ -308,6 +308,25 @@ SINK_WINDOW_LINEAR_ROWS = (
 )
 
 
+def induction_table(rows: tuple[tuple[str, str, str, str], ...]) -> Callable[[], str]:
+    """Induction heads inside converted models with the repeated string's period inside and past their window:
+    (label, architecture, census at the default period 50, census at period 128)."""
+    def render() -> str:
+        lines = [[label, str(last_row(short, "census", architecture)["induction_heads"]),
+                  str(last_row(long, "census", architecture)["induction_heads"])] for label, architecture, short, long in rows]
+        return table(["row", "induction heads > 0.4, period 50", "period 128"], lines)
+
+    return render
+
+
+INDUCTION_ROWS = (
+    ("original", "original", f"{C03I}/20M-cpu-census.jsonl", f"{C03I}/20M-cpu-census-induction128.jsonl"),
+    ("control (2M)", "control", f"{C03I}/20M-cpu-census.jsonl", f"{C03I}/20M-cpu-census-induction128.jsonl"),
+    ("sink+window+linear (20M)", "sink+window+linear", f"{C03I}/20M-cpu-census.jsonl", f"{C03I}/20M-cpu-census-induction128.jsonl"),
+    ("window+linear (20M)", "window+linear", f"{C04J}/20M-cpu-eval.jsonl", f"{C04J}/20M-cpu-census-induction128.jsonl"),
+)
+
+
 # ---- which heads stay exact -------------------------------------------------------------------------------------
 SELECTORS = {"duo": "DuoAttention gates", "fit": "fit error", "razor": "RazorAttention", "retrieval": "retrieval score",
              "random": "random (pooled draws)"}
@@ -453,6 +472,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "qwen-masking": masking_table("qwen-h200-2026-12-03/sweep"),
     "qwen-conversions": conversion_table(QWEN_ROWS),
     "smollm2-conversions": conversion_table(SMOLLM2_ROWS, with_census=True),
+    "induction-period": induction_table(INDUCTION_ROWS),
     "budget-streaming": budget_table("budget-smollm2-h200", "sink+window:sinks=64,window=256"),
     "budget-hedgehog": budget_table("budget-smollm2-hedgehog-cpu", "hedgehog"),
     "budget-sparse": sparse_table("budget-smollm2-h200"),
