@@ -333,24 +333,22 @@ SELECTORS = {"duo": "DuoAttention gates", "fit": "fit error", "razor": "RazorAtt
 
 
 def budget_table(relative: str, kind: str) -> Callable[[], str]:
+    """Selectors x budgets, each cell `passkey correct / NIAH correct` out of n (random draws pooled)."""
     def render() -> str:
         cells = pd.read_parquet(record(f"{relative}/budget.parquet"))
         pooled = cells.groupby(["kind", "selector", "budget", "task"])[["correct", "n"]].sum().reset_index()
-        rows = []
-        for task in ("passkey", "niah"):
-            chosen = pooled[(pooled.kind == kind) & (pooled.task == task)]
-            for budget in sorted(b for b in chosen.budget.unique() if 0 < b < 1):
-                line = [f"{task}, {budget * 100:g} % exact"]
-                for selector in SELECTORS:
-                    cell = chosen[(chosen.selector == selector) & (chosen.budget == budget)]
-                    line.append(f"{int(cell.correct.iloc[0])}/{int(cell.n.iloc[0])}" if len(cell) else "-")
-                rows.append(line)
-        references = []
-        for selector, words in (("all-exact", "every head exact"), ("none-exact", f"every head {kind}")):
-            found = pooled[(pooled.selector == selector) & pooled.kind.isin([kind, "none"])]
-            scores = ", ".join(f"{t} {int(r.correct)}/{int(r.n)}" for t in ("passkey", "niah") for r in found[found.task == t].itertuples())
-            references.append(f"{words}: {scores}")
-        return table(["KV heads", *SELECTORS.values()], rows) + "\n\nReferences: " + "; ".join(references) + "."
+        pooled = pooled.set_index(["kind", "selector", "budget", "task"])
+
+        def both(kind_: str, selector: str, budget: float) -> str:
+            if (kind_, selector, budget, "passkey") not in pooled.index:
+                return "-"
+            passkey, niah = (pooled.loc[(kind_, selector, budget, task)] for task in ("passkey", "niah"))
+            return f"{int(passkey.correct)} / {int(niah.correct)} of {int(passkey.n)}"
+
+        budgets = sorted(b for b in pooled.loc[kind].index.get_level_values("budget").unique() if 0 < b < 1)
+        rows = [[f"{budget * 100:g} %", *(both(kind, selector, budget) for selector in SELECTORS)] for budget in budgets]
+        return (table(["KV heads exact", *SELECTORS.values()], rows) + "\n\nReferences: every head exact "
+                + both("none", "all-exact", 1.0) + f"; every head `{kind}` " + both(kind, "none-exact", 0.0) + ".")
 
     return render
 
