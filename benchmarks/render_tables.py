@@ -131,14 +131,14 @@ def census_column(relative: str) -> list[str]:
     def top(column: str, threshold: float, shown: int = 3) -> str:
         above = heads[heads[column] > threshold].sort_values(column, ascending=False)
         best = ", ".join(f"{r.layer}.{r.head} = {getattr(r, column):.2f}" for r in above.head(shown).itertuples())
-        return f"{len(above)} ({best})" if len(above) else "0"
+        return f"{len(above)} above {threshold:g}" + (f": {best}" if len(above) else "")
 
     dims = massive.groupby("dim")["value"].agg(lambda v: v.abs().max()).sort_values(ascending=False)
     layers = f"{massive['layer'].min()}-{massive['layer'].max()}"
     zero = intervention.loc["zero"]
     return [
         f"{info['n_layers']} x {info['n_heads']} ({info['n_kv_heads']} KV heads), {manifest['dtype']}",
-        f"{sink['without_bos']:.1f} % / {sink['with_bos']:.1f} %",
+        f"{sink['without_bos']:.1f} % / {sink['with_bos']:.1f} % (Sink_1^{sink['eps']:g}, T = {sink['T']}, {sink['n_sequences']} sequences)",
         top("retrieval_score", thresholds["retrieval"], 5),
         f"{(heads['retrieval_score'] == 0).mean() * 100:.0f} %",
         top("induction_score", thresholds["induction"]),
@@ -150,9 +150,9 @@ def census_column(relative: str) -> list[str]:
     ]
 
 
-CENSUS_ROWS = ["layers x heads, dtype", "sink rate Sink_1^0.3, T = 64, without / with BOS",
-               "retrieval heads > 0.1 (best five)", "heads with retrieval score 0", "induction heads > 0.4 (best three)",
-               "previous-token heads > 0.4 (best three)", "massive activations: dims (largest |value|), layers",
+CENSUS_ROWS = ["layers x heads, dtype", "sink rate without / with BOS",
+               "retrieval heads (best five)", "heads with retrieval score 0", "induction heads (best three)",
+               "previous-token heads (best three)", "massive activations: dims (largest magnitude), layers",
                "perplexity, massive dims zeroed / set to their mean", "heads with a hidden sink"]
 
 

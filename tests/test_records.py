@@ -66,3 +66,12 @@ def test_every_named_record_is_committed(document):
     pending = {"census-smollm2-cpu"}  # the README names the default model's census slot before its record lands
     missing = sorted(path for path in named - pending if not (render_tables.RESULTS / path).exists())
     assert not missing, f"{document.name} names records that are not committed: {missing}"
+
+
+def test_the_census_table_takes_a_column_per_run():
+    """The default model's census joins the table as one more entry of CENSUS_RUNS once its record lands."""
+    qwen = render_tables.CENSUS_RUNS["Qwen2.5-Coder-0.5B (H200)"]
+    rendered = render_tables.census_table({"first": qwen, "second": qwen})()
+    header, _, *rows = rendered.splitlines()
+    assert header == "|  | first | second |" and len(rows) == len(render_tables.CENSUS_ROWS)
+    assert all(row.count("|") == 4 for row in rows)  # no cell breaks the table with a stray bar
