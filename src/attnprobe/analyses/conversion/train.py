@@ -44,7 +44,6 @@ from attnprobe.hooks.backends import Backend
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
-from attnprobe.kernels.dispatch import differentiable
 from attnprobe.kernels.fit import LOSS_SCALE, FitResult, load_fit, save_fit, transfer_loss
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import _atomic, read_json, write_json
@@ -52,6 +51,7 @@ from attnprobe.probe.rundir import _atomic, read_json, write_json
 from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
                                                       load_checkpoint, save_checkpoint)
 from attnprobe.analyses.conversion.data import TrainingData
+from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16
 
 TRAIN_MODES = ("lora", "kernels", "attention")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -59,7 +59,8 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass
 class ConvertConfig:
-    """One conversion's recipe; everything here is recorded, and all but `accumulation` must match to resume."""
+    """One conversion's recipe; everything here is recorded, and all but `accumulation` and `checkpoint_minutes`
+    must match to resume."""
 
     kernel: str | None = "hedgehog"  # None: the control (no head replaced)
     options: dict = field(default_factory=dict)
@@ -76,6 +77,8 @@ class ConvertConfig:
     lora_rank: int = 8
     ce_weight: float = 0.0
     checkpoint_every: int = 50
+    checkpoint_minutes: float = field(default=5.0, metadata={"help": "also checkpoint whenever this many minutes have "
+                                                                      "passed since the last checkpoint (0: only by steps)"})
     seed: int = 0
 
     def steps(self, tokens: int) -> int:
@@ -126,15 +129,23 @@ class Transfer(nn.Module):
 class Student(nn.Module):
     """Stage 2: the HF model (with adapters) and its kernels; run it inside `backend.patched(self.edits)`."""
 
-    def __init__(self, hf: nn.Module, kernels: Mapping[int, nn.Module], heads: Mapping[int, list[int]], length: int) -> None:
+    def __init__(self, hf: nn.Module, kernels: Mapping[int, nn.Module], heads: Mapping[int, list[int]], length: int,
+                 hidden: bool = False) -> None:
         super().__init__()
-        self.hf = hf
+        self.hf, self.hidden = hf, hidden  # hidden: return the final hidden states (the loss applies the LM head)
         self.kernels = nn.ModuleDict({str(layer): kernel for layer, kernel in kernels.items()})
         # whole sequences, no state: each kernel's train_forward picks its form (fla, quadratic or chunked)
         self.edits = [kernel_edit(layer, heads[layer], self.kernels[str(layer)], recompute=True) for layer in sorted(heads)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=ids, use_cache=False).logits
+        return _run(self.hf, ids, self.hidden)
+
+
+def _run(hf: nn.Module, ids: torch.Tensor, hidden: bool) -> torch.Tensor:
+    """The model's logits, or its final hidden states (what the LM head reads)."""
+    if hidden:
+        return hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    return hf(input_ids=ids, use_cache=False).logits
 
 
 @contextmanager
@@ -288,9 +299,9 @@ class _Switched:
     def __init__(self, hf, context):
         self.hf, self.context = hf, context
 
-    def __call__(self, ids):
+    def __call__(self, ids, hidden: bool = False):
         with self.context(), torch.no_grad():
-            return self.hf(input_ids=ids, use_cache=False).logits
+            return _run(self.hf, ids, hidden)
 
 
 # ---- the training loops ------------------------------------------------------------------------------------
@@ -343,6 +354,7 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         start = manifest["step"]
         curve[:] = manifest["losses"][stage]
     prepared, optimizer = accelerator.prepare(module, optimizer)
+    saved_at = time.monotonic()
     for step in range(start, steps):
         began = time.perf_counter()
         for group in optimizer.param_groups:
@@ -357,7 +369,8 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
             total += loss.detach() / config.accumulation
         curve.append(float(accelerator.reduce(total, reduction="mean")))
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == steps:
+        if done % config.checkpoint_every == 0 or done == steps or _time_for_checkpoint(accelerator, saved_at, config):
+            saved_at = time.monotonic()
             if accelerator.is_main_process:
                 progress = {"stage": stage, "step": done, "steps": steps, "losses": losses}
                 save_checkpoint(directory, identity, progress, {f"param.{n}": p for n, p in named}, optimizer)
@@ -366,11 +379,24 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         on_step(Progress(stage, done, steps, curve[-1], config.batch * config.length / max(seconds, 1e-9)))
 
 
+def _time_for_checkpoint(accelerator, saved_at: float, config: ConvertConfig) -> bool:
+    """Whether `checkpoint_minutes` have passed since the last checkpoint, by the main process's clock (every
+    process must agree, or the others would wait for a checkpoint that never comes)."""
+    if not config.checkpoint_minutes:
+        return False
+    due = torch.tensor(float(time.monotonic() - saved_at >= 60 * config.checkpoint_minutes), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        due = accelerator.reduce(due * float(accelerator.is_main_process), reduction="sum")
+    return bool(due > 0)
+
+
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
-            directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False) -> dict:
+            directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False,
+            fast: FastPath | None = None) -> dict:
     """Convert `heads` ({layer: heads}, empty for the control) of `model` with `config`; write `directory`.
-    `recompute_layers` trades stage 2's activation memory for one more forward (`recomputed_layers`); the
-    result is the same, so it is not part of the recipe a checkpoint must match.
+    `recompute_layers` trades stage 2's activation memory for one more forward (`recomputed_layers`); `fast`
+    says how stage 2 runs (default: the chunked loss without full logits, frozen weights bf16 on CUDA). Neither
+    changes the result beyond rounding, so neither is part of the recipe a checkpoint must match.
 
     Returns the conversion manifest. Rerunning with the same arguments resumes from the last checkpoint."""
     directory = Path(directory)
@@ -430,21 +456,18 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
 
     # stage 2: KL to the teacher through the whole model, kernels and adapters together
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global generator
-    with adapted(model, config.train, config.lora_rank) as adapter_params:
+    fast = fast or FastPath()
+    fast.check(config.ce_weight)
+    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights):
         params = {**learnable, **{f"adapter.{name}": p for name, p in adapter_params.items()}}
         if resume is not None and resume[0]["stage"] == "transfer":  # carry stage 1's kernels into stage 2
             with torch.no_grad():
                 for name, p in learnable.items():
                     p.copy_(resume[1][f"param.{name}"])
             resume = None
-        student = Student(model.hf, kernels, heads, config.length)
+        student = Student(model.hf, kernels, heads, config.length, hidden=fast.loss != "logits")
         with teacher_view(model, config.train) as teacher:
-            def e2e_step(module, ids):
-                with accelerator.autocast():
-                    target = teacher(ids)
-                with backend.patched(student.edits), differentiable():
-                    logits = module(ids)
-                    return distillation_loss(logits, target, ids, config.ce_weight)
+            e2e_step = Stage2Step(model.hf, backend, student.edits, teacher, fast, config.ce_weight, accelerator.autocast)
 
             probe = e2e_windows[:config.batch].to(accelerator.device)
 
@@ -455,7 +478,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
             if resume is None:  # a resumed stage 2 has it in its checkpoint's losses
                 losses["first_batch_kl"] = [kl()]
             if params and n_e2e:
-                with recomputed_layers(model.hf, backend) if recompute_layers else nullcontext():
+                with recomputed_layers(model.hf, backend) if recompute_layers or fast.recompute_layers else nullcontext():
                     _train_stage("end_to_end", accelerator, student, params, e2e_windows, config, config.lr, e2e_step,
                                  directory, identity, resume, losses, on_step)
             losses["first_batch_kl"] = losses["first_batch_kl"][:1] + [kl()]
