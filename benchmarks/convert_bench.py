@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -154,7 +155,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                recompute: bool) -> dict:
     """Time `steps` stage-2 optimizer steps (after one untimed warm-up step) of one row on random tokens."""
     from attnprobe.analyses.conversion import train
-    from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16
+    from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16, fused_ops
     from attnprobe.kernels.registry import make_kernel
 
     device = model.device
@@ -168,7 +169,8 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, info.vocab_size, (batch * (steps + 1), length), generator=generator)
     clock = PhaseClock(device)
-    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights):
+    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights), \
+            fused_ops(model.hf, fast.fused_ops) as fused:
         params = [p for k in kernels.values() for p in k.parameters() if p.requires_grad] + list(adapters.values())
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         student = train.Student(model.hf, kernels, heads, length, hidden=fast.loss != "logits")
@@ -205,7 +207,8 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
             "mfu": round(mfu(tokens_per_s, model.hf.config, length), 4),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
             "phase_share": {phase: round(t / total, 4) for phase, t in clock.seconds.items()},
-            "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length)}
+            "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
+            "fast_path": {**asdict(fast), "fused_ops": fused}}
 
 
 def _train_forms(kernels, device, length: int) -> str | None:

@@ -153,3 +153,27 @@ def test_a_run_killed_between_steps_resumes_on_a_fresh_machine_from_its_timed_ch
     for name in ("fit/params.safetensors", "adapters.safetensors"):
         want, got = load_file(tmp_path / "whole" / name), load_file(tmp_path / "fresh" / name)
         assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want), name
+
+
+def test_windows_pack_side_by_side_into_training_sequences():
+    windows = torch.arange(7 * 4).view(7, 4)
+    sequences = conversion.packed(windows, conversion.ConvertConfig(length=8, window=4))
+    assert sequences.shape == (3, 8) and torch.equal(sequences[1], torch.arange(8, 16))  # the 7th window is left over
+    assert torch.equal(conversion.packed(windows, conversion.ConvertConfig(length=4)), windows)
+    with pytest.raises(AttnprobeError, match="does not pack whole windows of 4 tokens: make it a multiple of --window 4, e.g. 8"):
+        conversion.packed(windows, conversion.ConvertConfig(length=10, window=4))
+    with pytest.raises(AttnprobeError, match="training windows are 4 tokens but the recipe says 8"):
+        conversion.packed(windows, conversion.ConvertConfig(length=8))
+
+
+def test_a_sequence_beyond_the_models_window_is_refused_before_training(tmp_path):
+    from attnprobe.analyses.conversion.data import TrainingData
+    from attnprobe.hooks.backends import make_backend
+    from tiny_hf import TinyTokenizer, wrap
+
+    model = wrap(tiny_llama(), TinyTokenizer())  # 128 positions
+    data = TrainingData(torch.zeros(4, 256, dtype=torch.long), {"sha256": "0"})
+    config = conversion.ConvertConfig(kernel=None, length=256, batch=2, transfer_tokens=0, tokens=512)
+    with pytest.raises(AttnprobeError, match="exceed the model's window of 128: lower --length to at most 128"):
+        conversion.convert(model, make_backend("native", model), {}, config, data, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -234,7 +234,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     with bar:
         sampling = bar.add_task("training data", total=None, speed="", loss="")
         with state.main_process_first():  # the main process samples and caches; the others read its shards
-            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
+            training = training_data(model, steps * config.batch * config.length, config.window or config.length, data, dataset, seed, epochs,
                                      progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
         sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)

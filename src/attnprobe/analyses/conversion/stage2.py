@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from attnprobe.errors import AttnprobeError
+from attnprobe.hooks.backends import Backend
 
 LOSSES = ("chunked", "liger", "logits")
 HEAD_CHUNK = 4096  # tokens per piece: one piece's (HEAD_CHUNK x vocab) logits exist at a time
@@ -29,21 +30,119 @@ class FastPath:
 
     loss: str = "chunked"  # chunked: ours; liger: liger-kernel's fused linear JSD (CUDA); logits: full logits (old)
     bf16_weights: bool = True  # frozen weights in bf16 on CUDA (old: fp32 under autocast)
+    fused_ops: bool = True  # liger-kernel's RMSNorm, SwiGLU and RoPE on CUDA where liger-kernel is installed
     recompute_layers: bool = False  # each decoder layer's activations recomputed in the backward pass
 
     @classmethod
     def old(cls) -> FastPath:
-        return cls(loss="logits", bf16_weights=False)
+        return cls(loss="logits", bf16_weights=False, fused_ops=False)
 
     def check(self, ce_weight: float = 0.0) -> None:
         if self.loss not in LOSSES:
             raise AttnprobeError(f"unknown stage-2 loss '{self.loss}': choose one of {', '.join(LOSSES)}")
         if self.loss == "liger":
-            import importlib.util
-
-            if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None or ce_weight:
+            if not _liger_available() or ce_weight:
                 raise AttnprobeError("the liger loss needs CUDA, liger-kernel (pip install liger-kernel) and "
                                      "--ce-weight 0: or use --loss chunked")
+
+
+def _liger_available() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextmanager
+def fused_ops(hf: nn.Module, enabled: bool) -> Iterator[bool]:
+    """liger-kernel's fused RMSNorm, SwiGLU MLP and RoPE in `hf` for the block (CUDA, liger-kernel installed, a
+    model type it knows; else nothing changes); yields whether they are on. Afterwards the model's modules and
+    its modeling module are as before: liger binds forwards to instances and swaps names in the module."""
+    import importlib
+    import sys
+
+    if not enabled or not _liger_available() or next(hf.parameters()).device.type != "cuda":
+        yield False
+        return
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    if hf.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        yield False
+        return
+    modeling = sys.modules.get(type(hf).__module__) or importlib.import_module(type(hf).__module__)
+    names = dict(vars(modeling))
+    bound = {id(m): set(vars(m)) for m in hf.modules()}
+    _apply_liger_kernel_to_instance(hf, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    try:
+        yield True
+    finally:
+        for module in hf.modules():
+            for name in ("forward", "extra_repr", "_get_name"):
+                if name in vars(module) and name not in bound.get(id(module), ()):
+                    delattr(module, name)
+        for name, value in vars(modeling).copy().items():
+            if name in names and names[name] is not value:
+                setattr(modeling, name, names[name])
+
+
+@contextmanager
+def recomputed_layers(hf: nn.Module, backend: Backend) -> Iterator[None]:
+    """Within the block each decoder layer keeps only its inputs for the backward pass and recomputes the rest
+    (torch.utils.checkpoint): activation memory of about one layer for one more forward. The backward runs
+    after `backend.patched` has closed, so each recomputation re-enters the edit session and the
+    differentiable mode its forward ran under (else a replaced head would be recomputed as softmax)."""
+    from attnprobe.hooks.backends.base import decoder_layers
+    from attnprobe.kernels import dispatch
+
+    def wrapped(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            session, flag = backend.session, dispatch._differentiable
+
+            def rerun(*args, **kwargs):
+                previous = backend.session, dispatch._differentiable
+                backend.session, dispatch._differentiable = session, flag
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    backend.session, dispatch._differentiable = previous
+            return torch.utils.checkpoint.checkpoint(rerun, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    if not hasattr(backend, "session"):
+        raise AttnprobeError(f"recomputing layers needs the native backend, not {backend.name}")
+    layers = list(decoder_layers(hf))
+    for layer in layers:
+        layer.forward = wrapped(layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
+KL_CHUNK = 4096  # tokens per piece of the KL: one piece's fp32 log-probabilities exist at a time
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return nn.functional.kl_div(torch.log_softmax(student.float(), dim=-1), torch.log_softmax(teacher.float(), dim=-1),
+                                log_target=True, reduction="sum")
+
+
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, ce_weight: float) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over next-token distributions, plus ce_weight x next-token loss.
+
+    The KL runs over pieces of KL_CHUNK tokens, each recomputed in the backward pass: the full-vocabulary fp32
+    log-probabilities of a whole batch (two of 3 GiB for SmolLM2 at 32 x 512 tokens) are never held at once."""
+    student, target = logits.flatten(0, 1), teacher.flatten(0, 1)
+    total = sum(torch.utils.checkpoint.checkpoint(_kl_sum, student[start:start + KL_CHUNK], target[start:start + KL_CHUNK],
+                                                  use_reentrant=False)
+                for start in range(0, len(student), KL_CHUNK))
+    loss = total / len(student)
+    if ce_weight:
+        loss = loss + ce_weight * nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    return loss
 
 
 def _logit_transform(hf: nn.Module) -> str | None:
@@ -174,8 +273,6 @@ class Stage2Step:
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if not self.hidden:
-            from attnprobe.analyses.conversion.train import distillation_loss
-
             return distillation_loss(student, teacher, ids, self.ce_weight)
         if self.fast.loss == "liger":
             return liger_distillation(student, teacher, self.weight)

@@ -51,7 +51,8 @@ from attnprobe.probe.rundir import _atomic, read_json, write_json
 from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
                                                       load_checkpoint, save_checkpoint)
 from attnprobe.analyses.conversion.data import TrainingData
-from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16
+from attnprobe.analyses.conversion.stage2 import distillation_loss  # noqa: F401  (re-exported: part of this module's interface)
+from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16, fused_ops, recomputed_layers
 
 TRAIN_MODES = ("lora", "kernels", "attention")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +66,8 @@ class ConvertConfig:
     kernel: str | None = "hedgehog"  # None: the control (no head replaced)
     options: dict = field(default_factory=dict)
     length: int = 1024  # tokens per training sequence
+    window: int = field(default=0, metadata={"help": "tokens per data window; windows are packed side by side into "
+                                                     "sequences of --length (a multiple of it). 0: --length itself"})
     batch: int = 8  # sequences per optimizer step, over all processes and accumulation steps
     accumulation: int = 1
     transfer_tokens: int = 1 << 20  # stage 1 budget
@@ -146,66 +149,6 @@ def _run(hf: nn.Module, ids: torch.Tensor, hidden: bool) -> torch.Tensor:
     if hidden:
         return hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
     return hf(input_ids=ids, use_cache=False).logits
-
-
-@contextmanager
-def recomputed_layers(hf: nn.Module, backend: Backend) -> Iterator[None]:
-    """Within the block each decoder layer keeps only its inputs for the backward pass and recomputes the rest
-    (torch.utils.checkpoint): activation memory of about one layer for one more forward. The backward runs
-    after `backend.patched` has closed, so each recomputation re-enters the edit session and the
-    differentiable mode its forward ran under (else a replaced head would be recomputed as softmax)."""
-    from attnprobe.hooks.backends.base import decoder_layers
-    from attnprobe.kernels import dispatch
-
-    def wrapped(forward):
-        def checkpointed(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
-            session, flag = backend.session, dispatch._differentiable
-
-            def rerun(*args, **kwargs):
-                previous = backend.session, dispatch._differentiable
-                backend.session, dispatch._differentiable = session, flag
-                try:
-                    return forward(*args, **kwargs)
-                finally:
-                    backend.session, dispatch._differentiable = previous
-            return torch.utils.checkpoint.checkpoint(rerun, *args, use_reentrant=False, **kwargs)
-        return checkpointed
-
-    if not hasattr(backend, "session"):
-        raise AttnprobeError(f"recomputing layers needs the native backend, not {backend.name}")
-    layers = list(decoder_layers(hf))
-    for layer in layers:
-        layer.forward = wrapped(layer.forward)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
-
-
-KL_CHUNK = 4096  # tokens per piece of the KL: one piece's fp32 log-probabilities exist at a time
-
-
-def _kl_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return nn.functional.kl_div(torch.log_softmax(student.float(), dim=-1), torch.log_softmax(teacher.float(), dim=-1),
-                                log_target=True, reduction="sum")
-
-
-def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, ce_weight: float) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) over next-token distributions, plus ce_weight x next-token loss.
-
-    The KL runs over pieces of KL_CHUNK tokens, each recomputed in the backward pass: the full-vocabulary fp32
-    log-probabilities of a whole batch (two of 3 GiB for SmolLM2 at 32 x 512 tokens) are never held at once."""
-    student, target = logits.flatten(0, 1), teacher.flatten(0, 1)
-    total = sum(torch.utils.checkpoint.checkpoint(_kl_sum, student[start:start + KL_CHUNK], target[start:start + KL_CHUNK],
-                                                  use_reentrant=False)
-                for start in range(0, len(student), KL_CHUNK))
-    loss = total / len(student)
-    if ce_weight:
-        loss = loss + ce_weight * nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-    return loss
 
 
 # ---- adapters ----------------------------------------------------------------------------------------------
@@ -379,6 +322,18 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         on_step(Progress(stage, done, steps, curve[-1], config.batch * config.length / max(seconds, 1e-9)))
 
 
+def packed(windows: torch.Tensor, config: ConvertConfig) -> torch.Tensor:
+    """The training sequences: data windows of `config.window` tokens (0: `length`) side by side, `length` each."""
+    width = config.window or config.length
+    if windows.shape[1] != width:
+        raise AttnprobeError(f"training windows are {windows.shape[1]} tokens but the recipe says {width}")
+    if config.length % width:
+        raise AttnprobeError(f"--length {config.length} does not pack whole windows of {width} tokens: make it a "
+                             f"multiple of --window {width}, e.g. {config.length // width * width or width}")
+    per = config.length // width
+    return windows[:len(windows) // per * per].reshape(-1, config.length)
+
+
 def _time_for_checkpoint(accelerator, saved_at: float, config: ConvertConfig) -> bool:
     """Whether `checkpoint_minutes` have passed since the last checkpoint, by the main process's clock (every
     process must agree, or the others would wait for a checkpoint that never comes)."""
@@ -410,6 +365,9 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     config.check(accelerator.num_processes)
     if model.device != accelerator.device:  # under accelerate launch every process holds the model on its own GPU
         model.hf.to(accelerator.device)
+    if config.length > model.info.max_context > 0:
+        raise AttnprobeError(f"training sequences of {config.length} tokens exceed the model's window of "
+                             f"{model.info.max_context}: lower --length to at most {model.info.max_context}")
     if heads and config.kernel is None:
         raise AttnprobeError("heads to replace need a kernel: pass --kernel")
     for layer, hs in heads.items():
@@ -419,11 +377,10 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                                  f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
     n_transfer = config.steps(config.transfer_tokens) * config.batch if heads and config.transfer_tokens else 0
     n_e2e = config.steps(config.tokens) * config.batch if config.tokens else 0
-    if len(data.windows) < n_transfer + n_e2e:
-        raise AttnprobeError(f"the training data holds {len(data.windows)} windows but the budget needs {n_transfer + n_e2e}: "
+    sequences = packed(data.windows, config)
+    if len(sequences) < n_transfer + n_e2e:
+        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_transfer + n_e2e}: "
                              "lower --tokens / --transfer-tokens or provide more data")
-    if data.windows.shape[1] != config.length:
-        raise AttnprobeError(f"training windows are {data.windows.shape[1]} tokens but the recipe says {config.length}")
     directory.mkdir(parents=True, exist_ok=True)
     identity = _identity(model, config, heads, data)
     resume = load_checkpoint(directory, identity)
@@ -432,8 +389,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     learnable = {f"kernel.{layer}.{name}": p for layer, kernel in kernels.items()
                  for name, p in kernel.named_parameters() if p.requires_grad}
     started = time.perf_counter()
-    transfer_windows = data.windows[:n_transfer]
-    e2e_windows = data.windows[n_transfer:n_transfer + n_e2e]
+    transfer_windows = sequences[:n_transfer]
+    e2e_windows = sequences[n_transfer:n_transfer + n_e2e]
     losses: dict[str, list[float]] = dict(resume[0]["losses"]) if resume is not None else {}
     layers = sorted(heads)
 
@@ -458,7 +415,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global generator
     fast = fast or FastPath()
     fast.check(config.ce_weight)
-    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights):
+    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights), \
+            fused_ops(model.hf, fast.fused_ops):
         params = {**learnable, **{f"adapter.{name}": p for name, p in adapter_params.items()}}
         if resume is not None and resume[0]["stage"] == "transfer":  # carry stage 1's kernels into stage 2
             with torch.no_grad():
