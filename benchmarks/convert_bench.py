@@ -33,6 +33,7 @@ actually needed is closer to 2N + 4N, which `needed` reports.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import resource
@@ -41,7 +42,6 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -96,6 +96,18 @@ def tiny_config():
 
 
 SHAPES = {"smollm2": smollm2_config, "qwen": qwen_config, "tiny": tiny_config}
+
+
+def _paths() -> dict:
+    """Stage 2 as it was, then one change at a time, then the conversion's default (and liger's loss instead of ours)."""
+    from attnprobe.analyses.conversion.stage2 import FastPath
+
+    return {"old": FastPath.old, "+chunked-loss": lambda: FastPath(loss="chunked", bf16_weights=False, fused_ops=False),
+            "+bf16-weights": lambda: FastPath(loss="chunked", fused_ops=False), "new": FastPath,
+            "liger-loss": lambda: FastPath(loss="liger")}
+
+
+PATHS = _paths()
 ROWS = ("control", "all-gated-deltanet", "all-kda", "all-hedgehog", "sink+window+gdn", "softmax-12.5")
 
 
@@ -155,12 +167,11 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                recompute: bool) -> dict:
     """Time `steps` stage-2 optimizer steps (after one untimed warm-up step) of one row on random tokens."""
     from attnprobe.analyses.conversion import train
-    from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16, fused_ops
+    from attnprobe.analyses.conversion.stage2 import Stage2Step, frozen_in_bf16, fused_ops
     from attnprobe.kernels.registry import make_kernel
 
     device = model.device
-    fast = FastPath.old() if path == "old" else FastPath()
-    fast.recompute_layers = recompute
+    fast = dataclasses.replace(PATHS[path](), recompute_layers=recompute)
     info = model.info
     kernel, heads = row_heads(row, info.n_layers, info.n_heads)
     kernels = {layer: make_kernel(kernel, len(hs), info.head_dim).to(device) for layer, hs in heads.items()}
@@ -208,7 +219,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
             "phase_share": {phase: round(t / total, 4) for phase, t in clock.seconds.items()},
             "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
-            "fast_path": {**asdict(fast), "fused_ops": fused}}
+            "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused}}
 
 
 def _train_forms(kernels, device, length: int) -> str | None:
@@ -230,6 +241,14 @@ def stage2_matrix(args) -> list[dict]:
     """Every (model, row, length, path) of the arguments, each row appended to OUT/convert_bench.jsonl."""
     from attnprobe.hooks.backends import make_backend
 
+    from attnprobe.errors import AttnprobeError
+    from attnprobe.kernels.registry import KERNELS
+
+    unknown = [p for p in args.paths.split(",") if p not in PATHS] + [m for m in args.models.split(",") if m not in SHAPES] + \
+        [r for r in args.rows.split(",") if r not in ("control", "softmax-12.5") and r.removeprefix("all-") not in KERNELS]
+    if unknown:
+        raise SystemExit(f"unknown {', '.join(unknown)}: paths {', '.join(PATHS)}; models {', '.join(SHAPES)}; rows control, "
+                         "softmax-12.5, all-K or K for a registered kernel K")
     out = Path(args.matrix)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -248,6 +267,8 @@ def stage2_matrix(args) -> list[dict]:
                                                        args.micro_tokens, args.steps, args.recompute_layers)}
                     except torch.OutOfMemoryError:
                         record = {**base, "row": row, "length": length, "path": path, "error": "out of memory"}
+                    except AttnprobeError as error:  # e.g. liger's loss without liger-kernel: the other rows go on
+                        record = {**base, "row": row, "length": length, "path": path, "error": str(error)}
                     if device == "cuda":
                         torch.cuda.empty_cache()
                     records.append(record)
@@ -259,7 +280,7 @@ def stage2_matrix(args) -> list[dict]:
 
 
 def _line(r: dict) -> str:
-    head = f"{r['model']:<8} {r['row']:<19} T={r['length']:<5} {r['path']:<4}"
+    head = f"{r['model']:<8} {r['row']:<19} T={r['length']:<5} {r['path']:<13}"
     if "error" in r:
         return f"{head} {r['error']}"
     shares = " ".join(f"{k.split()[0][:7]} {v:4.0%}" for k, v in r["phase_share"].items())
@@ -281,7 +302,8 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,qwen", help=f"shapes: {', '.join(SHAPES)}")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--paths", default="old,new", help="old: full logits, fp32 weights; new: the conversion's default")
+    parser.add_argument("--paths", default="old,new", help=f"of {', '.join(PATHS)}: old = full logits, fp32 weights; "
+                        "new = the conversion's default (+ fused RMSNorm/SwiGLU/RoPE where liger-kernel is installed)")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--micro-tokens", type=int, default=16384, help="tokens per forward (gradient accumulation)")
     args = parser.parse_args()

@@ -413,7 +413,9 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, prose_file, tmp_path, mo
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20G", "--data", str(tmp_path / "x.txt")], "not found"),
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20M", "--data", str(prose_file)], "lower --tokens"),
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "lots"], "cannot read a token count"),
-             (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network")]
+             (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network"),
+             (["--kernel", "hedgehog", "--layers", "0", "--loss", "fused"], "unknown stage-2 loss 'fused'"),
+             (["--kernel", "hedgehog", "--layers", "0", "--length", "4096"], "lower --length to at most 2048")]
     monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
     for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), *args, "--out", str(tmp_path / "run")])

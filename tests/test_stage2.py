@@ -71,16 +71,19 @@ def test_bad_fast_path_options_name_the_fix():
 
 
 def test_the_benchmark_matrix_runs_on_the_cpu(tmp_path):
-    """Two rows at one length, both paths: one JSON line each, phases that add up, the FLOP count's MFU."""
+    """Two rows at one length, old and new paths: one JSON line each, phases that add up, the FLOP count's MFU;
+    a path this machine cannot run (liger's loss without CUDA) is a row saying why, and the others go on."""
     command = [sys.executable, str(ROOT / "benchmarks" / "convert_bench.py"), "--matrix", str(tmp_path), "--models", "tiny",
                "--rows", "control,all-gated-deltanet", "--lengths", "32", "--tokens-per-step", "128", "--micro-tokens", "64",
-               "--steps", "1"]
+               "--steps", "1", "--paths", "old,new,liger-loss"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "convert_bench.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["path"]) for r in records] == [("control", "old"), ("control", "new"),
-                                                        ("all-gated-deltanet", "old"), ("all-gated-deltanet", "new")]
+    assert [(r["row"], r["path"]) for r in records] == [(row, path) for row in ("control", "all-gated-deltanet")
+                                                        for path in ("old", "new", "liger-loss")]
+    assert all("liger-kernel" in r["error"] for r in records if r["path"] == "liger-loss")  # no CUDA here
+    records = [r for r in records if r["path"] != "liger-loss"]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import convert_bench
 

@@ -11,7 +11,7 @@ from attnprobe.kernels.deltanet.naive import delta_recurrent
 from attnprobe.kernels.decay.naive import decay_weights
 from attnprobe.kernels.dispatch import torch_forms
 from attnprobe.kernels.gla import chunk as forms
-from attnprobe.kernels.registry import make_kernel
+from attnprobe.kernels.registry import KERNELS, make_kernel
 
 B, H, T, D = 2, 3, 75, 8  # T not a multiple of the chunk: the last chunk is padded
 
@@ -82,3 +82,17 @@ def test_kernels_train_through_their_chunked_form_as_through_the_quadratic(name,
     torch.testing.assert_close(z_chunked, z_quadratic, rtol=1e-4, atol=1e-5)
     for got, ref in zip(g_chunked, g_quadratic):
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_family_trains_beyond_the_quadratic_range(name):
+    """Past QUADRATIC_UP_TO tokens `train_forward` takes each family's chunked (or blocked) form: it has a backward
+    that reaches the inputs and every learnable parameter, so no family is left without one on a CPU machine."""
+    from attnprobe.kernels.base import QUADRATIC_UP_TO
+
+    torch.manual_seed(0)
+    kernel = make_kernel(name, 2, 16)
+    q, k, v = (torch.randn(1, 2, QUADRATIC_UP_TO + 77, 16, requires_grad=True) for _ in range(3))
+    kernel.train_forward(q, k, v, 0.25).square().sum().backward()
+    assert all(x.grad is not None and x.grad.isfinite().all() for x in (q, k, v)) and q.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in kernel.parameters() if p.requires_grad)

@@ -84,6 +84,11 @@ class ConvertConfig:
                                                                       "passed since the last checkpoint (0: only by steps)"})
     seed: int = 0
 
+    def check_length(self, max_context: int) -> None:
+        if self.length > max_context > 0:
+            raise AttnprobeError(f"training sequences of {self.length} tokens exceed the model's window of {max_context}: "
+                                 f"lower --length to at most {max_context}")
+
     def steps(self, tokens: int) -> int:
         return max(1, tokens // (self.batch * self.length))
 
@@ -365,9 +370,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     config.check(accelerator.num_processes)
     if model.device != accelerator.device:  # under accelerate launch every process holds the model on its own GPU
         model.hf.to(accelerator.device)
-    if config.length > model.info.max_context > 0:
-        raise AttnprobeError(f"training sequences of {config.length} tokens exceed the model's window of "
-                             f"{model.info.max_context}: lower --length to at most {model.info.max_context}")
+    config.check_length(model.info.max_context)
     if heads and config.kernel is None:
         raise AttnprobeError("heads to replace need a kernel: pass --kernel")
     for layer, hs in heads.items():
