@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -99,12 +99,41 @@ SHAPES = {"smollm2": smollm2_config, "qwen": qwen_config, "tiny": tiny_config}
 
 
 def _paths() -> dict:
-    """Stage 2 as it was, then one change at a time, then the conversion's default (and liger's loss instead of ours)."""
+    """Stage 2 as it was, then one change at a time, then the conversion's default (and liger's loss instead of ours):
+    {name: (the FastPath, whether the gated families' chunked forms run chunk after chunk as they did)}."""
     from attnprobe.analyses.conversion.stage2 import FastPath
 
-    return {"old": FastPath.old, "+chunked-loss": lambda: FastPath(loss="chunked", bf16_weights=False, fused_ops=False),
-            "+bf16-weights": lambda: FastPath(loss="chunked", fused_ops=False), "new": FastPath,
-            "liger-loss": lambda: FastPath(loss="liger")}
+    unfused = {"fused_ops": False}
+    return {"old": (FastPath.old(), True), "+chunked-loss": (FastPath(bf16_weights=False, **unfused), True),
+            "+bf16-weights": (FastPath(**unfused), True), "+batched-forms": (FastPath(**unfused), False),
+            "new": (FastPath(), False), "liger-loss": (FastPath(loss="liger"), False)}
+
+
+@contextmanager
+def looped_forms(enabled: bool):
+    """The scalar-decay and delta-rule chunked forms as they were before every chunk ran at once: one chunk after
+    another (what the old path trained through beyond the quadratic range)."""
+    from attnprobe.kernels.deltanet import kernel as delta
+    from attnprobe.kernels.gla import chunk as forms
+
+    def scalar(q, k, v, log_alpha, chunk):
+        return forms.chunked(q, k, v, log_alpha, None, chunk)
+
+    def wy(q, k, v, beta, log_alpha, chunk):
+        state, outputs = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1]), []
+        for start in range(0, q.shape[2], chunk):
+            part = slice(start, start + chunk)
+            o, state = delta.wy_chunk(q[:, :, part], k[:, :, part], v[:, :, part], beta[:, :, part], log_alpha[:, :, part], state)
+            outputs.append(o)
+        return torch.cat(outputs, dim=2), state
+
+    saved = forms.scalar_chunked, delta.wy_chunked
+    if enabled:
+        forms.scalar_chunked, delta.wy_chunked = scalar, wy
+    try:
+        yield
+    finally:
+        forms.scalar_chunked, delta.wy_chunked = saved
 
 
 PATHS = _paths()
@@ -171,7 +200,8 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
     from attnprobe.kernels.registry import make_kernel
 
     device = model.device
-    fast = dataclasses.replace(PATHS[path](), recompute_layers=recompute)
+    fast, looped = PATHS[path]
+    fast = dataclasses.replace(fast, recompute_layers=recompute)
     info = model.info
     kernel, heads = row_heads(row, info.n_layers, info.n_heads)
     kernels = {layer: make_kernel(kernel, len(hs), info.head_dim).to(device) for layer, hs in heads.items()}
@@ -181,7 +211,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
     ids = torch.randint(0, info.vocab_size, (batch * (steps + 1), length), generator=generator)
     clock = PhaseClock(device)
     with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights), \
-            fused_ops(model.hf, fast.fused_ops) as fused:
+            fused_ops(model.hf, fast.fused_ops) as fused, looped_forms(looped):
         params = [p for k in kernels.values() for p in k.parameters() if p.requires_grad] + list(adapters.values())
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         student = train.Student(model.hf, kernels, heads, length, hidden=fast.loss != "logits")
@@ -199,8 +229,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                     piece = piece.to(device)
                     target = step.teacher(piece)
                     clock.mark("teacher forward")
-                    with autocast():
-                        out = step.student(student, piece)
+                    out = step.student(student, piece)
                     clock.mark("student forward")
                     loss = step.loss(out, target, piece) * (len(piece) / batch)
                     clock.mark("loss")
@@ -219,7 +248,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
             "phase_share": {phase: round(t / total, 4) for phase, t in clock.seconds.items()},
             "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
-            "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused}}
+            "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused, "looped_forms": looped}}
 
 
 def _train_forms(kernels, device, length: int) -> str | None:

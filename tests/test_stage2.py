@@ -13,6 +13,7 @@ import torch
 from attnprobe.analyses.conversion import train as conversion
 from attnprobe.analyses.conversion.stage2 import FastPath, chunked_distillation, head_of
 from attnprobe.errors import AttnprobeError
+from attnprobe.kernels.registry import make_kernel
 from tiny_hf import tiny_gemma3, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,3 +181,23 @@ def test_a_sequence_beyond_the_models_window_is_refused_before_training(tmp_path
     with pytest.raises(AttnprobeError, match="exceed the model's window of 128: lower --length to at most 128"):
         conversion.convert(model, make_backend("native", model), {}, config, data, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["decay", "gated-deltanet"])
+def test_the_benchmarks_old_looped_forms_equal_the_batched_ones(name):
+    """The benchmark's old path (chunk after chunk) computes what the batched forms compute, and is undone after."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convert_bench
+    from attnprobe.kernels.deltanet import kernel as delta
+    from attnprobe.kernels.gla import chunk as forms
+
+    kernel = make_kernel(name, 2, 8, chunk=16)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 8, generator=generator) for _ in range(3))
+    batched = kernel.prefill(q, k, v, 0.3)
+    with convert_bench.looped_forms(True):
+        assert (forms.scalar_chunked.__name__, delta.wy_chunked.__name__) == ("scalar", "wy")
+        looped = kernel.prefill(q, k, v, 0.3)
+    assert delta.wy_chunked.__name__ == "wy_chunked" and forms.scalar_chunked.__name__ == "scalar_chunked"
+    for got, want in zip(looped, batched):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

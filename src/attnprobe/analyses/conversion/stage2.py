@@ -63,18 +63,22 @@ def fused_ops(hf: nn.Module, enabled: bool) -> Iterator[bool]:
     if not enabled or not _liger_available() or next(hf.parameters()).device.type != "cuda":
         yield False
         return
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
-
-    if hf.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        yield False
-        return
     modeling = sys.modules.get(type(hf).__module__) or importlib.import_module(type(hf).__module__)
     names = dict(vars(modeling))
     bound = {id(m): set(vars(m)) for m in hf.modules()}
-    _apply_liger_kernel_to_instance(hf, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
     try:
-        yield True
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+        known = hf.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+        if known:
+            _apply_liger_kernel_to_instance(hf, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                            fused_linear_cross_entropy=False)
+    except Exception as error:  # a liger-kernel that does not fit this transformers: the unfused ops, said once
+        sys.stderr.write(f"attnprobe: liger-kernel's fused ops do not apply here ({type(error).__name__}: {error}); "
+                         "stage 2 runs without them\n")
+        known = False
+    try:
+        yield known
     finally:
         for module in hf.modules():
             for name in ("forward", "extra_repr", "_get_name"):
@@ -268,7 +272,7 @@ class Stage2Step:
     def student(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         from attnprobe.kernels.dispatch import differentiable
 
-        with self.backend.patched(self.edits), differentiable():
+        with self.backend.patched(self.edits), differentiable(), self.autocast():  # bf16 weights need autocast
             return module(ids)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
