@@ -140,7 +140,7 @@ def test_a_run_killed_between_steps_resumes_on_a_fresh_machine_from_its_timed_ch
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoint = json.loads((tmp_path / "lost" / "checkpoint.json").read_text())
-    assert (checkpoint["stage"], checkpoint["step"]) == ("end_to_end", 3)
+    assert (checkpoint["stage"], checkpoint["step"], checkpoint["next_sequence"]) == ("end_to_end", 3, 12)
     assert sum(p.stat().st_size for p in (tmp_path / "lost").iterdir()) < 50 * 2 ** 20
     shutil.copytree(tmp_path / "lost", tmp_path / "fresh")
 

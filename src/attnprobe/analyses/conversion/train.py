@@ -10,16 +10,18 @@
 The control is the unmodified model through the identical stage 2 ("softmax, fine-tuned"). Training runs
 the replaced heads inside `backend.patched` with gradients and `kernels.dispatch.differentiable()`: the
 quadratic form up to 1,024 tokens, the chunked torch form beyond (our Triton kernels are forward-only;
-flash-linear-attention's ops have a backward and stay on); evaluation runs the fast forms, and tests hold
-the two equal. Any registered kernel converts: stage 1 trains whatever `kernel.parameters()` holds.
+flash-linear-attention's ops have a backward and stay on where it is right on this device); evaluation runs the
+fast forms, and tests hold the two equal. Stage 2 runs as `stage2.FastPath` says (by default the KL from hidden
+states without full-vocabulary logits, frozen weights bf16 and liger-kernel's fused ops on CUDA). Any registered kernel converts: stage 1 trains whatever `kernel.parameters()` holds.
 
 Accelerate does the plumbing: device, bf16 autocast on CUDA, gradient accumulation and data parallelism
 (`accelerate launch --num_processes N attnprobe convert ...`: each process takes its slice of every global
 batch). A conversion directory holds
 
-    checkpoint.json + checkpoint-STAGE-STEP.safetensors   every `checkpoint_every` steps (kernels, adapters,
-                                                          optimizer moments; the manifest names the file and its
-                                                          sha256): rerunning the same command resumes there
+    checkpoint.json + checkpoint-STAGE-STEP.safetensors   every `checkpoint_every` steps and every `checkpoint_minutes`
+                                                          (kernels, adapters, optimizer moments, the data position;
+                                                          the manifest names the file and its sha256; tens of MB):
+                                                          rerunning the same command resumes there, on any machine
     fit/                                                  the converted kernels (kernels.fit format: swap --kernel reads it)
     adapters.safetensors                                  LoRA (or attention) parameters
     conversion.json                                       model hash, data, budget, per-step loss curves (and stage 2's KL
@@ -320,7 +322,8 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         if done % config.checkpoint_every == 0 or done == steps or _time_for_checkpoint(accelerator, saved_at, config):
             saved_at = time.monotonic()
             if accelerator.is_main_process:
-                progress = {"stage": stage, "step": done, "steps": steps, "losses": losses}
+                # the data position: the stage's sequences are read in order, so the next is done x batch
+                progress = {"stage": stage, "step": done, "steps": steps, "next_sequence": done * config.batch, "losses": losses}
                 save_checkpoint(directory, identity, progress, {f"param.{n}": p for n, p in named}, optimizer)
             accelerator.wait_for_everyone()
         seconds = time.perf_counter() - began
