@@ -266,6 +266,12 @@ def _train_forms(kernels, device, length: int) -> str | None:
     return "quadratic" if length <= QUADRATIC_UP_TO and getattr(kernel, "quadratic_trains", True) else "chunked torch"
 
 
+def _refuse(message: str) -> None:
+    """Bad input: one line naming the fix, exit status 2 (as the CLI does)."""
+    sys.stderr.write(f"convert_bench: {message}\n")
+    raise SystemExit(2)
+
+
 def stage2_matrix(args) -> list[dict]:
     """Every (model, row, length, path) of the arguments, each row appended to OUT/convert_bench.jsonl."""
     from attnprobe.hooks.backends import make_backend
@@ -276,8 +282,13 @@ def stage2_matrix(args) -> list[dict]:
     unknown = [p for p in args.paths.split(",") if p not in PATHS] + [m for m in args.models.split(",") if m not in SHAPES] + \
         [r for r in args.rows.split(",") if r not in ("control", "softmax-12.5") and r.removeprefix("all-") not in KERNELS]
     if unknown:
-        raise SystemExit(f"unknown {', '.join(unknown)}: paths {', '.join(PATHS)}; models {', '.join(SHAPES)}; rows control, "
-                         "softmax-12.5, all-K or K for a registered kernel K")
+        _refuse(f"unknown {', '.join(unknown)}: choose paths of {', '.join(PATHS)}; models of {', '.join(SHAPES)}; rows of "
+                "control, softmax-12.5, all-K or K for a registered kernel K")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for shape in args.models.split(","):  # before anything runs
+        window = SHAPES[shape]().max_position_embeddings
+        if max(lengths) > window:
+            _refuse(f"{shape} holds {window} positions, not {max(lengths)}: lower --lengths to at most {window}")
     out = Path(args.matrix)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -285,9 +296,7 @@ def stage2_matrix(args) -> list[dict]:
     for shape in args.models.split(","):
         model = random_model(shape, device)
         backend = make_backend("native", model)
-        for length in (int(x) for x in args.lengths.split(",")):
-            if length > model.info.max_context:
-                raise SystemExit(f"{shape} holds {model.info.max_context} positions, not {length}: lower --lengths")
+        for length in lengths:
             for row in args.rows.split(","):
                 for path in args.paths.split(","):
                     base = {"model": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
