@@ -11,6 +11,7 @@ import torch
 
 from attnprobe.analyses.conversion import train as conversion
 from attnprobe.analyses.conversion import data as training
+from attnprobe.analyses.conversion import stage2
 from attnprobe.analyses.experiments.architectures import gate, gate_columns
 from attnprobe.hooks.backends import make_backend
 from attnprobe.errors import AttnprobeError
@@ -258,7 +259,7 @@ def test_gate_limits_and_columns():
 
 def test_chunked_distillation_loss_equals_the_whole_batch_kl(monkeypatch):
     """The loss in pieces (recomputed in the backward) has the value and gradient of one KL over every token."""
-    monkeypatch.setattr(conversion, "KL_CHUNK", 5)  # 3 x 4 = 12 tokens: pieces of 5, 5 and 2
+    monkeypatch.setattr(stage2, "KL_CHUNK", 5)  # 3 x 4 = 12 tokens: pieces of 5, 5 and 2
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 11, generator=generator, requires_grad=True)
     teacher = torch.randn(3, 4, 11, generator=generator)
@@ -412,7 +413,9 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, prose_file, tmp_path, mo
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20G", "--data", str(tmp_path / "x.txt")], "not found"),
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "20M", "--data", str(prose_file)], "lower --tokens"),
              (["--kernel", "hedgehog", "--layers", "0", "--tokens", "lots"], "cannot read a token count"),
-             (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network")]
+             (["--kernel", "hedgehog", "--layers", "0", "--dataset", "wikitext", "--tokens", "1K"], "no network"),
+             (["--kernel", "hedgehog", "--layers", "0", "--loss", "fused"], "unknown stage-2 loss 'fused'"),
+             (["--kernel", "hedgehog", "--layers", "0", "--length", "4096"], "lower --length to at most 2048")]
     monkeypatch.setattr(socket, "create_connection", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
     for args, message in cases:
         monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", str(model_dir), *args, "--out", str(tmp_path / "run")])

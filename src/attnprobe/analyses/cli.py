@@ -542,6 +542,7 @@ def convert(
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
     recompute_layers: bool = typer.Option(False, help="stage 2 keeps only each decoder layer's inputs and recomputes the rest "
                                           "in the backward pass (about one layer of activations, one more forward; same result)"),
+    loss: str = typer.Option("chunked", help="stage 2's KL: chunked (from hidden states, no full logits) | liger (CUDA) | logits (the old path)"),
     evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
     census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
@@ -562,7 +563,7 @@ def convert(
                            accumulation=accumulation, lr=lr, transfer_lr=transfer_lr, train=train, lora_rank=lora_rank,
                            ce_weight=ce_weight, data=data or [], dataset=dataset, epochs=epochs, seed=seed,
                            checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console,
-                           recompute_layers=recompute_layers)
+                           recompute_layers=recompute_layers, loss=loss)
     if table is not None:
         _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
         console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))

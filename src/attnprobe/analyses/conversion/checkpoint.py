@@ -26,14 +26,15 @@ FORMAT = 1
 
 def _identity(model: Model, config: ConvertConfig, heads: Mapping[int, list[int]], data: TrainingData) -> dict:
     """What a checkpoint must match to be resumed. Not the accumulation steps: they split the same global batch
-    (the same gradient up to rounding), so a run that ran out of memory resumes with more of them."""
+    (the same gradient up to rounding), so a run that ran out of memory resumes with more of them; nor how often
+    checkpoints are taken."""
     return {"format": FORMAT, "model_hash": model.info.weights_sha256, "kernel": config.kernel,
             "heads": {str(layer): list(h) for layer, h in sorted(heads.items())}, "config": _recipe(asdict(config)),
             "data_sha256": data.description["sha256"]}
 
 
 def _recipe(config: Mapping) -> dict:
-    return {key: value for key, value in config.items() if key != "accumulation"}
+    return {key: value for key, value in config.items() if key not in ("accumulation", "checkpoint_minutes")}
 
 
 def _recorded(identity: Mapping) -> dict:

@@ -15,6 +15,7 @@ from attnprobe.probe.rundir import read_json, write_json
 
 from attnprobe.analyses.conversion.checkpoint import CONVERSION
 from attnprobe.analyses.conversion.data import TrainingData
+from attnprobe.analyses.conversion.stage2 import FastPath
 from attnprobe.analyses.conversion.train import ConvertConfig, Progress, applied, convert
 
 # ---- named rows, the control and the gated matrix ----------------------------------------------------------
@@ -65,7 +66,7 @@ def progress_bar(console=None, disable: bool = False):
 def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config: ConvertConfig, data: TrainingData,
                       out: Path, sizes, heads_table=None, evaluate: bool = True,
                       on_step: Callable[[Progress, str], None] = lambda p, label: None,
-                      status: Callable[[str], None] = lambda m: None, recompute_layers: bool = False):
+                      status: Callable[[str], None] = lambda m: None, recompute_layers: bool = False, fast: FastPath | None = None):
     """Convert each variant (and the control) into out/conversions/NAME, then evaluate every row through the
     matrix code with the gate: (matrix table, recall rows); (None, None) without `evaluate` or off the main process."""
     import dataclasses
@@ -77,7 +78,7 @@ def conversion_matrix(model: Model, backend: Backend, variants: Sequence, config
         status(f"converting {variant.name}")
         convert(model, backend, heads, dataclasses.replace(config, kernel=variant.kernel), data,
                 out / "conversions" / variant.name, on_step=lambda report, name=variant.name: on_step(report, name),
-                recompute_layers=recompute_layers)
+                recompute_layers=recompute_layers, fast=fast)
     from accelerate import PartialState
 
     if not evaluate or not PartialState().is_main_process:
@@ -183,7 +184,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
         dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False):
+        console=None, recompute_layers: bool = False, loss: str = "chunked"):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
     import pandas as pd
 
@@ -225,6 +226,9 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
 
     state = PartialState()
     config.check(state.num_processes)
+    config.check_length(model.info.max_context)
+    fast = FastPath(loss=loss)
+    fast.check(ce_weight)
     for variant in chosen:  # every kernel and head selection is checked before anything trains
         if variant.kernel:
             make_kernel(variant.kernel, 1, model.info.head_dim)
@@ -234,13 +238,13 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     with bar:
         sampling = bar.add_task("training data", total=None, speed="", loss="")
         with state.main_process_first():  # the main process samples and caches; the others read its shards
-            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
+            training = training_data(model, steps * config.batch * config.length, config.window or config.length, data, dataset, seed, epochs,
                                      progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
         sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
-                                          on_step=on_step, recompute_layers=recompute_layers)
+                                          on_step=on_step, recompute_layers=recompute_layers, fast=fast)
     if table is None:
         return None
     write_parquet(out / "matrix.parquet", table)

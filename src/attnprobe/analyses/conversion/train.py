@@ -10,16 +10,18 @@
 The control is the unmodified model through the identical stage 2 ("softmax, fine-tuned"). Training runs
 the replaced heads inside `backend.patched` with gradients and `kernels.dispatch.differentiable()`: the
 quadratic form up to 1,024 tokens, the chunked torch form beyond (our Triton kernels are forward-only;
-flash-linear-attention's ops have a backward and stay on); evaluation runs the fast forms, and tests hold
-the two equal. Any registered kernel converts: stage 1 trains whatever `kernel.parameters()` holds.
+flash-linear-attention's ops have a backward and stay on where it is right on this device); evaluation runs the
+fast forms, and tests hold the two equal. Stage 2 runs as `stage2.FastPath` says (by default the KL from hidden
+states without full-vocabulary logits, frozen weights bf16 and liger-kernel's fused ops on CUDA). Any registered kernel converts: stage 1 trains whatever `kernel.parameters()` holds.
 
 Accelerate does the plumbing: device, bf16 autocast on CUDA, gradient accumulation and data parallelism
 (`accelerate launch --num_processes N attnprobe convert ...`: each process takes its slice of every global
 batch). A conversion directory holds
 
-    checkpoint.json + checkpoint-STAGE-STEP.safetensors   every `checkpoint_every` steps (kernels, adapters,
-                                                          optimizer moments; the manifest names the file and its
-                                                          sha256): rerunning the same command resumes there
+    checkpoint.json + checkpoint-STAGE-STEP.safetensors   every `checkpoint_every` steps and every `checkpoint_minutes`
+                                                          (kernels, adapters, optimizer moments, the data position;
+                                                          the manifest names the file and its sha256; tens of MB):
+                                                          rerunning the same command resumes there, on any machine
     fit/                                                  the converted kernels (kernels.fit format: swap --kernel reads it)
     adapters.safetensors                                  LoRA (or attention) parameters
     conversion.json                                       model hash, data, budget, per-step loss curves (and stage 2's KL
@@ -44,7 +46,6 @@ from attnprobe.hooks.backends import Backend
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
-from attnprobe.kernels.dispatch import differentiable
 from attnprobe.kernels.fit import LOSS_SCALE, FitResult, load_fit, save_fit, transfer_loss
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import _atomic, read_json, write_json
@@ -52,6 +53,8 @@ from attnprobe.probe.rundir import _atomic, read_json, write_json
 from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
                                                       load_checkpoint, save_checkpoint)
 from attnprobe.analyses.conversion.data import TrainingData
+from attnprobe.analyses.conversion.stage2 import distillation_loss  # noqa: F401  (re-exported: part of this module's interface)
+from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16, fused_ops, recomputed_layers
 
 TRAIN_MODES = ("lora", "kernels", "attention")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -59,11 +62,14 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass
 class ConvertConfig:
-    """One conversion's recipe; everything here is recorded, and all but `accumulation` must match to resume."""
+    """One conversion's recipe; everything here is recorded, and all but `accumulation` and `checkpoint_minutes`
+    must match to resume."""
 
     kernel: str | None = "hedgehog"  # None: the control (no head replaced)
     options: dict = field(default_factory=dict)
     length: int = 1024  # tokens per training sequence
+    window: int = field(default=0, metadata={"help": "tokens per data window; windows are packed side by side into "
+                                                     "sequences of --length (a multiple of it). 0: --length itself"})
     batch: int = 8  # sequences per optimizer step, over all processes and accumulation steps
     accumulation: int = 1
     transfer_tokens: int = 1 << 20  # stage 1 budget
@@ -76,7 +82,14 @@ class ConvertConfig:
     lora_rank: int = 8
     ce_weight: float = 0.0
     checkpoint_every: int = 50
+    checkpoint_minutes: float = field(default=5.0, metadata={"help": "also checkpoint whenever this many minutes have "
+                                                                      "passed since the last checkpoint (0: only by steps)"})
     seed: int = 0
+
+    def check_length(self, max_context: int) -> None:
+        if self.length > max_context > 0:
+            raise AttnprobeError(f"training sequences of {self.length} tokens exceed the model's window of {max_context}: "
+                                 f"lower --length to at most {max_context}")
 
     def steps(self, tokens: int) -> int:
         return max(1, tokens // (self.batch * self.length))
@@ -126,75 +139,23 @@ class Transfer(nn.Module):
 class Student(nn.Module):
     """Stage 2: the HF model (with adapters) and its kernels; run it inside `backend.patched(self.edits)`."""
 
-    def __init__(self, hf: nn.Module, kernels: Mapping[int, nn.Module], heads: Mapping[int, list[int]], length: int) -> None:
+    def __init__(self, hf: nn.Module, kernels: Mapping[int, nn.Module], heads: Mapping[int, list[int]], length: int,
+                 hidden: bool = False) -> None:
         super().__init__()
-        self.hf = hf
+        self.hf, self.hidden = hf, hidden  # hidden: return the final hidden states (the loss applies the LM head)
         self.kernels = nn.ModuleDict({str(layer): kernel for layer, kernel in kernels.items()})
         # whole sequences, no state: each kernel's train_forward picks its form (fla, quadratic or chunked)
         self.edits = [kernel_edit(layer, heads[layer], self.kernels[str(layer)], recompute=True) for layer in sorted(heads)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=ids, use_cache=False).logits
+        return _run(self.hf, ids, self.hidden)
 
 
-@contextmanager
-def recomputed_layers(hf: nn.Module, backend: Backend) -> Iterator[None]:
-    """Within the block each decoder layer keeps only its inputs for the backward pass and recomputes the rest
-    (torch.utils.checkpoint): activation memory of about one layer for one more forward. The backward runs
-    after `backend.patched` has closed, so each recomputation re-enters the edit session and the
-    differentiable mode its forward ran under (else a replaced head would be recomputed as softmax)."""
-    from attnprobe.hooks.backends.base import decoder_layers
-    from attnprobe.kernels import dispatch
-
-    def wrapped(forward):
-        def checkpointed(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
-            session, flag = backend.session, dispatch._differentiable
-
-            def rerun(*args, **kwargs):
-                previous = backend.session, dispatch._differentiable
-                backend.session, dispatch._differentiable = session, flag
-                try:
-                    return forward(*args, **kwargs)
-                finally:
-                    backend.session, dispatch._differentiable = previous
-            return torch.utils.checkpoint.checkpoint(rerun, *args, use_reentrant=False, **kwargs)
-        return checkpointed
-
-    if not hasattr(backend, "session"):
-        raise AttnprobeError(f"recomputing layers needs the native backend, not {backend.name}")
-    layers = list(decoder_layers(hf))
-    for layer in layers:
-        layer.forward = wrapped(layer.forward)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
-
-
-KL_CHUNK = 4096  # tokens per piece of the KL: one piece's fp32 log-probabilities exist at a time
-
-
-def _kl_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return nn.functional.kl_div(torch.log_softmax(student.float(), dim=-1), torch.log_softmax(teacher.float(), dim=-1),
-                                log_target=True, reduction="sum")
-
-
-def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, ce_weight: float) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) over next-token distributions, plus ce_weight x next-token loss.
-
-    The KL runs over pieces of KL_CHUNK tokens, each recomputed in the backward pass: the full-vocabulary fp32
-    log-probabilities of a whole batch (two of 3 GiB for SmolLM2 at 32 x 512 tokens) are never held at once."""
-    student, target = logits.flatten(0, 1), teacher.flatten(0, 1)
-    total = sum(torch.utils.checkpoint.checkpoint(_kl_sum, student[start:start + KL_CHUNK], target[start:start + KL_CHUNK],
-                                                  use_reentrant=False)
-                for start in range(0, len(student), KL_CHUNK))
-    loss = total / len(student)
-    if ce_weight:
-        loss = loss + ce_weight * nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-    return loss
+def _run(hf: nn.Module, ids: torch.Tensor, hidden: bool) -> torch.Tensor:
+    """The model's logits, or its final hidden states (what the LM head reads)."""
+    if hidden:
+        return hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    return hf(input_ids=ids, use_cache=False).logits
 
 
 # ---- adapters ----------------------------------------------------------------------------------------------
@@ -288,9 +249,9 @@ class _Switched:
     def __init__(self, hf, context):
         self.hf, self.context = hf, context
 
-    def __call__(self, ids):
+    def __call__(self, ids, hidden: bool = False):
         with self.context(), torch.no_grad():
-            return self.hf(input_ids=ids, use_cache=False).logits
+            return _run(self.hf, ids, hidden)
 
 
 # ---- the training loops ------------------------------------------------------------------------------------
@@ -343,6 +304,7 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         start = manifest["step"]
         curve[:] = manifest["losses"][stage]
     prepared, optimizer = accelerator.prepare(module, optimizer)
+    saved_at = time.monotonic()
     for step in range(start, steps):
         began = time.perf_counter()
         for group in optimizer.param_groups:
@@ -357,20 +319,47 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
             total += loss.detach() / config.accumulation
         curve.append(float(accelerator.reduce(total, reduction="mean")))
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == steps:
+        if done % config.checkpoint_every == 0 or done == steps or _time_for_checkpoint(accelerator, saved_at, config):
+            saved_at = time.monotonic()
             if accelerator.is_main_process:
-                progress = {"stage": stage, "step": done, "steps": steps, "losses": losses}
+                # the data position: the stage's sequences are read in order, so the next is done x batch
+                progress = {"stage": stage, "step": done, "steps": steps, "next_sequence": done * config.batch, "losses": losses}
                 save_checkpoint(directory, identity, progress, {f"param.{n}": p for n, p in named}, optimizer)
             accelerator.wait_for_everyone()
         seconds = time.perf_counter() - began
         on_step(Progress(stage, done, steps, curve[-1], config.batch * config.length / max(seconds, 1e-9)))
 
 
+def packed(windows: torch.Tensor, config: ConvertConfig) -> torch.Tensor:
+    """The training sequences: data windows of `config.window` tokens (0: `length`) side by side, `length` each."""
+    width = config.window or config.length
+    if windows.shape[1] != width:
+        raise AttnprobeError(f"training windows are {windows.shape[1]} tokens but the recipe says {width}")
+    if config.length % width:
+        raise AttnprobeError(f"--length {config.length} does not pack whole windows of {width} tokens: make it a "
+                             f"multiple of --window {width}, e.g. {config.length // width * width or width}")
+    per = config.length // width
+    return windows[:len(windows) // per * per].reshape(-1, config.length)
+
+
+def _time_for_checkpoint(accelerator, saved_at: float, config: ConvertConfig) -> bool:
+    """Whether `checkpoint_minutes` have passed since the last checkpoint, by the main process's clock (every
+    process must agree, or the others would wait for a checkpoint that never comes)."""
+    if not config.checkpoint_minutes:
+        return False
+    due = torch.tensor(float(time.monotonic() - saved_at >= 60 * config.checkpoint_minutes), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        due = accelerator.reduce(due * float(accelerator.is_main_process), reduction="sum")
+    return bool(due > 0)
+
+
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
-            directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False) -> dict:
+            directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False,
+            fast: FastPath | None = None) -> dict:
     """Convert `heads` ({layer: heads}, empty for the control) of `model` with `config`; write `directory`.
-    `recompute_layers` trades stage 2's activation memory for one more forward (`recomputed_layers`); the
-    result is the same, so it is not part of the recipe a checkpoint must match.
+    `recompute_layers` trades stage 2's activation memory for one more forward (`recomputed_layers`); `fast`
+    says how stage 2 runs (default: the chunked loss without full logits, frozen weights bf16 on CUDA). Neither
+    changes the result beyond rounding, so neither is part of the recipe a checkpoint must match.
 
     Returns the conversion manifest. Rerunning with the same arguments resumes from the last checkpoint."""
     directory = Path(directory)
@@ -384,6 +373,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     config.check(accelerator.num_processes)
     if model.device != accelerator.device:  # under accelerate launch every process holds the model on its own GPU
         model.hf.to(accelerator.device)
+    config.check_length(model.info.max_context)
     if heads and config.kernel is None:
         raise AttnprobeError("heads to replace need a kernel: pass --kernel")
     for layer, hs in heads.items():
@@ -393,11 +383,10 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                                  f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
     n_transfer = config.steps(config.transfer_tokens) * config.batch if heads and config.transfer_tokens else 0
     n_e2e = config.steps(config.tokens) * config.batch if config.tokens else 0
-    if len(data.windows) < n_transfer + n_e2e:
-        raise AttnprobeError(f"the training data holds {len(data.windows)} windows but the budget needs {n_transfer + n_e2e}: "
+    sequences = packed(data.windows, config)
+    if len(sequences) < n_transfer + n_e2e:
+        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_transfer + n_e2e}: "
                              "lower --tokens / --transfer-tokens or provide more data")
-    if data.windows.shape[1] != config.length:
-        raise AttnprobeError(f"training windows are {data.windows.shape[1]} tokens but the recipe says {config.length}")
     directory.mkdir(parents=True, exist_ok=True)
     identity = _identity(model, config, heads, data)
     resume = load_checkpoint(directory, identity)
@@ -406,8 +395,8 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     learnable = {f"kernel.{layer}.{name}": p for layer, kernel in kernels.items()
                  for name, p in kernel.named_parameters() if p.requires_grad}
     started = time.perf_counter()
-    transfer_windows = data.windows[:n_transfer]
-    e2e_windows = data.windows[n_transfer:n_transfer + n_e2e]
+    transfer_windows = sequences[:n_transfer]
+    e2e_windows = sequences[n_transfer:n_transfer + n_e2e]
     losses: dict[str, list[float]] = dict(resume[0]["losses"]) if resume is not None else {}
     layers = sorted(heads)
 
@@ -430,21 +419,19 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
 
     # stage 2: KL to the teacher through the whole model, kernels and adapters together
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global generator
-    with adapted(model, config.train, config.lora_rank) as adapter_params:
+    fast = fast or FastPath()
+    fast.check(config.ce_weight)
+    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights), \
+            fused_ops(model.hf, fast.fused_ops):
         params = {**learnable, **{f"adapter.{name}": p for name, p in adapter_params.items()}}
         if resume is not None and resume[0]["stage"] == "transfer":  # carry stage 1's kernels into stage 2
             with torch.no_grad():
                 for name, p in learnable.items():
                     p.copy_(resume[1][f"param.{name}"])
             resume = None
-        student = Student(model.hf, kernels, heads, config.length)
+        student = Student(model.hf, kernels, heads, config.length, hidden=fast.loss != "logits")
         with teacher_view(model, config.train) as teacher:
-            def e2e_step(module, ids):
-                with accelerator.autocast():
-                    target = teacher(ids)
-                with backend.patched(student.edits), differentiable():
-                    logits = module(ids)
-                    return distillation_loss(logits, target, ids, config.ce_weight)
+            e2e_step = Stage2Step(model.hf, backend, student.edits, teacher, fast, config.ce_weight, accelerator.autocast)
 
             probe = e2e_windows[:config.batch].to(accelerator.device)
 
@@ -455,7 +442,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
             if resume is None:  # a resumed stage 2 has it in its checkpoint's losses
                 losses["first_batch_kl"] = [kl()]
             if params and n_e2e:
-                with recomputed_layers(model.hf, backend) if recompute_layers else nullcontext():
+                with recomputed_layers(model.hf, backend) if recompute_layers or fast.recompute_layers else nullcontext():
                     _train_stage("end_to_end", accelerator, student, params, e2e_windows, config, config.lr, e2e_step,
                                  directory, identity, resume, losses, on_step)
             losses["first_batch_kl"] = losses["first_batch_kl"][:1] + [kl()]

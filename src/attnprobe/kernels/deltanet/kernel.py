@@ -57,6 +57,36 @@ def wy_chunk(q, k, v, beta, log_alpha, state):
     return o, state
 
 
+def wy_chunked(q, k, v, beta, log_alpha, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wy_chunk` over the whole sequence in chunks of `chunk`, from a zero state, with everything that does not
+    depend on the state done for all chunks at once (the UT transform's triangular solves, the decayed q.k
+    products); what remains per chunk is the state's own recurrence, four (chunk x d) products. Within a
+    chunk u = (I + diag(b) L)^-1 diag(b) (v - (k e^G) S) = U0 - W S, as fla's chunked delta rule splits it."""
+    from ..gla.chunk import _in_chunks
+
+    batch, heads, length = q.shape[:3]
+    qc, kc, vc, gc = (_in_chunks(x, chunk) for x in (q, k, v, log_alpha))
+    bc = _in_chunks(beta[..., None], chunk)  # (B, H, N, C, 1)
+    flat = [x.flatten(1, 2) for x in (qc, kc, gc)]  # chunks as heads: (B, H N, C, .)
+    positions = torch.arange(chunk, device=q.device)
+    lower = decayed_products(flat[1], flat[1], flat[2], positions, strict=True).unflatten(1, (heads, -1))
+    within = decayed_products(flat[0], flat[1], flat[2], positions).unflatten(1, (heads, -1))
+    system = torch.eye(chunk, dtype=q.dtype, device=q.device) + bc * lower
+    total = gc.cumsum(dim=3)
+    last = total[:, :, :, -1:]
+    u0, w = torch.linalg.solve_triangular(system, torch.cat([bc * vc, bc * kc * torch.exp(total)], dim=-1), upper=False,
+                                          unitriangular=True).split([v.shape[-1], k.shape[-1]], dim=-1)
+    q_decayed, k_decayed = qc * torch.exp(total), kc * torch.exp(last - total)
+    carry = torch.exp(last).transpose(-1, -2)  # (B, H, N, 1 or d, 1)
+    state = q.new_zeros(batch, heads, q.shape[-1], v.shape[-1])
+    outputs = []
+    for n in range(qc.shape[2]):
+        u = u0[:, :, n] - w[:, :, n] @ state
+        outputs.append(q_decayed[:, :, n] @ state + within[:, :, n] @ u)
+        state = carry[:, :, n] * state + k_decayed[:, :, n].transpose(-1, -2) @ u
+    return torch.cat(outputs, dim=2)[:, :, :length], state
+
+
 class DeltaKernel(Kernel):
     """gate None: DeltaNet; "head": Gated DeltaNet (one decay per head and token); "channel": Kimi Delta
     Attention (one decay per channel, S_t = (I - b_t k_t k_t^T) diag(a_t) S_{t-1} + b_t k_t v_t^T)."""
@@ -134,13 +164,8 @@ class DeltaKernel(Kernel):
 
             o, state = delta_prefill(qn, kn, v, beta, log_alpha, self.gate, q.dtype)
             return o.to(q.dtype), state
-        state = qn.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
-        outputs = []
-        for start in range(0, q.shape[2], self.chunk):
-            part = slice(start, start + self.chunk)
-            o, state = wy_chunk(qn[:, :, part], kn[:, :, part], v[:, :, part], beta[:, :, part], log_alpha[:, :, part], state)
-            outputs.append(o)
-        return torch.cat(outputs, dim=2).to(q.dtype), state
+        o, state = wy_chunked(qn, kn, v, beta, log_alpha, self.chunk)
+        return o.to(q.dtype), state
 
     def step(self, state, q, k, v, scaling):
         qn, kn, v, beta, log_alpha = self._inputs(q, k, v)

@@ -70,3 +70,35 @@ def step(q, k, v, log_alpha, state: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """One token, (B, H, 1, .) each: (o (B, H, 1, d_v), new state)."""
     state = torch.exp(log_alpha[:, :, 0, :, None]) * state + k[:, :, 0, :, None] * v[:, :, 0, None, :]
     return q @ state, state
+
+
+def _in_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B, H, T, e) -> (B, H, N, chunk, e), zero-padded at the end: padded keys and values add nothing, and a
+    padded log gate of 0 leaves the state as it was."""
+    pad = -x.shape[2] % chunk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.unflatten(2, (-1, chunk))
+
+
+def scalar_chunked(q, k, v, log_alpha, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked` for one gate per head and token (log alpha (B, H, T, 1)) from a zero state, every chunk at once:
+    within a chunk one masked (chunk x chunk) product; across chunks the state entering chunk n is
+    sum_{m < n} exp(L_{n-1} - L_m) K_m^T (decayed V_m), one (N x N) decay-weighted sum of the chunks' own
+    contributions (L the cumulative log gate at each chunk's end). No loop over chunks: the whole sequence is a
+    few batched products, forward and backward (what training at 2K-8K tokens runs where fla's backward does not)."""
+    length = q.shape[2]
+    qc, kc, vc = (_in_chunks(x, chunk) for x in (q, k, v))
+    total = _in_chunks(log_alpha, chunk)[..., 0].cumsum(dim=-1)  # (B, H, N, C), from each chunk's start
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp((total[..., :, None] - total[..., None, :]).masked_fill(~causal, float("-inf")))
+    intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
+    last = total[..., -1]  # (B, H, N): each chunk's whole log decay
+    contributions = (kc * torch.exp(last[..., None] - total)[..., None]).transpose(-1, -2) @ vc  # (B, H, N, d, d_v)
+    ends = last.cumsum(dim=-1)  # L_n
+    earlier = torch.ones(ends.shape[-1], ends.shape[-1], dtype=torch.bool, device=q.device).tril(-1)
+    carry = torch.exp(((ends - last)[..., :, None] - ends[..., None, :]).masked_fill(~earlier, float("-inf")))
+    states = torch.einsum("bhnm,bhmde->bhnde", carry, contributions)  # entering each chunk
+    o = intra + (qc * torch.exp(total)[..., None]) @ states
+    final = torch.einsum("bhm,bhmde->bhde", torch.exp(ends[..., -1:] - ends), contributions)
+    return o.flatten(2, 3)[:, :, :length], final

@@ -90,6 +90,8 @@ class GatedKernel(Kernel):
             from ..fla import prefill as fla_prefill
 
             o, state = fla_prefill(self.fla_op, phi_q, phi_k, values, log_alpha, q.dtype)
+        elif log_alpha.shape[-1] == 1:  # one gate per head (decay): every chunk at once
+            o, state = forms.scalar_chunked(phi_q, phi_k, values, log_alpha, self.chunk)
         else:
             o, state = forms.chunked(phi_q, phi_k, values, log_alpha, None, self.chunk)
         return self._output(o).to(q.dtype), state

@@ -1,0 +1,203 @@
+"""Stage 2's fast path: the KL from hidden states in pieces equals the full-logit KL (value and gradient),
+training through it equals training through full logits, and the throughput benchmark's CPU path runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnprobe.analyses.conversion import train as conversion
+from attnprobe.analyses.conversion.stage2 import FastPath, chunked_distillation, head_of
+from attnprobe.errors import AttnprobeError
+from attnprobe.kernels.registry import make_kernel
+from tiny_hf import tiny_gemma3, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _full(student, teacher, weight, ids, ce_weight, softcap=None):
+    def logits(h):
+        z = h @ weight.T
+        return softcap * torch.tanh(z / softcap) if softcap else z
+    return conversion.distillation_loss(logits(student), logits(teacher), ids, ce_weight)
+
+
+@pytest.mark.parametrize("ce_weight, softcap, chunk", [(0.0, None, 5), (0.7, None, 4), (0.3, 2.0, 7), (0.0, None, 100)])
+def test_chunked_distillation_equals_the_full_logit_loss(ce_weight, softcap, chunk):
+    """Pieces of `chunk` tokens (not dividing the 3 x 5 = 15), the CE term, the softcap: value and gradient."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(13, 8, generator=generator, dtype=torch.float64)
+    ids = torch.randint(0, 13, (3, 5), generator=generator)
+    want = _full(student, teacher, weight, ids, ce_weight, softcap)
+    (want_grad,) = torch.autograd.grad(3.0 * want, student)
+    got = chunked_distillation(student, teacher, weight, ids, ce_weight, softcap, chunk)
+    (got_grad,) = torch.autograd.grad(3.0 * got, student)  # an upstream gradient other than 1 is carried through
+    assert want.item() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # both compute in fp32
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)  # both compute in fp32
+
+
+def test_the_hidden_state_path_reads_the_models_head():
+    hf = tiny_llama()
+    decoder, weight, softcap = head_of(hf)
+    ids = torch.tensor([[1, 5, 9, 4]])
+    with torch.no_grad():
+        hidden = decoder(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(hidden @ weight.T, hf(input_ids=ids).logits)
+    assert softcap is None
+    gemma = tiny_gemma3()
+    gemma.config.final_logit_softcapping = 3.0
+    with torch.no_grad():
+        _, weight, softcap = head_of(gemma)
+        hidden = gemma.get_decoder()(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(softcap * torch.tanh(hidden @ weight.T / softcap), gemma(input_ids=ids).logits)
+    gemma.config.final_logit_softcapping = None
+    gemma.config.logit_scale = 0.5
+    with pytest.raises(AttnprobeError, match="--loss logits"):
+        head_of(gemma)
+
+
+def test_bad_fast_path_options_name_the_fix():
+    with pytest.raises(AttnprobeError, match="choose one of chunked, liger, logits"):
+        FastPath(loss="fused").check()
+    if not torch.cuda.is_available():
+        with pytest.raises(AttnprobeError, match="--loss chunked"):
+            FastPath(loss="liger").check()
+
+
+def test_the_benchmark_matrix_runs_on_the_cpu(tmp_path):
+    """Two rows at one length, old and new paths: one JSON line each, phases that add up, the FLOP count's MFU;
+    a path this machine cannot run (liger's loss without CUDA) is a row saying why, and the others go on."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "convert_bench.py"), "--matrix", str(tmp_path), "--models", "tiny",
+               "--rows", "control,all-gated-deltanet", "--lengths", "32", "--tokens-per-step", "128", "--micro-tokens", "64",
+               "--steps", "1", "--paths", "old,new,liger-loss"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "convert_bench.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["path"]) for r in records] == [(row, path) for row in ("control", "all-gated-deltanet")
+                                                        for path in ("old", "new", "liger-loss")]
+    assert all("liger-kernel" in r["error"] for r in records if r["path"] == "liger-loss")  # no CUDA here
+    records = [r for r in records if r["path"] != "liger-loss"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convert_bench
+
+    for record in records:
+        assert record["batch"] == 4 and record["micro_batch"] == 2 and record["tokens_per_s"] > 0
+        assert set(record["phase_share"]) == {"teacher forward", "student forward", "loss", "backward", "optimizer"}
+        assert sum(record["phase_share"].values()) == pytest.approx(1.0, abs=1e-3)
+        flops = convert_bench.stage2_flops_per_token(convert_bench.tiny_config(), 32)["mfu_count"]
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * flops / 989e12, rel=1e-2, abs=1e-4)
+    assert records[2]["train_forms"] == "quadratic" and records[0]["train_forms"] is None
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+from pathlib import Path
+from attnprobe.analyses.conversion import data, train
+from attnprobe.hooks.backends import make_backend
+from attnprobe.hooks.model import load_model
+
+model_dir, recipe, tokens, text, out = sys.argv[1:]
+model = load_model(model_dir, device="cpu")
+config = train.ConvertConfig(**json.loads(recipe))
+windows = data.training_data(model, int(tokens), config.length, [Path(text)])
+
+def kill(report):  # the machine is lost between two steps
+    if report.stage == "end_to_end" and report.step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.convert(model, make_backend("native", model), {0: [0, 2], 1: [0, 1, 2, 3]}, config, windows, Path(out), on_step=kill)
+"""
+
+
+def test_a_run_killed_between_steps_resumes_on_a_fresh_machine_from_its_timed_checkpoint(tmp_path):
+    """Checkpoints by the clock (here every step: checkpoint_minutes tiny, checkpoint_every never): a process
+    killed (SIGKILL) after stage-2 step 3 leaves step 3's checkpoint, a few MB to copy; copied into another
+    directory and resumed by another process, the conversion ends bit for bit where an uninterrupted one does."""
+    import shutil
+
+    from attnprobe.analyses.conversion import data as training
+    from attnprobe.hooks.backends import make_backend
+    from attnprobe.hooks.model import load_model
+    from attnprobe.probe import texts
+    from tiny_hf import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    text = tmp_path / "train.txt"
+    text.write_text(texts.prose()[:60_000])
+    recipe = dict(kernel="gated-deltanet", length=32, batch=4, transfer_tokens=2 * 4 * 32, tokens=5 * 4 * 32, lr=3e-3,
+                  checkpoint_every=100, checkpoint_minutes=1e-9)
+    tokens = 7 * 4 * 32
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(model_dir), json.dumps(recipe), str(tokens), str(text),
+                             str(tmp_path / "lost")], capture_output=True, text=True, timeout=600,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    checkpoint = json.loads((tmp_path / "lost" / "checkpoint.json").read_text())
+    assert (checkpoint["stage"], checkpoint["step"], checkpoint["next_sequence"]) == ("end_to_end", 3, 12)
+    assert sum(p.stat().st_size for p in (tmp_path / "lost").iterdir()) < 50 * 2 ** 20
+    shutil.copytree(tmp_path / "lost", tmp_path / "fresh")
+
+    model = load_model(str(model_dir), device="cpu")
+    backend = make_backend("native", model)
+    config = conversion.ConvertConfig(**recipe)
+    data = training.training_data(model, tokens, config.length, [text])
+    heads = {0: [0, 2], 1: [0, 1, 2, 3]}
+    resumed = conversion.convert(model, backend, heads, config, data, tmp_path / "fresh")
+    whole = conversion.convert(model, backend, heads, config, data, tmp_path / "whole")
+    assert resumed["losses"] == whole["losses"] and len(whole["losses"]["end_to_end"]) == 5
+    from safetensors.torch import load_file
+
+    for name in ("fit/params.safetensors", "adapters.safetensors"):
+        want, got = load_file(tmp_path / "whole" / name), load_file(tmp_path / "fresh" / name)
+        assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want), name
+
+
+def test_windows_pack_side_by_side_into_training_sequences():
+    windows = torch.arange(7 * 4).view(7, 4)
+    sequences = conversion.packed(windows, conversion.ConvertConfig(length=8, window=4))
+    assert sequences.shape == (3, 8) and torch.equal(sequences[1], torch.arange(8, 16))  # the 7th window is left over
+    assert torch.equal(conversion.packed(windows, conversion.ConvertConfig(length=4)), windows)
+    with pytest.raises(AttnprobeError, match="does not pack whole windows of 4 tokens: make it a multiple of --window 4, e.g. 8"):
+        conversion.packed(windows, conversion.ConvertConfig(length=10, window=4))
+    with pytest.raises(AttnprobeError, match="training windows are 4 tokens but the recipe says 8"):
+        conversion.packed(windows, conversion.ConvertConfig(length=8))
+
+
+def test_a_sequence_beyond_the_models_window_is_refused_before_training(tmp_path):
+    from attnprobe.analyses.conversion.data import TrainingData
+    from attnprobe.hooks.backends import make_backend
+    from tiny_hf import TinyTokenizer, wrap
+
+    model = wrap(tiny_llama(), TinyTokenizer())  # 128 positions
+    data = TrainingData(torch.zeros(4, 256, dtype=torch.long), {"sha256": "0"})
+    config = conversion.ConvertConfig(kernel=None, length=256, batch=2, transfer_tokens=0, tokens=512)
+    with pytest.raises(AttnprobeError, match="exceed the model's window of 128: lower --length to at most 128"):
+        conversion.convert(model, make_backend("native", model), {}, config, data, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["decay", "gated-deltanet"])
+def test_the_benchmarks_old_looped_forms_equal_the_batched_ones(name):
+    """The benchmark's old path (chunk after chunk) computes what the batched forms compute, and is undone after."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import convert_bench
+    from attnprobe.kernels.deltanet import kernel as delta
+    from attnprobe.kernels.gla import chunk as forms
+
+    kernel = make_kernel(name, 2, 8, chunk=16)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 8, generator=generator) for _ in range(3))
+    batched = kernel.prefill(q, k, v, 0.3)
+    with convert_bench.looped_forms(True):
+        assert (forms.scalar_chunked.__name__, delta.wy_chunked.__name__) == ("scalar", "wy")
+        looped = kernel.prefill(q, k, v, 0.3)
+    assert delta.wy_chunked.__name__ == "wy_chunked" and forms.scalar_chunked.__name__ == "scalar_chunked"
+    for got, want in zip(looped, batched):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
