@@ -164,42 +164,6 @@ def test_pattern_reads_need_every_key_and_the_cache_needs_its_edits(tiny_llama_m
 
 
 
-def test_decode_bench_measures_every_architecture_beside_the_original(tmp_path):
-    """CPU mode at small sizes (timings on a shared CPU mean little; the bytes are exact)."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_bench.py"
-    spec = importlib.util.spec_from_file_location("decode_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    names = ["original", "all-hedgehog", "hybrid-25", "sink+window"]
-    rows = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32,600", "--new-tokens", "2",
-                                  "--architectures", ",".join(names), "--out", str(tmp_path)]))
-    assert [(r["context"], r["architecture"]) for r in rows] == [(c, n) for c in (32, 600) for n in names]
-    by = {(r["context"], r["architecture"]): r for r in rows}
-    assert by[(600, "original")]["weights"] == "random" and by[(32, "original")]["weights"] == "pretrained"  # past the window
-    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
-    for context in (32, 600):
-        cost = {name: by[(context, name)]["kv_cache_bytes_measured"] for name in names}
-        assert by[(context, "original")]["cache_ratio"] == 1.0
-        # hybrid-25 keeps 2 of the 8 KV heads' caches (exact heads fill whole KV groups) and sink+window
-        # buffers for the other 24 of 32 heads
-        assert cost["hybrid-25"] == cost["original"] / 4 + cost["sink+window"] * 3 / 4
-    assert by[(600, "all-hedgehog")]["cache_ratio"] < 0.2 < by[(32, "all-hedgehog")]["cache_ratio"]  # a fixed state
-    saved = json.loads((tmp_path / "decode_bench.json").read_text())
-    assert len(saved["rows"]) == len(rows) and any("hybrid-25" in line for line in saved["goals"])
-    assert (tmp_path / "decode_bench.md").read_text().count("\n| ") == len(rows) + 1
-    assert bench.exact_heads(bench.tiny_model("cpu", torch.float32)) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
-    # both modes: the static step only where it applies, its tokens those of the eager rows
-    both = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32", "--new-tokens", "3", "--modes", "eager,graph",
-                                  "--architectures", ",".join(names), "--out", str(tmp_path / "modes")]))
-    static = [r for r in both if r["decode_mode"] == "static"]
-    assert [r["architecture"] for r in static] == ["original", "all-hedgehog"]
-    assert all(r["tokens_equal_eager"] == 1.0 for r in static) and static[0]["decode_speedup"] == 1.0
-
-
 def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
     """A generate's cache is freed when it ends: the next measurement's peak memory does not carry it."""
     import gc
@@ -288,7 +252,7 @@ def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture
     """The step a CUDA graph replays (token and position buffers, states copied back in place, the original
     over a StaticCache), run eagerly as on CPU, decodes the tokens the eager loop decodes, holding the same
     bytes."""
-    from attnprobe.hooks.cache import measure_decoding
+    from attnprobe.analyses.efficiency.decoding import measure_decoding
 
     model = tiny_llama_model
     torch.manual_seed(6)
@@ -302,7 +266,8 @@ def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture
 
 
 def test_only_fixed_size_steps_are_captured(tiny_llama_model):
-    from attnprobe.hooks.cache import StaticStep, graph_capturable, measure_decoding
+    from attnprobe.analyses.efficiency.decoding import measure_decoding
+    from attnprobe.hooks.cache import StaticStep, graph_capturable
 
     model = tiny_llama_model
     backend = make_backend("native", model)

@@ -14,15 +14,13 @@ sink+window+linear head both. `nbytes()` counts all of it: the tensors the cache
 A compact layer's `update` stores only the kept heads and hands the attention call this step's keys
 and values of every KV head; the native backend's `compact-decode` path then runs SDPA for the kept
 heads over their own cache and lets the replaced heads step their states.
+
+`StaticStep` is one decode step at fixed addresses (what a CUDA graph replays); what a step costs is measured
+in analyses/efficiency.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import re
-import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -172,58 +170,6 @@ def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> Architecture
     return ArchitectureCache(model, edits)
 
 
-EFFICIENCY_COLUMNS = ("kv_cache_bytes_measured", "decode_tokens_per_s", "prefill_ms", "peak_memory_bytes")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets the resident high-water mark (VmHWM) to the current RSS (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak(device: torch.device) -> float:
-    """CUDA: peak bytes allocated since the reset; CPU: peak resident bytes of the process (Linux), else NaN."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    try:
-        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return math.nan
-    return float(found.group(1)) * 1024 if found else math.nan
-
-
-class _Timer:
-    """Seconds between start and stop: CUDA events on a GPU (no host sync inside the timed loop), else wall time."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.begin = time.perf_counter()
-        return self
-
-    def stop(self) -> float:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            return self.begin.elapsed_time(self.end) / 1000
-        return time.perf_counter() - self.begin
-
-
 STATIC_ONLY = ("a static decode step needs the original model or every head replaced by a fixed-state kernel "
                "(no window, no softmax head): decode this architecture eagerly")
 
@@ -253,6 +199,9 @@ class StaticStep:
     def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
         if not graph_capturable(model, edits):
             raise AttnprobeError(STATIC_ONLY)
+        held = max(layer.get_max_length() for layer in cache.layers) if isinstance(cache, StaticCache) else -1
+        if 0 <= held <= position:
+            raise AttnprobeError(f"a step at position {position} does not fit a cache of {held} positions: build the cache for the whole context")
         self.model, self.edits, self.cache = model, list(edits), cache
         self.token = token.clone()
         self.position = torch.full_like(token, position)
@@ -284,108 +233,3 @@ def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool
 def cache_nbytes(cache) -> int:
     """Keys and values a cache holds, plus the replaced heads' states for an ArchitectureCache."""
     return cache.nbytes() if isinstance(cache, ArchitectureCache) else kv_bytes(cache)
-
-
-@torch.no_grad()
-def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
-                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None,
-                     graph: bool = False) -> dict:
-    """Prefill `context - new_tokens - warmup` random tokens (`batch` sequences), decode `warmup` tokens
-    untimed (first calls at these shapes: allocator, kernel selection) and then `new_tokens` timed ones,
-    greedily, through an ArchitectureCache with `edits` on (the native backend), so the cache ends at
-    `context`. backend=None (no edits) runs the model as it is: its own attention, no attnprobe hook.
-    graph=True decodes through a StaticStep (the original over a StaticCache): on CUDA captured once after the
-    warm-up as a CUDA graph and replayed, so no step waits for Python; on CPU run eagerly.
-    Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
-    and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
-    process's peak resident set, VmHWM, NaN where Linux's is absent); `decode_mode` (eager, static or
-    cuda-graph) and `tokens`, the (batch, new_tokens) greedy tokens of the timed steps. `profile`: afterwards,
-    4 more eager decode steps under torch.profiler, its table written there (and, on CUDA, the lines that
-    synchronised the host)."""
-    if not 0 < new_tokens < context - warmup:
-        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context - {warmup}")
-    if backend is None and edits:
-        raise AttnprobeError("edits need a backend: pass the native backend")
-    device = model.device
-    capture = graph and device.type == "cuda"
-    if capture and warmup < 1:
-        raise AttnprobeError("a CUDA graph is captured after at least one warm-up step: pass warmup >= 1")
-    if graph and profile is not None:
-        raise AttnprobeError("a profile records eager steps: measure it with graph=False")
-    if graph and not graph_capturable(model, edits):
-        raise AttnprobeError(STATIC_ONLY)
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.hf.get_input_embeddings().weight.shape[0]
-    prompt = context - new_tokens - warmup
-    ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
-    cache = decode_cache(model, edits, context, graph)
-    timer = _Timer(device)
-    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
-
-    def step(token):
-        return model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-
-    _reset_peak(device)
-    with backend.patched(edits) if backend is not None else contextlib.nullcontext():
-        _sync(device)
-        timer.start()
-        token = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        prefill = timer.stop()
-        if graph:
-            static = StaticStep(model, edits, cache, token, prompt)
-            side = torch.cuda.Stream(device) if capture else None
-            with torch.cuda.stream(side) if capture else contextlib.nullcontext():  # warm up off the capture stream
-                for _ in range(warmup):
-                    static()
-            if capture:
-                torch.cuda.current_stream(device).wait_stream(side)
-                cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
-                    static()
-            run = cuda_graph.replay if capture else static
-            timer.start()
-            for i in range(new_tokens):  # the cache ends at context
-                run()
-                tokens[:, i:i + 1].copy_(static.token)
-            decode = timer.stop()
-            token = static.token
-        else:
-            for _ in range(warmup):
-                token = step(token)
-            timer.start()
-            for i in range(new_tokens):
-                token = step(token)
-                tokens[:, i:i + 1].copy_(token)
-            decode = timer.stop()
-        measured = {"kv_cache_bytes_measured": cache_nbytes(cache), "decode_tokens_per_s": batch * new_tokens / decode,
-                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device),
-                    "decode_mode": "cuda-graph" if capture else "static" if graph else "eager", "tokens": tokens.cpu()}
-        if profile is not None:
-            _profile_steps(step, token, device, profile)
-    return measured
-
-
-def _profile_steps(step, token, device: torch.device, path: Path, steps: int = 4) -> None:
-    import warnings
-    from collections import Counter
-
-    from torch.profiler import profile
-
-    synced: Counter = Counter()
-    with profile() as prof, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("warn")  # each host sync warns, from the line that caused it
-        try:
-            for _ in range(steps):
-                token = step(token)
-            _sync(device)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
-    synced.update(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    lines = [f"{steps} decode steps", f"host syncs per step: {sum(synced.values()) / steps:g}"]
-    lines += [f"  {n / steps:g}  {where}" for where, n in synced.most_common(20)]
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30))
-    path.write_text("\n".join(lines) + "\n")
