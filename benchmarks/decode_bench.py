@@ -120,14 +120,15 @@ def random_weights_like(model: Model, positions: int) -> Model:
 
 
 def needed_bytes(model: Model, context: int, batch: int) -> int:
-    """What the original needs at (context, batch): weights, its whole KV cache, and the prefill's largest
-    activations (the MLP's three intermediate tensors and the residual stream's few, in the model's dtype)."""
+    """What the original needs at (context, batch): weights, its whole KV cache twice (an eager step's
+    DynamicLayer concatenates a new copy while the old one lives), and the prefill's largest activations
+    (the MLP's three intermediate tensors and the residual stream's few, in the model's dtype)."""
     info, config = model.info, model.hf.config
     element = next(model.hf.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.hf.parameters())
     cache = batch * context * info.n_layers * info.n_kv_heads * info.head_dim * 2 * element
     activations = batch * context * (3 * config.intermediate_size + 6 * config.hidden_size) * element
-    return weights + cache + activations
+    return weights + 2 * cache + activations
 
 
 def check_fits(model: Model, contexts: list[int], batches: list[int], new_tokens: int, warmup: int, free: int | None) -> None:
@@ -238,11 +239,13 @@ def run(args) -> list[dict]:
     for context in contexts:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
-        backend = make_backend("native", run_model)
         for batch in batches:
             for mode in modes:
                 reference: dict[str, dict] = {}
-                for name in sorted(names, key=lambda n: n not in BASELINES):  # the baselines first
+                backend = None
+                for name in sorted(names, key=lambda n: n not in BASELINES):  # the baselines first, before any hook
+                    if name not in BASELINES and backend is None:
+                        backend = make_backend("native", run_model)
                     measured = measure_row(run_model, backend, name, mode, context, batch, args)
                     if measured is None:
                         continue
@@ -257,8 +260,9 @@ def run(args) -> list[dict]:
                     row.update(ratios(row, reference.get("original"), ""))
                     row.update(ratios(row, reference.get("original-split-k"), "_vs_split_k"))
                     record.add(row)
-        backend.close()
-        del run_model, backend
+                if backend is not None:
+                    backend.close()  # the next baselines run on the model as it is
+        del run_model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     for line in goals(record.rows):

@@ -57,15 +57,28 @@ def kept_kv_heads(n_heads: int, n_kv_heads: int, replaced: set[int]) -> list[int
 
 
 class CompactLayer(CacheLayerMixin):
-    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones)."""
+    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones).
+
+    Without a sliding window a decode step writes only its own token, never copying the cache:
+      - `capacity` None: buffers that grow by doubling; `keys`/`values` are views of the filled part;
+      - `capacity` given (static): buffers of exactly `capacity` positions, written at a position counter kept
+        on the device (`filled`), so a CUDA graph replays the step as the cache grows; `keys`/`values` are the
+        whole buffers (as a transformers StaticCache holds them) and a one-token step's kept heads read them
+        up to `kept_lengths` with the split-K kernel.
+    A sliding window keeps its last keys by concatenation. `built_for_edits` is False for a layer whose heads
+    are all softmax (a static cache keeps those layers too, so the whole step has fixed addresses)."""
 
     is_compileable = False
     is_croppable = False
     compact = True
 
-    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None):
+    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None, capacity: int | None = None):
         super().__init__()
         self.kept = list(kept)
+        self.capacity = capacity if sliding_window is None else None
+        self.buffers = None  # (keys, values) of every position reserved so far, full attention only
+        self.filled = None  # static: positions written, a device tensor
+        self.built_for_edits = True
         self.kept_query_heads = [kv * group + i for kv in self.kept for i in range(group)]
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -88,15 +101,52 @@ class CompactLayer(CacheLayerMixin):
         if not self.kept:  # every head replaced: nothing to store, no copy per token
             return key_states, value_states
         kept = head_index(self.kept, key_states.device)
-        keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
-        values = torch.cat([self.values, value_states[:, kept]], dim=-2)
         if self.sliding_window is not None:
+            keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
+            values = torch.cat([self.values, value_states[:, kept]], dim=-2)
             self.keys, self.values = keys[:, :, -self.sliding_window + 1:], values[:, :, -self.sliding_window + 1:]
+        elif self.capacity is not None:
+            keys, values = self._write(key_states[:, kept], value_states[:, kept])
         else:
-            self.keys, self.values = keys, values
+            keys, values = self._append(key_states[:, kept], value_states[:, kept])
         # a prefill attends over the call's own keys: keep no second reference to them
         self.kept_keys, self.kept_values = (keys, values) if self.past else (None, None)
         return key_states, value_states
+
+    def _append(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        reserved = self.buffers[0].shape[2] if self.buffers is not None else 0
+        if self.length > reserved:
+            size = max(self.length, self.capacity or 0, 2 * reserved)
+            grown = tuple(x.new_empty(x.shape[:2] + (size, x.shape[-1])) for x in (keys, values))
+            for to, old in zip(grown, (self.keys, self.values)):
+                to[:, :, :self.past] = old
+            self.buffers = grown
+        for to, new in zip(self.buffers, (keys, values)):
+            to[:, :, self.past:self.length] = new
+        self.keys, self.values = (x[:, :, :self.length] for x in self.buffers)
+        return self.keys, self.values
+
+    def _write(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length > self.capacity:
+            raise AttnprobeError(f"position {self.length - 1} does not fit a cache of {self.capacity} positions: "
+                                 "build the cache for the whole context")
+        if self.buffers is None:
+            self.buffers = tuple(x.new_zeros(x.shape[:2] + (self.capacity, x.shape[-1])) for x in (keys, values))
+            self.filled = torch.zeros((), dtype=torch.long, device=keys.device)
+        index = self.filled + torch.arange(keys.shape[2], device=keys.device)
+        for to, new in zip(self.buffers, (keys, values)):
+            to.index_copy_(2, index, new)
+        self.filled.add_(keys.shape[2])
+        self.keys, self.values = self.buffers
+        if keys.shape[2] == 1:
+            return self.buffers
+        return tuple(x[:, :, :self.length] for x in self.buffers)  # several tokens: SDPA over the filled part
+
+    def kept_lengths(self, batch: int) -> torch.Tensor:
+        """Valid positions of the kept keys for each sequence, on the device (a static layer's counter)."""
+        if self.filled is not None:
+            return self.filled.expand(batch)
+        return torch.full((batch,), self.length, device=self.device)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.sliding_window is None:
@@ -113,7 +163,7 @@ class CompactLayer(CacheLayerMixin):
         return self.sliding_window if self.sliding_window is not None else -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.kept_keys = self.kept_values = None
+        self.keys = self.values = self.kept_keys = self.kept_values = self.buffers = self.filled = None
         self.is_initialized = False
         self.length = self.past = 0
 
@@ -126,7 +176,7 @@ def kv_bytes(cache: Cache) -> int:
 class ArchitectureCache(Cache):
     """One layer per decoder layer: transformers' own where every head is softmax, compact elsewhere."""
 
-    def __init__(self, model: Model, edits: Sequence[Edit] = ()):
+    def __init__(self, model: Model, edits: Sequence[Edit] = (), capacity: int | None = None):
         info = model.info
         group = info.n_heads // info.n_kv_heads
         self.edits = list(edits)
@@ -138,12 +188,16 @@ class ArchitectureCache(Cache):
         for layer in range(info.n_layers):
             window = info.window(layer)
             if replaced.get(layer):
-                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window))
+                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window, capacity))
+            elif capacity is not None and window is None:  # static: softmax layers at fixed addresses too
+                layers.append(CompactLayer(range(info.n_kv_heads), group, capacity=capacity))
+                layers[-1].built_for_edits = False
             elif window is not None:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
+        self.capacity = capacity
         self.compact_layers = [layer if isinstance(layer, CompactLayer) else None for layer in layers]
 
     def kv_bytes(self) -> int:
@@ -158,8 +212,9 @@ class ArchitectureCache(Cache):
         return self.kv_bytes() + self.state_bytes()
 
 
-def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> ArchitectureCache:
-    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`)."""
+def architecture_cache(model: Model, edits: Sequence[Edit] = (), capacity: int | None = None) -> ArchitectureCache:
+    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`); `capacity`:
+    positions to reserve for the kept heads up front (the context a measurement ends at)."""
     overlapping = {}
     for edit in edits:
         if edit.site == Site.Z and edit.kernel is not None:
@@ -167,27 +222,24 @@ def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> Architecture
             if seen & set(edit.heads):
                 raise AttnprobeError(f"two kernel edits replace heads {sorted(seen & set(edit.heads))} of layer {edit.layer}: give each head one kernel")
             seen.update(edit.heads)
-    return ArchitectureCache(model, edits)
+    return ArchitectureCache(model, edits, capacity)
 
 
-STATIC_ONLY = ("a static decode step needs the original model or every head replaced by a fixed-state kernel "
-               "(no window, no softmax head): decode this architecture eagerly")
+STATIC_ONLY = ("a static decode step needs the original model or edits that all put fixed-state kernels (no window, "
+               "no sinks) in their heads' place, in a model without sliding layers: decode this architecture eagerly")
 
 
 def graph_capturable(model: Model, edits: Sequence[Edit]) -> bool:
-    """Whether a decode step keeps every tensor it reads at a fixed size, so one step can be replayed as a CUDA
-    graph: no edit (the original, over a StaticCache), or every head of every layer on a kernel with a fixed
-    state and no kept tokens (linear, gated, delta-rule). A window's ring buffer, a softmax head's growing
-    cache or any other edit keep Python-side positions a replay would not advance."""
+    """Whether a decode step keeps every tensor it reads at a fixed address, so one step can be replayed as a CUDA
+    graph: no edit (the original, over a StaticCache), or edits that all replace heads by kernels with a fixed
+    state and no kept tokens (linear, gated, delta-rule) in a model without sliding layers: the softmax heads
+    left read a static ArchitectureCache (capacity given: positions counted on the device). A window's ring
+    buffer, sinks or a sliding layer keep Python-side positions a replay would not advance."""
     if not edits:
         return True
-    info = model.info
-    covered: dict[int, set[int]] = {}
-    for edit in edits:
-        if edit.site != Site.Z or edit.kernel is None or edit.kernel.cached_tokens != 0:
-            return False
-        covered.setdefault(edit.layer, set()).update(edit.heads)
-    return all(covered.get(layer) == set(range(info.n_heads)) for layer in range(info.n_layers))
+    if any(model.info.window(layer) is not None for layer in range(model.info.n_layers)):
+        return False
+    return all(edit.site == Site.Z and edit.kernel is not None and edit.kernel.cached_tokens == 0 for edit in edits)
 
 
 class StaticStep:
@@ -199,8 +251,12 @@ class StaticStep:
     def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
         if not graph_capturable(model, edits):
             raise AttnprobeError(STATIC_ONLY)
-        held = max(layer.get_max_length() for layer in cache.layers) if isinstance(cache, StaticCache) else -1
-        if 0 <= held <= position:
+        if isinstance(cache, ArchitectureCache) and cache.capacity is None and not all(
+                layer is not None and not layer.kept for layer in cache.compact_layers):
+            raise AttnprobeError("the softmax heads of a static step read a static cache: build it with "
+                                 "architecture_cache(model, edits, capacity=context)")
+        held = cache.capacity if isinstance(cache, ArchitectureCache) else max(layer.get_max_length() for layer in cache.layers)
+        if held is not None and 0 <= held <= position:
             raise AttnprobeError(f"a step at position {position} does not fit a cache of {held} positions: build the cache for the whole context")
         self.model, self.edits, self.cache = model, list(edits), cache
         self.token = token.clone()
@@ -227,7 +283,7 @@ def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool
     decode a StaticCache of exactly `context` positions (the keys a DynamicCache holds at the end)."""
     if static and not edits:
         return StaticCache(config=model.hf.config, max_cache_len=context)
-    return architecture_cache(model, edits)
+    return architecture_cache(model, edits, capacity=context if edits else None)
 
 
 def cache_nbytes(cache) -> int:
