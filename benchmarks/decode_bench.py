@@ -1,49 +1,40 @@
-"""Decode cost of each architecture beside the original, measured side by side in one run (issue 17.5).
+"""What a replacement really saves: decode and prefill of each architecture beside the original and beside a
+bandwidth-bound softmax baseline, every step against its own memory bound.
 
-For every context length and architecture: prefill time, decode tokens/s, peak memory and the bytes the
-architecture's own cache holds (hooks/cache.py: kept K/V + kernel states), and each as a ratio to the
-original at the same length. Results go into --out as they come: decode_bench.jsonl (one line per
-measurement), decode_bench.json and decode_bench.md (rewritten after each).
-
-    # GPU (the main session): SmolLM2 in bf16 at 2K / 8K / 32K
-    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --new-tokens 64 --out $OUT
-    # the same with 8 sequences decoded together (reading the cache, not launching kernels, dominates)
-    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,8192,32768 --batch 8 --out $OUT/batch8
-    # where a step's time goes (profiler tables and host syncs per row, in $OUT/profile)
-    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 32768 --new-tokens 16 --profile --out $OUT/profile
-    # each step replayed as a CUDA graph (the original over a StaticCache) beside the eager steps
-    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 2048,32768 --modes eager,graph --out $OUT/graph
+    # GPU (issue 44): SmolLM2's shape, 8K and 32K at batch 1, 8, 32; rows written to $OUT as they finish
+    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 8192,32768 --batches 1,8,32 \\
+        --modes graph,eager --out $OUT/smollm2
+    python benchmarks/decode_bench.py --device cuda --dtype bfloat16 --contexts 131072 --batches 1 --out $OUT/smollm2-128k
+    python benchmarks/decode_bench.py --model Qwen/Qwen2.5-0.5B --device cuda --dtype bfloat16 ... --out $OUT/qwen
     # CPU, small: a tiny random GQA Llama (what the test runs)
     python benchmarks/decode_bench.py --tiny --contexts 64,128 --new-tokens 8 --out /tmp/decode_bench
 
-Architectures (fresh kernels: cost does not depend on fitted parameters):
-    original          the softmax model, transformers' own cache layers
-    all-hedgehog      every head linear (Triton chunked prefill + Triton decode step on CUDA)
-    all-gated-deltanet  every head Gated DeltaNet, when the registry has it (torch recurrent step)
-    hybrid-25         25 % of the heads exact softmax, packed into whole KV groups (GQA) so the other
-                      KV heads drop their cache; the rest sink+window
-    sink+window       every head StreamingLLM sink + window softmax
-Each measurement prefills `context - new_tokens - warmup` tokens, decodes `warmup` tokens untimed (first
-calls at these shapes) and `new_tokens` timed ones (CUDA events on a GPU), so the cache ends at the context
-length. The original runs before the native backend is attached: transformers' SDPA and its own cache, no
-attnprobe hook.
+Architectures (--architectures; fresh kernels: the cost does not depend on fitted parameters):
+    original            transformers' SDPA decode (graph mode: over a StaticCache with its mask)
+    original-split-k    the strong baseline: the same model, its softmax decode step the split-K (flash-decoding)
+                        Triton kernel of kernels/softmax/decode.py over the StaticCache (graph mode only)
+    all-KERNEL          every head KERNEL (all-gated-deltanet, all-kda, all-hedgehog, ...)
+    sink+window+gdn     every head sink + window softmax mixed with Gated DeltaNet (any catalogue hybrid)
+    layers-1of4-softmax-gdn   1 of every 4 layers softmax, the rest Gated DeltaNet (analyses/experiments/architectures)
+    heads-P-KERNEL      P % of the KV heads exact softmax (whole GQA groups, KV head 0 of every layer first),
+                        the other heads KERNEL: heads-12.5-gated-deltanet, heads-25-sink+window
+Each measurement (analyses/efficiency/decoding.py) prefills `context - new_tokens - warmup` random tokens,
+decodes `warmup` untimed and `new_tokens` timed (CUDA events), so the cache ends at the context.
 
-Modes (--modes): `eager` launches every step's kernels from Python; `graph` captures one step as a CUDA
-graph after the warm-up and replays it (hooks/cache.py StaticStep: the original over a transformers
-StaticCache of exactly the context, a replaced model with its states updated in place), so a step costs its
-GPU work alone. Only architectures whose step reads fixed-size tensors qualify (the original and the all-
-rows); the others are left out of that mode. On CPU `graph` runs the same static step eagerly. Ratios
-compare with the original of the same mode; `tokens_equal_eager` is the share of a graph row's greedy
-tokens equal to its eager row's (when both ran).
+Modes (--modes): `eager` launches every step's kernels from Python; `graph` captures one step as a CUDA graph
+after the warm-up and replays it (hooks/cache.py StaticStep), so a step costs its GPU work alone. Only steps
+that read fixed-size tensors qualify (the original and the all- rows); the others are left out of that
+mode. On CPU `graph` runs the same static step eagerly. The original's static step prefills with SDPA causal
+over its own keys (hooks/decode_attention.py): FlashAttention-class, no mask over the whole buffer.
 
-What batch 1 measures: for a 135M model one decode step is a few hundred small kernels, so on a GPU the
-step time is mostly launch and Python time, about the same for every architecture; attention over a 32K
-cache (SmolLM2: 3 KV heads x 30 layers, ~0.75 GB read per token in bf16) is a fraction of it. The cost
-that grows with the cache shows at --batch 8 or more, where reading (and transformers' DynamicLayer
-re-concatenating) the cache dominates. --profile writes, per row, a profiler table of 4 more steps and
-the source lines that synchronised the host (CUDA), to see where a step's time goes. A context beyond the model's window runs on random weights in the model's
-shape (same config, longer position range): the cost of a forward does not depend on the weights; the
-output records `weights: random` for those rows.
+Columns: cache bytes at the end, `step_bytes` (analyses/efficiency/bandwidth.py: weights + keys and values +
+states read, recurrent states written), decode tokens/s over the batch, `step_ms`, `bound_ms` (the bytes at
+the HBM peak: H200 4.8 TB/s, H100 3.35 TB/s, else --hbm-peak), `hbm_share` = bound / step, prefill ms, peak
+memory; ratios to the original and to the split-K baseline of the same context, batch and mode.
+A context beyond the model's window runs on random weights in the model's shape (same config, longer
+position range): a forward's cost does not depend on the weights; rows record `weights: random`.
+Bad input (a batch that does not fit the GPU, a context shorter than the steps) prints one line naming the
+fix and exits 2, before any measurement.
 """
 from __future__ import annotations
 
@@ -57,63 +48,45 @@ from pathlib import Path
 
 import torch
 
-from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.cache import graph_capturable, measure_decoding
+from attnprobe.analyses.efficiency.bandwidth import bound_columns, hbm_peak
+from attnprobe.analyses.efficiency.decoding import measure_decoding
+from attnprobe.analyses.experiments.architectures import catalogue, variant_edits
 from attnprobe.errors import AttnprobeError
-from attnprobe.io import atomic_write_text
+from attnprobe.hooks.backends import make_backend
+from attnprobe.hooks.cache import graph_capturable
 from attnprobe.hooks.model import DEFAULT_MODEL, Model, describe, load_model
-from attnprobe.hooks.swap import kernel_edit
-from attnprobe.kernels.registry import KERNELS, make_kernel
+from attnprobe.io import atomic_write_text
 
-EXACT_SHARE = 0.25
+DEFAULT_ARCHITECTURES = ("original", "original-split-k", "all-gated-deltanet", "all-kda", "sink+window+gdn",
+                         "heads-12.5-gated-deltanet", "layers-1of4-softmax-gdn")
+BASELINES = {"original": "sdpa", "original-split-k": "split-k"}  # name -> the original's decode attention
 
 
-def exact_heads(model: Model, share: float = EXACT_SHARE) -> dict[int, list[int]]:
-    """`share` of all heads, filling whole KV groups first (KV head 0 of every layer, then 1, ...), so the
-    fewest KV heads keep a cache."""
+def exact_heads(model: Model, share: float) -> dict[int, list[int]]:
+    """`share` of the KV heads (rounded to whole ones) with every query head of their group, KV head 0 of every
+    layer first, then 1, ...: the fewest KV heads keep a cache."""
     info = model.info
     group = info.n_heads // info.n_kv_heads
-    wanted = round(share * info.n_layers * info.n_heads)
+    wanted = round(share * info.n_layers * info.n_kv_heads)
     chosen: dict[int, list[int]] = {}
-    for kv in range(info.n_kv_heads):
-        for layer in range(info.n_layers):
-            for head in range(kv * group, (kv + 1) * group):
-                if wanted == 0:
-                    return chosen
-                chosen.setdefault(layer, []).append(head)
-                wanted -= 1
+    for index in range(wanted):
+        kv, layer = divmod(index, info.n_layers)
+        chosen.setdefault(layer, []).extend(range(kv * group, (kv + 1) * group))
     return chosen
 
 
 def architecture_edits(model: Model, name: str) -> list:
-    info = model.info
-    everyone = list(range(info.n_heads))
-
-    def replace(kernel: str, heads_of) -> list:
-        edits = []
-        for layer in range(info.n_layers):
-            heads = heads_of(layer)
-            if heads:
-                edits.append(kernel_edit(layer, heads, make_kernel(kernel, len(heads), info.head_dim).to(model.device)))
-        return edits
-
-    if name == "original":
+    if name in BASELINES:
         return []
-    if name.startswith("all-"):
-        return replace(name[4:], lambda layer: everyone)
-    if name == "sink+window":
-        return replace("sink+window", lambda layer: everyone)
-    if name == "hybrid-25":
-        exact = exact_heads(model)
-        return replace("sink+window", lambda layer: [h for h in everyone if h not in exact.get(layer, [])])
-    raise AttnprobeError(f"unknown architecture {name!r}: choose among {', '.join(default_architectures())}")
-
-
-def default_architectures() -> list[str]:
-    names = ["original", "all-hedgehog"]
-    if "gated-deltanet" in KERNELS:
-        names.append("all-gated-deltanet")
-    return names + ["hybrid-25", "sink+window"]
+    if name.startswith("heads-"):
+        share, _, kernel = name[len("heads-"):].partition("-")
+        exact = exact_heads(model, float(share) / 100)
+        return variant_edits(model, kernel, {(layer, h) for layer, heads in exact.items() for h in heads})
+    variant = catalogue(model).get(name)
+    if variant is None or variant.kernel is None:
+        known = [n for n, v in catalogue(model).items() if v.kernel and not n.startswith("keep-")]
+        raise AttnprobeError(f"unknown architecture {name!r}: choose among original, original-split-k, heads-P-KERNEL, {', '.join(known)}")
+    return variant_edits(model, variant.kernel, variant.keep(model, None))
 
 
 class ByteTokenizer:
@@ -146,122 +119,155 @@ def random_weights_like(model: Model, positions: int) -> Model:
     return Model(hf, model.tokenizer, describe(hf, model.tokenizer, f"{model.info.model_id} (random weights)", "none", "random"))
 
 
+def needed_bytes(model: Model, context: int, batch: int) -> int:
+    """What the original needs at (context, batch): weights, its whole KV cache twice (an eager step's
+    DynamicLayer concatenates a new copy while the old one lives), and the prefill's largest activations
+    (the MLP's three intermediate tensors and the residual stream's few, in the model's dtype)."""
+    info, config = model.info, model.hf.config
+    element = next(model.hf.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+    cache = batch * context * info.n_layers * info.n_kv_heads * info.head_dim * 2 * element
+    activations = batch * context * (3 * config.intermediate_size + 6 * config.hidden_size) * element
+    return weights + 2 * cache + activations
+
+
+def check_fits(model: Model, contexts: list[int], batches: list[int], new_tokens: int, warmup: int, free: int | None) -> None:
+    """Every (context, batch) leaves a prompt and fits the `free` bytes of the GPU (None: not on a GPU)."""
+    for context in contexts:
+        if context <= new_tokens + warmup:
+            raise AttnprobeError(f"a context of {context} leaves no prompt before {warmup} + {new_tokens} steps: "
+                                 "lower --new-tokens or raise --contexts")
+    if free is None:
+        return
+    for context in contexts:
+        for batch in batches:
+            need = needed_bytes(model, context, batch)
+            if need > 0.9 * free:
+                raise AttnprobeError(f"batch {batch} at {context} tokens needs about {need / 1e9:.1f} GB, the GPU has "
+                                     f"{free / 1e9:.1f} GB free: run it without that batch (--batches) or context (--contexts)")
+
+
+def ratios(row: dict, reference: dict | None, suffix: str) -> dict:
+    if reference is None:
+        return {}
+    safe = lambda a, b: a / b if b else math.nan  # noqa: E731
+    return {f"cache_ratio{suffix}": safe(row["kv_cache_bytes_measured"], reference["kv_cache_bytes_measured"]),
+            f"decode_speedup{suffix}": safe(row["decode_tokens_per_s"], reference["decode_tokens_per_s"]),
+            f"prefill_ratio{suffix}": safe(row["prefill_ms"], reference["prefill_ms"]),
+            f"peak_ratio{suffix}": safe(row["peak_memory_bytes"], reference["peak_memory_bytes"])}
+
+
+COLUMNS = [("context", "{}"), ("batch", "{}"), ("decode_mode", "{}"), ("architecture", "{}"), ("weights", "{}"),
+           ("kv_cache_bytes_measured", "{:.4g}"), ("step_bytes", "{:.4g}"), ("decode_tokens_per_s", "{:.1f}"),
+           ("step_ms", "{:.3f}"), ("bound_ms", "{:.3f}"), ("hbm_share", "{:.3f}"), ("decode_speedup", "{:.2f}"),
+           ("decode_speedup_vs_split_k", "{:.2f}"), ("cache_ratio", "{:.3f}"), ("prefill_ms", "{:.1f}"),
+           ("prefill_ratio", "{:.2f}"), ("peak_memory_bytes", "{:.4g}")]
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| context | mode | architecture | weights | cache MB | cache / original | decode tok/s | decode speed-up "
-             "| prefill ms | prefill / original | peak MB | peak / original |", "|" + "---|" * 12]
-    for r in rows:
-        lines.append(f"| {r['context']} | {r['decode_mode']} | {r['architecture']} | {r['weights']} | {r['kv_cache_bytes_measured'] / 1e6:.2f} "
-                     f"| {r.get('cache_ratio', math.nan):.3f} | {r['decode_tokens_per_s']:.1f} | {r.get('decode_speedup', math.nan):.2f} "
-                     f"| {r['prefill_ms']:.1f} | {r.get('prefill_ratio', math.nan):.2f} | {r['peak_memory_bytes'] / 1e6:.1f} "
-                     f"| {r.get('peak_ratio', math.nan):.3f} |")
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(form.format(row[name]) if name in row else "" for name, form in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def ratios(row: dict, original: dict | None) -> dict:
-    if original is None:
-        return {}
-    safe = lambda a, b: a / b if b else math.nan  # noqa: E731
-    return {"cache_ratio": safe(row["kv_cache_bytes_measured"], original["kv_cache_bytes_measured"]),
-            "decode_speedup": safe(row["decode_tokens_per_s"], original["decode_tokens_per_s"]),
-            "prefill_ratio": safe(row["prefill_ms"], original["prefill_ms"]),
-            "peak_ratio": safe(row["peak_memory_bytes"], original["peak_memory_bytes"])}
-
-
 def goals(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked on the longest context measured, in each decode mode."""
-    longest = max(r["context"] for r in rows)
+    """Issue 44's goals: the split-K baseline's step at 32K and batch 8 at >= 50 % of the HBM peak; every
+    all- row's step within 3x of its own bound."""
     lines = []
-    for mode in dict.fromkeys(r["decode_mode"] for r in rows):
-        at = {r["architecture"]: r for r in rows if r["context"] == longest and r["decode_mode"] == mode}
-        for name, row in at.items():
-            if name.startswith("all-") and "decode_speedup" in row:
-                ok = row["decode_speedup"] >= 2 and row["cache_ratio"] <= 0.1
-                lines.append(f"{name} at {longest} ({mode}): decode x{row['decode_speedup']:.2f} (goal >= 2), cache "
-                             f"x{row['cache_ratio']:.4f} (goal <= 0.1): {'met' if ok else 'NOT met'}")
-        if "hybrid-25" in at and "cache_ratio" in at["hybrid-25"]:
-            ratio = at["hybrid-25"]["cache_ratio"]
-            lines.append(f"hybrid-25 at {longest} ({mode}): cache x{ratio:.3f} (goal <= 1/3): {'met' if ratio <= 1 / 3 else 'NOT met'}")
+    for row in rows:
+        if "hbm_share" not in row:
+            continue
+        where = f"{row['architecture']} at {row['context']}, batch {row['batch']} ({row['decode_mode']})"
+        if row["architecture"] == "original-split-k" and row["context"] == 32768 and row["batch"] == 8:
+            lines.append(f"{where}: {row['hbm_share']:.0%} of HBM (goal >= 50%): {'met' if row['hbm_share'] >= 0.5 else 'NOT met'}")
+        if row["architecture"].startswith("all-"):
+            lines.append(f"{where}: {row['times_bound']:.2f}x its bound (goal <= 3x): {'met' if row['times_bound'] <= 3 else 'NOT met'}")
     return lines
+
+
+class Record:
+    """The run's rows, written as each finishes: decode_bench.jsonl (appended), .json and .md (rewritten)."""
+
+    def __init__(self, out: Path, machine: dict):
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.machine, self.rows = out, machine, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with (self.out / "decode_bench.jsonl").open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        found = goals(self.rows)
+        atomic_write_text(self.out / "decode_bench.json", json.dumps({"machine": self.machine, "rows": self.rows, "goals": found}, indent=1))
+        atomic_write_text(self.out / "decode_bench.md", f"{json.dumps(self.machine)}\n\n" + markdown(self.rows) + "\n" + "\n".join(found) + "\n")
+
+
+def measure_row(model: Model, backend, name: str, mode: str, context: int, batch: int, args) -> tuple[dict, torch.Tensor] | None:
+    """One architecture in one mode at (context, batch) and its greedy tokens, or None where the mode does not apply."""
+    edits = architecture_edits(model, name)
+    graph = mode == "graph"
+    if (graph and not graph_capturable(model, edits)) or (name == "original-split-k" and not graph):
+        return None
+    attention = BASELINES.get(name, "sdpa")
+    runner = backend if edits else None
+    measure_decoding(model, runner, edits, 64, 2, batch, graph=graph, attention=attention)  # kernels compiled, allocator warm
+    profile = Path(args.out) / f"profile-{context}-{batch}-{name}.txt" if args.profile and not graph else None
+    measured = measure_decoding(model, runner, edits, context, args.new_tokens, batch, warmup=args.warmup, graph=graph,
+                                attention=attention, profile=profile)
+    tokens = measured.pop("tokens")
+    return {"context": context, "batch": batch, "architecture": name, **measured}, tokens
 
 
 def run(args) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = tiny_model(device, dtype) if args.tiny else load_model(args.model, dtype=dtype, device=device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    names = args.architectures.split(",") if args.architectures else default_architectures()
-    machine = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-               "torch": torch.__version__, "dtype": args.dtype, "model": model.info.model_id, "new_tokens": args.new_tokens,
-               "batch": args.batch, "warmup": args.warmup, "modes": args.modes,
-               "command": " ".join(sys.argv)}
-    modes = args.modes.split(",")
-    unknown = sorted(set(modes) - {"eager", "graph"})
-    if unknown:
-        raise AttnprobeError(f"unknown decode modes {unknown}: choose among eager, graph")
-    rows: list[dict] = []
-    failures: list[dict] = []
-    stream = (out / "decode_bench.jsonl").open("a")
-
-    def save():  # rewritten after each row or failure
-        found = goals(rows) if rows else []
-        atomic_write_text(out / "decode_bench.json", json.dumps({"machine": machine, "rows": rows, "goals": found,
-                                                                 "failures": failures}, indent=1))
-        atomic_write_text(out / "decode_bench.md", f"{json.dumps(machine)}\n\n" + markdown(rows) + "\n" + "\n".join(found) + "\n")
-
+    contexts, batches = [int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")]
+    names, modes = args.architectures.split(","), args.modes.split(",")
+    if set(modes) - {"eager", "graph"}:
+        raise AttnprobeError(f"unknown decode modes {sorted(set(modes) - {'eager', 'graph'})}: choose among eager, graph")
+    for name in names:
+        architecture_edits(model, name)  # an unknown name fails before any measurement
+    free = torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda" else None
+    check_fits(model, contexts, batches, args.new_tokens, args.warmup, free)
+    name_of_device = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    peak = args.hbm_peak or hbm_peak(name_of_device)
+    record = Record(Path(args.out), {"device": name_of_device, "hbm_peak": peak, "torch": torch.__version__,
+                                     "dtype": args.dtype, "model": model.info.model_id, "new_tokens": args.new_tokens,
+                                     "warmup": args.warmup, "command": " ".join(sys.argv)})
     for context in contexts:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
-        backend = None
-        eager_tokens = {}
-        for mode in modes:
-            original = None
-            # the original first, before the backend's hooks exist: transformers' own SDPA and cache, nothing of ours
-            for name in sorted(names, key=lambda name: name != "original"):
-                if name != "original" and backend is None:
-                    backend = make_backend("native", run_model)
-                edits = architecture_edits(run_model, name)
-                if mode == "graph" and not graph_capturable(run_model, edits):
-                    print(f"{name}: no graph mode (its step reads tensors that grow or Python-side positions)", flush=True)
-                    continue
-                runner = backend if edits else None
-                graph = mode == "graph"
-                profile = out / f"profile-{context}-{name}.txt" if args.profile and not graph else None
-                try:
-                    measure_decoding(run_model, runner, edits, 64, 2, args.batch, graph=graph)  # warm-up: kernels compiled, allocator warm
-                    measured = measure_decoding(run_model, runner, edits, context, args.new_tokens, args.batch, warmup=args.warmup,
-                                                profile=profile, graph=graph)
-                except (RuntimeError, AttnprobeError) as error:  # a capture that fails is a result too: recorded, the run goes on
-                    if not graph:
-                        raise
-                    failures.append({"context": context, "architecture": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
-                    print(json.dumps(failures[-1]), flush=True)
-                    save()
-                    continue
-                tokens = measured.pop("tokens")
-                row = {"context": context, "architecture": name, "weights": "pretrained" if fits else "random",
-                       "batch": args.batch, **measured}
-                if mode == "eager":
-                    eager_tokens[name] = tokens
-                elif name in eager_tokens:
-                    row["tokens_equal_eager"] = (tokens == eager_tokens[name]).float().mean().item()
-                original = row if name == "original" else original
-                row.update(ratios(row, original))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                stream.write(json.dumps(row) + "\n")
-                stream.flush()
-                save()
-        if backend is not None:
-            backend.close()
-        del run_model, backend
+        for batch in batches:
+            for mode in modes:
+                reference: dict[str, dict] = {}
+                backend = None
+                for name in sorted(names, key=lambda n: n not in BASELINES):  # the baselines first, before any hook
+                    if name not in BASELINES and backend is None:
+                        backend = make_backend("native", run_model)
+                    measured = measure_row(run_model, backend, name, mode, context, batch, args)
+                    if measured is None:
+                        continue
+                    row, tokens = measured
+                    if name == "original":
+                        original_tokens = tokens
+                    elif name == "original-split-k" and "original" in reference:  # the baseline decodes what SDPA does
+                        row["tokens_equal_original"] = (tokens == original_tokens).float().mean().item()
+                    row["weights"] = "pretrained" if fits else "random"
+                    row.update(bound_columns(row, peak))
+                    reference.setdefault(name, row)
+                    row.update(ratios(row, reference.get("original"), ""))
+                    row.update(ratios(row, reference.get("original-split-k"), "_vs_split_k"))
+                    record.add(row)
+                if backend is not None:
+                    backend.close()  # the next baselines run on the model as it is
+        del run_model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    stream.close()
-    for line in goals(rows):
+    for line in goals(record.rows):
         print(line)
-    return rows
+    return record.rows
 
 
 def parse(argv=None):
@@ -270,20 +276,29 @@ def parse(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny random GQA Llama instead of --model (CPU test)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--contexts", default="2048,8192,32768")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps; the cache ends at the context length")
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (the cache grows with it, a state too)")
+    parser.add_argument("--contexts", default="8192,32768")
+    parser.add_argument("--batches", default="1,8", help="comma list of sequences decoded together")
+    parser.add_argument("--new-tokens", type=int, default=64, help="timed decode steps; the cache ends at the context length")
     parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps at the context before the timed ones")
-    parser.add_argument("--modes", default="eager", help="comma list of eager, graph (a CUDA graph per step; CPU: the "
-                        "static step run eagerly)")
-    parser.add_argument("--profile", action="store_true", help="write profile-CONTEXT-ARCH.txt: a torch.profiler table of "
-                        "4 more decode steps and, on CUDA, the source lines that synchronised the host")
-    parser.add_argument("--architectures", default=None, help=f"comma list (default: {','.join(default_architectures())})")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--modes", default="graph,eager", help="comma list of eager, graph (a CUDA graph per step; CPU: "
+                        "the static step run eagerly)")
+    parser.add_argument("--hbm-peak", type=float, default=None, help="peak memory bandwidth in bytes/s (default: "
+                        "from the GPU's name, H200 4.8e12, H100 3.35e12)")
+    parser.add_argument("--profile", action="store_true", help="write profile-CONTEXT-BATCH-ARCH.txt for eager rows: a "
+                        "torch.profiler table of 4 more steps and, on CUDA, the source lines that synchronised the host")
+    parser.add_argument("--architectures", default=",".join(DEFAULT_ARCHITECTURES), help="comma list")
+    parser.add_argument("--out", required=True, help="directory for decode_bench.json, .jsonl, .md (rows as they finish)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     started = time.time()
-    run(parse())
+    try:
+        run(parse())
+    except AttnprobeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: run the rows that failed with a smaller --batches or --contexts", file=sys.stderr)
+        sys.exit(2)
     print(f"done in {time.time() - started:.0f} s")

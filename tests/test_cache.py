@@ -164,42 +164,6 @@ def test_pattern_reads_need_every_key_and_the_cache_needs_its_edits(tiny_llama_m
 
 
 
-def test_decode_bench_measures_every_architecture_beside_the_original(tmp_path):
-    """CPU mode at small sizes (timings on a shared CPU mean little; the bytes are exact)."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_bench.py"
-    spec = importlib.util.spec_from_file_location("decode_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    names = ["original", "all-hedgehog", "hybrid-25", "sink+window"]
-    rows = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32,600", "--new-tokens", "2",
-                                  "--architectures", ",".join(names), "--out", str(tmp_path)]))
-    assert [(r["context"], r["architecture"]) for r in rows] == [(c, n) for c in (32, 600) for n in names]
-    by = {(r["context"], r["architecture"]): r for r in rows}
-    assert by[(600, "original")]["weights"] == "random" and by[(32, "original")]["weights"] == "pretrained"  # past the window
-    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
-    for context in (32, 600):
-        cost = {name: by[(context, name)]["kv_cache_bytes_measured"] for name in names}
-        assert by[(context, "original")]["cache_ratio"] == 1.0
-        # hybrid-25 keeps 2 of the 8 KV heads' caches (exact heads fill whole KV groups) and sink+window
-        # buffers for the other 24 of 32 heads
-        assert cost["hybrid-25"] == cost["original"] / 4 + cost["sink+window"] * 3 / 4
-    assert by[(600, "all-hedgehog")]["cache_ratio"] < 0.2 < by[(32, "all-hedgehog")]["cache_ratio"]  # a fixed state
-    saved = json.loads((tmp_path / "decode_bench.json").read_text())
-    assert len(saved["rows"]) == len(rows) and any("hybrid-25" in line for line in saved["goals"])
-    assert (tmp_path / "decode_bench.md").read_text().count("\n| ") == len(rows) + 1
-    assert bench.exact_heads(bench.tiny_model("cpu", torch.float32)) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
-    # both modes: the static step only where it applies, its tokens those of the eager rows
-    both = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32", "--new-tokens", "3", "--modes", "eager,graph",
-                                  "--architectures", ",".join(names), "--out", str(tmp_path / "modes")]))
-    static = [r for r in both if r["decode_mode"] == "static"]
-    assert [r["architecture"] for r in static] == ["original", "all-hedgehog"]
-    assert all(r["tokens_equal_eager"] == 1.0 for r in static) and static[0]["decode_speedup"] == 1.0
-
-
 def test_the_backend_keeps_no_reference_to_a_finished_cache(tiny_llama_model):
     """A generate's cache is freed when it ends: the next measurement's peak memory does not carry it."""
     import gc
@@ -279,20 +243,28 @@ def test_fla_fused_recurrent_decode_equals_the_torch_step_on_cuda(name):
     torch.testing.assert_close(got_state, want_state, atol=2e-3, rtol=2e-3)
 
 
-STATIC = {"original": [], "all-hedgehog": ["hedgehog"] * 3, "all-gated-deltanet": ["gated-deltanet"] * 3,
-          "mixed-families": ["gla", "decay", "hedgehog"]}
+EVERY = [0, 1, 2, 3]
+STATIC = {"original": [], "all-hedgehog": [(layer, "hedgehog", EVERY) for layer in range(3)],
+          "all-gated-deltanet": [(layer, "gated-deltanet", EVERY) for layer in range(3)],
+          "mixed-families": [(0, "gla", EVERY), (1, "decay", EVERY), (2, "hedgehog", EVERY)],
+          "layer-hybrid": [(0, "gated-deltanet", EVERY), (2, "kda", EVERY)],  # layer 1 softmax
+          "head-hybrid": [(0, "gated-deltanet", [2, 3]), (1, "gated-deltanet", [1, 2, 3]), (2, "hedgehog", EVERY)]}
+
+
+def static_edits(model, architecture):
+    torch.manual_seed(6)
+    return [kernel_edit(layer, heads, make_kernel(name, len(heads), model.info.head_dim)) for layer, name, heads in STATIC[architecture]]
 
 
 @pytest.mark.parametrize("architecture", list(STATIC))
 def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture):
     """The step a CUDA graph replays (token and position buffers, states copied back in place, the original
-    over a StaticCache), run eagerly as on CPU, decodes the tokens the eager loop decodes, holding the same
-    bytes."""
-    from attnprobe.hooks.cache import measure_decoding
+    over a StaticCache, softmax heads of a hybrid over a static ArchitectureCache read by the split-K kernel),
+    run eagerly as on CPU, decodes the tokens the eager loop decodes, holding the same bytes."""
+    from attnprobe.analyses.efficiency.decoding import measure_decoding
 
     model = tiny_llama_model
-    torch.manual_seed(6)
-    edits = [kernel_edit(layer, range(4), make_kernel(name, 4, model.info.head_dim)) for layer, name in enumerate(STATIC[architecture])]
+    edits = static_edits(model, architecture)
     backend = make_backend("native", model) if edits else None
     eager = measure_decoding(model, backend, edits, 40, new_tokens=12, batch=2, warmup=2)
     static = measure_decoding(model, backend, edits, 40, new_tokens=12, batch=2, warmup=2, graph=True)
@@ -301,16 +273,66 @@ def test_static_decode_steps_equal_eager_decoding(tiny_llama_model, architecture
     assert static["kv_cache_bytes_measured"] == eager["kv_cache_bytes_measured"]
 
 
-def test_only_fixed_size_steps_are_captured(tiny_llama_model):
-    from attnprobe.hooks.cache import StaticStep, graph_capturable, measure_decoding
+def test_a_static_architecture_cache_equals_the_dynamic_cache_and_counts_its_positions_on_the_device(tiny_llama_model):
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = static_edits(model, "head-hybrid")
+    prompt = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(7))
+    want_ids, want_logits = greedy(model, backend, edits, prompt, DynamicCache(config=model.hf.config))
+    static = architecture_cache(model, edits, capacity=30)
+    got_ids, got_logits = greedy(model, backend, edits, prompt, static)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    length = prompt.shape[1] + NEW_TOKENS - 1
+    assert all(int(layer.filled) == length and layer.keys.shape[2] == 30 for layer in static.layers[:2])
+    assert static.layers[2].kept == [] and static.layers[2].filled is None  # layer 2 all hedgehog: nothing kept
+    assert static.layers[0].built_for_edits and not ArchitectureCache(model, [], 30).layers[0].built_for_edits
+    with pytest.raises(AttnprobeError, match="does not fit a cache of 20 positions: build the cache for the whole context"):
+        greedy(model, backend, edits, prompt, architecture_cache(model, edits, capacity=20))
+
+
+def test_only_fixed_state_steps_are_captured(tiny_llama_model):
+    from attnprobe.analyses.efficiency.decoding import measure_decoding
+    from attnprobe.hooks.cache import StaticStep, graph_capturable
 
     model = tiny_llama_model
     backend = make_backend("native", model)
     whole = [kernel_edit(layer, range(4), make_kernel("hedgehog", 4, 16)) for layer in range(3)]
-    assert graph_capturable(model, []) and graph_capturable(model, whole)
-    for edits in (whole[:2], whole[:2] + [kernel_edit(2, [0, 1], make_kernel("hedgehog", 2, 16))], edits_for(model, "sink+window")):
-        assert not graph_capturable(model, edits)  # a softmax layer or head, or a window's ring buffer
-        with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
-            StaticStep(model, edits, architecture_cache(model, edits), torch.zeros(1, 1, dtype=torch.long), 5)
-        with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
-            measure_decoding(model, backend, edits, 40, new_tokens=4, graph=True)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    for edits in ([], whole, whole[:2], whole[:2] + [kernel_edit(2, [0, 1], make_kernel("hedgehog", 2, 16))]):
+        assert graph_capturable(model, edits)  # softmax layers and heads read a static cache
+    with pytest.raises(AttnprobeError, match="capacity=context"):
+        StaticStep(model, whole[:2], architecture_cache(model, whole[:2]), token, 5)
+    with pytest.raises(AttnprobeError, match="build the cache for the whole context"):
+        StaticStep(model, whole[:2], architecture_cache(model, whole[:2], capacity=5), token, 5)
+    edits = edits_for(model, "sink+window")
+    assert not graph_capturable(model, edits)  # a window's ring buffer
+    with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
+        StaticStep(model, edits, architecture_cache(model, edits), token, 5)
+    with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
+        measure_decoding(model, backend, edits, 40, new_tokens=4, graph=True)
+
+
+def test_a_model_with_sliding_layers_decodes_eagerly(tiny_gemma3_model):
+    from attnprobe.hooks.cache import graph_capturable
+
+    edits = [kernel_edit(layer, range(4), make_kernel("hedgehog", 4, 16)) for layer in range(2)]
+    assert not graph_capturable(tiny_gemma3_model, edits)
+
+
+def test_kept_keys_grow_by_doubling_or_fill_a_reserved_capacity(tiny_llama_model):
+    """A decode step writes its own token into the kept heads' buffers (no copy of the cache per token):
+    the buffers double when full, or (static) hold the capacity from the prefill on."""
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = edits_for(model, "softmax-kept")
+    prompt = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(7))
+    grown, reserved = architecture_cache(model, edits), architecture_cache(model, edits, capacity=40)
+    want = greedy(model, backend, edits, prompt, grown)
+    assert torch.equal(greedy(model, backend, edits, prompt, reserved)[0], want[0])
+    length = prompt.shape[1] + NEW_TOKENS - 1
+    layer = grown.layers[1]
+    assert layer.buffers[0].shape[2] == 26 and layer.keys.shape[2] == length  # 13 -> 26 at the 14th position
+    assert layer.keys.data_ptr() == layer.buffers[0].data_ptr()  # a view of the buffer
+    assert reserved.layers[1].keys.shape[2] == 40  # static: the whole buffer, as a StaticCache holds it
+    assert grown.nbytes() == reserved.nbytes() - 3 * 2 * (40 - length) * 2 * 16 * 4 * 2  # 3 layers x 2 KV heads, K and V, fp32, batch 2

@@ -14,15 +14,13 @@ sink+window+linear head both. `nbytes()` counts all of it: the tensors the cache
 A compact layer's `update` stores only the kept heads and hands the attention call this step's keys
 and values of every KV head; the native backend's `compact-decode` path then runs SDPA for the kept
 heads over their own cache and lets the replaced heads step their states.
+
+`StaticStep` is one decode step at fixed addresses (what a CUDA graph replays); what a step costs is measured
+in analyses/efficiency.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import re
-import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -59,15 +57,28 @@ def kept_kv_heads(n_heads: int, n_kv_heads: int, replaced: set[int]) -> list[int
 
 
 class CompactLayer(CacheLayerMixin):
-    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones)."""
+    """Keys and values of the kept KV heads only (all positions, or the sliding window's last ones).
+
+    Without a sliding window a decode step writes only its own token, never copying the cache:
+      - `capacity` None: buffers that grow by doubling; `keys`/`values` are views of the filled part;
+      - `capacity` given (static): buffers of exactly `capacity` positions, written at a position counter kept
+        on the device (`filled`), so a CUDA graph replays the step as the cache grows; `keys`/`values` are the
+        whole buffers (as a transformers StaticCache holds them) and a one-token step's kept heads read them
+        up to `kept_lengths` with the split-K kernel.
+    A sliding window keeps its last keys by concatenation. `built_for_edits` is False for a layer whose heads
+    are all softmax (a static cache keeps those layers too, so the whole step has fixed addresses)."""
 
     is_compileable = False
     is_croppable = False
     compact = True
 
-    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None):
+    def __init__(self, kept: Sequence[int], group: int, sliding_window: int | None = None, capacity: int | None = None):
         super().__init__()
         self.kept = list(kept)
+        self.capacity = capacity if sliding_window is None else None
+        self.buffers = None  # (keys, values) of every position reserved so far, full attention only
+        self.filled = None  # static: positions written, a device tensor
+        self.built_for_edits = True
         self.kept_query_heads = [kv * group + i for kv in self.kept for i in range(group)]
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -90,15 +101,52 @@ class CompactLayer(CacheLayerMixin):
         if not self.kept:  # every head replaced: nothing to store, no copy per token
             return key_states, value_states
         kept = head_index(self.kept, key_states.device)
-        keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
-        values = torch.cat([self.values, value_states[:, kept]], dim=-2)
         if self.sliding_window is not None:
+            keys = torch.cat([self.keys, key_states[:, kept]], dim=-2)
+            values = torch.cat([self.values, value_states[:, kept]], dim=-2)
             self.keys, self.values = keys[:, :, -self.sliding_window + 1:], values[:, :, -self.sliding_window + 1:]
+        elif self.capacity is not None:
+            keys, values = self._write(key_states[:, kept], value_states[:, kept])
         else:
-            self.keys, self.values = keys, values
+            keys, values = self._append(key_states[:, kept], value_states[:, kept])
         # a prefill attends over the call's own keys: keep no second reference to them
         self.kept_keys, self.kept_values = (keys, values) if self.past else (None, None)
         return key_states, value_states
+
+    def _append(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        reserved = self.buffers[0].shape[2] if self.buffers is not None else 0
+        if self.length > reserved:
+            size = max(self.length, self.capacity or 0, 2 * reserved)
+            grown = tuple(x.new_empty(x.shape[:2] + (size, x.shape[-1])) for x in (keys, values))
+            for to, old in zip(grown, (self.keys, self.values)):
+                to[:, :, :self.past] = old
+            self.buffers = grown
+        for to, new in zip(self.buffers, (keys, values)):
+            to[:, :, self.past:self.length] = new
+        self.keys, self.values = (x[:, :, :self.length] for x in self.buffers)
+        return self.keys, self.values
+
+    def _write(self, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length > self.capacity:
+            raise AttnprobeError(f"position {self.length - 1} does not fit a cache of {self.capacity} positions: "
+                                 "build the cache for the whole context")
+        if self.buffers is None:
+            self.buffers = tuple(x.new_zeros(x.shape[:2] + (self.capacity, x.shape[-1])) for x in (keys, values))
+            self.filled = torch.zeros((), dtype=torch.long, device=keys.device)
+        index = self.filled + torch.arange(keys.shape[2], device=keys.device)
+        for to, new in zip(self.buffers, (keys, values)):
+            to.index_copy_(2, index, new)
+        self.filled.add_(keys.shape[2])
+        self.keys, self.values = self.buffers
+        if keys.shape[2] == 1:
+            return self.buffers
+        return tuple(x[:, :, :self.length] for x in self.buffers)  # several tokens: SDPA over the filled part
+
+    def kept_lengths(self, batch: int) -> torch.Tensor:
+        """Valid positions of the kept keys for each sequence, on the device (a static layer's counter)."""
+        if self.filled is not None:
+            return self.filled.expand(batch)
+        return torch.full((batch,), self.length, device=self.device)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.sliding_window is None:
@@ -115,7 +163,7 @@ class CompactLayer(CacheLayerMixin):
         return self.sliding_window if self.sliding_window is not None else -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.kept_keys = self.kept_values = None
+        self.keys = self.values = self.kept_keys = self.kept_values = self.buffers = self.filled = None
         self.is_initialized = False
         self.length = self.past = 0
 
@@ -128,7 +176,7 @@ def kv_bytes(cache: Cache) -> int:
 class ArchitectureCache(Cache):
     """One layer per decoder layer: transformers' own where every head is softmax, compact elsewhere."""
 
-    def __init__(self, model: Model, edits: Sequence[Edit] = ()):
+    def __init__(self, model: Model, edits: Sequence[Edit] = (), capacity: int | None = None):
         info = model.info
         group = info.n_heads // info.n_kv_heads
         self.edits = list(edits)
@@ -140,12 +188,16 @@ class ArchitectureCache(Cache):
         for layer in range(info.n_layers):
             window = info.window(layer)
             if replaced.get(layer):
-                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window))
+                layers.append(CompactLayer(kept_kv_heads(info.n_heads, info.n_kv_heads, replaced[layer]), group, window, capacity))
+            elif capacity is not None and window is None:  # static: softmax layers at fixed addresses too
+                layers.append(CompactLayer(range(info.n_kv_heads), group, capacity=capacity))
+                layers[-1].built_for_edits = False
             elif window is not None:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
+        self.capacity = capacity
         self.compact_layers = [layer if isinstance(layer, CompactLayer) else None for layer in layers]
 
     def kv_bytes(self) -> int:
@@ -160,8 +212,9 @@ class ArchitectureCache(Cache):
         return self.kv_bytes() + self.state_bytes()
 
 
-def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> ArchitectureCache:
-    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`)."""
+def architecture_cache(model: Model, edits: Sequence[Edit] = (), capacity: int | None = None) -> ArchitectureCache:
+    """The cache for generating with `edits` on (inside the native backend's `patched(edits)`); `capacity`:
+    positions to reserve for the kept heads up front (the context a measurement ends at)."""
     overlapping = {}
     for edit in edits:
         if edit.site == Site.Z and edit.kernel is not None:
@@ -169,79 +222,24 @@ def architecture_cache(model: Model, edits: Sequence[Edit] = ()) -> Architecture
             if seen & set(edit.heads):
                 raise AttnprobeError(f"two kernel edits replace heads {sorted(seen & set(edit.heads))} of layer {edit.layer}: give each head one kernel")
             seen.update(edit.heads)
-    return ArchitectureCache(model, edits)
+    return ArchitectureCache(model, edits, capacity)
 
 
-EFFICIENCY_COLUMNS = ("kv_cache_bytes_measured", "decode_tokens_per_s", "prefill_ms", "peak_memory_bytes")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets the resident high-water mark (VmHWM) to the current RSS (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak(device: torch.device) -> float:
-    """CUDA: peak bytes allocated since the reset; CPU: peak resident bytes of the process (Linux), else NaN."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    try:
-        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return math.nan
-    return float(found.group(1)) * 1024 if found else math.nan
-
-
-class _Timer:
-    """Seconds between start and stop: CUDA events on a GPU (no host sync inside the timed loop), else wall time."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.begin = time.perf_counter()
-        return self
-
-    def stop(self) -> float:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            return self.begin.elapsed_time(self.end) / 1000
-        return time.perf_counter() - self.begin
-
-
-STATIC_ONLY = ("a static decode step needs the original model or every head replaced by a fixed-state kernel "
-               "(no window, no softmax head): decode this architecture eagerly")
+STATIC_ONLY = ("a static decode step needs the original model or edits that all put fixed-state kernels (no window, "
+               "no sinks) in their heads' place, in a model without sliding layers: decode this architecture eagerly")
 
 
 def graph_capturable(model: Model, edits: Sequence[Edit]) -> bool:
-    """Whether a decode step keeps every tensor it reads at a fixed size, so one step can be replayed as a CUDA
-    graph: no edit (the original, over a StaticCache), or every head of every layer on a kernel with a fixed
-    state and no kept tokens (linear, gated, delta-rule). A window's ring buffer, a softmax head's growing
-    cache or any other edit keep Python-side positions a replay would not advance."""
+    """Whether a decode step keeps every tensor it reads at a fixed address, so one step can be replayed as a CUDA
+    graph: no edit (the original, over a StaticCache), or edits that all replace heads by kernels with a fixed
+    state and no kept tokens (linear, gated, delta-rule) in a model without sliding layers: the softmax heads
+    left read a static ArchitectureCache (capacity given: positions counted on the device). A window's ring
+    buffer, sinks or a sliding layer keep Python-side positions a replay would not advance."""
     if not edits:
         return True
-    info = model.info
-    covered: dict[int, set[int]] = {}
-    for edit in edits:
-        if edit.site != Site.Z or edit.kernel is None or edit.kernel.cached_tokens != 0:
-            return False
-        covered.setdefault(edit.layer, set()).update(edit.heads)
-    return all(covered.get(layer) == set(range(info.n_heads)) for layer in range(info.n_layers))
+    if any(model.info.window(layer) is not None for layer in range(model.info.n_layers)):
+        return False
+    return all(edit.site == Site.Z and edit.kernel is not None and edit.kernel.cached_tokens == 0 for edit in edits)
 
 
 class StaticStep:
@@ -253,6 +251,13 @@ class StaticStep:
     def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
         if not graph_capturable(model, edits):
             raise AttnprobeError(STATIC_ONLY)
+        if isinstance(cache, ArchitectureCache) and cache.capacity is None and not all(
+                layer is not None and not layer.kept for layer in cache.compact_layers):
+            raise AttnprobeError("the softmax heads of a static step read a static cache: build it with "
+                                 "architecture_cache(model, edits, capacity=context)")
+        held = cache.capacity if isinstance(cache, ArchitectureCache) else max(layer.get_max_length() for layer in cache.layers)
+        if held is not None and 0 <= held <= position:
+            raise AttnprobeError(f"a step at position {position} does not fit a cache of {held} positions: build the cache for the whole context")
         self.model, self.edits, self.cache = model, list(edits), cache
         self.token = token.clone()
         self.position = torch.full_like(token, position)
@@ -278,114 +283,9 @@ def decode_cache(model: Model, edits: Sequence[Edit], context: int, static: bool
     decode a StaticCache of exactly `context` positions (the keys a DynamicCache holds at the end)."""
     if static and not edits:
         return StaticCache(config=model.hf.config, max_cache_len=context)
-    return architecture_cache(model, edits)
+    return architecture_cache(model, edits, capacity=context if edits else None)
 
 
 def cache_nbytes(cache) -> int:
     """Keys and values a cache holds, plus the replaced heads' states for an ArchitectureCache."""
     return cache.nbytes() if isinstance(cache, ArchitectureCache) else kv_bytes(cache)
-
-
-@torch.no_grad()
-def measure_decoding(model: Model, backend, edits: Sequence[Edit], context: int, new_tokens: int = 16,
-                     batch: int = 1, seed: int = 0, warmup: int = 2, profile: Path | None = None,
-                     graph: bool = False) -> dict:
-    """Prefill `context - new_tokens - warmup` random tokens (`batch` sequences), decode `warmup` tokens
-    untimed (first calls at these shapes: allocator, kernel selection) and then `new_tokens` timed ones,
-    greedily, through an ArchitectureCache with `edits` on (the native backend), so the cache ends at
-    `context`. backend=None (no edits) runs the model as it is: its own attention, no attnprobe hook.
-    graph=True decodes through a StaticStep (the original over a StaticCache): on CUDA captured once after the
-    warm-up as a CUDA graph and replayed, so no step waits for Python; on CPU run eagerly.
-    Returns EFFICIENCY_COLUMNS: cache + state bytes at the end, decode tokens/s (over the batch), prefill ms,
-    and the peak memory during both, weights included (CUDA: bytes the allocator held at most; CPU: the
-    process's peak resident set, VmHWM, NaN where Linux's is absent); `decode_mode` (eager, static or
-    cuda-graph) and `tokens`, the (batch, new_tokens) greedy tokens of the timed steps. `profile`: afterwards,
-    4 more eager decode steps under torch.profiler, its table written there (and, on CUDA, the lines that
-    synchronised the host)."""
-    if not 0 < new_tokens < context - warmup:
-        raise AttnprobeError(f"decode {new_tokens} tokens within a context of {context}: choose 0 < new tokens < context - {warmup}")
-    if backend is None and edits:
-        raise AttnprobeError("edits need a backend: pass the native backend")
-    device = model.device
-    capture = graph and device.type == "cuda"
-    if capture and warmup < 1:
-        raise AttnprobeError("a CUDA graph is captured after at least one warm-up step: pass warmup >= 1")
-    if graph and profile is not None:
-        raise AttnprobeError("a profile records eager steps: measure it with graph=False")
-    if graph and not graph_capturable(model, edits):
-        raise AttnprobeError(STATIC_ONLY)
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.hf.get_input_embeddings().weight.shape[0]
-    prompt = context - new_tokens - warmup
-    ids = torch.randint(3, vocab, (batch, prompt), generator=generator).to(device)
-    cache = decode_cache(model, edits, context, graph)
-    timer = _Timer(device)
-    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
-
-    def step(token):
-        return model.hf(input_ids=token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-
-    _reset_peak(device)
-    with backend.patched(edits) if backend is not None else contextlib.nullcontext():
-        _sync(device)
-        timer.start()
-        token = model.hf(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        prefill = timer.stop()
-        if graph:
-            static = StaticStep(model, edits, cache, token, prompt)
-            side = torch.cuda.Stream(device) if capture else None
-            with torch.cuda.stream(side) if capture else contextlib.nullcontext():  # warm up off the capture stream
-                for _ in range(warmup):
-                    static()
-            if capture:
-                torch.cuda.current_stream(device).wait_stream(side)
-                cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
-                    static()
-            run = cuda_graph.replay if capture else static
-            timer.start()
-            for i in range(new_tokens):  # the cache ends at context
-                run()
-                tokens[:, i:i + 1].copy_(static.token)
-            decode = timer.stop()
-            token = static.token
-        else:
-            for _ in range(warmup):
-                token = step(token)
-            timer.start()
-            for i in range(new_tokens):
-                token = step(token)
-                tokens[:, i:i + 1].copy_(token)
-            decode = timer.stop()
-        measured = {"kv_cache_bytes_measured": cache_nbytes(cache), "decode_tokens_per_s": batch * new_tokens / decode,
-                    "prefill_ms": 1000 * prefill, "peak_memory_bytes": _peak(device),
-                    "decode_mode": "cuda-graph" if capture else "static" if graph else "eager", "tokens": tokens.cpu()}
-        if profile is not None:
-            _profile_steps(step, token, device, profile)
-    return measured
-
-
-def _profile_steps(step, token, device: torch.device, path: Path, steps: int = 4) -> None:
-    import warnings
-    from collections import Counter
-
-    from torch.profiler import profile
-
-    synced: Counter = Counter()
-    with profile() as prof, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("warn")  # each host sync warns, from the line that caused it
-        try:
-            for _ in range(steps):
-                token = step(token)
-            _sync(device)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
-    synced.update(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    lines = [f"{steps} decode steps", f"host syncs per step: {sum(synced.values()) / steps:g}"]
-    lines += [f"  {n / steps:g}  {where}" for where, n in synced.most_common(20)]
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30))
-    path.write_text("\n".join(lines) + "\n")

@@ -86,15 +86,18 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
 
 def decode_route(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> str:
     """How decode steps of `kernel` run: "triton" (CUDA, a linear kernel our Triton step runs), "fla" (CUDA,
-    a gated or delta-rule family flash-linear-attention has a fused recurrent op for), else "torch"."""
+    a gated or delta-rule family flash-linear-attention has a fused recurrent op for), "triton-delta" (CUDA,
+    a delta-rule family fla does not run: our fused Triton step), else "torch"."""
     from attnprobe.kernels import fla
-    from attnprobe.kernels.dispatch import use_fla
+    from attnprobe.kernels.dispatch import use_fla, use_triton
     from attnprobe.kernels.linear import LinearKernel
 
     if isinstance(kernel, LinearKernel) and kernel.fits_triton(q, v.shape[-1]):
         return "triton"
     if use_fla(q) and fla.decode_supported(kernel):
         return "fla"
+    if getattr(kernel, "delta_rule", False) and use_triton(q):
+        return "triton-delta"
     return "torch"
 
 
@@ -116,7 +119,14 @@ def _fla_decode(kernel, state, q, k, v, scaling):
     return fla.decode(kernel, state, q, k, v, scaling)
 
 
-DECODERS = {"triton": fused_decode, "fla": _fla_decode, "torch": lambda kernel, *args: kernel.decode(*args)}
+def _triton_delta_decode(kernel, state, q, k, v, scaling):
+    from attnprobe.kernels.deltanet.decode import fused_delta_decode
+
+    return fused_delta_decode(kernel, state, q, k, v, scaling)
+
+
+DECODERS = {"triton": fused_decode, "fla": _fla_decode, "triton-delta": _triton_delta_decode,
+            "torch": lambda kernel, *args: kernel.decode(*args)}
 
 
 def _heads_for(layer: int, heads: Heads, default: Sequence[int]) -> list[int]:

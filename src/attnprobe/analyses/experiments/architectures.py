@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from attnprobe.hooks.backends import Backend
-from attnprobe.hooks.cache import EFFICIENCY_COLUMNS, measure_decoding
+from attnprobe.analyses.efficiency.decoding import EFFICIENCY_COLUMNS, measure_decoding
 from attnprobe.hooks.edits import Edit
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model

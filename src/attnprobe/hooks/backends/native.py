@@ -5,8 +5,9 @@ transformers' AttentionInterface. For each call it takes the first of the named 
 
     sdpa-passthrough    nothing to read or edit in the layer: SDPA unchanged (same numbers, same speed; a
                         float32 CUDA prefill gets its KV heads repeated: `expand_kv_heads`)
-    compact-decode      a decode step over an ArchitectureCache (hooks/cache.py): softmax heads run SDPA
-                        over the keys their KV heads kept, replaced heads step their own state
+    compact-decode      a decode step over an ArchitectureCache (hooks/cache.py): softmax heads read the keys
+                        their KV heads kept (one token: the split-K kernel, kernels/softmax/decode.py; else
+                        SDPA), replaced heads step their own state
     fused-statistics    CUDA, pattern read only by PatternStats: SDPA (cuDNN/flash also returns the row
                         log-sum-exp) + the Triton statistics kernels, O(T) memory
     chunked-softmax     a pattern read (or a softcap): exact softmax in query chunks handed to the
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from attnprobe.kernels.dispatch import use_triton
+from attnprobe.kernels.softmax.decode import split_k_decode
 
 from ..edits import AttentionCall, head_index
 from attnprobe.errors import AttnprobeError
@@ -111,7 +113,11 @@ def _run_compact(c: Call) -> torch.Tensor:
     z = query.new_zeros(batch, n_new, heads, c.value.shape[-1])
     if layer_cache.kept_query_heads:
         kept = head_index(layer_cache.kept_query_heads, query.device)
-        z[:, :, kept] = c.sdpa(query[:, kept], layer_cache.kept_keys, layer_cache.kept_values).to(z)
+        if n_new == 1 and layer_cache.sliding_window is None and c.softcap is None:  # read the kept cache once, split-K
+            z[:, :, kept] = split_k_decode(query[:, kept], layer_cache.kept_keys, layer_cache.kept_values,
+                                           layer_cache.kept_lengths(batch), c.scaling).transpose(1, 2).to(z)
+        else:
+            z[:, :, kept] = c.sdpa(query[:, kept], layer_cache.kept_keys, layer_cache.kept_values).to(z)
     return z
 
 
@@ -235,7 +241,7 @@ def attnprobe_attention(module, query, key, value, attention_mask, dropout=0.0, 
              sliding_window if sliding_window is not None else backend.info.window(layer) if backend else None)
     cache_layer = backend.cache_layer(layer) if backend is not None else None
     if cache_layer is not None and cache_layer.compact:
-        if session is None or layer not in session.attention_layers:
+        if cache_layer.built_for_edits and (session is None or layer not in session.attention_layers):
             raise AttnprobeError(f"layer {layer}'s cache was built for edits that are not on: generate inside "
                                  "backend.patched(edits) with the edits the ArchitectureCache was made from")
         c.cache_layer = cache_layer  # key, value: this call's tokens, every KV head; the kept heads' past is in the layer
