@@ -108,6 +108,20 @@ def tiny_model(device: str, dtype: torch.dtype) -> Model:
     return Model(hf, ByteTokenizer(), describe(hf, ByteTokenizer(), "tiny-random-llama", "none", "random"))
 
 
+def shape_model(shape: str, device: str, dtype: torch.dtype) -> Model:
+    """Random weights in a named model's shape (convert_bench.SHAPES): a step's cost does not depend on the
+    weights, and nothing has to be carried to a GPU machine."""
+    from convert_bench import SHAPES
+    from transformers import AutoModelForCausalLM
+
+    if shape not in SHAPES:
+        raise AttnprobeError(f"unknown --shape {shape!r}: choose among {', '.join(SHAPES)}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(SHAPES[shape]()).to(dtype=dtype).eval()
+    return Model(hf, ByteTokenizer(), describe(hf, ByteTokenizer(), f"{shape} shape", "none", "random"))
+
+
 def random_weights_like(model: Model, positions: int) -> Model:
     """The model's architecture with random weights and a position range of `positions`."""
     config = type(model.hf.config).from_dict(model.hf.config.to_dict())
@@ -222,7 +236,10 @@ def measure_row(model: Model, backend, name: str, mode: str, context: int, batch
 def run(args) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = tiny_model(device, dtype) if args.tiny else load_model(args.model, dtype=dtype, device=device)
+    if args.tiny:
+        model = tiny_model(device, dtype)
+    else:
+        model = shape_model(args.shape, device, dtype) if args.shape else load_model(args.model, dtype=dtype, device=device)
     contexts, batches = [int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")]
     names, modes = args.architectures.split(","), args.modes.split(",")
     if set(modes) - {"eager", "graph"}:
@@ -254,7 +271,7 @@ def run(args) -> list[dict]:
                         original_tokens = tokens
                     elif name == "original-split-k" and "original" in reference:  # the baseline decodes what SDPA does
                         row["tokens_equal_original"] = (tokens == original_tokens).float().mean().item()
-                    row["weights"] = "pretrained" if fits else "random"
+                    row["weights"] = "pretrained" if fits and not args.shape else "random"
                     row.update(bound_columns(row, peak))
                     reference.setdefault(name, row)
                     row.update(ratios(row, reference.get("original"), ""))
@@ -274,6 +291,7 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tiny", action="store_true", help="a tiny random GQA Llama instead of --model (CPU test)")
+    parser.add_argument("--shape", default=None, help="random weights in a model's shape instead of --model: smollm2, qwen")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--contexts", default="8192,32768")
