@@ -210,7 +210,7 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, info.vocab_size, (batch * (steps + 1), length), generator=generator)
     clock = PhaseClock(device)
-    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights), \
+    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights and device.type == "cuda"), \
             fused_ops(model.hf, fast.fused_ops) as fused, looped_forms(looped):
         params = [p for k in kernels.values() for p in k.parameters() if p.requires_grad] + list(adapters.values())
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")

@@ -234,8 +234,9 @@ def liger_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: tor
 @contextmanager
 def frozen_in_bf16(hf: nn.Module, enabled: bool) -> Iterator[None]:
     """The frozen floating-point parameters and buffers of `hf` in bf16 for the block (their fp32 values wait on
-    the CPU and come back afterwards, bit for bit); trained parameters stay as they are. CUDA only."""
-    if not enabled or next(hf.parameters()).device.type != "cuda":
+    the CPU and come back afterwards, bit for bit); trained parameters stay as they are. Run the model under
+    autocast inside (fp32 adapters meet bf16 activations)."""
+    if not enabled:
         yield
         return
     saved = []
