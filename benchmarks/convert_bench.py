@@ -210,7 +210,8 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, info.vocab_size, (batch * (steps + 1), length), generator=generator)
     clock = PhaseClock(device)
-    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights), \
+    agreement = None
+    with train.adapted(model, "lora", 8) as adapters, frozen_in_bf16(model.hf, fast.bf16_weights and device.type == "cuda"), \
             fused_ops(model.hf, fast.fused_ops) as fused, looped_forms(looped):
         params = [p for k in kernels.values() for p in k.parameters() if p.requires_grad] + list(adapters.values())
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -231,6 +232,8 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                     clock.mark("teacher forward")
                     out = step.student(student, piece)
                     clock.mark("student forward")
+                    if index == 0 and fast.loss == "liger":  # the two losses measured against each other, untimed
+                        agreement = _loss_agreement(step, out, target, piece)
                     loss = step.loss(out, target, piece) * (len(piece) / batch)
                     clock.mark("loss")
                     loss.backward()
@@ -248,7 +251,23 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
             "phase_share": {phase: round(t / total, 4) for phase, t in clock.seconds.items()},
             "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
-            "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused, "looped_forms": looped}}
+            "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused, "looped_forms": looped},
+            **({"liger_vs_chunked": agreement} if agreement else {})}
+
+
+def _loss_agreement(step, out, target, ids) -> dict:
+    """liger-kernel's fused linear JSD (beta 0) against our chunked KL on one micro-batch: values, gradients."""
+    from attnprobe.analyses.conversion.stage2 import chunked_distillation, liger_distillation
+
+    leaf = out.detach().requires_grad_()
+    values, grads = [], []
+    for loss in (lambda h: liger_distillation(h, target, step.weight), lambda h: chunked_distillation(h, target, step.weight, ids)):
+        with step.autocast():
+            value = loss(leaf)
+        grads.append(torch.autograd.grad(value, leaf)[0].float())
+        values.append(float(value))
+    return {"loss_liger": values[0], "loss_chunked": values[1],
+            "grad_relative_difference": float((grads[0] - grads[1]).norm() / grads[1].norm().clamp_min(1e-30))}
 
 
 def _train_forms(kernels, device, length: int) -> str | None:

@@ -201,3 +201,31 @@ def test_the_benchmarks_old_looped_forms_equal_the_batched_ones(name):
     assert delta.wy_chunked.__name__ == "wy_chunked" and forms.scalar_chunked.__name__ == "scalar_chunked"
     for got, want in zip(looped, batched):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weights_in_bf16_for_the_stage_and_back_bit_for_bit():
+    """Inside the block the frozen weights are bf16 and the adapters fp32 (they train in fp32); a student forward
+    under autocast stays close to the fp32 one; afterwards every weight is its fp32 self again, bit for bit."""
+    from attnprobe.analyses.conversion.stage2 import frozen_in_bf16
+    from tiny_hf import TinyTokenizer, wrap
+
+    model = wrap(tiny_llama(), TinyTokenizer())
+    before = {name: p.detach().clone() for name, p in model.hf.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3]])
+    with conversion.adapted(model, "lora", 4) as adapters:
+        with torch.no_grad():
+            for p in adapters.values():
+                p.normal_(0, 0.1)  # B starts at 0: make the adapters count
+            want = model.hf(input_ids=ids).logits
+        with frozen_in_bf16(model.hf, True):
+            frozen = [p for p in model.hf.parameters() if not p.requires_grad]
+            assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+            assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = model.hf(input_ids=ids).logits
+            got.float().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters.values())
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+        assert all(p.dtype == torch.float32 for p in model.hf.parameters())
+    after = dict(model.hf.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)

@@ -228,14 +228,16 @@ def liger_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: tor
     """The KL alone through liger-kernel's fused linear JSD at beta 0 (forward KL, mean over tokens; CUDA)."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
-    return LigerFusedLinearJSD(jsd_beta=0.0)(student.flatten(0, 1), weight, teacher.flatten(0, 1), weight)
+    student, teacher = (x.flatten(0, 1).to(weight.dtype) for x in (student, teacher))  # liger wants one dtype
+    return LigerFusedLinearJSD(jsd_beta=0.0)(student, weight, teacher, weight)
 
 
 @contextmanager
 def frozen_in_bf16(hf: nn.Module, enabled: bool) -> Iterator[None]:
     """The frozen floating-point parameters and buffers of `hf` in bf16 for the block (their fp32 values wait on
-    the CPU and come back afterwards, bit for bit); trained parameters stay as they are. CUDA only."""
-    if not enabled or next(hf.parameters()).device.type != "cuda":
+    the CPU and come back afterwards, bit for bit); trained parameters stay as they are. Run the model under
+    autocast inside (fp32 adapters meet bf16 activations)."""
+    if not enabled:
         yield
         return
     saved = []
@@ -280,7 +282,8 @@ class Stage2Step:
             return distillation_loss(student, teacher, ids, self.ce_weight)
         if self.fast.loss == "liger":
             return liger_distillation(student, teacher, self.weight)
-        return chunked_distillation(student, teacher, self.weight, ids, self.ce_weight, self.softcap)
+        with self.autocast():  # the LM head's products in bf16 on CUDA (accelerate hands the student's output over in fp32)
+            return chunked_distillation(student, teacher, self.weight, ids, self.ce_weight, self.softcap)
 
     def __call__(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         target = self.teacher(ids)

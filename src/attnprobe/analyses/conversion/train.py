@@ -421,7 +421,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     torch.manual_seed(config.seed)  # LoRA's A matrices are drawn from the global generator
     fast = fast or FastPath()
     fast.check(config.ce_weight)
-    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights), \
+    with adapted(model, config.train, config.lora_rank) as adapter_params, frozen_in_bf16(model.hf, fast.bf16_weights and model.device.type == "cuda"), \
             fused_ops(model.hf, fast.fused_ops):
         params = {**learnable, **{f"adapter.{name}": p for name, p in adapter_params.items()}}
         if resume is not None and resume[0]["stage"] == "transfer":  # carry stage 1's kernels into stage 2
