@@ -30,7 +30,8 @@ over its own keys (hooks/decode_attention.py): FlashAttention-class, no mask ove
 Columns: cache bytes at the end, `step_bytes` (analyses/efficiency/bandwidth.py: weights + keys and values +
 states read, recurrent states written), decode tokens/s over the batch, `step_ms`, `bound_ms` (the bytes at
 the HBM peak: H200 4.8 TB/s, H100 3.35 TB/s, else --hbm-peak), `hbm_share` = bound / step, prefill ms, peak
-memory; ratios to the original and to the split-K baseline of the same context, batch and mode.
+memory; ratios to the original of the same mode and (`_vs_split_k`) to the split-K baseline's graph row of
+the same context and batch (list graph first in --modes for the eager rows to get them).
 A context beyond the model's window runs on random weights in the model's shape (same config, longer
 position range): a forward's cost does not depend on the weights; rows record `weights: random`.
 Bad input (a batch that does not fit the GPU, a context shorter than the steps) prints one line naming the
@@ -257,6 +258,7 @@ def run(args) -> list[dict]:
         fits = not model.info.max_context or context <= model.info.max_context
         run_model = model if fits else random_weights_like(model, context)
         for batch in batches:
+            strong = None  # the split-K baseline (graph mode), the reference of every mode's rows at this size
             for mode in modes:
                 reference: dict[str, dict] = {}
                 backend = None
@@ -275,7 +277,8 @@ def run(args) -> list[dict]:
                     row.update(bound_columns(row, peak))
                     reference.setdefault(name, row)
                     row.update(ratios(row, reference.get("original"), ""))
-                    row.update(ratios(row, reference.get("original-split-k"), "_vs_split_k"))
+                    strong = row if name == "original-split-k" else strong
+                    row.update(ratios(row, strong, "_vs_split_k"))
                     record.add(row)
                 if backend is not None:
                     backend.close()  # the next baselines run on the model as it is

@@ -45,6 +45,9 @@ def test_every_architecture_beside_the_original_and_the_split_k_baseline(bench, 
         assert cost["layers-1of4-softmax-gdn"] > cost["original"] / 4
         assert by[(context, "eager", "original")]["cache_ratio"] == 1.0
     assert by[(600, "static", "all-gated-deltanet")]["cache_ratio_vs_split_k"] < 0.1  # a fixed state
+    split = by[(600, "static", "original-split-k")]
+    assert by[(600, "eager", "sink+window")]["decode_speedup_vs_split_k"] == pytest.approx(  # eager rows: the graph baseline
+        by[(600, "eager", "sink+window")]["decode_tokens_per_s"] / split["decode_tokens_per_s"])
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_ms"] > 0 and r["step_ms"] > 0 for r in rows)
     assert "hbm_share" not in rows[0]  # a CPU has no HBM peak in the table
     saved = json.loads((tmp_path / "decode_bench.json").read_text())

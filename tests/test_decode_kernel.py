@@ -95,6 +95,17 @@ def test_the_triton_split_k_step_equals_sdpa_under_the_interpreter(interpreted, 
         torch.testing.assert_close(interpreted.split_k_decode(q, k, v, lengths, 0.3, splits), want, atol=1e-4, rtol=1e-4)
 
 
+def test_head_dims_the_triton_kernel_cannot_take_run_the_torch_form(interpreted):
+    from attnprobe.kernels.dispatch import triton_on_cpu
+
+    q, k, v, lengths = cache(2, 6, 2, 90, 48, [90, 33])  # 48: not a power of two
+    assert not interpreted.triton_fits(48) and interpreted.triton_fits(64)
+    with pytest.raises(AttnprobeError, match="powers of two"):
+        interpreted.split_k_decode_triton(q, k, v, lengths, 0.3, 2)
+    with triton_on_cpu():
+        torch.testing.assert_close(interpreted.split_k_decode(q, k, v, lengths, 0.3), sdpa(q, k, v, lengths, 0.3), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA")
 @pytest.mark.parametrize("shape", SHAPES[1:])
 def test_the_compiled_split_k_step_equals_sdpa_on_cuda(shape):

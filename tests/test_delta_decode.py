@@ -68,6 +68,8 @@ def test_the_route_takes_the_fused_step_where_triton_runs_and_fla_does_not(inter
     with dispatch.triton_on_cpu():
         assert decode_route(kernel, q, v) == "triton-delta"
         assert decode_route(make_kernel("hedgehog", 2, 16), q, v) == "triton"
+        wide = torch.randn(1, 2, 6, 24)  # a key dim the Triton step cannot take: the torch step
+        assert decode_route(make_kernel("kda", 2, 24), wide, wide) == "torch"
         _, state = kernel.prefill(q[:, :, :4], k[:, :, :4], v[:, :, :4], 0.25)
         got, _ = DECODERS["triton-delta"](kernel, state.clone(), q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], 0.25)
         torch.testing.assert_close(got, kernel.quadratic(q, k, v, 0.25)[:, :, 4:], atol=1e-5, rtol=1e-5)

@@ -77,7 +77,7 @@ if [ "$PHASE" = model ]; then
   D="python3 /tmp/bench/decode_bench.py --model $M --device cuda --dtype bfloat16 --modes eager,graph"
   mkdir -p $OUT/decode
   timeout 250 $D --contexts 2048,32768 --out $OUT/decode/batch1 > $OUT/decode/batch1.txt 2>&1
-  timeout 170 $D --contexts 32768 --batch 8 --architectures original,all-hedgehog,all-gated-deltanet --new-tokens 32 \
+  timeout 170 $D --contexts 32768 --batches 8 --architectures original,all-hedgehog,all-gated-deltanet --new-tokens 32 \
     --out $OUT/decode/batch8 > $OUT/decode/batch8.txt 2>&1
   exit 0
 fi

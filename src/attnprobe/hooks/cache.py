@@ -7,16 +7,18 @@
 Per layer, a KV head keeps its keys and values while any of its query heads is still softmax (under
 GQA a KV head serves `group` query heads); a KV head whose query heads are all replaced keeps none.
 A layer without replaced heads gets transformers' own layer (DynamicLayer, or DynamicSlidingWindowLayer
-on a sliding layer). Replaced heads decode from their kernels' states, which the edits hold: a linear
+on a sliding layer), or, in a static cache (`capacity` given), a compact layer keeping every KV head. Replaced heads decode from their kernels' states, which the edits hold: a linear
 head's f x d state, a sink+window head's sinks and last `window` keys (hybrid.HybridState), a
 sink+window+linear head both. `nbytes()` counts all of it: the tensors the cache holds + the states.
 
 A compact layer's `update` stores only the kept heads and hands the attention call this step's keys
-and values of every KV head; the native backend's `compact-decode` path then runs SDPA for the kept
-heads over their own cache and lets the replaced heads step their states.
+and values of every KV head; the native backend's `compact-decode` path then runs the kept heads over
+their own cache (one token: the split-K kernel, kernels/softmax/decode.py) and lets the replaced heads
+step their states.
 
-`StaticStep` is one decode step at fixed addresses (what a CUDA graph replays); what a step costs is measured
-in analyses/efficiency.
+`StaticStep` is one decode step at fixed addresses (what a CUDA graph replays): the original over a
+transformers StaticCache, or fixed-state edits over a static ArchitectureCache; what a step costs is
+measured in analyses/efficiency.
 """
 from __future__ import annotations
 

@@ -97,7 +97,10 @@ def decode_route(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> str:
     if use_fla(q) and fla.decode_supported(kernel):
         return "fla"
     if getattr(kernel, "delta_rule", False) and use_triton(q):
-        return "triton-delta"
+        from attnprobe.kernels.deltanet.decode import step_fits
+
+        if step_fits(q.shape[-1]):
+            return "triton-delta"
     return "torch"
 
 

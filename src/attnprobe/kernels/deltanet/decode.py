@@ -43,6 +43,11 @@ def _delta_step_kernel(Q, K, V, BETA, LOG_ALPHA, S, OUT, stride_alpha_bh, stride
     tl.store(OUT + bh * DV + offs_v, tl.sum(q[:, None] * state, axis=0), mask=inside)
 
 
+def step_fits(dk: int) -> bool:
+    """Key dims the Triton step takes whole (tl.arange needs a power of two)."""
+    return dk >= 16 and not dk & (dk - 1)
+
+
 def delta_decode_step(qn, kn, v, beta, log_alpha, state) -> torch.Tensor:
     """One token: qn, kn (B, H, dk), v (B, H, dv), beta (B, H), log alpha (B, H, 1) or (B, H, dk), all fp32;
     `state` (B, H, dk, dv) fp32 contiguous, advanced in place. Returns z (B, H, dv) fp32."""
@@ -51,7 +56,7 @@ def delta_decode_step(qn, kn, v, beta, log_alpha, state) -> torch.Tensor:
     if state.shape != (batch, heads, dk, dv) or not state.is_contiguous() or state.dtype != torch.float32:
         raise AttnprobeError(f"the delta-rule state must be a contiguous fp32 (B, H, dk, dv) = {(batch, heads, dk, dv)}, "
                              f"got {tuple(state.shape)} {state.dtype}: keep the state the prefill returned")
-    if dk & (dk - 1) or dk < 16:
+    if not step_fits(dk):
         raise AttnprobeError(f"the Triton delta-rule step takes key dims that are powers of two >= 16, got {dk}: use the torch step")
     qn, kn, v, beta = (x.float().contiguous() for x in (qn, kn, v, beta))
     log_alpha = log_alpha.float().contiguous()

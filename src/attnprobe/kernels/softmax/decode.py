@@ -146,8 +146,13 @@ def _combine_kernel(O, M, L, OUT, KV_HEADS, SPLITS, stride_ob, stride_oh,
     tl.store(OUT + b * stride_ob + head * stride_oh + offs_v, z.to(OUT.dtype.element_ty))
 
 
+def triton_fits(d: int) -> bool:
+    """Head dims the Triton kernel takes whole (tl.arange needs a power of two; tl.dot at least 16)."""
+    return d >= 16 and not d & (d - 1)
+
+
 def _width(d: int) -> int:
-    if d & (d - 1) or d < 16:
+    if not triton_fits(d):
         raise AttnprobeError(f"the Triton decode kernel takes head dims that are powers of two >= 16, got {d}: "
                              "use the torch path (--torch-kernels)")
     return d
@@ -188,9 +193,9 @@ def programs_to_fill(device: torch.device) -> int:
 
 def split_k_decode(q, k, v, lengths, scaling: float, splits: int | None = None) -> torch.Tensor:
     """softmax(scaling q k^T) v for one query per sequence over the first `lengths[b]` cached keys: (B, H, 1, dv).
-    Triton on CUDA (or the interpreter in tests), the torch reference elsewhere."""
+    Triton on CUDA (or the interpreter in tests) for head dims it takes, the torch reference elsewhere."""
     if splits is None:
         splits = split_count(k.shape[0] * k.shape[1], k.shape[2], programs_to_fill(q.device))
-    if use_triton(q):
+    if use_triton(q) and triton_fits(q.shape[-1]) and triton_fits(v.shape[-1]):
         return split_k_decode_triton(q, k, v, lengths, scaling, splits)
     return split_k_decode_reference(q, k, v, lengths, scaling, splits)
