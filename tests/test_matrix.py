@@ -126,7 +126,8 @@ def test_teacher_forced_score_finds_the_copy_head_of_a_model_that_cannot_answer(
 
 
 def test_matrix_accuracies_carry_wilson_intervals():
-    """Samples are scored per task; copying pools its tokens (all but the first of each string)."""
+    """Samples are scored per task with a Wilson interval; copying scores the share of tokens right
+    (all but the first of each string) with a bootstrap over strings, n counting strings."""
     from attnprobe.analyses.experiments.ablation import wilson_interval
     from attnprobe.analyses.experiments.architectures import _accuracy_columns, matrix_markdown
 
@@ -135,7 +136,8 @@ def test_matrix_accuracies_carry_wilson_intervals():
     columns = _accuracy_columns(rows)
     assert columns["passkey_acc"] == 0.9 and columns["passkey_n"] == 10
     assert (columns["passkey_ci_low"], columns["passkey_ci_high"]) == wilson_interval(9, 10)
-    assert columns["copy_n"] == 20 and columns["copy_acc"] == 0.8
+    assert columns["copy_n"] == 2 and columns["copy_acc"] == pytest.approx(0.8)
+    assert columns["copy_ci_low"] == pytest.approx(0.8) == columns["copy_ci_high"]  # two identical strings: no spread
     assert columns["kv_recall_n"] == 0 and math.isnan(columns["kv_recall_acc"])
     text = matrix_markdown(pd.DataFrame([{"architecture": "original", "description": "x", **columns}]))
     low, high = wilson_interval(9, 10)
