@@ -177,3 +177,28 @@ def test_matrix_takes_niah_haystacks_from_a_users_long_file(tiny, tmp_path):
     assert "pydoc_data" in used["perplexity"]["source"]
     with pytest.raises(AttnprobeError, match="text file not found"):
         MatrixSizes(niah_haystack=str(tmp_path / "missing.txt"))
+
+
+def test_matrix_stars_rows_that_differ_from_the_original_on_the_same_prompts():
+    """Paired on the same prompts: losing 10 of 40 passkeys differs at 0.05 (exact McNemar p = 0.002),
+    losing 1 does not; copying compares its strings' token accuracy by a paired bootstrap."""
+    from attnprobe.analyses.experiments.architectures import _accuracy_columns, differences_from, differs, matrix_markdown
+
+    def rows(variant, wrong, copy_accuracy):
+        passkeys = [{"variant": variant, "task": "passkey", "length": 512, "depth": 0.5, "sample": i, "correct": i >= wrong}
+                    for i in range(40)]
+        copies = [{"variant": variant, "task": "copying", "length": 11, "depth": math.nan, "sample": i,
+                   "correct": copy_accuracy == 1.0, "token_accuracy": copy_accuracy} for i in range(12)]
+        return passkeys + copies
+
+    recall = pd.DataFrame(rows("original", 0, 1.0) + rows("lossy", 10, 0.5) + rows("close", 1, 1.0))
+    assert differs(recall, "passkey", "lossy", "original") is True
+    assert differs(recall, "passkey", "close", "original") is False
+    assert differs(recall, "copying", "lossy", "original") is True and differs(recall, "copying", "close", "original") is False
+    assert differs(recall, "passkey", "lossy", "absent") is None
+    table = pd.DataFrame([{"architecture": v, **_accuracy_columns(recall[recall["variant"] == v], ("passkey", "copying"))}
+                          for v in ("original", "lossy", "close")])
+    table = differences_from(table, recall, ("passkey", "copying"))
+    assert table["passkey_differs"].tolist() == [None, True, False]
+    text = matrix_markdown(table)
+    assert "0.75 (" in text and "n=40) *" in text and "differs from the original" in text and "passkey_differs" not in text

@@ -475,7 +475,7 @@ def budget(
         return tuple(x.strip() for x in text.split(";") if x.strip())
 
     chosen = dict(selectors=tuple(s.strip() for s in selectors.split(",") if s.strip()), budgets=tuple(_floats(budgets, "--budgets")),
-                  kinds=listed(kinds), unit=unit, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), allow_small=allow_small,
+                  kinds=listed(kinds), unit=unit, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), allow_small=allow_small or quick,
                   **{k: v for k, v in (("seeds", seeds), ("chunk", chunk)) if v is not None})
     sizes = BudgetSizes.quick(**chosen) if quick else BudgetSizes(**chosen)
     if sparse is not None:

@@ -147,8 +147,13 @@ def widest_wilson(n: int) -> float:
     return max(high - low for low, high in (wilson_interval(k, n) for k in {n // 2, (n + 1) // 2}))
 
 
+def say(line: str) -> None:
+    """Where warnings go by default: one line on stderr."""
+    print(line, file=sys.stderr)
+
+
 def check_sample_size(n: int, what: str, on_gpu: bool, allow_small: bool = False,
-                      say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> None:
+                      say: Callable[[str], None] = say) -> None:
     """Refuse `n` samples whose 95 % interval can span more than WIDEST_INTERVAL (unless `allow_small`,
     a smoke run); on a GPU, where samples are cheap, say so when n < WARN_BELOW."""
     width = widest_wilson(n)

@@ -29,7 +29,7 @@ from attnprobe.probe.perplexity import WINDOW, held_out_perplexity
 from attnprobe.probe.rundir import RunDir, read_json, write_json, write_parquet
 
 from attnprobe.analyses import tasks as recall_tasks
-from attnprobe.analyses.stats import cluster_bootstrap, wilson_interval
+from attnprobe.analyses.stats import bootstrap_difference, cluster_bootstrap, differ, wilson_interval
 
 Head = tuple[int, int]
 
@@ -383,8 +383,8 @@ def _run_matrix(model, backend, variants, heads, out, sizes, settings, progress,
         rows.append(row)
         recall_rows.append(samples)
         on_row(row)
-    table = pd.DataFrame(rows)
     recall_table = pd.concat(recall_rows, ignore_index=True)
+    table = differences_from(pd.DataFrame(rows), recall_table, sizes.tasks)
     write_parquet(out / "matrix.parquet", table)
     write_parquet(out / "recall.parquet", recall_table)
     grids = [t.name for t in recall_tasks.tasks() if t.grid]  # depth x length tasks
@@ -421,14 +421,48 @@ def _check_settings(out: Path, wanted: dict) -> None:
     write_json(path, wanted)
 
 
+def differs(recall: pd.DataFrame, name: str, first: str, second: str) -> bool | None:
+    """Whether variants `first` and `second` differ on task `name` at 0.05, paired: both answered the
+    same prompts (same task, length, depth and sample). Exact McNemar on `correct`; a teacher-forced
+    task by a paired bootstrap of its strings' token accuracy (its interval excludes 0). None when the
+    two did not answer the same prompts."""
+    keys = ["length", "depth", "sample"]
+    rows = recall[recall["task"] == name]
+    a, b = (rows[rows["variant"] == v].sort_values(keys).reset_index(drop=True) for v in (first, second))
+    if a.empty or not a[keys].fillna(-1).equals(b[keys].fillna(-1)):
+        return None
+    if recall_tasks.task(name).teacher_forced:
+        _, low, high = bootstrap_difference(a["token_accuracy"].tolist(), b["token_accuracy"].tolist(), paired=True)
+        return not low <= 0 <= high
+    return differ(a["correct"].tolist(), b["correct"].tolist(), paired=True)
+
+
+def differences_from(table: pd.DataFrame, recall: pd.DataFrame, names, reference: str = "original") -> pd.DataFrame:
+    """The matrix with `<column>_differs` per task: whether the row differs from `reference` at 0.05 (`differs`)."""
+    if reference not in set(table["architecture"]):
+        return table
+    table = table.copy()
+    for name in names:
+        column = recall_tasks.task(name).column
+        table[f"{column}_differs"] = [None if arch == reference else differs(recall, name, arch, reference)
+                                      for arch in table["architecture"]]
+    return table
+
+
 def matrix_markdown(table: pd.DataFrame) -> str:
-    """matrix.md: one row per architecture, each accuracy as 'acc (low-high, n)' with its 95 % interval."""
+    """matrix.md: one row per architecture, each accuracy as 'acc (low-high, n)' with its 95 % interval,
+    starred where it differs from the original at 0.05 (`differs`)."""
     shown = table.drop(columns=["description"], errors="ignore").copy()
+    starred = False
     for prefix in [c[:-len("_acc")] for c in shown.columns if c.endswith("_acc") and f"{c[:-4]}_ci_low" in shown]:
-        shown[f"{prefix}_acc"] = [f"{a:.2f} ({lo:.2f}-{hi:.2f}, n={n})" if n else "n/a" for a, lo, hi, n in
-                                  zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"], shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"])]
-        shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n"])
-    return shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+        marks = shown[f"{prefix}_differs"] if f"{prefix}_differs" in shown else [None] * len(shown)
+        shown[f"{prefix}_acc"] = [f"{a:.2f} ({lo:.2f}-{hi:.2f}, n={n})" + (" *" if mark is True else "") if n else "n/a"
+                                  for a, lo, hi, n, mark in zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"],
+                                                                shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"], marks)]
+        starred |= any(mark is True for mark in marks)
+        shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n", f"{prefix}_differs"], errors="ignore")
+    note = "\n\\* differs from the original at p < 0.05 (paired: the same prompts; exact McNemar, copying a paired bootstrap)\n"
+    return shown.to_markdown(index=False, floatfmt=".3g") + "\n" + (note if starred else "")
 
 
 GATE_HYBRID, GATE_LINEAR = 1.10, 1.25  # perplexity / control's perplexity

@@ -195,5 +195,5 @@ def preflight(model, names_: Sequence[str], sizes, allow_small: bool = False,
         lengths, n, depths = sized(name, sizes)
         build(name, 1, max(lengths), 0, model.tokenizer, model.info.max_context or None,
               Setting(depths=depths, haystack=getattr(sizes, "niah_haystack", None)))
-        checked = {"what": f"{name} ({n * len(lengths)} samples per row)", "on_gpu": on_gpu, "allow_small": allow_small}
-        stats.check_sample_size(n * len(lengths), **checked, **({"say": say} if say else {}))
+        total = n * len(lengths)
+        stats.check_sample_size(total, f"{name} ({total} samples per row)", on_gpu, allow_small, say or stats.say)
