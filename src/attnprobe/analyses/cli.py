@@ -79,6 +79,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _sequence_option(text: str, name: str, kind: type) -> list:
+    if kind is str:  # names, e.g. --tasks passkey,niah
+        return [value.strip() for value in text.split(",") if value.strip()]
     values = _floats(text, name)
     if kind is int:
         if any(v != int(v) for v in values):
