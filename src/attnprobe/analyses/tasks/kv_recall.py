@@ -40,4 +40,4 @@ def score(sample: Sample, response: str) -> bool:
 TASKS = (Task("kv_recall", "kv_recall", "KV recall", build=build, score=score,
               scoring="correct when the first number generated is the key's value (exact)",
               description="word: number lines, one key's line asked for", sizes=("kv_pairs", "kv_samples", None),
-              length_unit="pairs", max_new_tokens=8),)
+              length_unit="pairs", max_new_tokens=8, stop_at_newline=True),)

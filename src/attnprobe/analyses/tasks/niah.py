@@ -35,4 +35,4 @@ TASKS = (Task("niah", "niah", "NIAH", build=build, score=score,
               scoring="correct when ROUGE-1 recall of the answer in the response exceeds 0.5 (the retrieval census's rule)",
               description="a packaged needle sentence in evaluation prose",
               sizes=("niah_lengths", "niah_needles", "niah_depths"), length_unit="haystack tokens",
-              max_new_tokens=MAX_NEW_TOKENS, grid=True),)
+              max_new_tokens=MAX_NEW_TOKENS, grid=True, stop_at_newline=True),)

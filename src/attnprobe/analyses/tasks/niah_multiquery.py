@@ -12,5 +12,4 @@ def build(n, length, seed, tokenizer, window, setting):
 
 
 TASKS = (Task("niah_multiquery", "niah_multiquery", "NIAH multi-query", build=build, score=magic.score,
-              scoring=magic.SCORING, description=f"{QUERIES} keys, all asked for in one question", max_new_tokens=64,
-              stop_at_newline=False),)
+              scoring=magic.SCORING, description=f"{QUERIES} keys, all asked for in one question", max_new_tokens=64),)

@@ -12,5 +12,4 @@ def build(n, length, seed, tokenizer, window, setting):
 
 
 TASKS = (Task("niah_multivalue", "niah_multivalue", "NIAH multi-value", build=build, score=magic.score,
-              scoring=magic.SCORING, description=f"one key with {VALUES} values, all asked for", max_new_tokens=64,
-              stop_at_newline=False),)
+              scoring=magic.SCORING, description=f"one key with {VALUES} values, all asked for", max_new_tokens=64),)

@@ -34,4 +34,4 @@ def score(sample: Sample, response: str) -> bool:
 TASKS = (Task("passkey", "passkey", "passkey", build=build, score=score,
               scoring="correct when the first number generated is the key (exact)",
               description="a 5-digit key in repeated filler", sizes=("passkey_lengths", "passkey_samples", "passkey_depths"),
-              length_unit="filler tokens", max_new_tokens=8, grid=True),)
+              length_unit="filler tokens", max_new_tokens=8, grid=True, stop_at_newline=True),)

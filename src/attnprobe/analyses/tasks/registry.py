@@ -63,7 +63,7 @@ class Task:
     sizes: tuple[str, str, str | None] = ("ruler_lengths", "ruler_samples", None)  # size fields: lengths, samples, depths
     length_unit: str = "prompt tokens"
     max_new_tokens: int = 32
-    stop_at_newline: bool = True
+    stop_at_newline: bool = False  # the response ends at its first newline after text (else: all max_new_tokens)
     teacher_forced: bool = False  # scored on the argmax continuation of one teacher-forced pass
     grid: bool = False  # a depth x length task (niah.parquet, the recall_grids figure)
 

@@ -31,5 +31,4 @@ def score(sample: Sample, response: str) -> bool:
 
 TASKS = (Task("variable_tracking", "variable_tracking", "variable tracking", build=build, score=score,
               scoring="correct when every variable of the chain appears in the response (case-insensitive substring)",
-              description=f"a chain of {HOPS} assignments, all variables asked for", max_new_tokens=48,
-              stop_at_newline=False),)
+              description=f"a chain of {HOPS} assignments, all variables asked for", max_new_tokens=48),)
