@@ -208,6 +208,16 @@ def test_a_new_task_module_alone_reaches_every_reader(toy_task, model, monkeypat
     assert "toy_echo_acc" in figures.matrix_columns()
 
 
-def test_unknown_task_names_list_the_registry():
+def test_unknown_task_names_list_the_registry_and_the_options_name_every_task():
+    import dataclasses
+
+    from attnprobe.analyses.experiments.architectures import MatrixSizes
+    from attnprobe.analyses.experiments.budget import BudgetSizes
+
     with pytest.raises(AttnprobeError, match="choose from .*passkey"):
         tasks.task("nonsense")
+    with pytest.raises(AttnprobeError, match="unknown recall task 'nonsense'"):
+        MatrixSizes(tasks=("passkey", "nonsense"))
+    for sizes in (MatrixSizes, BudgetSizes):
+        help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(sizes)}["tasks"]
+        assert all(name in help_text for name in tasks.names())
