@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import random
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -69,7 +70,7 @@ class Task:
 
 
 def _declarations() -> list[Task]:
-    import attnprobe.analyses.tasks as package
+    package = sys.modules[__package__]  # analyses.tasks, imported before any of its modules
 
     found = []
     for module in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
