@@ -151,15 +151,34 @@ def test_sweep_random_heads_never_come_from_the_excluded_top(planted, tmp_path, 
 def test_sweep_evaluates_on_needles_the_census_did_not_rank_with(tmp_path):
     import json
 
-    from attnprobe.analyses.experiments.ablation import heldout_niah
+    from attnprobe.analyses.experiments.ablation import recall_task
     from attnprobe.probe import texts
     from test_retrieval import tiny_model
 
     (tmp_path / "manifest.json").write_text(json.dumps({"config": {"needles": 3}}))
+    with pytest.raises(AttnprobeError, match="7 samples .* --allow-small"):  # 7 needles: intervals over 0.5 wide
+        recall_task("niah", [120], [0.5], run_dir=tmp_path)
     with texts.recording() as used:
-        table = heldout_niah(tmp_path, [120], [0.5])(tiny_model(), "x")
+        table = recall_task("niah", [120], [0.5], run_dir=tmp_path, allow_small=True)(tiny_model(), "x")
     assert sorted(set(table["sample"])) == list(range(3, 10))
     assert {r["range"] for r in used} == {"evaluation"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"needles": 10}}))
+    with pytest.raises(AttnprobeError, match="none is left"):  # every needle ranked heads: nothing to evaluate on
+        recall_task("niah", [120], [0.5], run_dir=tmp_path)
+
+
+def test_random_baseline_interval_counts_the_spread_between_draws():
+    """Draws at 0.2, 0.5 and 0.8 over 100 samples each: a Wilson interval of the 300 pooled samples is
+    about +-0.06; the t interval over the three draws is far wider, as the draws disagree."""
+    from attnprobe.analyses.experiments.ablation import _draws_row
+
+    rows = pd.DataFrame([{"seed": seed, "correct": i < 100 * share} for seed, share in enumerate((0.2, 0.5, 0.8))
+                         for i in range(100)])
+    row = _draws_row("niah", 4, rows)
+    pooled_low, pooled_high = wilson_interval(150, 300)
+    assert row["accuracy"] == pytest.approx(0.5) and row["n"] == 300
+    assert row["ci_low"] < pooled_low - 0.3 and row["ci_high"] > pooled_high + 0.3
+    assert row["interval"] == "t over 3 draws"
 
 
 def test_selection_errors_name_the_valid_range(planted, tmp_path):

@@ -78,8 +78,11 @@ def test_figures_and_report(census_dir):
 def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
     census, _ = census_dir
     ablate = attnprobe("ablate", "--model", tiny, "--heads", "top:2:induction_score", "--from", census, "--mode", "zero",
-                       "--task", "passkey", "--lengths", "96", "--depths", "0.5", "--out", tmp_path / "ablate")
+                       "--task", "passkey", "--lengths", "96", "--depths", "0.5", "--allow-small", "--out", tmp_path / "ablate")
     assert ablate.returncode == 0, ablate.stderr[-2000:]
+    small = attnprobe("ablate", "--model", tiny, "--heads", "0.0", "--task", "passkey", "--lengths", "96", "--depths", "0.5",
+                      "--out", tmp_path / "small")
+    assert small.returncode == 2 and "2 samples" in small.stderr and "--allow-small" in small.stderr
     assert set(pd.read_parquet(tmp_path / "ablate" / "ablation.parquet")["selection"]) == {"none", "chosen"}
     swap = attnprobe("swap", "--model", tiny, "--matrix", "--variants", "original,all-elu,sink+window+linear", "--quick",
                      "--no-census", "--out", tmp_path / "swap")
@@ -97,7 +100,7 @@ def test_ablate_and_swap_run_and_write_tables(tiny, census_dir, tmp_path):
 def test_a_rerun_sweep_reuses_its_saved_cells(tiny, census_dir, tmp_path):
     census, _ = census_dir
     args = ("ablate", "--model", tiny, "--sweep", "1", "--seeds", "2", "--from", census, "--task", "niah",
-            "--lengths", "96", "--depths", "0.5", "--out", tmp_path / "sweep")
+            "--lengths", "96", "--depths", "0.5", "--allow-small", "--out", tmp_path / "sweep")
     first = attnprobe(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     cells = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "sweep_cells").glob("*.parquet")}

@@ -126,7 +126,8 @@ def test_teacher_forced_score_finds_the_copy_head_of_a_model_that_cannot_answer(
 
 
 def test_matrix_accuracies_carry_wilson_intervals():
-    """Samples are scored per task; copying pools its tokens (all but the first of each string)."""
+    """Samples are scored per task with a Wilson interval; copying scores the share of tokens right
+    (all but the first of each string) with a bootstrap over strings, n counting strings."""
     from attnprobe.analyses.experiments.ablation import wilson_interval
     from attnprobe.analyses.experiments.architectures import _accuracy_columns, matrix_markdown
 
@@ -135,7 +136,8 @@ def test_matrix_accuracies_carry_wilson_intervals():
     columns = _accuracy_columns(rows)
     assert columns["passkey_acc"] == 0.9 and columns["passkey_n"] == 10
     assert (columns["passkey_ci_low"], columns["passkey_ci_high"]) == wilson_interval(9, 10)
-    assert columns["copy_n"] == 20 and columns["copy_acc"] == 0.8
+    assert columns["copy_n"] == 2 and columns["copy_acc"] == pytest.approx(0.8)
+    assert columns["copy_ci_low"] == pytest.approx(0.8) == columns["copy_ci_high"]  # two identical strings: no spread
     assert columns["kv_recall_n"] == 0 and math.isnan(columns["kv_recall_acc"])
     text = matrix_markdown(pd.DataFrame([{"architecture": "original", "description": "x", **columns}]))
     low, high = wilson_interval(9, 10)
@@ -175,3 +177,28 @@ def test_matrix_takes_niah_haystacks_from_a_users_long_file(tiny, tmp_path):
     assert "pydoc_data" in used["perplexity"]["source"]
     with pytest.raises(AttnprobeError, match="text file not found"):
         MatrixSizes(niah_haystack=str(tmp_path / "missing.txt"))
+
+
+def test_matrix_stars_rows_that_differ_from_the_original_on_the_same_prompts():
+    """Paired on the same prompts: losing 10 of 40 passkeys differs at 0.05 (exact McNemar p = 0.002),
+    losing 1 does not; copying compares its strings' token accuracy by a paired bootstrap."""
+    from attnprobe.analyses.experiments.architectures import _accuracy_columns, differences_from, differs, matrix_markdown
+
+    def rows(variant, wrong, copy_accuracy):
+        passkeys = [{"variant": variant, "task": "passkey", "length": 512, "depth": 0.5, "sample": i, "correct": i >= wrong}
+                    for i in range(40)]
+        copies = [{"variant": variant, "task": "copying", "length": 11, "depth": math.nan, "sample": i,
+                   "correct": copy_accuracy == 1.0, "token_accuracy": copy_accuracy} for i in range(12)]
+        return passkeys + copies
+
+    recall = pd.DataFrame(rows("original", 0, 1.0) + rows("lossy", 10, 0.5) + rows("close", 1, 1.0))
+    assert differs(recall, "passkey", "lossy", "original") is True
+    assert differs(recall, "passkey", "close", "original") is False
+    assert differs(recall, "copying", "lossy", "original") is True and differs(recall, "copying", "close", "original") is False
+    assert differs(recall, "passkey", "lossy", "absent") is None
+    table = pd.DataFrame([{"architecture": v, **_accuracy_columns(recall[recall["variant"] == v], ("passkey", "copying"))}
+                          for v in ("original", "lossy", "close")])
+    table = differences_from(table, recall, ("passkey", "copying"))
+    assert table["passkey_differs"].tolist() == [None, True, False]
+    text = matrix_markdown(table)
+    assert "0.75 (" in text and "n=40) *" in text and "differs from the original" in text and "passkey_differs" not in text

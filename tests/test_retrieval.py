@@ -323,12 +323,12 @@ def test_prompt_longer_than_the_window_is_a_user_error():
 
 @pytest.mark.real_model
 def test_smollm2_passkey_and_tiny_census():
-    from attnprobe.analyses.recall import passkey
+    from attnprobe.analyses.tasks import Setting, evaluate
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
 
     model = load_model("smollm2-135m")
-    table = passkey(model, lengths=[512], depths=[0.5], samples=1)
+    table = evaluate(model, "passkey", [512], 1, setting=Setting(depths=(0.5,)))
     assert table["correct"].all(), table.to_dict("records")
     heads, samples = retrieval.retrieval_census(model, make_backend("native", model), lengths=[512],
                                                 depths=[0.25, 0.75], needles=1)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from attnprobe.errors import AttnprobeError
 from attnprobe.probe import mechanisms
+from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.experiments.architectures import MatrixSizes
 from attnprobe.probe.census import CensusConfig
 from attnprobe.probe.rundir import RunDir, read_json
@@ -78,6 +79,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _sequence_option(text: str, name: str, kind: type) -> list:
+    if kind is str:  # names, e.g. --tasks passkey,niah
+        return [value.strip() for value in text.split(",") if value.strip()]
     values = _floats(text, name)
     if kind is int:
         if any(v != int(v) for v in values):
@@ -282,15 +285,16 @@ def ablate(
     score: str = typer.Option("retrieval_score", help="heads.parquet column that ranks heads in a sweep"),
     lengths: str = typer.Option("512,1024", help="NIAH / passkey context lengths"),
     depths: str = typer.Option("0,0.5,1", help="needle depths (0-1)"),
-    task: str = typer.Option("niah", help="niah | passkey"),
+    task: str = typer.Option("niah", help="a recall task of the registry (attnprobe.analyses.tasks): " + ", ".join(recall_tasks.names())),
+    samples: int = typer.Option(2, help="samples per length and depth (niah in a sweep: every needle the census left out)"),
+    allow_small: bool = typer.Option(False, "--allow-small", help="run with samples too few for a 95 % interval narrower than 0.5"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/ablate-MODEL-TIME)"),
 ) -> None:
     """Ablate heads and measure recall, or sweep top-K against random-K heads.
 
     Writes ablation.parquet (task, selection, k, seed, accuracy, n, 95 % Wilson interval), niah.parquet
     (every sample: variant, task, length, depth, correct) and manifest.json."""
-    from attnprobe.analyses import recall
-    from attnprobe.analyses.experiments.ablation import MODES, SweepCells, ablation_edits, evaluate, heldout_niah, masking_sweep, wilson_summary
+    from attnprobe.analyses.experiments.ablation import MODES, SweepCells, ablation_edits, evaluate, masking_sweep, recall_task, wilson_summary
     from attnprobe.probe import texts as texts_module
     from attnprobe.probe.census import resolve_bos
     from attnprobe.analyses.experiments.selection import parse_heads
@@ -299,8 +303,7 @@ def ablate(
 
     if mode not in MODES:
         raise AttnprobeError(f"unknown ablation mode '{mode}': choose one of {', '.join(MODES)}")
-    if task not in ("niah", "passkey"):
-        raise AttnprobeError(f"unknown task '{task}': choose niah or passkey")
+    recall_tasks.task(task)  # an unknown name fails here, listing the registry
     if sweep is None and not heads and not layers:
         raise AttnprobeError("say which heads: --heads (e.g. 3.1,7.4 or top:10:retrieval_score --from RUN) or --layers, or --sweep 5,10,20")
     length_list, depth_list = _sequence_option(lengths, "--lengths", int), _sequence_option(depths, "--depths", float)
@@ -308,8 +311,8 @@ def ablate(
         raise AttnprobeError(f"--lengths are context lengths, whole numbers of at least 16 tokens; got '{lengths}'")
     if not depth_list or any(not 0 <= d <= 1 for d in depth_list):
         raise AttnprobeError(f"--depths are fractions between 0 and 1; got '{depths}'")
-    if seeds < 1:
-        raise AttnprobeError(f"--seeds must be at least 1, got {seeds}")
+    if seeds < 1 or samples < 1:
+        raise AttnprobeError(f"--seeds and --samples must be at least 1, got {seeds} and {samples}")
     ks = _sequence_option(sweep, "--sweep", int) if sweep is not None else []
     if sweep is not None:
         if from_run is None:
@@ -321,14 +324,9 @@ def ablate(
 
     loaded = _load(model)
     bos = resolve_bos("auto", loaded)
-    niah_task = heldout_niah(from_run, length_list, depth_list, bos) if sweep is not None and task == "niah" else None
-
-    def run_task(m, label):
-        if niah_task is not None:  # needles and haystack the census did not rank heads with
-            return niah_task(m, label)
-        if task == "niah":
-            return recall.niah(m, length_list, depth_list, variant=label, bos=bos)
-        return recall.passkey(m, length_list, depth_list, samples=2, variant=label, bos=bos)
+    # a sweep's NIAH: needles and haystack the census did not rank heads with
+    run_task = recall_task(task, length_list, depth_list, bos, from_run if sweep is not None else None, samples,
+                           loaded.device.type == "cuda", allow_small)
 
     backend_impl = make_backend("native", loaded)
     started = time.time()
@@ -336,7 +334,7 @@ def ablate(
     used_text = recorder.__enter__()  # the text ranges this run reads, for its manifest
     if sweep is not None:  # each finished configuration is kept under OUT/sweep_cells: a rerun resumes
         cells = SweepCells(out / "sweep_cells", {"ks": ks, "draws": seeds, "mode": mode, "score": score, "exclude_top": exclude_top,
-                                                 "task": task, "lengths": length_list, "depths": depth_list, "bos": bos,
+                                                 "task": task, "samples": samples, "lengths": length_list, "depths": depth_list, "bos": bos,
                                                  "census": str(Path(from_run).resolve()), "weights": loaded.info.weights_sha256})
         with console.status("sweeping") as status:
             summary, rows = masking_sweep(loaded, backend_impl, from_run, ks, seeds, run_task, mode, score, exclude_top, bos,
@@ -382,7 +380,7 @@ def swap(
     variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all; --list-variants shows them)"),
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures and exit"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run); sizes given explicitly are kept"),
-    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 30 samples per task and row, passkey and NIAH to 4K, efficiency at 2K/8K/32K); sizes given explicitly are kept"),
+    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 100 samples per task and row, passkey and NIAH to 4K, efficiency at 2K/8K/32K); sizes given explicitly are kept"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/swap-MODEL-TIME); rerun to resume"),
 ) -> None:
     """Replace heads in place with linear or hybrid kernels and measure what is lost.
@@ -456,7 +454,8 @@ def budget(
     sparse: Optional[str] = typer.Option(None, help="';'-separated sparse rows, every head replaced (default: oracle-topk, quest, vertical-slash, power)"),
     unit: str = typer.Option("kv", help="kv: rank KV heads (a KV head's cache is kept whole) | head: rank query heads"),
     seeds: Optional[int] = typer.Option(None, help="random draws (default 3; --quick 2)"),
-    tasks: str = typer.Option("passkey,niah", help="recall tasks of every cell: passkey, niah"),
+    tasks: str = typer.Option("passkey,niah", help="recall tasks of every cell: " + ", ".join(recall_tasks.names())),
+    allow_small: bool = typer.Option(False, "--allow-small", help="run with samples too few for a 95 % interval narrower than 0.5"),
     lengths: Optional[str] = typer.Option(None, help="passkey and NIAH lengths in tokens (default 1024,2048,4096; --quick 128)"),
     chunk: Optional[int] = typer.Option(None, help="query chunk of the replaced heads' prefill (default 64; 512 is faster on a GPU)"),
     quick: bool = typer.Option(False, help="CPU sizes: short prompts, one sample per cell, 2 DuoAttention steps"),
@@ -478,7 +477,7 @@ def budget(
         return tuple(x.strip() for x in text.split(";") if x.strip())
 
     chosen = dict(selectors=tuple(s.strip() for s in selectors.split(",") if s.strip()), budgets=tuple(_floats(budgets, "--budgets")),
-                  kinds=listed(kinds), unit=unit, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                  kinds=listed(kinds), unit=unit, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), allow_small=allow_small or quick,
                   **{k: v for k, v in (("seeds", seeds), ("chunk", chunk)) if v is not None})
     sizes = BudgetSizes.quick(**chosen) if quick else BudgetSizes(**chosen)
     if sparse is not None:

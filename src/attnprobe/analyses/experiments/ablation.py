@@ -7,7 +7,6 @@ attention to hidden sinks by beta and give the mass back to the other keys in pr
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +21,9 @@ from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 from attnprobe.probe import texts
 from attnprobe.probe.rundir import write_json, write_parquet
+
+from attnprobe.analyses import tasks as recall_tasks
+from attnprobe.analyses.stats import check_sample_size, mean_interval, wilson_interval
 
 from attnprobe.analyses.experiments.selection import Head, by_layer, parse_heads, top_heads
 
@@ -107,16 +109,6 @@ def ablation_edits(model: Model, backend: Backend, heads: Sequence[Head], mode: 
     return [mean_heads(layer, hs, means[layer]) for layer, hs in grouped.items()]
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion."""
-    if total == 0:
-        return math.nan, math.nan
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 Task = Callable[[Model, str], pd.DataFrame]  # (model, variant label) -> rows with a boolean `correct`
 DEFAULT_DRAWS = 10
 EXCLUDED_SHARE = 0.1  # random heads come from outside the top 10 % (the reference excludes 100 of 1,024)
@@ -140,19 +132,34 @@ def ranking_needles(run_dir: Path) -> int:
     return needles
 
 
-def heldout_niah(run_dir: Path, lengths: Sequence[int], depths: Sequence[float], bos: bool | None = None) -> Task:
-    """NIAH on what did not rank the heads: the needles the census in `run_dir` left out and
-    haystacks from the evaluation text range."""
-    from attnprobe.analyses import recall
-    needles = recall.evaluation_needles(ranking_needles(run_dir))
-    return lambda model, label: recall.niah(model, lengths, depths, needles, variant=label, bos=bos)
+def recall_task(name: str, lengths: Sequence[int], depths: Sequence[float], bos: bool | None = None,
+                run_dir: Path | None = None, samples: int = 2, on_gpu: bool = False, allow_small: bool = False) -> Task:
+    """Registry task `name` at `lengths`, `samples` per length and depth (a task without depths:
+    `samples` x len(depths) per length). NIAH with `run_dir` evaluates on what did not rank the heads:
+    every needle the census there left out, in haystacks from the evaluation text range. Too few
+    samples for an interval are refused here (`stats.check_sample_size`), before any model work."""
+    ranking = ranking_needles(run_dir) if run_dir is not None and name == "niah" else recall_tasks.Setting().ranking_needles
+    setting = recall_tasks.Setting(bos=bos, depths=tuple(depths), ranking_needles=ranking)
+    per_depth = len(recall_tasks.pools.evaluation_needles(ranking)) if run_dir is not None and name == "niah" else samples
+    n = per_depth * len(depths)
+    check_sample_size(n * len(lengths), f"{name} ({n * len(lengths)} samples per configuration)", on_gpu, allow_small)
+    return lambda model, label: recall_tasks.evaluate(model, name, lengths, n, variant=label, setting=setting)
 
 
 def _summary_row(task: str, selection: str, k: int, seed: int, group: pd.DataFrame) -> dict:
     correct, total = int(group["correct"].sum()), len(group)
     low, high = wilson_interval(correct, total)
     return {"task": task, "selection": selection, "k": int(k), "seed": int(seed), "accuracy": correct / total,
-            "n": total, "ci_low": low, "ci_high": high}
+            "n": total, "ci_low": low, "ci_high": high, "interval": "wilson"}
+
+
+def _draws_row(task: str, k: int, group: pd.DataFrame) -> dict:
+    """The random baseline of one K over its draws: the mean of the draws' accuracies with a t interval
+    over them, so the spread between draws (which heads were drawn) counts, not only the samples'."""
+    accuracies = group.groupby("seed")["correct"].mean()
+    mean, low, high = mean_interval(accuracies.tolist())
+    return {"task": task, "selection": "random-pooled", "k": int(k), "seed": -1, "accuracy": mean, "n": len(group),
+            "ci_low": low, "ci_high": high, "interval": f"t over {len(accuracies)} draws"}
 
 
 class SweepCells:
@@ -189,12 +196,13 @@ def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[in
     """Mask the top-K heads by `score` and, `draws` times per K, K random heads drawn outside the top
     `exclude_top` (default: 10 % of all heads, at least max(K)).
 
-    `task` should not be what ranked the heads (`heldout_niah`). With `cells`, each finished configuration
-    is saved and a rerun evaluates only the missing ones. Returns (summary: task, selection, k, seed,
-    accuracy, n, ci_low, ci_high with one row per draw and a 'random-pooled' row per K whose Wilson
-    interval pools every draw's samples; every sample's row, without the model's responses)."""
+    `task` should not be what ranked the heads (`recall_task("niah", ..., run_dir=run_dir)`). With `cells`,
+    each finished configuration is saved and a rerun evaluates only the missing ones. Returns (summary:
+    task, selection, k, seed, accuracy, n, ci_low, ci_high, interval with one Wilson row per draw and a
+    'random-pooled' row per K: the mean over draws with a t interval over the draws' accuracies; every
+    sample's row, without the model's responses)."""
     if task is None:
-        raise AttnprobeError("give the sweep a task, e.g. heldout_niah(run_dir, lengths, depths)")
+        raise AttnprobeError("give the sweep a task, e.g. recall_task('niah', lengths, depths, run_dir=run_dir)")
     progress = progress or (lambda message: None)
 
     def cell(label: str, heads: Sequence[Head], **columns) -> pd.DataFrame:
@@ -226,7 +234,7 @@ def masking_sweep(model: Model, backend: Backend, run_dir: Path, ks: Sequence[in
     rows = pd.concat(samples, ignore_index=True)
     summary = wilson_summary(rows)
     randoms = rows[rows["selection"] == "random"]
-    pooled = [_summary_row(t, "random-pooled", k, -1, group) for (t, k), group in randoms.groupby(["task", "k"])]
+    pooled = [_draws_row(t, k, group) for (t, k), group in randoms.groupby(["task", "k"])]
     return pd.concat([summary, pd.DataFrame(pooled)], ignore_index=True), rows
 
 

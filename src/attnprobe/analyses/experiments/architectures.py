@@ -28,8 +28,8 @@ from attnprobe.probe.mechanisms import mechanisms
 from attnprobe.probe.perplexity import WINDOW, held_out_perplexity
 from attnprobe.probe.rundir import RunDir, read_json, write_json, write_parquet
 
-from attnprobe.analyses import recall
-from attnprobe.analyses.experiments.ablation import wilson_interval
+from attnprobe.analyses import tasks as recall_tasks
+from attnprobe.analyses.stats import bootstrap_difference, cluster_bootstrap, differ, wilson_interval
 
 Head = tuple[int, int]
 
@@ -174,21 +174,27 @@ def _option(default, help: str):
 @dataclass
 class MatrixSizes:
     """Sizes of each variant's evaluation. The defaults run on a 2-core CPU in a few minutes per
-    variant; `gpu()` gives at least 30 samples per task and row, with passkey and NIAH to 4K.
-    The swap command's options are built from these fields."""
+    variant (at least 12 samples per task and row: fewer give 95 % intervals over 0.5 wide and are
+    refused unless `allow_small`); `gpu()` gives at least 100 samples per task and row, with passkey
+    and NIAH to 4K. The swap command's options are built from these fields."""
 
+    tasks: tuple[str, ...] = _option(recall_tasks.DEFAULT, "recall tasks of each row: " + recall_tasks.help_text())
     passkey_lengths: tuple[int, ...] = _option((512, 1024), "passkey context lengths in tokens")
     passkey_depths: tuple[float, ...] = _option((0.0, 0.25, 0.5, 0.75), "passkey depths (0-1; <= 0.75 keeps the key beyond a 64-token window)")
-    passkey_samples: int = _option(1, "passkey samples per length and depth")
+    passkey_samples: int = _option(2, "passkey samples per length and depth")
     kv_pairs: tuple[int, ...] = _option((16, 32), "key-value recall: pairs per prompt (the pair asked for lies beyond the hybrids' window)")
-    kv_samples: int = _option(4, "key-value recall samples per number of pairs")
+    kv_samples: int = _option(6, "key-value recall samples per number of pairs")
     copy_lengths: tuple[int, ...] = _option((64, 128), "copying: tokens per string (>= the hybrids' window)")
-    copy_samples: int = _option(4, "copying strings per length")
+    copy_samples: int = _option(6, "copying strings per length")
     niah_lengths: tuple[int, ...] = _option((512, 1024), "NIAH context lengths (evaluation haystack)")
     niah_depths: tuple[float, ...] = _option((0.25, 0.75), "NIAH depths (0-1)")
     niah_needles: int = _option(4, "NIAH evaluation needles (packaged ones the default census does not rank with)")
     niah_haystack: Optional[str] = _option(None, "UTF-8 text file whose evaluation range gives the NIAH haystacks "
                                            "(default: the embedded prose, 8K tokens; a long file reaches a 32K window)")
+    ruler_lengths: tuple[int, ...] = _option((1024,), "prompt lengths of the RULER tasks (niah_single_*, niah_multi*, "
+                                             "variable_tracking, kv_retrieval, string_copy): 1K-8K for SmolLM2, 4K-32K for Qwen/Gemma")
+    ruler_samples: int = _option(12, "samples per length of each RULER task")
+    allow_small: bool = _option(False, "run with samples too few for a 95 % interval narrower than 0.5 (a smoke run)")
     perplexity_tokens: int = _option(2048, "held-out tokens for perplexity")
     perplexity_length: int = _option(WINDOW, "tokens per perplexity row (BOS counted), as the census's")
     bos: str = _option("auto", "one BOS convention for fitting, every task and each variant's census: auto | on | off")
@@ -202,7 +208,11 @@ class MatrixSizes:
     decode_tokens: int = _option(16, "decoded tokens per efficiency measurement")
 
     def __post_init__(self) -> None:
-        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "niah_lengths", "census_lengths", "efficiency_contexts"):
+        self.tasks = tuple(self.tasks)
+        for name in self.tasks:
+            recall_tasks.task(name)  # an unknown name fails here, listing the registry
+        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "niah_lengths", "ruler_lengths", "census_lengths",
+                     "efficiency_contexts"):
             values = tuple(getattr(self, name))
             if not values or any(int(v) != v or v < 1 for v in values):
                 raise AttnprobeError(f"--{name.replace('_', '-')} takes whole numbers of at least 1, got {list(values)}")
@@ -212,7 +222,7 @@ class MatrixSizes:
             if not values or any(not 0 <= d <= 1 for d in values):
                 raise AttnprobeError(f"--{name.replace('_', '-')} are fractions 0-1, got {list(values)}")
             setattr(self, name, tuple(float(d) for d in values))
-        for name, low in (("passkey_samples", 1), ("kv_samples", 1), ("copy_samples", 1), ("niah_needles", 1),
+        for name, low in (("passkey_samples", 1), ("kv_samples", 1), ("copy_samples", 1), ("niah_needles", 1), ("ruler_samples", 1),
                           ("perplexity_tokens", 2), ("perplexity_length", 2), ("fit_tokens", 1), ("fit_steps", 0),
                           ("decode_tokens", 1), ("census_induction_length", 2)):
             if getattr(self, name) < low:
@@ -224,40 +234,43 @@ class MatrixSizes:
 
     @classmethod
     def gpu(cls, **given) -> "MatrixSizes":
-        """GPU sizes: 36 passkey, 30 key-value, 30 copying and 48 NIAH samples per row, passkey and NIAH at
-        1K-4K (SmolLM2-135M answered 2 of 4 passkeys at 8K in a CPU check, see README), the efficiency columns
-        at 2K, 8K and 32K (NaN past the model's window); sizes the user gave explicitly (`given`) are kept."""
-        sizes = dict(passkey_lengths=(1024, 2048, 4096), passkey_samples=3, kv_pairs=(16, 32, 64), kv_samples=10,
-                     copy_samples=15, niah_lengths=(1024, 2048, 4096), niah_needles=8, perplexity_tokens=4096,
+        """GPU sizes: at least 100 samples per task and row (108 passkey, 102 key-value, 100 copying strings,
+        120 NIAH, 102 per RULER task), passkey and NIAH at 1K-4K (SmolLM2-135M answered 2 of 4 passkeys at 8K
+        in a CPU check, see README), RULER tasks at 1K, 4K and 8K, the efficiency columns at 2K, 8K and 32K
+        (NaN past the model's window); sizes the user gave explicitly (`given`) are kept."""
+        sizes = dict(passkey_lengths=(1024, 2048, 4096), passkey_samples=9, kv_pairs=(16, 32, 64), kv_samples=34,
+                     copy_samples=50, niah_lengths=(1024, 2048, 4096), niah_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+                     niah_needles=8, ruler_lengths=(1024, 4096, 8192), ruler_samples=34, perplexity_tokens=4096,
                      census_lengths=(1024, 2048), fit_tokens=8192, efficiency_contexts=(2048, 8192, 32768))
         return cls(**{**sizes, **given})
 
     @classmethod
     def quick(cls, **given) -> "MatrixSizes":
-        """Tiny sizes for a smoke run, keeping each task's protocol; sizes the user gave explicitly (`given`) are kept."""
-        small = dict(passkey_lengths=(256,), passkey_depths=(0.5,), kv_pairs=(16,), kv_samples=1, copy_lengths=(64,),
-                     copy_samples=1, niah_lengths=(256,), niah_depths=(0.5,), niah_needles=1, perplexity_tokens=512,
+        """Tiny sizes for a smoke run, keeping each task's protocol (their intervals are too wide to mean
+        anything: `allow_small`); sizes the user gave explicitly (`given`) are kept."""
+        small = dict(passkey_lengths=(256,), passkey_depths=(0.5,), passkey_samples=1, kv_pairs=(16,), kv_samples=1,
+                     copy_lengths=(64,), copy_samples=1, niah_lengths=(256,), niah_depths=(0.5,), niah_needles=1,
+                     ruler_lengths=(512,), ruler_samples=1, allow_small=True, perplexity_tokens=512,
                      census_lengths=(128,), fit_tokens=256, fit_steps=2, efficiency_contexts=(64,), decode_tokens=4)
         return cls(**{**small, **given})
 
 
-TASK_COLUMNS = {"passkey": "passkey", "kv_recall": "kv_recall", "copying": "copy", "niah": "niah"}
-
-
-def _accuracy_columns(rows: pd.DataFrame) -> dict:
-    """Per task: accuracy, its 95 % Wilson interval and n. Copying scores tokens (token accuracy),
-    pooled over its strings; the other tasks score samples."""
+def _accuracy_columns(rows: pd.DataFrame, names=recall_tasks.DEFAULT) -> dict:
+    """Per task of `names`: accuracy, its 95 % interval and n. Samples are independent: a Wilson
+    interval. A teacher-forced task (copying) scores strings: its accuracy is the share of tokens
+    right, its interval a bootstrap over strings and n the number of strings."""
     out = {}
-    for task, prefix in TASK_COLUMNS.items():
-        group = rows[rows["task"] == task]
-        if task == "copying" and not group.empty:
-            n = int(group["length"].sub(1).sum())  # tokens scored per string: all but its first
-            correct = int(round(float((group["token_accuracy"] * group["length"].sub(1)).sum())))
+    for name in names:
+        task, group = recall_tasks.task(name), rows[rows["task"] == name]
+        n = len(group)
+        if task.teacher_forced and n:
+            scored = group["length"].sub(1)  # tokens scored per string: all but its first
+            accuracy, low, high = cluster_bootstrap((group["token_accuracy"] * scored).tolist(), scored.tolist())
         else:
-            n, correct = len(group), int(group["correct"].sum()) if len(group) else 0
-        low, high = wilson_interval(correct, n)
-        out.update({f"{prefix}_acc": correct / n if n else math.nan, f"{prefix}_ci_low": low, f"{prefix}_ci_high": high,
-                    f"{prefix}_n": n})
+            correct = int(group["correct"].sum()) if n else 0
+            accuracy, (low, high) = correct / n if n else math.nan, wilson_interval(correct, n)
+        out.update({f"{task.column}_acc": accuracy, f"{task.column}_ci_low": low, f"{task.column}_ci_high": high,
+                    f"{task.column}_n": n})
     return out
 
 
@@ -297,6 +310,7 @@ def evaluate_variant(model: Model, backend: Backend, variant: Variant, heads: pd
     perplexity range and NIAH the evaluation range with needles the census does not rank with.
     The text ranges used are written to `out/texts.json`."""
     bos = resolve_bos(sizes.bos, model)
+    recall_tasks.preflight(model, sizes.tasks, sizes, sizes.allow_small)  # window and sample counts, before any fit
     with texts.recording() as used:
         row, rows = _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit)
     _record_texts(out / "texts.json", used)
@@ -316,23 +330,13 @@ def _evaluate(model, backend, variant, heads, out, sizes, bos, progress, fit=Non
     edits = variant_edits(model, kernel, keep)
     name = variant.name
     with backend.patched(edits):
-        progress(f"{name}: passkey")
-        tables = [recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.passkey_samples, variant=name, bos=bos)]
-        progress(f"{name}: key-value recall")
-        tables.append(recall.kv_recall(model, sizes.kv_pairs, sizes.kv_samples, variant=name, bos=bos))
-        progress(f"{name}: copying")
-        tables.append(recall.copying(model, sizes.copy_lengths, sizes.copy_samples, variant=name, bos=bos))
-        progress(f"{name}: needle in a haystack")
-        needles = recall.evaluation_needles()[: sizes.niah_needles]
-        tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=name, bos=bos,
-                                  haystack=sizes.niah_haystack))
+        rows = recall_tasks.run_sized(model, sizes.tasks, sizes, name, bos, progress)
     progress(f"{name}: perplexity")
     ppl = held_out_perplexity(backend, sizes.perplexity_tokens, sizes.perplexity_length, model.info.bos_id if bos else None, edits)
-    rows = pd.concat(tables, ignore_index=True)
     per_token, fixed = cache_bytes_per_token(model, keep, variant.kernel)
     row = {"architecture": name, "description": variant.description, "kernel": variant.kernel or "softmax",
            "softmax_heads": len(keep) if variant.kernel else model.info.n_layers * model.info.n_heads, "bos": bos,
-           **_accuracy_columns(rows), "perplexity": ppl, "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
+           **_accuracy_columns(rows, sizes.tasks), "perplexity": ppl, "state_bytes_per_token": per_token, "fixed_state_bytes": fixed}
     row.update(efficiency_columns(model, backend, edits, sizes, progress=lambda m: progress(f"{name}: {m}")))
     if sizes.census:
         progress(f"{name}: census")
@@ -379,11 +383,12 @@ def _run_matrix(model, backend, variants, heads, out, sizes, settings, progress,
         rows.append(row)
         recall_rows.append(samples)
         on_row(row)
-    table = pd.DataFrame(rows)
     recall_table = pd.concat(recall_rows, ignore_index=True)
+    table = differences_from(pd.DataFrame(rows), recall_table, sizes.tasks)
     write_parquet(out / "matrix.parquet", table)
     write_parquet(out / "recall.parquet", recall_table)
-    write_parquet(out / "niah.parquet", recall_table[recall_table["task"].isin(["passkey", "niah"])])  # depth x length tasks
+    grids = [t.name for t in recall_tasks.tasks() if t.grid]  # depth x length tasks
+    write_parquet(out / "niah.parquet", recall_table[recall_table["task"].isin(grids)])
     (out / "matrix.md").write_text(matrix_markdown(table))
     return table, recall_table
 
@@ -416,16 +421,48 @@ def _check_settings(out: Path, wanted: dict) -> None:
     write_json(path, wanted)
 
 
+def differs(recall: pd.DataFrame, name: str, first: str, second: str) -> bool | None:
+    """Whether variants `first` and `second` differ on task `name` at 0.05, paired: both answered the
+    same prompts (same task, length, depth and sample). Exact McNemar on `correct`; a teacher-forced
+    task by a paired bootstrap of its strings' token accuracy (its interval excludes 0). None when the
+    two did not answer the same prompts."""
+    keys = ["length", "depth", "sample"]
+    rows = recall[recall["task"] == name]
+    a, b = (rows[rows["variant"] == v].sort_values(keys).reset_index(drop=True) for v in (first, second))
+    if a.empty or not a[keys].fillna(-1).equals(b[keys].fillna(-1)):
+        return None
+    if recall_tasks.task(name).teacher_forced:
+        _, low, high = bootstrap_difference(a["token_accuracy"].tolist(), b["token_accuracy"].tolist(), paired=True)
+        return not low <= 0 <= high
+    return differ(a["correct"].tolist(), b["correct"].tolist(), paired=True)
+
+
+def differences_from(table: pd.DataFrame, recall: pd.DataFrame, names, reference: str = "original") -> pd.DataFrame:
+    """The matrix with `<column>_differs` per task: whether the row differs from `reference` at 0.05 (`differs`)."""
+    if reference not in set(table["architecture"]):
+        return table
+    table = table.copy()
+    for name in names:
+        column = recall_tasks.task(name).column
+        table[f"{column}_differs"] = [None if arch == reference else differs(recall, name, arch, reference)
+                                      for arch in table["architecture"]]
+    return table
+
+
 def matrix_markdown(table: pd.DataFrame) -> str:
-    """matrix.md: one row per architecture, each accuracy as 'acc (low-high, n)' with its 95 % Wilson interval."""
+    """matrix.md: one row per architecture, each accuracy as 'acc (low-high, n)' with its 95 % interval,
+    starred where it differs from the original at 0.05 (`differs`)."""
     shown = table.drop(columns=["description"], errors="ignore").copy()
-    for prefix in TASK_COLUMNS.values():
-        if f"{prefix}_acc" not in shown:
-            continue
-        shown[f"{prefix}_acc"] = [f"{a:.2f} ({lo:.2f}-{hi:.2f}, n={n})" if n else "n/a" for a, lo, hi, n in
-                                  zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"], shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"])]
-        shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n"])
-    return shown.to_markdown(index=False, floatfmt=".3g") + "\n"
+    starred = False
+    for prefix in [c[:-len("_acc")] for c in shown.columns if c.endswith("_acc") and f"{c[:-4]}_ci_low" in shown]:
+        marks = shown[f"{prefix}_differs"] if f"{prefix}_differs" in shown else [None] * len(shown)
+        shown[f"{prefix}_acc"] = [f"{a:.2f} ({lo:.2f}-{hi:.2f}, n={n})" + (" *" if mark is True else "") if n else "n/a"
+                                  for a, lo, hi, n, mark in zip(shown[f"{prefix}_acc"], shown[f"{prefix}_ci_low"],
+                                                                shown[f"{prefix}_ci_high"], shown[f"{prefix}_n"], marks)]
+        starred |= any(mark is True for mark in marks)
+        shown = shown.drop(columns=[f"{prefix}_ci_low", f"{prefix}_ci_high", f"{prefix}_n", f"{prefix}_differs"], errors="ignore")
+    note = "\n\\* differs from the original at p < 0.05 (paired: the same prompts; exact McNemar, copying a paired bootstrap)\n"
+    return shown.to_markdown(index=False, floatfmt=".3g") + "\n" + (note if starred else "")
 
 
 GATE_HYBRID, GATE_LINEAR = 1.10, 1.25  # perplexity / control's perplexity

@@ -3,7 +3,7 @@
 For each replacement kind (streaming sink + window heads at today's 4 + 64 and DuoAttention's 64 + 256,
 or any registered kernel, fitted when it learns), each selector's ranking (analyses/selectors.py)
 keeps a budget of units exact (6.25-75 % of KV heads, or of heads) and every other head becomes the
-kind. Each cell measures passkey and NIAH recall (Wilson intervals), perplexity and KV-cache bytes;
+kind. Each cell measures recall (the registry tasks in `tasks`, passkey and NIAH by default; 95 % intervals), perplexity and KV-cache bytes;
 reference cells are the original model and every head replaced. Sparse rows replace every head by a
 sparse rule (kernels/sparse), and a needle table says per head which share of the needle each rule keeps.
 
@@ -36,10 +36,10 @@ from attnprobe.probe.perplexity import held_out_perplexity
 from attnprobe.probe.retrieval import build_sample, load_needles
 from attnprobe.probe.rundir import read_json, write_json, write_parquet
 
-from attnprobe.analyses import recall
+from attnprobe.analyses import tasks as recall_tasks
+from attnprobe.analyses.stats import cluster_bootstrap, wilson_interval
 
 from attnprobe.analyses.experiments import selectors
-from attnprobe.analyses.experiments.ablation import wilson_interval
 from attnprobe.analyses.experiments.architectures import cache_bytes_per_token, fitted_kernel
 from attnprobe.analyses.experiments.selection import Head
 from attnprobe.analyses.experiments.selectors import SELECTORS, DuoConfig
@@ -47,7 +47,7 @@ from attnprobe.analyses.experiments.selectors import SELECTORS, DuoConfig
 STREAMING = ("sink+window:sinks=4,window=64", "sink+window:sinks=64,window=256")  # today's and DuoAttention's
 SPARSE = ("oracle-topk:k=256", "quest:page=16,pages=16", "vertical-slash:vertical=128,slash=128", "power:window=64")
 BUDGETS = (0.0625, 0.125, 0.25, 0.5, 0.75)
-TASKS = ("passkey", "niah")
+TASKS = ("passkey", "niah")  # the default tasks of every cell
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,21 @@ class BudgetSizes:
     kinds: tuple[str, ...] = STREAMING
     sparse: tuple[str, ...] = SPARSE
     unit: str = "kv"
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = field(default=TASKS, metadata={"help": "recall tasks of every cell: " + recall_tasks.help_text()})
     passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_samples: int = 2
     niah_lengths: tuple[int, ...] = (1024, 2048, 4096)
     niah_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     niah_needles: int = 2
+    kv_pairs: tuple[int, ...] = (16, 32, 64)  # the sizes of the other registered tasks, when --tasks names them
+    kv_samples: int = 6
+    copy_lengths: tuple[int, ...] = (64, 128)
+    copy_samples: int = 6
+    ruler_lengths: tuple[int, ...] = (1024, 2048, 4096)
+    ruler_samples: int = 6
+    allow_small: bool = field(default=False, metadata={"help": "run with samples too few for a 95 % interval narrower "
+                                                               "than 0.5 per cell (a smoke run)"})
     perplexity_tokens: int = 2048
     razor_length: int = 50
     razor_batch: int = 10
@@ -111,7 +119,8 @@ class BudgetSizes:
         small = {"seeds": 2, "passkey_lengths": (128,), "passkey_depths": (0.5,), "passkey_samples": 1, "niah_lengths": (128,),
                  "niah_depths": (0.5,), "niah_needles": 1, "perplexity_tokens": 256, "razor_length": 16, "razor_batch": 2,
                  "duo": DuoConfig(lengths=(128,), passkeys=1, passkey_words=2, steps=2, sinks=4, window=16),
-                 "fit_tokens": 128, "fit_steps": 1, "needle_samples": 1,
+                 "fit_tokens": 128, "fit_steps": 1, "needle_samples": 1, "allow_small": True, "kv_pairs": (16,),
+                 "kv_samples": 1, "copy_lengths": (16,), "copy_samples": 1, "ruler_lengths": (512,), "ruler_samples": 1,
                  "sparse": ("oracle-topk:k=16", "quest:page=4,pages=4", "vertical-slash:vertical=8,slash=8,last=16",
                             "power:window=8")}
         return cls(**{**small, **overrides})
@@ -197,15 +206,9 @@ def kind_edits(model: Model, kernel: FitResult | str, options: dict, keep: set[H
 
 
 def evaluate(model: Model, backend: Backend, edits: Sequence[Edit], sizes: BudgetSizes, label: str) -> tuple[pd.DataFrame, float]:
-    """Passkey and NIAH samples (the tasks in `sizes.tasks`) and the perplexity under `edits`."""
+    """The samples of the tasks in `sizes.tasks` and the perplexity under `edits`."""
     with backend.patched(list(edits)):
-        tables = []
-        if "passkey" in sizes.tasks:
-            tables.append(recall.passkey(model, sizes.passkey_lengths, sizes.passkey_depths, sizes.passkey_samples, variant=label))
-        if "niah" in sizes.tasks:
-            needles = recall.evaluation_needles()[: sizes.niah_needles]  # none the census ranked heads with
-            tables.append(recall.niah(model, sizes.niah_lengths, sizes.niah_depths, needles, variant=label))
-        samples = pd.concat(tables, ignore_index=True)
+        samples = recall_tasks.run_sized(model, sizes.tasks, sizes, label)
     perplexity = held_out_perplexity(backend, sizes.perplexity_tokens, edits=list(edits))
     return samples.drop(columns=["response"], errors="ignore"), perplexity
 
@@ -261,16 +264,20 @@ def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Ce
 
 def summarise(cell: Cell, samples: pd.DataFrame, perplexity: float, info: ModelInfo, unit: str,
               per_token: int, fixed: int) -> pd.DataFrame:
-    """One row per task: the cell, accuracy with its 95 % Wilson interval, perplexity, cache bytes."""
+    """One row per task: the cell, accuracy with its 95 % interval (Wilson; a bootstrap over strings for
+    a teacher-forced task), perplexity, cache bytes."""
     exact = len(selectors.heads_of(info, unit, cell.units))
     rows = []
     for task in sorted(set(samples["task"])):
         group = samples[samples["task"] == task]
         correct, total = int(group["correct"].sum()), len(group)
-        low, high = wilson_interval(correct, total)
+        accuracy, (low, high) = correct / total if total else math.nan, wilson_interval(correct, total)
+        if recall_tasks.task(task).teacher_forced:  # the share of tokens right, resampled by string
+            scored = group["length"].sub(1)
+            accuracy, low, high = cluster_bootstrap((group["token_accuracy"] * scored).tolist(), scored.tolist())
         rows.append({"kind": cell.kind, "selector": cell.selector, "seed": cell.seed, "budget": cell.budget,
                      "units": len(cell.units), "exact_heads": exact, "task": task, "correct": correct, "n": total,
-                     "accuracy": correct / total if total else math.nan, "ci_low": low, "ci_high": high,
+                     "accuracy": accuracy, "ci_low": low, "ci_high": high,
                      "perplexity": perplexity, "kv_bytes_per_token": per_token, "fixed_bytes": fixed})
     return pd.DataFrame(rows)
 
@@ -338,9 +345,7 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     """Run (or resume) the sweep into `out`; stop starting cells after `time_limit` seconds. Returns the tables."""
     started = time.time()
     info = model.info
-    unknown = sorted(set(sizes.tasks) - set(TASKS)) or ([] if sizes.tasks else ["none"])
-    if unknown:
-        raise AttnprobeError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+    recall_tasks.preflight(model, sizes.tasks, sizes, sizes.allow_small)  # names, window and sample counts
     if sizes.unit not in selectors.UNITS:
         raise AttnprobeError(f"unknown unit '{sizes.unit}': choose kv (KV heads, whose cache is kept whole) or head")
     kinds = {spec: parse_spec(spec) for spec in (*sizes.kinds, *sizes.sparse)}

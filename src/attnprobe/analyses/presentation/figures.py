@@ -24,6 +24,7 @@ from attnprobe.hooks.reducers import Keep
 from attnprobe.hooks.sites import Site
 from attnprobe.probe.mechanisms import default_thresholds, mechanisms
 
+from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.presentation import style
 from attnprobe.analyses.presentation.style import styled
 
@@ -370,15 +371,20 @@ def mean_ci95(values: pd.Series) -> tuple[float, float]:
 @styled
 def ablation_curves(ablation: pd.DataFrame) -> Figure:
     """Accuracy against heads ablated, top-K by score vs random K; bands: 95 % Wilson intervals of the
-    samples pooled over every draw of a K (binomial, not a spread over a few seeds)."""
-    from attnprobe.analyses.experiments.ablation import wilson_interval
+    samples, and for random K the mean over draws with a t interval over the draws' accuracies (the
+    spread between draws counts)."""
+    from attnprobe.analyses.stats import mean_interval, wilson_interval
 
     require(ablation, ["task", "selection", "k", "seed", "accuracy", "n"], "ablation.parquet")
-    pooled = (ablation[ablation["selection"].isin(["none", "top", "random"])]
-              .assign(correct=lambda t: (t["accuracy"] * t["n"]).round())
-              .groupby(["task", "selection", "k"])[["correct", "n"]].sum().reset_index())
-    bands = [wilson_interval(int(c), int(n)) for c, n in zip(pooled["correct"], pooled["n"])]
-    summary = pooled.assign(mean=pooled["correct"] / pooled["n"], low=[b[0] for b in bands], high=[b[1] for b in bands])
+    rows = []
+    for (task, selection, k), group in ablation[ablation["selection"].isin(["none", "top", "random"])].groupby(["task", "selection", "k"]):
+        if selection == "random" and len(group) > 1:
+            mean, low, high = mean_interval(group["accuracy"].tolist())
+        else:
+            correct, n = int((group["accuracy"] * group["n"]).round().sum()), int(group["n"].sum())
+            mean, (low, high) = correct / n, wilson_interval(correct, n)
+        rows.append({"task": task, "selection": selection, "k": k, "mean": mean, "low": low, "high": high})
+    summary = pd.DataFrame(rows)
     tasks = list(ablation["task"].unique())
     fig = style.new_figure("column" if len(tasks) <= 2 else "full", height=2.0)
     axes = fig.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
@@ -395,17 +401,18 @@ def ablation_curves(ablation: pd.DataFrame) -> Figure:
         sns.despine(ax=ax)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower left")
-    fig.suptitle("Head ablation\n(95 % Wilson bands, draws pooled)")
+    fig.suptitle("Head ablation\n(95 % bands: Wilson; random K: t over draws)")
     return fig
 
 
 @styled
 def budget_curve(budget: pd.DataFrame, task: str = "passkey") -> Figure:
     """Recall against the share of heads kept exact, one line per selector and a panel per replacement
-    kind: bars are 95 % Wilson intervals; random is pooled over its draws, its band the range of the draws;
+    kind: bars are 95 % Wilson intervals; random is the mean over its draws with a t interval over them,
+    its band the range of the draws;
     the dashed line is the original model, the cross every head replaced."""
     require(budget, ["kind", "selector", "seed", "budget", "task", "correct", "n", "ci_low", "ci_high"], "budget.parquet")
-    from attnprobe.analyses.experiments.ablation import wilson_interval
+    from attnprobe.analyses.stats import mean_interval, wilson_interval
 
     table = budget[budget["task"] == task]
     if table.empty:
@@ -423,9 +430,12 @@ def budget_curve(budget: pd.DataFrame, task: str = "passkey") -> Figure:
             pooled = curve.groupby("budget", as_index=False)[["correct", "n"]].sum()
             pooled["accuracy"] = pooled["correct"] / pooled["n"]
             bounds = [wilson_interval(int(c), int(n)) for c, n in zip(pooled["correct"], pooled["n"])]
+            draws = curve["seed"].nunique()
+            if selector == "random" and draws > 1:  # the spread between draws counts: t over the draws' accuracies
+                over_draws = [mean_interval(g["accuracy"].tolist()) for _, g in curve.groupby("budget")]
+                pooled["accuracy"], bounds = [m for m, _, _ in over_draws], [(lo, hi) for _, lo, hi in over_draws]
             low = pooled["accuracy"] - [b[0] for b in bounds]
             high = [b[1] for b in bounds] - pooled["accuracy"]
-            draws = curve["seed"].nunique()
             label = f"random ({draws} draws)" if selector == "random" else selector
             ax.errorbar(pooled["budget"], pooled["accuracy"], yerr=[low, high], marker="o", ms=3, capsize=2,
                         color=colors[selector], label=label)
@@ -443,16 +453,19 @@ def budget_curve(budget: pd.DataFrame, task: str = "passkey") -> Figure:
         sns.despine(ax=ax)
     axes[0].set_ylabel(f"{task} accuracy")
     axes[0].legend(loc="upper left", fontsize="x-small")  # low budgets sit at 0: the upper left is free
-    fig.suptitle(f"{task}: recall against exact-head budget\n(bars: 95 % Wilson intervals)")  # fits one column
+    fig.suptitle(f"{task}: recall against exact-head budget\n(bars: 95 % intervals)")  # fits one column
     return fig
 
 
-_MATRIX_COLUMNS = {  # column -> (label, higher is better); presence columns from the mechanism registry
-    **{f"{m.matrix}_present": (m.matrix_label, True) for m in reversed(mechanisms()) if m.matrix},
-    "passkey_acc": ("passkey", True), "kv_recall_acc": ("KV recall", True), "copy_acc": ("copy", True),
-    "niah_acc": ("NIAH", True),
-    "perplexity": ("perplexity ↓", False), "state_bytes_per_token": ("state B/token ↓", False),
-}
+def matrix_columns() -> dict:
+    """column -> (label, higher is better): presence columns from the mechanism registry, accuracies
+    from the task registry."""
+    return {**{f"{m.matrix}_present": (m.matrix_label, True) for m in reversed(mechanisms()) if m.matrix},
+            **{f"{t.column}_acc": (t.label, True) for t in recall_tasks.tasks()},
+            "perplexity": ("perplexity ↓", False), "state_bytes_per_token": ("state B/token ↓", False)}
+
+
+_MATRIX_COLUMNS = matrix_columns()
 
 
 def _format_cell(column: str, value) -> str:
@@ -474,7 +487,8 @@ def _format_cell(column: str, value) -> str:
 def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
     """Architectures x mechanisms/metrics: colour = per-column min-max score (bright = better), text = value."""
     require(matrix, ["architecture"], "matrix.parquet")
-    columns = [column for column in _MATRIX_COLUMNS if column in matrix.columns]
+    known = matrix_columns()
+    columns = [column for column in known if column in matrix.columns]
     if not columns:
         raise AttnprobeError("matrix.parquet has none of the mechanism or metric columns: rerun the swap step")
     table = matrix.set_index("architecture")[columns]
@@ -488,7 +502,7 @@ def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
             values = np.log(values.clip(lower=1e-9))
         span = values.max() - values.min()
         scaled = (values - values.min()) / span if span > 0 else values * 0 + 0.5
-        colour[column] = scaled if _MATRIX_COLUMNS[column][1] else 1 - scaled
+        colour[column] = scaled if known[column][1] else 1 - scaled
     text = np.array([[_format_cell(column, table.at[row, column]) for column in columns] for row in table.index], dtype=object)
     for j, column in enumerate(columns):  # accuracies carry their 95 % Wilson interval where the run has it
         low, high = column.replace("_acc", "_ci_low"), column.replace("_acc", "_ci_high")
@@ -502,7 +516,7 @@ def mechanism_matrix(matrix: pd.DataFrame) -> Figure:
     sns.heatmap(colour, ax=ax, cmap=style.SEQUENTIAL, vmin=0, vmax=1, annot=text, fmt="", annot_kws={"fontsize": 6.5},
                 linewidths=0.6, linecolor="white",
                 cbar_kws={"label": "column-scaled (bright = better)", "shrink": 0.9, "aspect": 12})
-    ax.set_xticklabels([_MATRIX_COLUMNS[column][0] for column in columns], rotation=30, ha="right")
+    ax.set_xticklabels([known[column][0] for column in columns], rotation=30, ha="right")
     ax.tick_params(axis="y", rotation=0)
     ax.set_xlabel("mechanism present / metric")
     ax.set_ylabel("architecture")
@@ -545,7 +559,7 @@ def frontier(matrix: pd.DataFrame, recall: pd.DataFrame) -> Figure:
     """Recall against decode cost: passkey accuracy (95 % Wilson interval) at the longest length the original
     solves, against the measured cache bytes and decode tokens/s at the longest context measured; one
     point per architecture, the original a star, controls (names with 'random' or 'control') hollow."""
-    from attnprobe.analyses.experiments.ablation import wilson_interval
+    from attnprobe.analyses.stats import wilson_interval
 
     require(matrix, ["architecture"], "matrix.parquet")
     require(recall, ["variant", "task", "length", "correct"], "recall.parquet")
