@@ -14,7 +14,7 @@ head h // (H / Hkv), and one program reads a KV head's keys once for all of its 
 The split count is fixed by the buffers' shape; the span a split covers follows the valid length (a whole
 number of key blocks), so every valid key is read once at any length, and a CUDA graph replays the step as
 `lengths` (a GPU tensor) grows. `split_k_decode_reference` is the same partition and combine in torch (CPU,
-tests); the Triton kernel (triton_decode.py, imported where Triton runs) is the one for the GPU.
+tests); the Triton kernels (triton_decode.py, imported where Triton runs) are the GPU's.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from attnprobe.errors import AttnprobeError
 
-from ..dispatch import use_triton
+from ..dispatch import interpreting, use_triton
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner step; a split spans a whole number of these
@@ -88,6 +88,45 @@ def triton_fits(d: int) -> bool:
     return d >= 16 and not d & (d - 1)
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _width(d: int) -> int:
+    if not triton_fits(d):
+        raise AttnprobeError(f"the Triton decode kernel takes head dims that are powers of two >= 16, got {d}: "
+                             "use the torch path (--torch-kernels)")
+    return d
+
+
+def split_k_decode_triton(q, k, v, lengths, scaling: float, splits: int) -> torch.Tensor:
+    """The split-K step as two Triton launches (partials, combine); no host sync, so a CUDA graph can hold it."""
+    from .triton_decode import combine_kernel, split_kernel
+
+    check_decode_inputs(q, k, v)
+    batch, heads, _, dim = q.shape
+    kv_heads, dv = k.shape[1], v.shape[-1]
+    group = heads // kv_heads
+    group_pad = max(16, _next_power_of_2(group))  # tl.dot needs 16 rows
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise AttnprobeError("the cache's last dim must be contiguous: pass the cache's buffers as they are")
+    q = q.contiguous()
+    partial = q.new_empty((batch * kv_heads * splits * group_pad, _width(dv)), dtype=torch.float32)
+    m = q.new_empty((batch * kv_heads * splits * group_pad,), dtype=torch.float32)
+    l = torch.empty_like(m)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    split_kernel[(batch * kv_heads, splits)](
+        q, k, v, lengths, partial, m, l, scaling * LOG2E, kv_heads, splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, D=_width(dim), DV=dv, BLOCK=BLOCK_N, PRECISION=precision,
+        **({} if interpreting() else {"num_warps": 4, "num_stages": 2}))
+    out = q.new_empty((batch, heads, 1, dv))
+    combine_kernel[(batch * kv_heads, group)](partial, m, l, out, kv_heads, splits, out.stride(0), out.stride(1),
+                                               GROUP=group, GROUP_PAD=group_pad, DV=dv,
+                                               SPLITS_PAD=max(2, _next_power_of_2(splits)))
+    return out
+
+
 def programs_to_fill(device: torch.device) -> int:
     """Programs that keep every SM of a GPU reading (4 per SM); a fixed small number elsewhere."""
     if device.type == "cuda":
@@ -97,11 +136,11 @@ def programs_to_fill(device: torch.device) -> int:
 
 def split_k_decode(q, k, v, lengths, scaling: float, splits: int | None = None) -> torch.Tensor:
     """softmax(scaling q k^T) v for one query per sequence over the first `lengths[b]` cached keys: (B, H, 1, dv).
-    Triton on CUDA (or the interpreter in tests) for head dims it takes, the torch reference elsewhere."""
+    Triton on CUDA for head dims it takes, the torch reference elsewhere (tests run the Triton kernel on CPU
+    by calling `split_k_decode_triton` under the interpreter: model-level tests that send CPU tensors to
+    Triton reload only their own kernels for it)."""
     if splits is None:
         splits = split_count(k.shape[0] * k.shape[1], k.shape[2], programs_to_fill(q.device))
-    if use_triton(q) and triton_fits(q.shape[-1]) and triton_fits(v.shape[-1]):
-        from .triton_decode import split_k_decode_triton
-
+    if q.is_cuda and use_triton(q) and triton_fits(q.shape[-1]) and triton_fits(v.shape[-1]):
         return split_k_decode_triton(q, k, v, lengths, scaling, splits)
     return split_k_decode_reference(q, k, v, lengths, scaling, splits)

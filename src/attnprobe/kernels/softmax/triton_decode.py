@@ -1,21 +1,16 @@
-"""The split-K decode step (decode.py) as two Triton launches: per-split partials (m, l, o), then the combine.
+"""The split-K decode step's two Triton kernels: per-split partials (m, l, o), then the combine.
 
-Imported only where Triton runs (CUDA, or CPU under TRITON_INTERPRET=1); decode.py's `split_k_decode` picks it.
+Launched by decode.py's `split_k_decode_triton`, which imports this module only where Triton runs (CUDA, or
+CPU under TRITON_INTERPRET=1 in tests).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from attnprobe.errors import AttnprobeError
-
-from ..dispatch import interpreting
-from .decode import BLOCK_N, LOG2E, check_decode_inputs, triton_fits
-
 
 @triton.jit
-def _split_kernel(Q, K, V, LENGTHS, O, M, L, scale_log2, KV_HEADS, SPLITS,
+def split_kernel(Q, K, V, LENGTHS, O, M, L, scale_log2, KV_HEADS, SPLITS,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                   BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -57,7 +52,7 @@ def _split_kernel(Q, K, V, LENGTHS, O, M, L, scale_log2, KV_HEADS, SPLITS,
 
 
 @triton.jit
-def _combine_kernel(O, M, L, OUT, KV_HEADS, SPLITS, stride_ob, stride_oh,
+def combine_kernel(O, M, L, OUT, KV_HEADS, SPLITS, stride_ob, stride_oh,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DV: tl.constexpr, SPLITS_PAD: tl.constexpr):
     bh = tl.program_id(0)
     g = tl.program_id(1)
@@ -73,36 +68,3 @@ def _combine_kernel(O, M, L, OUT, KV_HEADS, SPLITS, stride_ob, stride_oh,
     b = bh // KV_HEADS
     head = (bh % KV_HEADS) * GROUP + g
     tl.store(OUT + b * stride_ob + head * stride_oh + offs_v, z.to(OUT.dtype.element_ty))
-
-
-def _width(d: int) -> int:
-    if not triton_fits(d):
-        raise AttnprobeError(f"the Triton decode kernel takes head dims that are powers of two >= 16, got {d}: "
-                             "use the torch path (--torch-kernels)")
-    return d
-
-
-def split_k_decode_triton(q, k, v, lengths, scaling: float, splits: int) -> torch.Tensor:
-    """The split-K step as two Triton launches (partials, combine); no host sync, so a CUDA graph can hold it."""
-    check_decode_inputs(q, k, v)
-    batch, heads, _, dim = q.shape
-    kv_heads, dv = k.shape[1], v.shape[-1]
-    group = heads // kv_heads
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise AttnprobeError("the cache's last dim must be contiguous: pass the cache's buffers as they are")
-    q = q.contiguous()
-    partial = q.new_empty((batch * kv_heads * splits * group_pad, _width(dv)), dtype=torch.float32)
-    m = q.new_empty((batch * kv_heads * splits * group_pad,), dtype=torch.float32)
-    l = torch.empty_like(m)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _split_kernel[(batch * kv_heads, splits)](
-        q, k, v, lengths, partial, m, l, scaling * LOG2E, kv_heads, splits,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        GROUP=group, GROUP_PAD=group_pad, D=_width(dim), DV=dv, BLOCK=BLOCK_N, PRECISION=precision,
-        **({} if interpreting() else {"num_warps": 4, "num_stages": 2}))
-    out = q.new_empty((batch, heads, 1, dv))
-    _combine_kernel[(batch * kv_heads, group)](partial, m, l, out, kv_heads, splits, out.stride(0), out.stride(1),
-                                               GROUP=group, GROUP_PAD=group_pad, DV=dv,
-                                               SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
-    return out
