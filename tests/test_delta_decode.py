@@ -84,14 +84,3 @@ def test_a_state_the_step_cannot_advance_in_place_is_refused():
     with pytest.raises(AttnprobeError, match="keep the state the prefill returned"):
         decode.delta_decode_step(x, x, x, torch.zeros(1, 2), torch.zeros(1, 2, 1), state)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled step runs on CUDA")
-@pytest.mark.parametrize("name", ["deltanet", "gated-deltanet", "kda"])
-def test_the_compiled_step_equals_the_torch_step_on_cuda(name):
-    kernel = trained_like(name, 4, 64).cuda()
-    q, k, v = (torch.randn(2, 4, 40, 64, device="cuda") for _ in range(3))
-    _, state = kernel.prefill(q[:, :, :32], k[:, :, :32], v[:, :, :32], 0.125)
-    want, want_state = kernel.decode(state.clone(), q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], 0.125)
-    got, got_state = decode.fused_delta_decode(kernel, state.clone(), q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], 0.125)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got_state, want_state, atol=1e-4, rtol=1e-4)
