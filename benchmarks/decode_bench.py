@@ -22,9 +22,10 @@ Each measurement (analyses/efficiency/decoding.py) prefills `context - new_token
 decodes `warmup` untimed and `new_tokens` timed (CUDA events), so the cache ends at the context.
 
 Modes (--modes): `eager` launches every step's kernels from Python; `graph` captures one step as a CUDA graph
-after the warm-up and replays it (hooks/cache.py StaticStep), so a step costs its GPU work alone. Only steps
-that read fixed-size tensors qualify (the original and the all- rows); the others are left out of that
-mode. On CPU `graph` runs the same static step eagerly. The original's static step prefills with SDPA causal
+after the warm-up and replays it (hooks/cache.py StaticStep), so a step costs its GPU work alone. Steps at
+fixed addresses qualify: the original, fixed-state kernels, softmax heads and layers over a static cache,
+sink + window rings once full (their slot on the device); a window with a linear part and sliding layers are
+left out of that mode. On CPU `graph` runs the same static step eagerly. The original's static step prefills with SDPA causal
 over its own keys (hooks/decode_attention.py): FlashAttention-class, no mask over the whole buffer.
 
 Columns: cache bytes at the end, `step_bytes` (analyses/efficiency/bandwidth.py: weights + keys and values +
@@ -57,6 +58,7 @@ from attnprobe.hooks.backends import make_backend
 from attnprobe.hooks.cache import graph_capturable
 from attnprobe.hooks.model import DEFAULT_MODEL, Model, describe, load_model
 from attnprobe.io import atomic_write_text
+from attnprobe.kernels.hybrid.ring import ring_part
 
 DEFAULT_ARCHITECTURES = ("original", "original-split-k", "all-gated-deltanet", "all-kda", "sink+window+gdn",
                          "heads-12.5-gated-deltanet", "layers-1of4-softmax-gdn")
@@ -224,9 +226,13 @@ def measure_row(model: Model, backend, name: str, mode: str, context: int, batch
     graph = mode == "graph"
     if (graph and not graph_capturable(model, edits)) or (name == "original-split-k" and not graph):
         return None
+    steady = max([window.window + window.sinks for window in map(ring_part, (e.kernel for e in edits)) if window] or [0])
+    if graph and context - args.new_tokens - args.warmup < steady:  # a ring replays once its window and sinks are full
+        return None
     attention = BASELINES.get(name, "sdpa")
     runner = backend if edits else None
-    measure_decoding(model, runner, edits, 64, 2, batch, graph=graph, attention=attention)  # kernels compiled, allocator warm
+    warm = min(context, max(64, steady + 8))
+    measure_decoding(model, runner, edits, warm, 2, batch, graph=graph, attention=attention)  # kernels compiled, allocator warm
     profile = Path(args.out) / f"profile-{context}-{batch}-{name}.txt" if args.profile and not graph else None
     measured = measure_decoding(model, runner, edits, context, args.new_tokens, batch, warmup=args.warmup, graph=graph,
                                 attention=attention, profile=profile)

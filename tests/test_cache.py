@@ -248,12 +248,15 @@ STATIC = {"original": [], "all-hedgehog": [(layer, "hedgehog", EVERY) for layer 
           "all-gated-deltanet": [(layer, "gated-deltanet", EVERY) for layer in range(3)],
           "mixed-families": [(0, "gla", EVERY), (1, "decay", EVERY), (2, "hedgehog", EVERY)],
           "layer-hybrid": [(0, "gated-deltanet", EVERY), (2, "kda", EVERY)],  # layer 1 softmax
-          "head-hybrid": [(0, "gated-deltanet", [2, 3]), (1, "gated-deltanet", [1, 2, 3]), (2, "hedgehog", EVERY)]}
+          "head-hybrid": [(0, "gated-deltanet", [2, 3]), (1, "gated-deltanet", [1, 2, 3]), (2, "hedgehog", EVERY)],
+          "sink+window": [(layer, "sink+window", EVERY) for layer in range(3)],  # the ring's slot on the device
+          "sink+window+gdn": [(0, "sink+window+gdn", EVERY), (1, "sink+window", [2, 3]), (2, "kda", EVERY)]}
 
 
 def static_edits(model, architecture):
     torch.manual_seed(6)
-    return [kernel_edit(layer, heads, make_kernel(name, len(heads), model.info.head_dim)) for layer, name, heads in STATIC[architecture]]
+    return [kernel_edit(layer, heads, make_kernel(name, len(heads), model.info.head_dim, **SMALL.get(name, {})))
+            for layer, name, heads in STATIC[architecture]]
 
 
 @pytest.mark.parametrize("architecture", list(STATIC))
@@ -305,12 +308,16 @@ def test_only_fixed_state_steps_are_captured(tiny_llama_model):
         StaticStep(model, whole[:2], architecture_cache(model, whole[:2]), token, 5)
     with pytest.raises(AttnprobeError, match="build the cache for the whole context"):
         StaticStep(model, whole[:2], architecture_cache(model, whole[:2], capacity=5), token, 5)
-    edits = edits_for(model, "sink+window")
-    assert not graph_capturable(model, edits)  # a window's ring buffer
+    edits = edits_for(model, "window")
+    assert not graph_capturable(model, edits)  # evicted tokens folded into a linear state on the host's schedule
     with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
         StaticStep(model, edits, architecture_cache(model, edits), token, 5)
     with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
         measure_decoding(model, backend, edits, 40, new_tokens=4, graph=True)
+    edits = edits_for(model, "sink+window")  # window 4 + 2 sinks: steady from 6 tokens on
+    assert graph_capturable(model, edits)
+    with pytest.raises(AttnprobeError, match="starts past 6 tokens, so prefill at least that many"):
+        measure_decoding(model, backend, edits, 9, new_tokens=4, warmup=1, graph=True)
 
 
 def test_a_model_with_sliding_layers_decodes_eagerly(tiny_gemma3_model):
@@ -336,3 +343,30 @@ def test_kept_keys_grow_by_doubling_or_fill_a_reserved_capacity(tiny_llama_model
     assert layer.keys.data_ptr() == layer.buffers[0].data_ptr()  # a view of the buffer
     assert reserved.layers[1].keys.shape[2] == 40  # static: the whole buffer, as a StaticCache holds it
     assert grown.nbytes() == reserved.nbytes() - 3 * 2 * (40 - length) * 2 * 16 * 4 * 2  # 3 layers x 2 KV heads, K and V, fp32, batch 2
+
+
+@pytest.mark.parametrize("name", ["sink+window", "sink+window+gdn"])
+def test_ring_steps_with_the_slot_on_the_device_equal_the_quadratic_form(name):
+    """Before the window and sinks fill, the ring route is the kernel's own step; after, it writes the slot a
+    device tensor names, in place, and reads sinks + window with the split-K kernel."""
+    from attnprobe.hooks.swap import DECODERS, decode_route
+    from attnprobe.kernels.hybrid.ring import ring_part, ring_steady
+
+    torch.manual_seed(3)
+    kernel = make_kernel(name, 3, 16, **SMALL[name])
+    q, k, v = (torch.randn(2, 3, 21, 16) for _ in range(3))
+    want = kernel.quadratic(q, k, v, 0.3)
+    _, state = kernel.prefill(q[:, :, :3], k[:, :, :3], v[:, :, :3], 0.3)
+    assert decode_route(kernel, q[:, :, :1], v[:, :, :1]) == "ring" and decode_route(kernel, q, v) != "ring"
+    window = ring_part(kernel)
+    steps, slots = [], []
+    for t in range(3, 21):
+        out, state = DECODERS["ring"](kernel, state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.3)
+        ring = state[0] if isinstance(state, tuple) else state
+        slots.append(None if ring.slot is None else int(ring.slot))
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=2), want[:, :, 3:], atol=1e-5, rtol=1e-5)
+    assert ring_steady(window, ring) and slots[:3] == [None] * 3  # positions 3-5: not steady yet
+    assert slots[3:] == [(p + 1) % 4 for p in range(6, 21)]  # after position p the next slot is (p + 1) % window
+    for position in range(17, 21):
+        assert torch.equal(ring.window_k[:, :, position % 4], k[:, :, position])

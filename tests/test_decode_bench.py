@@ -28,10 +28,12 @@ def test_every_architecture_beside_the_original_and_the_split_k_baseline(bench, 
              "layers-1of4-softmax-gdn"]
     rows = bench.run(bench.parse(["--tiny", "--device", "cpu", "--contexts", "32,600", "--batches", "2", "--new-tokens", "3",
                                   "--warmup", "1", "--architectures", ",".join(names), "--out", str(tmp_path)]))
-    graph = ["original", "original-split-k", "all-gated-deltanet", "layers-1of4-softmax-gdn"]  # no window, no sinks
+    graph = ["original", "original-split-k", "all-gated-deltanet", "layers-1of4-softmax-gdn"]  # fixed addresses
+    rings = ["heads-25-sink+window", "sink+window"]  # window 64 + 4 sinks: a static step once they are full
     eager = [n for n in names if n != "original-split-k"]
+    static = {32: graph, 600: [n for n in names if n in graph + rings]}
     assert [(r["context"], r["decode_mode"], r["architecture"]) for r in rows] == [
-        (c, m, n) for c in (32, 600) for m, ns in (("static", graph), ("eager", eager)) for n in ns]
+        (c, m, n) for c in (32, 600) for m, ns in (("static", static[c]), ("eager", eager)) for n in ns]
     by = {(r["context"], r["decode_mode"], r["architecture"]): r for r in rows}
     assert by[(600, "eager", "original")]["weights"] == "random" and by[(32, "eager", "original")]["weights"] == "pretrained"
     for context in (32, 600):

@@ -83,3 +83,4 @@ def test_a_state_the_step_cannot_advance_in_place_is_refused():
     x = torch.zeros(1, 2, 16)
     with pytest.raises(AttnprobeError, match="keep the state the prefill returned"):
         decode.delta_decode_step(x, x, x, torch.zeros(1, 2), torch.zeros(1, 2, 1), state)
+

@@ -40,11 +40,12 @@ def tensor_bytes(value) -> int:
 
 
 def tensor_leaves(value) -> list[torch.Tensor]:
-    """The tensors in `value`, in a fixed order (what `tensor_bytes` counts)."""
+    """The tensors in `value`, in a fixed order (what `tensor_bytes` counts and `StaticStep` copies back)."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [t for f in dataclasses.fields(value) for t in tensor_leaves(getattr(value, f.name))]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # fields marked bookkeeping (a ring's slot) aside
+        return [t for f in dataclasses.fields(value) if not f.metadata.get("bookkeeping")
+                for t in tensor_leaves(getattr(value, f.name))]
     if isinstance(value, dict):
         return [t for v in value.values() for t in tensor_leaves(v)]
     if isinstance(value, (list, tuple)):
@@ -227,36 +228,54 @@ def architecture_cache(model: Model, edits: Sequence[Edit] = (), capacity: int |
     return ArchitectureCache(model, edits, capacity)
 
 
-STATIC_ONLY = ("a static decode step needs the original model or edits that all put fixed-state kernels (no window, "
-               "no sinks) in their heads' place, in a model without sliding layers: decode this architecture eagerly")
+STATIC_ONLY = ("a static decode step needs the original model or edits that all put fixed-state kernels or sink + window "
+               "heads without a linear part in their heads' place, in a model without sliding layers: decode this "
+               "architecture eagerly")
 
 
 def graph_capturable(model: Model, edits: Sequence[Edit]) -> bool:
     """Whether a decode step keeps every tensor it reads at a fixed address, so one step can be replayed as a CUDA
     graph: no edit (the original, over a StaticCache), or edits that all replace heads by kernels with a fixed
-    state and no kept tokens (linear, gated, delta-rule) in a model without sliding layers: the softmax heads
-    left read a static ArchitectureCache (capacity given: positions counted on the device). A window's ring
-    buffer, sinks or a sliding layer keep Python-side positions a replay would not advance."""
+    state and no kept tokens (linear, gated, delta-rule) or by sink + window heads (alone or in a Liger mix;
+    their ring's slot on the device, kernels/hybrid/ring.py) in a model without sliding layers: the softmax
+    heads left read a static ArchitectureCache (capacity given: positions counted on the device). A window
+    that folds evicted tokens into a linear state, or a sliding layer, keeps Python-side positions a replay
+    would not advance."""
+    from attnprobe.kernels.hybrid.ring import ring_part
+
     if not edits:
         return True
     if any(model.info.window(layer) is not None for layer in range(model.info.n_layers)):
         return False
-    return all(edit.site == Site.Z and edit.kernel is not None and edit.kernel.cached_tokens == 0 for edit in edits)
+    return all(edit.site == Site.Z and edit.kernel is not None
+               and (edit.kernel.cached_tokens == 0 or ring_part(edit.kernel) is not None) for edit in edits)
 
 
 class StaticStep:
     """One greedy decode step whose inputs and states stay at fixed addresses, so it can be captured once as a
     CUDA graph and replayed: the token and its position are buffers updated in place, each replaced head's new
-    state is copied back into the tensors it was read from, and the original keeps its keys and values in a
-    transformers StaticCache. Called eagerly it is an ordinary decode step (what CPU tests check)."""
+    state is copied back into the tensors it was read from (a sink + window ring is written in place at its
+    device slot), and the original keeps its keys and values in a transformers StaticCache, a hybrid its
+    softmax heads' in a static ArchitectureCache. Called eagerly it is an ordinary decode step (what CPU
+    tests check)."""
 
     def __init__(self, model: Model, edits: Sequence[Edit], cache, token: torch.Tensor, position: int):
+        from attnprobe.kernels.hybrid.ring import ring_part, ring_slot, ring_steady
+
         if not graph_capturable(model, edits):
             raise AttnprobeError(STATIC_ONLY)
         if isinstance(cache, ArchitectureCache) and cache.capacity is None and not all(
                 layer is not None and not layer.kept for layer in cache.compact_layers):
             raise AttnprobeError("the softmax heads of a static step read a static cache: build it with "
                                  "architecture_cache(model, edits, capacity=context)")
+        for edit in edits:  # a ring's slot lives in its state from the first step on (fixed leaves for the copy-back)
+            window, state = ring_part(edit.kernel), edit.state.get("kernel")
+            state = state[0] if isinstance(state, tuple) else state
+            if window is not None and not ring_steady(window, state):
+                raise AttnprobeError(f"layer {edit.layer}'s window and sinks are not full yet: a static step of a windowed head "
+                                     f"starts past {window.window + window.sinks} tokens, so prefill at least that many")
+            if window is not None:
+                ring_slot(window, state)
         held = cache.capacity if isinstance(cache, ArchitectureCache) else max(layer.get_max_length() for layer in cache.layers)
         if held is not None and 0 <= held <= position:
             raise AttnprobeError(f"a step at position {position} does not fit a cache of {held} positions: build the cache for the whole context")

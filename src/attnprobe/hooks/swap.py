@@ -87,13 +87,18 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
 def decode_route(kernel: Kernel, q: torch.Tensor, v: torch.Tensor) -> str:
     """How decode steps of `kernel` run: "triton" (CUDA, a linear kernel our Triton step runs), "fla" (CUDA,
     a gated or delta-rule family flash-linear-attention has a fused recurrent op for), "triton-delta" (CUDA,
-    a delta-rule family fla does not run: our fused Triton step), else "torch"."""
+    a delta-rule family fla does not run: our fused Triton step), "ring" (one token of a sink + window head
+    or a Liger mix of one: the window's slot on the device, kernels/hybrid/ring.py), else "torch"."""
     from attnprobe.kernels import fla
     from attnprobe.kernels.dispatch import use_fla, use_triton
     from attnprobe.kernels.linear import LinearKernel
 
+    from attnprobe.kernels.hybrid.ring import ring_part
+
     if isinstance(kernel, LinearKernel) and kernel.fits_triton(q, v.shape[-1]):
         return "triton"
+    if ring_part(kernel) is not None and q.shape[2] == 1:
+        return "ring"
     if use_fla(q) and fla.decode_supported(kernel):
         return "fla"
     if getattr(kernel, "delta_rule", False) and use_triton(q):
@@ -128,7 +133,17 @@ def _triton_delta_decode(kernel, state, q, k, v, scaling):
     return fused_delta_decode(kernel, state, q, k, v, scaling)
 
 
-DECODERS = {"triton": fused_decode, "fla": _fla_decode, "triton-delta": _triton_delta_decode,
+def _ring_decode(kernel, state, q, k, v, scaling):
+    from attnprobe.kernels.hybrid.mix import MixKernel
+    from attnprobe.kernels.hybrid.ring import mix_ring_step, ring_step
+
+    if isinstance(kernel, MixKernel):
+        recurrent = DECODERS[decode_route(kernel.recurrent, q, v)]
+        return mix_ring_step(kernel, state, q, k, v, scaling, recurrent)
+    return ring_step(kernel, state, q, k, v, scaling)
+
+
+DECODERS = {"triton": fused_decode, "fla": _fla_decode, "triton-delta": _triton_delta_decode, "ring": _ring_decode,
             "torch": lambda kernel, *args: kernel.decode(*args)}
 
 

@@ -39,6 +39,8 @@ def weight_bytes(model: Model) -> int:
 
 def rewritten_bytes(state) -> int:
     """Bytes of a kernel state that a step writes back whole: the recurrent part, not the kept tokens."""
+    if isinstance(state, (tuple, list)):  # a mix's states side by side
+        return sum(rewritten_bytes(part) for part in state)
     if isinstance(state, HybridState):
         return tensor_bytes(state.linear)
     if isinstance(state, (KVState, SparseState)):

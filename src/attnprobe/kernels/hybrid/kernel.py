@@ -13,7 +13,7 @@ evicted middle, so decoding costs O(sinks + window + f d) per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class HybridState:
     window_v: torch.Tensor
     linear: LinearState | None  # keys evicted from the window, past the sinks
     length: int
+    # the ring's next slot on the device, once a graph-replayable step runs (ring.py); bookkeeping, not state bytes
+    slot: torch.Tensor | None = field(default=None, metadata={"bookkeeping": True})
 
 
 class HybridKernel(Kernel):
