@@ -219,8 +219,9 @@ class Builder:
 
     def kv(self, length: int, rng: random.Random) -> Document:
         intro = self.encode("Memorise these codes.\n")
-        longest = self.encode(f"\nWhich code has the key {'z' * 12}?\n{'z' * 12}: {TRAINING_NUMBERS.stop - 1}\n")
-        budget = length - len(self.bos) - 2 * QUERIES * len(longest)  # room for the questions
+        word = max(self.words[:4096], key=len)
+        longest = self.encode(f"\nWhich code has the key {word}?\n{word}: {TRAINING_NUMBERS.stop - 1}\n")
+        budget = length - len(self.bos) - QUERIES * len(longest)  # room for the questions
         values, body = {}, list(intro)
         for key in rng.sample(self.words, max(0, min(len(self.words), budget))):
             value = self.number(rng)

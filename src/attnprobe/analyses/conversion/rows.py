@@ -15,7 +15,7 @@ from attnprobe.probe.rundir import read_json, write_json
 
 from attnprobe.analyses.conversion.checkpoint import CONVERSION
 from attnprobe.analyses.conversion.data import TrainingData
-from attnprobe.analyses.conversion.train import ConvertConfig, Progress, applied, convert
+from attnprobe.analyses.conversion.train import ConvertConfig, Progress, applied, convert, stage_windows
 
 # ---- named rows, the control and the gated matrix ----------------------------------------------------------
 
@@ -113,6 +113,31 @@ def _same_sizes(folder: Path, sizes) -> None:
     write_json(path, wanted)
 
 
+def _stage2(manifest: dict) -> dict:
+    """What a row's stage 2 trained on: the data, the planned budget in tokens, the sequence length."""
+    config = ConvertConfig(**manifest["config"])
+    return {"data": manifest["data"]["sha256"], "budget": config.steps(config.tokens) * config.batch * config.length,
+            "length": config.length}
+
+
+def same_stage2_as_control(out: Path, variants: Sequence) -> None:
+    """Refuse to gate a row against a control trained on other data, another stage-2 budget or another sequence
+    length: the gate compares the two rows' perplexities as if only the architecture differed. (A row taken from
+    a checkpoint is compared at its planned budget; its `partial` column says where it stopped.)"""
+    control = out / "conversions" / CONTROL / CONVERSION
+    if CONTROL not in {v.name for v in variants} or not control.exists():
+        return
+    wanted = _stage2(read_json(control))
+    for variant in variants:
+        if variant.name in (CONTROL, "original"):
+            continue
+        got = _stage2(read_json(out / "conversions" / variant.name / CONVERSION))
+        differs = [key for key in wanted if got[key] != wanted[key]]
+        if differs:
+            raise AttnprobeError(f"row {variant.name} and the control trained stage 2 with another {' and '.join(differs)}: "
+                                 "convert both in one run (same data, --tokens and --length) before comparing them")
+
+
 def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
                          status: Callable[[str], None] = lambda m: None):
     """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
@@ -124,6 +149,7 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
 
     out = Path(out)
     _same_sizes(out / "variants", sizes)
+    same_stage2_as_control(out, variants)
     rows, samples = [], []
     for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
@@ -179,12 +205,29 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
     return pd.DataFrame(rows)
 
 
+def hybrid_variant(model: Model, backend: Backend, hybrid, census: Path | None, out: Path, config: ConvertConfig,
+                   data: TrainingData, on_step: Callable[[Progress], None] = lambda p: None):
+    """The head-level hybrid row of `hybrid`: its selector's kept KV heads softmax, the rest its family. The
+    kl-layers selector runs its short conversions (`kl_tokens` per stage, 2 steps each by default) on `data`."""
+    import dataclasses
+
+    from attnprobe.analyses.conversion import head_hybrid
+
+    tokens = hybrid.kl_tokens or 2 * config.batch * config.length
+    short = dataclasses.replace(config, transfer_tokens=tokens, tokens=tokens)
+    units = head_hybrid.kept_kv_heads(model, backend, hybrid, census, out, kl=lambda: head_hybrid.kl_layer_scores(
+        model, backend, hybrid.family, short, data, Path(out) / "selection" / "kl", on_step))
+    return head_hybrid.variant(model, hybrid, units)
+
+
 def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
         dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False):
-    """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
+        console=None, recompute_layers: bool = False, hybrid=None, retrieval=None):
+    """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix.
+    `hybrid` (head_hybrid.HeadHybrid) adds a head-level hybrid row; `retrieval` (retrieval_data.RetrievalMix) mixes
+    synthetic retrieval documents into the training windows."""
     import pandas as pd
 
     from attnprobe.hooks.backends import make_backend
@@ -193,6 +236,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
 
     from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, catalogue, matrix_markdown
     from attnprobe.analyses.conversion.data import training_data
+    from attnprobe.analyses.conversion.retrieval_data import mix_retrieval
     from attnprobe.analyses.experiments.selection import parse_heads
 
     heads_table = None
@@ -214,10 +258,15 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         replaced = set(parse_heads(heads, model.info, from_run, seed, None, layers or (None if heads else f"0-{model.info.n_layers - 1}")))
         everyone = {(l, h) for l in range(model.info.n_layers) for h in range(model.info.n_heads)}
         chosen.append(Variant(f"convert-{kernel}", kernel, lambda m, t, keep=everyone - replaced: keep, f"{len(replaced)} heads {kernel}"))
-    if not chosen and not control:
+    if hybrid is not None:
+        hybrid.check(model, from_run)
+    if not chosen and not control and hybrid is None:
         raise AttnprobeError("say what to convert: --variants NAMES, or --kernel K with --heads/--layers (or keep --control)")
     if control:
         chosen.append(control_variant())
+        if ce_weight == 0 and console is not None:  # tests/test_head_hybrid.py shows it
+            console.print("[yellow]note:[/yellow] the control starts at its teacher, where the KL's gradient is zero: "
+                          "without --ce-weight it stays the original model")
     config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
                            tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
                            ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
@@ -225,6 +274,8 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
 
     state = PartialState()
     config.check(state.num_processes)
+    if retrieval is not None:
+        retrieval.check(config.length, model.info.max_context)
     for variant in chosen:  # every kernel and head selection is checked before anything trains
         if variant.kernel:
             make_kernel(variant.kernel, 1, model.info.head_dim)
@@ -237,8 +288,13 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
             training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
                                      progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
+        if retrieval is not None:
+            training = mix_retrieval(model, training, retrieval, *stage_windows(config), seed=seed)
         sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
+        if hybrid is not None:  # selected on this run's training data, before any row trains
+            chosen.insert(0, hybrid_variant(model, backend, hybrid, from_run, out, config, training,
+                                            on_step=lambda report: on_step(report, "kl-layers selection")))
         table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
                                           on_step=on_step, recompute_layers=recompute_layers)
     if table is None:

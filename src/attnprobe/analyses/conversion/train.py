@@ -366,6 +366,13 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
         on_step(Progress(stage, done, steps, curve[-1], config.batch * config.length / max(seconds, 1e-9)))
 
 
+def stage_windows(config: ConvertConfig) -> tuple[int, int]:
+    """(stage-1 windows, stage-2 windows), in that order in the training data. The control skips stage 1's windows
+    too, so it trains on the rows' stage-2 windows."""
+    return (config.steps(config.transfer_tokens) * config.batch if config.transfer_tokens else 0,
+            config.steps(config.tokens) * config.batch if config.tokens else 0)
+
+
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
             directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False) -> dict:
     """Convert `heads` ({layer: heads}, empty for the control) of `model` with `config`; write `directory`.
@@ -391,10 +398,10 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         if not 0 <= layer < model.info.n_layers or bad:
             raise AttnprobeError(f"head selection outside the model (layer {layer}, heads {bad or hs}): it has layers "
                                  f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
-    n_transfer = config.steps(config.transfer_tokens) * config.batch if heads and config.transfer_tokens else 0
-    n_e2e = config.steps(config.tokens) * config.batch if config.tokens else 0
-    if len(data.windows) < n_transfer + n_e2e:
-        raise AttnprobeError(f"the training data holds {len(data.windows)} windows but the budget needs {n_transfer + n_e2e}: "
+    n_skip, n_e2e = stage_windows(config)
+    n_transfer = n_skip if heads else 0
+    if len(data.windows) < n_skip + n_e2e:
+        raise AttnprobeError(f"the training data holds {len(data.windows)} windows but the budget needs {n_skip + n_e2e}: "
                              "lower --tokens / --transfer-tokens or provide more data")
     if data.windows.shape[1] != config.length:
         raise AttnprobeError(f"training windows are {data.windows.shape[1]} tokens but the recipe says {config.length}")
@@ -407,7 +414,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                  for name, p in kernel.named_parameters() if p.requires_grad}
     started = time.perf_counter()
     transfer_windows = data.windows[:n_transfer]
-    e2e_windows = data.windows[n_transfer:n_transfer + n_e2e]
+    e2e_windows = data.windows[n_skip:n_skip + n_e2e]
     losses: dict[str, list[float]] = dict(resume[0]["losses"]) if resume is not None else {}
     layers = sorted(heads)
 
