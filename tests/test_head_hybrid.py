@@ -150,17 +150,26 @@ def test_overlap_of_selectors_per_budget(tiny, tmp_path):
     assert set(table["units"]) == {1, 2}
 
 
-def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path):
-    """Selector -> kept KV heads -> two-stage conversion of the rest -> evaluated row gated against the control."""
+def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
+    """Selector -> kept KV heads -> two-stage conversion of the rest -> evaluated row gated against the control, in two
+    parts as on a GPU and a CPU: the evaluate part reads no training data and keeps the row's heads."""
     from attnprobe.analyses.conversion.retrieval_data import RetrievalMix
 
     model, backend = tiny
     hybrid = hh.HeadHybrid(selector="ablation", kv_budget="25%", family="gated-deltanet", probe_documents=2, probe_length=256)
-    table = rows.run(model, tmp_path, kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True,
-                     tokens=str(2 * 2 * LENGTH), transfer_tokens=str(2 * 2 * LENGTH), length=LENGTH, batch=2, accumulation=1,
-                     lr=1e-3, transfer_lr=1e-2, train="lora", lora_rank=4, ce_weight=0.5, data=[prose_file], dataset=None,
-                     epochs=1, seed=0, checkpoint_every=10, evaluate=True, census=False, quick=True, hybrid=hybrid,
-                     retrieval=None)
+    common = dict(kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True, tokens=str(2 * 2 * LENGTH),
+                  transfer_tokens=str(2 * 2 * LENGTH), length=LENGTH, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
+                  train="lora", lora_rank=4, ce_weight=0.5, data=[prose_file], dataset=None, epochs=1, seed=0,
+                  checkpoint_every=10, evaluate=True, census=False, quick=True, hybrid=hybrid)
+    assert rows.run(model, tmp_path, **common, parts="data,convert",
+                    retrieval=RetrievalMix(fraction=0.5, kinds=("kv",))) is None
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["plan", "data", "converted", "converted"]
+    data = json.loads(next(l for l in (tmp_path / "results.jsonl").read_text().splitlines() if '"data"' in l))
+    assert data["retrieval"]["documents"] == {"kv": 2} and data["retrieval"]["stages"] == "2"
+    monkeypatch.setattr("attnprobe.analyses.conversion.data.training_data", lambda *a, **k: pytest.fail("evaluating read training data"))
+    monkeypatch.setattr(hh, "ablation_scores", lambda *a, **k: pytest.fail("selected again"))
+    table = rows.run(model, tmp_path, **common, parts="evaluate", retrieval=None)
     ranking = pd.read_parquet(tmp_path / "selection" / "ablation-0.parquet").sort_values("rank")
     kept = (int(ranking.iloc[0]["layer"]), int(ranking.iloc[0]["unit"]))
     manifest = json.loads((tmp_path / "conversions" / hybrid.name / "conversion.json").read_text())

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from attnprobe.analyses import recall
 from attnprobe.analyses.conversion import retrieval_data as rd
 from attnprobe.analyses.conversion.data import TrainingData, _bos, training_data, training_prose_ids
 from attnprobe.errors import AttnprobeError
@@ -49,36 +48,41 @@ def test_kv_answers_are_the_values_of_their_keys(model):
     assert len(re.findall(r"Which code has the key", text)) == rd.QUERIES
 
 
-def test_pools_are_disjoint_from_every_evaluation_pool():
-    training, evaluation = rd.training_pools(), rd.evaluation_pools()
+def test_pools_are_disjoint_from_every_evaluation_pool(model):
+    evaluation = rd.evaluation_pools()
+    training = rd.training_pools(evaluation=evaluation)
     rd.check_pools(training, evaluation)
-    assert not set(training["words"]) & set(recall._vocabulary())
-    assert not set(training["words"]) & evaluation["words"]
-    numbers = set(rd.TRAINING_NUMBERS)
-    assert not any(n in numbers for r in evaluation["numbers"] for n in (r.start, r.stop - 1))
-    assert min(rd.TRAINING_NUMBERS) > max(max(r) for r in evaluation["numbers"])
+    assert len(training["words"]) > 100_000
+    assert not any(evaluation["is_item"](w) or w in evaluation["words"] for w in training["words"])
     assert training["text_ranges"] == {"fit"} and not training["text_ranges"] & evaluation["text_ranges"]
-    if "attnprobe.analyses.tasks" in sys.modules or _has_tasks():  # the tasks package's declared pools join in
-        from attnprobe.analyses import tasks
-
-        declared = tasks.evaluation_pools()
-        assert set(declared.get("words", [])) <= evaluation["words"]
-
-
-def _has_tasks() -> bool:
-    try:
-        from attnprobe.analyses import tasks  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    make, rng = rd.builder(model), random.Random(0)
+    numbers = [make.number(rng) for _ in range(2000)]
+    assert not any(evaluation["is_item"](n) for n in numbers) and len(set(numbers)) > 1900
+    rd.assert_training_items(numbers)
+    if evaluation["source"] == "analyses/recall.py":  # its numbers are 4- and 5-digit: none is 6-digit
+        assert min(rd.TRAINING_NUMBERS) >= 100_000
 
 
-def test_the_evaluation_mirror_holds_what_recall_draws(model):
-    """evaluation_pools mirrors recall.py's draws: its passkeys and key-value values lie in the mirrored ranges."""
-    drawn = [int(a) for a in recall.passkey(model, lengths=(128,), depths=(0.5,), samples=4)["answer"]]
-    drawn += [int(a) for a in recall.kv_recall(model, n_pairs=(16,), samples=4, beyond=8)["answer"]]
-    ranges = rd.evaluation_pools()["numbers"]
-    assert all(any(n in r for r in ranges) for n in drawn) and not set(drawn) & set(rd.TRAINING_NUMBERS)
+def test_the_evaluation_rule_holds_what_the_evaluation_draws(model):
+    """evaluation_pools' `is_item` holds every key and value the evaluation draws (recall.py's answers, or the
+    tasks pools' evaluation side), and none of what training draws."""
+    evaluation = rd.evaluation_pools()
+    if evaluation["source"] == "analyses/recall.py":
+        from attnprobe.analyses import recall
+
+        drawn = list(recall.passkey(model, lengths=(128,), depths=(0.5,), samples=4)["answer"])
+        drawn += list(recall.kv_recall(model, n_pairs=(16,), samples=4, beyond=8)["answer"])
+        drawn += list(recall._vocabulary())
+    else:
+        from attnprobe.analyses.tasks import pools
+
+        rng = random.Random(0)
+        drawn = [item for kind in ("word", "number", "uuid") for item in pools.draw(kind, 50, rng, "evaluation")]
+        trained = [item for kind in ("word", "number") for item in pools.draw(kind, 50, rng, "training")]
+        assert not any(evaluation["is_item"](item) for item in trained)
+    assert drawn and all(evaluation["is_item"](item) for item in drawn)
+    with pytest.raises(AttnprobeError, match="evaluation item"):
+        rd.assert_training_items([str(drawn[0])])
 
 
 def test_documents_hold_no_evaluation_needle_and_read_only_the_fit_range(model):
@@ -89,8 +93,9 @@ def test_documents_hold_no_evaluation_needle_and_read_only_the_fit_range(model):
     text = " ".join(model.tokenizer.decode(make.document(kind, 1024, rng).ids) for kind in rd.KINDS for _ in range(2))
     for needle in rd.evaluation_pools()["needles"]:
         assert needle["needle"] not in text and needle["answer"] not in text
+    evaluation = rd.evaluation_pools()
     for word in re.findall(r"key (\w+)\?", text):
-        assert word not in recall._vocabulary()
+        assert word not in evaluation["words"] and not evaluation["is_item"](word)
 
 
 def test_mix_replaces_the_stated_fraction_of_the_chosen_stage(model):
@@ -115,7 +120,7 @@ def test_bad_input_is_one_line(model, tmp_path):
     with pytest.raises(AttnprobeError, match="too few|longer --length"):
         rd.builder(model).kv(24, random.Random(0))
     words = tmp_path / "words.txt"
-    words.write_text("\n".join([f"zork{i}" for i in range(80)] + [recall._vocabulary()[5]]))
+    words.write_text("\n".join([f"zork{i}" for i in range(80)] + [sorted(rd.evaluation_pools()["words"])[5]]))
     with pytest.raises(AttnprobeError, match="evaluation words"):
         rd.builder(model, str(words))
     leaked = tmp_path / "leaked.txt"

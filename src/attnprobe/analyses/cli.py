@@ -548,6 +548,8 @@ def convert(
     family: str = typer.Option("gated-deltanet", help="with --selector: gated-deltanet | kda | sink+window+gdn"),
     retrieval_fraction: float = typer.Option(0.0, help="share of training windows that are synthetic retrieval documents (0-1)"),
     retrieval_stages: str = typer.Option("2", help="stages that get them: 1, 2 or both"),
+    part: Optional[str] = typer.Option(None, help="run only these parts, each resumable in --out: data, convert, finish, "
+                                       "evaluate, census (comma-separated; e.g. convert on a GPU, evaluate anywhere)"),
     evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
     census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
@@ -572,7 +574,8 @@ def convert(
                            checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console,
                            recompute_layers=recompute_layers,
                            hybrid=HeadHybrid(selector=selector, kv_budget=kv_budget, family=family) if selector else None,
-                           retrieval=RetrievalMix(fraction=retrieval_fraction, stages=retrieval_stages) if retrieval_fraction else None)
+                           retrieval=RetrievalMix(fraction=retrieval_fraction, stages=retrieval_stages) if retrieval_fraction else None,
+                           parts=part)
     if table is not None:
         _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
         console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))

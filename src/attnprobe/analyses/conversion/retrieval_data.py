@@ -11,8 +11,10 @@ keep that skill (issue 42.1). These documents make it necessary, offline:
 
 The pools are disjoint from the evaluation's by construction, and `check_pools` proves it each time:
 
-    numbers      6-digit values; recall.py's passkeys are 5-digit, its key-value values 4-digit
-    words        made-up consonant-vowel words (or a word list file) with every evaluation word removed;
+    numbers      6-digit values that are no evaluation item: recall.py's passkeys are 5-digit, its key-value
+                 values 4-digit; analyses/tasks/pools.py, where present, sides every item by a hash and the
+                 documents take training-side ones only
+    words        made-up consonant-vowel words (or a word list file) with every evaluation item removed;
                  recall.py's keys are the prose's own words
     needles      templates over those words and numbers, never a packaged needle (all of those evaluate)
     haystack     the prose's 'fit' range (texts.LAYOUT), never the census, evaluation or perplexity range
@@ -28,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -89,45 +91,52 @@ def _word_file(path: str) -> tuple[str, ...]:
     return words
 
 
-def evaluation_pools() -> dict:
-    """What the evaluation draws from: today's recall.py (mirrored here; tests check the mirror against its
-    answers) and whatever `attnprobe.analyses.tasks.evaluation_pools()` declares, in the same format:
-    numbers (ranges), words (strings), needles (packaged needle dicts), text_ranges (texts.LAYOUT names)."""
-    from attnprobe.analyses import recall
-    from attnprobe.probe.retrieval import load_needles
-
-    pools = {"numbers": [range(1_000, 10_000), range(10_000, 100_000)],  # kv_recall's values, passkey's keys
-             "words": set(recall._vocabulary()), "needles": list(load_needles()),
-             "text_ranges": {"census", "evaluation", "perplexity"}}
+def _tasks_pools():
+    """analyses/tasks/pools.py, the evaluation's declared pools (which replace recall.py), where this checkout has it."""
     try:
-        from attnprobe.analyses import tasks
+        from attnprobe.analyses.tasks import pools
     except ImportError:
-        return pools
-    declared = tasks.evaluation_pools() if hasattr(tasks, "evaluation_pools") else {}
-    pools["numbers"] += list(declared.get("numbers", []))
-    pools["words"] |= set(declared.get("words", []))
-    pools["needles"] += [n for n in declared.get("needles", []) if n not in pools["needles"]]
-    pools["text_ranges"] |= set(declared.get("text_ranges", []))
+        return None
     return pools
 
 
-def training_pools(words_file: str | None = None) -> dict:
-    """What the training documents draw from (the format of `evaluation_pools`, words as a tuple in order)."""
-    evaluated = evaluation_pools()["words"]
+def evaluation_pools() -> dict:
+    """What the evaluation draws from: `is_item(text)` (a key or value the evaluation may ask for), its words, the
+    needles (every packaged one: any may evaluate) and the text ranges it reads. From analyses/tasks/pools.py where
+    present (its hash side rule), else today's recall.py (mirrored here; a test checks the mirror against what
+    recall.py draws)."""
+    from attnprobe.probe.retrieval import load_needles
+
+    ranges = {"census", "evaluation", "perplexity"}
+    tasks = _tasks_pools()
+    if tasks is not None:
+        declared = tasks.evaluation_pools()
+        return {"is_item": lambda item: tasks.side(str(item)) == "evaluation", "words": set(declared.words),
+                "needles": list(load_needles()), "text_ranges": ranges | {declared.haystack_range},
+                "source": "analyses/tasks/pools.py"}
+    from attnprobe.analyses import recall
+
+    vocabulary = set(recall._vocabulary())  # kv_recall's keys; its values are 4-digit, passkey's keys 5-digit
+
+    def is_item(item) -> bool:
+        return str(item) in vocabulary or (str(item).isdigit() and 1_000 <= int(item) < 100_000)
+    return {"is_item": is_item, "words": vocabulary, "needles": list(load_needles()), "text_ranges": ranges,
+            "source": "analyses/recall.py"}
+
+
+def training_pools(words_file: str | None = None, evaluation: dict | None = None) -> dict:
+    """What the training documents draw from: numbers of TRAINING_NUMBERS that are no evaluation item, made-up
+    words that are none (or the words of `words_file`, checked by `check_pools`), the needle templates, the fit range."""
+    evaluation = evaluation or evaluation_pools()
     source = _word_file(words_file) if words_file else _made_up_words()
-    words = source if words_file else tuple(w for w in source if w not in evaluated)
-    return {"numbers": [TRAINING_NUMBERS], "words": words, "needles": NEEDLE_TEMPLATES, "text_ranges": {"fit"}}
-
-
-def _ranges_meet(a: Sequence[range], b: Sequence[range]) -> bool:
-    return any(max(x.start, y.start) < min(x.stop, y.stop) for x in a for y in b)
+    words = source if words_file else tuple(w for w in source if not evaluation["is_item"](w) and w not in evaluation["words"])
+    return {"numbers": TRAINING_NUMBERS, "words": words, "needles": NEEDLE_TEMPLATES, "text_ranges": {"fit"}}
 
 
 def check_pools(training: dict, evaluation: dict) -> None:
-    """Refuse training pools that share a number, word, needle or text range with the evaluation's."""
-    if _ranges_meet(training["numbers"], evaluation["numbers"]):
-        raise AttnprobeError("the training numbers overlap the evaluation's: use other number ranges")
-    shared = sorted(set(training["words"]) & evaluation["words"])
+    """Refuse training pools that share a word, needle or text range with the evaluation's (numbers are checked as
+    they are drawn: `Builder.number`)."""
+    shared = sorted(w for w in training["words"] if w in evaluation["words"] or evaluation["is_item"](w))
     if shared:
         raise AttnprobeError(f"the training word list holds {len(shared)} evaluation words (e.g. '{shared[0]}'): remove them")
     sentences = {n["needle"] for n in evaluation["needles"]} | {n["answer"] for n in evaluation["needles"]}
@@ -136,6 +145,18 @@ def check_pools(training: dict, evaluation: dict) -> None:
         raise AttnprobeError(f"a training needle template holds an evaluation needle ('{leaked[0]}'): write another")
     if training["text_ranges"] & evaluation["text_ranges"]:
         raise AttnprobeError("the training haystack reads an evaluation text range: read the 'fit' range only")
+
+
+def assert_training_items(items: Sequence[str]) -> None:
+    """The keys and values documents taught, checked once more by the evaluation's own rule (tasks.pools.assert_disjoint
+    where present): one that is an evaluation item is refused."""
+    tasks = _tasks_pools()
+    if tasks is not None:
+        tasks.assert_disjoint(items)
+        return
+    clashes = [item for item in items if evaluation_pools()["is_item"](item)]
+    if clashes:
+        raise AttnprobeError(f"the training documents hold {len(clashes)} evaluation item(s), e.g. '{clashes[0]}'")
 
 
 def refuse_evaluation_text(documents: Sequence[str], source: str = "the training data") -> None:
@@ -158,8 +179,11 @@ class Document:
 class Builder:
     """Documents of one tokenizer, from the training pools and a haystack of token ids."""
 
-    def __init__(self, tokenizer, haystack: Sequence[int], bos: Sequence[int], words: Sequence[str]) -> None:
+    def __init__(self, tokenizer, haystack: Sequence[int], bos: Sequence[int], words: Sequence[str],
+                 is_item: Callable[[str], bool] = lambda item: False) -> None:
         self.tokenizer, self.haystack, self.bos, self.words = tokenizer, list(haystack), list(bos), list(words)
+        self.is_item = is_item  # the evaluation's rule: a number it may ask for is drawn again
+        self.drawn: set[str] = set()  # every number taught, for `assert_training_items`
         self.encoded: dict[str, list[int]] = {}  # a key or number is tokenized once
         if len(self.haystack) < 64:
             raise AttnprobeError(f"the training prose holds {len(self.haystack)} tokens: too few for a haystack")
@@ -175,7 +199,11 @@ class Builder:
         return [self.haystack[(start + i) % len(self.haystack)] for i in range(n)]
 
     def number(self, rng: random.Random) -> str:
-        return str(rng.choice(TRAINING_NUMBERS))
+        while True:
+            number = str(rng.choice(TRAINING_NUMBERS))
+            if not self.is_item(number):
+                self.drawn.add(number)
+                return number
 
     def fact(self, rng: random.Random) -> tuple[str, str, str]:
         needle, question, field_name = rng.choice(NEEDLE_TEMPLATES)
@@ -269,9 +297,10 @@ def builder(model, words_file: str | None = None) -> Builder:
     """A Builder for `model` after checking the pools against the evaluation's (one line and exit 2 if they meet)."""
     from attnprobe.analyses.conversion.data import _bos, training_prose_ids
 
-    pools = training_pools(words_file)
-    check_pools(pools, evaluation_pools())
-    return Builder(model.tokenizer, training_prose_ids(model), _bos(model), pools["words"])
+    evaluation = evaluation_pools()
+    pools = training_pools(words_file, evaluation)
+    check_pools(pools, evaluation)
+    return Builder(model.tokenizer, training_prose_ids(model), _bos(model), pools["words"], evaluation["is_item"])
 
 
 def mix_retrieval(model, data, mix: RetrievalMix, transfer_windows: int, e2e_windows: int, seed: int = 0):
@@ -294,6 +323,7 @@ def mix_retrieval(model, data, mix: RetrievalMix, transfer_windows: int, e2e_win
         kind = mix.kinds[index % len(mix.kinds)]
         windows[position] = torch.tensor(make.document(kind, length, rng).ids)
         counts[kind] += 1
+    assert_training_items(sorted(make.drawn))
     digest = hashlib.sha256(windows.to(torch.int32).numpy().tobytes()).hexdigest()
     described = {**data.description, "sha256": digest,
                  "retrieval": {"fraction": mix.fraction, "stages": mix.stages, "documents": counts, "seed": seed,

@@ -224,10 +224,11 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
         dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False, hybrid=None, retrieval=None):
+        console=None, recompute_layers: bool = False, hybrid=None, retrieval=None, parts: str | None = None):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix.
     `hybrid` (head_hybrid.HeadHybrid) adds a head-level hybrid row; `retrieval` (retrieval_data.RetrievalMix) mixes
-    synthetic retrieval documents into the training windows."""
+    synthetic retrieval documents into the training windows. `parts` ("data,convert", "evaluate", ... see
+    conversion/parts.py) runs only those parts in `out`, each resumable (a GPU converts, anything evaluates)."""
     import pandas as pd
 
     from attnprobe.hooks.backends import make_backend
@@ -280,6 +281,9 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         if variant.kernel:
             make_kernel(variant.kernel, 1, model.info.head_dim)
             variant.keep(model, heads_table)
+    if parts is not None:
+        plan = dict(epochs=epochs, recompute_layers=recompute_layers, retrieval=retrieval, paths=data, dataset=dataset)
+        return _run_in_parts(model, out, parts, chosen, config, hybrid, from_run, plan, quick)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     bar, on_step = progress_bar(console, disable=not state.is_main_process)
     with bar:
@@ -304,3 +308,26 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     (out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
     return table
 
+
+
+def _run_in_parts(model: Model, out: Path, parts: str, chosen: list, config: ConvertConfig, hybrid, census: Path | None,
+                  plan: dict, quick: bool):
+    """`run` by parts (conversion/parts.py) in `out`: the control first, the matrix table if evaluated. A hybrid row's
+    ranking is saved in out/selection by the first part that selects, so later parts keep its heads."""
+    import functools
+
+    from attnprobe.hooks.backends import make_backend
+
+    from attnprobe.analyses.conversion import parts as staged
+    from attnprobe.analyses.experiments.architectures import MatrixSizes
+
+    wanted = staged.check_parts(parts)
+    backend = make_backend("native", model)
+    if hybrid is not None:
+        if hybrid.selector == "kl-layers" and not (Path(out) / "selection" / "kl-layers-0.parquet").exists():
+            raise AttnprobeError("the kl-layers selector trains on the run's data: run it without --part first, or pick another selector")
+        chosen.append(hybrid_variant(model, backend, hybrid, census, out, config, None))
+    ordered = [v for v in chosen if v.name == CONTROL] + [v for v in chosen if v.name != CONTROL]
+    sizes = functools.partial(MatrixSizes.quick if quick else MatrixSizes)
+    made = staged.run_parts(model, backend, wanted, staged.Plan(ordered, config, **plan), out, out, sizes, staged.RunLog(out))
+    return made.get("matrix")
