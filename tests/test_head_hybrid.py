@@ -157,16 +157,20 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
 
     model, backend = tiny
     hybrid = hh.HeadHybrid(selector="ablation", kv_budget="25%", family="gated-deltanet", probe_documents=2, probe_length=256)
-    common = dict(kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True, tokens=str(2 * 2 * LENGTH),
-                  transfer_tokens=str(2 * 2 * LENGTH), length=LENGTH, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
+    length = 128  # room for a retrieval document
+    common = dict(kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True, tokens=str(2 * 2 * length),
+                  transfer_tokens=str(2 * 2 * length), length=length, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
                   train="lora", lora_rank=4, ce_weight=0.5, data=[prose_file], dataset=None, epochs=1, seed=0,
                   checkpoint_every=10, evaluate=True, census=False, quick=True, hybrid=hybrid)
     assert rows.run(model, tmp_path, **common, parts="data,convert",
-                    retrieval=RetrievalMix(fraction=0.5, kinds=("kv",))) is None
+                    retrieval=RetrievalMix(fraction=0.5, kinds=("passkey", "needle"))) is None
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert kinds == ["plan", "data", "converted", "converted"]
+    overlap = pd.read_parquet(tmp_path / "selection" / "overlap.parquet")
+    assert set(overlap["budget"]) == {"25%"} and len(overlap) == 5 * 4 // 2  # ablation, uniform layers, 3 random draws
+    assert overlap["jaccard"].between(0, 1).all()
     data = json.loads(next(l for l in (tmp_path / "results.jsonl").read_text().splitlines() if '"data"' in l))
-    assert data["retrieval"]["documents"] == {"kv": 2} and data["retrieval"]["stages"] == "2"
+    assert data["retrieval"]["documents"] == {"passkey": 1, "needle": 1} and data["retrieval"]["stages"] == "2"
     monkeypatch.setattr("attnprobe.analyses.conversion.data.training_data", lambda *a, **k: pytest.fail("evaluating read training data"))
     monkeypatch.setattr(hh, "ablation_scores", lambda *a, **k: pytest.fail("selected again"))
     table = rows.run(model, tmp_path, **common, parts="evaluate", retrieval=None)

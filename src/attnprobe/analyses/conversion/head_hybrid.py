@@ -14,7 +14,7 @@ one family. The selectors (all rank KV heads, best first):
     razor           RazorAttention's echo and induction scores (experiments/selectors.py)
 
 `overlap_by_budget` gives the Jaccard overlap of the selectors' sets per budget in the columns of budget.py's
-overlap.parquet (`selectors.overlap_table`).
+overlap.parquet (`selectors.overlap_table`); a run writes it for its selector beside the cheap ones (`write_overlap`).
 """
 from __future__ import annotations
 
@@ -220,3 +220,26 @@ def overlap_by_budget(model: Model, sets: Callable[[str, int, int], list[Unit]],
                 rows.append(selectors.ranking_rows(selector, seed, order, None))
         tables.append(selectors.overlap_table(pd.concat(rows, ignore_index=True), [count / total], total).assign(budget=budget))
     return pd.concat(tables, ignore_index=True)
+
+
+def write_overlap(model: Model, backend, hybrid: HeadHybrid, census: Path | None, out: Path, draws: int = 3) -> pd.DataFrame:
+    """out/selection/overlap.parquet: the overlap of `hybrid`'s selector with the selectors that cost nothing more
+    (uniform layers, `draws` random orders, and the census's two scores when a census is given) at the issue's
+    budgets and `hybrid`'s own, those of them that keep neither none nor all of the model's KV heads."""
+    total = selectors.unit_count(model.info, "kv")
+    budgets = []
+    for budget in dict.fromkeys((*PAPER_BUDGETS, hybrid.kv_budget)):
+        try:
+            kv_count(budget, total)
+            budgets.append(budget)
+        except AttnprobeError:  # e.g. 2 % of a tiny model's KV heads is none
+            continue
+    chosen = list(dict.fromkeys([hybrid.selector, "uniform-layers", "random", *(CENSUS_COLUMNS if census else ())]))
+
+    def sets(selector: str, seed: int, count: int) -> list[Unit]:
+        other = dataclasses.replace(hybrid, selector=selector, kv_budget=str(count), draw=seed)
+        return kept_kv_heads(model, backend, other, census, out)  # the rankings saved by the selection are read back
+
+    table = overlap_by_budget(model, sets, chosen, budgets, draws)
+    write_parquet(Path(out) / "selection" / "overlap.parquet", table)
+    return table

@@ -217,6 +217,7 @@ def hybrid_variant(model: Model, backend: Backend, hybrid, census: Path | None, 
     short = dataclasses.replace(config, transfer_tokens=tokens, tokens=tokens)
     units = head_hybrid.kept_kv_heads(model, backend, hybrid, census, out, kl=lambda: head_hybrid.kl_layer_scores(
         model, backend, hybrid.family, short, data, Path(out) / "selection" / "kl", on_step))
+    head_hybrid.write_overlap(model, backend, hybrid, census, out)
     return head_hybrid.variant(model, hybrid, units)
 
 
