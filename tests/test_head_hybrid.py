@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnprobe.analyses.conversion import head_hybrid as hh
-from attnprobe.analyses.conversion import rows
+from attnprobe.analyses.conversion import command, rows
 from attnprobe.analyses.conversion import train as conversion
 from attnprobe.analyses.conversion.data import training_data
 from attnprobe.analyses.experiments import selectors
@@ -162,7 +162,7 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
                   transfer_tokens=str(2 * 2 * length), length=length, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
                   train="lora", lora_rank=4, ce_weight=0.5, data=[prose_file], dataset=None, epochs=1, seed=0,
                   checkpoint_every=10, evaluate=True, census=False, quick=True, hybrid=hybrid)
-    assert rows.run(model, tmp_path, **common, parts="data,convert",
+    assert command.run(model, tmp_path, **common, parts="data,convert",
                     retrieval=RetrievalMix(fraction=0.5, kinds=("passkey", "needle"))) is None
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert kinds == ["plan", "data", "converted", "converted"]
@@ -173,7 +173,7 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
     assert data["retrieval"]["documents"] == {"passkey": 1, "needle": 1} and data["retrieval"]["stages"] == "2"
     monkeypatch.setattr("attnprobe.analyses.conversion.data.training_data", lambda *a, **k: pytest.fail("evaluating read training data"))
     monkeypatch.setattr(hh, "ablation_scores", lambda *a, **k: pytest.fail("selected again"))
-    table = rows.run(model, tmp_path, **common, parts="evaluate", retrieval=None)
+    table = command.run(model, tmp_path, **common, parts="evaluate", retrieval=None)
     ranking = pd.read_parquet(tmp_path / "selection" / "ablation-0.parquet").sort_values("rank")
     kept = (int(ranking.iloc[0]["layer"]), int(ranking.iloc[0]["unit"]))
     manifest = json.loads((tmp_path / "conversions" / hybrid.name / "conversion.json").read_text())
@@ -186,7 +186,7 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
     assert {"original", "control", hybrid.name} == set(table["architecture"])
     # the retrieval mix refuses a bad fraction before anything trains
     with pytest.raises(AttnprobeError, match="not a share"):
-        rows.run(model, tmp_path / "bad", kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True,
+        command.run(model, tmp_path / "bad", kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True,
                  tokens="64", transfer_tokens="64", length=LENGTH, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
                  train="lora", lora_rank=4, ce_weight=0.0, data=[prose_file], dataset=None, epochs=1, seed=0,
                  checkpoint_every=10, evaluate=False, census=False, quick=True, hybrid=hybrid, retrieval=RetrievalMix(fraction=2))

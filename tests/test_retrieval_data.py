@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from attnprobe.analyses.conversion import retrieval_data as rd
+from attnprobe.analyses.conversion import pools, retrieval_data as rd
 from attnprobe.analyses.conversion.data import TrainingData, _bos, training_data, training_prose_ids
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import load_model
@@ -49,24 +49,24 @@ def test_kv_answers_are_the_values_of_their_keys(model):
 
 
 def test_pools_are_disjoint_from_every_evaluation_pool(model):
-    evaluation = rd.evaluation_pools()
-    training = rd.training_pools(evaluation=evaluation)
-    rd.check_pools(training, evaluation)
+    evaluation = pools.evaluation_pools()
+    training = pools.training_pools(evaluation=evaluation)
+    pools.check_pools(training, evaluation)
     assert len(training["words"]) > 100_000
     assert not any(evaluation["is_item"](w) or w in evaluation["words"] for w in training["words"])
     assert training["text_ranges"] == {"fit"} and not training["text_ranges"] & evaluation["text_ranges"]
     make, rng = rd.builder(model), random.Random(0)
     numbers = [make.number(rng) for _ in range(2000)]
     assert not any(evaluation["is_item"](n) for n in numbers) and len(set(numbers)) > 1900
-    rd.assert_training_items(numbers)
+    pools.assert_training_items(numbers)
     if evaluation["source"] == "analyses/recall.py":  # its numbers are 4- and 5-digit: none is 6-digit
-        assert min(rd.TRAINING_NUMBERS) >= 100_000
+        assert min(pools.TRAINING_NUMBERS) >= 100_000
 
 
 def test_the_evaluation_rule_holds_what_the_evaluation_draws(model):
     """evaluation_pools' `is_item` holds every key and value the evaluation draws (recall.py's answers, or the
     tasks pools' evaluation side), and none of what training draws."""
-    evaluation = rd.evaluation_pools()
+    evaluation = pools.evaluation_pools()
     if evaluation["source"] == "analyses/recall.py":
         from attnprobe.analyses import recall
 
@@ -74,15 +74,15 @@ def test_the_evaluation_rule_holds_what_the_evaluation_draws(model):
         drawn += list(recall.kv_recall(model, n_pairs=(16,), samples=4, beyond=8)["answer"])
         drawn += list(recall._vocabulary())
     else:
-        from attnprobe.analyses.tasks import pools
+        from attnprobe.analyses.tasks import pools as declared
 
         rng = random.Random(0)
-        drawn = [item for kind in ("word", "number", "uuid") for item in pools.draw(kind, 50, rng, "evaluation")]
-        trained = [item for kind in ("word", "number") for item in pools.draw(kind, 50, rng, "training")]
+        drawn = [item for kind in ("word", "number", "uuid") for item in declared.draw(kind, 50, rng, "evaluation")]
+        trained = [item for kind in ("word", "number") for item in declared.draw(kind, 50, rng, "training")]
         assert not any(evaluation["is_item"](item) for item in trained)
     assert drawn and all(evaluation["is_item"](item) for item in drawn)
     with pytest.raises(AttnprobeError, match="evaluation item"):
-        rd.assert_training_items([str(drawn[0])])
+        pools.assert_training_items([str(drawn[0])])
 
 
 def test_documents_hold_no_evaluation_needle_and_read_only_the_fit_range(model):
@@ -91,9 +91,9 @@ def test_documents_hold_no_evaluation_needle_and_read_only_the_fit_range(model):
     assert make.haystack == training_prose_ids(model) == texts.source_ids(model.tokenizer)[start:end]
     rng = random.Random(0)
     text = " ".join(model.tokenizer.decode(make.document(kind, 1024, rng).ids) for kind in rd.KINDS for _ in range(2))
-    for needle in rd.evaluation_pools()["needles"]:
+    for needle in pools.evaluation_pools()["needles"]:
         assert needle["needle"] not in text and needle["answer"] not in text
-    evaluation = rd.evaluation_pools()
+    evaluation = pools.evaluation_pools()
     for word in re.findall(r"key (\w+)\?", text):
         assert word not in evaluation["words"] and not evaluation["is_item"](word)
 
@@ -120,11 +120,11 @@ def test_bad_input_is_one_line(model, tmp_path):
     with pytest.raises(AttnprobeError, match="too few|longer --length"):
         rd.builder(model).kv(24, random.Random(0))
     words = tmp_path / "words.txt"
-    words.write_text("\n".join([f"zork{i}" for i in range(80)] + [sorted(rd.evaluation_pools()["words"])[5]]))
+    words.write_text("\n".join([f"zork{i}" for i in range(80)] + [sorted(pools.evaluation_pools()["words"])[5]]))
     with pytest.raises(AttnprobeError, match="evaluation words"):
         rd.builder(model, str(words))
     leaked = tmp_path / "leaked.txt"
-    leaked.write_text(texts.prose()[:5000] + " " + rd.evaluation_pools()["needles"][3]["needle"])
+    leaked.write_text(texts.prose()[:5000] + " " + pools.evaluation_pools()["needles"][3]["needle"])
     with pytest.raises(AttnprobeError, match="evaluation needle"):
         training_data(model, 512, 128, [leaked])
 

@@ -561,7 +561,7 @@ def convert(
     Writes conversions/NAME/ (fit/, adapters.safetensors, conversion.json, checkpoints), matrix.parquet and
     matrix.md (with ppl_vs_original, ppl_vs_control and gate), recall.parquet and manifest.json. Data-parallel:
     accelerate launch --num_processes N -m attnprobe.analyses.cli convert ..."""
-    from attnprobe.analyses.conversion import rows as conversion
+    from attnprobe.analyses.conversion import command as conversion
     from attnprobe.analyses.conversion.head_hybrid import HeadHybrid
     from attnprobe.analyses.conversion.retrieval_data import RetrievalMix
     loaded = _load(model)

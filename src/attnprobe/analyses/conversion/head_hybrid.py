@@ -165,7 +165,7 @@ def ranking(model: Model, backend, hybrid: HeadHybrid, census: Path | None, seed
         scores = ablation_scores(model, backend, hybrid.probe_documents, hybrid.probe_length, seed)
     elif hybrid.selector == "kl-layers":
         if kl is None:
-            raise AttnprobeError("the kl-layers selector needs training data: select through rows.run or pass its conversions")
+            raise AttnprobeError("the kl-layers selector needs training data: select through `attnprobe convert` (command.run)")
         scores = kl()
     elif hybrid.selector == "random":
         return selectors.random_order(info, "kv", seed)
