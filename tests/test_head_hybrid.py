@@ -245,3 +245,19 @@ def test_the_control_moves_only_with_the_next_token_term(tiny, prose_file, tmp_p
             assert kl_before == 0 and kl_after < 1e-3
         else:
             assert max(float(v.abs().max()) for v in lora_b) > 1e-3 and kl_after < kl_before
+
+
+@pytest.mark.parametrize("options,message", [(["--selector", "random", "--kv-budget", "100%"], "keeps 4 of the model's 4 KV heads"),
+                                             (["--selector", "random", "--kv-budget", "1%"], "keeps 0 of"),
+                                             (["--selector", "teacher-forced"], "pass --from RUN")])
+def test_cli_bad_hybrid_input_is_one_line_and_exit_2(tiny, tmp_path, monkeypatch, capsys, options, message):
+    import sys
+
+    from attnprobe.analyses import cli
+
+    model, _ = tiny
+    monkeypatch.setattr(sys, "argv", ["attnprobe", "convert", "--model", model.info.model_id, *options, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in error and len(error.splitlines()) == 1
