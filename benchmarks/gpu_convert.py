@@ -1,4 +1,5 @@
-"""Two-stage conversion of SmolLM2 on one GPU: stage-2 throughput and MFU, then the gated matrix rows.
+"""Two-stage conversion of SmolLM2 on one GPU: stage-2 throughput and MFU (measured here), then the gated matrix
+rows through the library's parts (attnprobe.analyses.conversion.parts: data, convert, finish, evaluate, census).
 
     python benchmarks/gpu_convert.py --model SmolLM2-135M-Instruct.Q4_1.gguf --part all --out $OUT \\
         [--tokens 4M] [--transfer-tokens 512K] [--length 512] [--batch 32] [--work /tmp/attnprobe-convert]
@@ -32,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -43,19 +43,6 @@ from convert_bench import H200_BF16_PEAK, stage2_flops_per_token  # noqa: E402
 from gpu_bench import import_attnprobe  # noqa: E402
 
 ROWS = "all-hedgehog,window+linear,sink+window+linear,layers-1of2-softmax,layers-1of4-softmax"
-TAR_LIMIT = 15 * 2 ** 20
-
-
-class Results:
-    """results.jsonl in $OUT, appended and flushed line by line."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / "results.jsonl"
-
-    def add(self, kind: str, **record) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"kind": kind, "time": time.strftime("%H:%M:%S"), **record}, default=str) + "\n")
-        print(kind, json.dumps(record, default=str)[:400], flush=True)
 
 
 def recipe(args, kernel, tokens, transfer_tokens):
@@ -66,7 +53,7 @@ def recipe(args, kernel, tokens, transfer_tokens):
                          ce_weight=args.ce_weight, checkpoint_every=25, seed=0)
 
 
-def throughput(args, model, backend, results: Results) -> dict:
+def throughput(args, model, backend, results) -> dict:
     """Timed steps on random tokens (speed does not depend on the text): the steps after the first two."""
     from attnprobe.analyses.conversion import rows as conversion, train as conversion_train
     from attnprobe.analyses.experiments.architectures import catalogue
@@ -111,29 +98,6 @@ def throughput(args, model, backend, results: Results) -> dict:
     return report
 
 
-def pack(args, names: list[str]) -> None:
-    """Each finished row's fit/, adapters and manifest into tars of at most 15 MiB (no checkpoints)."""
-    groups: list[list[Path]] = [[]]
-    size = 0
-    for name in names:
-        folder = Path(args.work) / "run" / "conversions" / name
-        if not (folder / "conversion.json").exists():
-            continue
-        files = [folder / "conversion.json", folder / "adapters.safetensors", *sorted((folder / "fit").glob("*"))]
-        row_size = sum(f.stat().st_size for f in files if f.exists())
-        if groups[-1] and size + row_size > TAR_LIMIT:
-            groups.append([])
-            size = 0
-        groups[-1] += [f for f in files if f.exists()]
-        size += row_size
-    for index, group in enumerate(g for g in groups if g):
-        target = Path(args.out) / f"conversions-{index + 1}.tar"
-        with tarfile.open(str(target) + ".partial", "w") as tar:
-            for file in group:
-                tar.add(file, arcname=str(file.relative_to(Path(args.work) / "run")))
-        os.replace(str(target) + ".partial", target)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SmolLM2 .gguf (or any model spec)")
@@ -176,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
-    from attnprobe.analyses.conversion import rows as conversion, train as conversion_train
-    from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue, matrix_markdown
-    from attnprobe.analyses.conversion.data import training_data
+    from attnprobe.analyses.conversion import rows as conversion
+    from attnprobe.analyses.conversion.parts import PARTS, Plan, RunLog, run_parts
+    from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
-    from attnprobe.kernels import fla
     from attnprobe.probe.rundir import read_json, write_json
 
-    results = Results(args.out)
+    results = RunLog(args.out)
     started = time.perf_counter()
     model = load_model(args.model)  # fp32 weights; on CUDA accelerate runs training under bf16 autocast
     backend = make_backend("native", model)
@@ -198,88 +161,20 @@ def main(argv: list[str] | None = None) -> int:
             write_json(plan_path, {"tokens": max(1, per_row // (args.batch * args.length)) * args.batch * args.length})
     if args.tokens is not None or not plan_path.exists():
         write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
-    plan = read_json(plan_path)
     names = [n for n in args.rows.split(",") if n]
     variants = ([] if args.no_control else [conversion.control_variant()]) + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
-    config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
-    steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
-    if set(parts) & {"data", "convert"}:  # evaluating reads the conversions' own manifests, not this plan
-        results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)
-        began = time.perf_counter()
-        data = training_data(model, steps * config.batch * config.length, config.length, epochs=args.epochs,
-                             sample_batch=args.sample_batch)
-        results.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
-    run = Path(args.work) / "run"
+    config = recipe(args, None, read_json(plan_path)["tokens"], conversion.parse_tokens(args.transfer_tokens))
     given = {"niah_haystack": args.niah_haystack} if args.niah_haystack else {}
     if args.niah_lengths:
         given["niah_lengths"] = tuple(int(n) for n in args.niah_lengths.split(","))
     if args.census_induction_length is not None:
         given["census_induction_length"] = args.census_induction_length
     chosen = {"gpu": MatrixSizes.gpu, "cpu": MatrixSizes, "quick": MatrixSizes.quick}["quick" if args.quick else args.sizes]
-    preset = functools.partial(chosen, **given)
-    if "convert" in parts:
-        failed = []
-        for variant in variants:
-            began = time.perf_counter()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            last, rates = {}, []
-
-            def on_step(progress, label, last=last, rates=rates):
-                last.update(stage=progress.stage, step=progress.step, steps=progress.steps, loss=progress.loss,
-                            tokens_per_s=round(progress.tokens_per_s))
-                if progress.stage == "end_to_end":
-                    rates.append(progress.tokens_per_s)
-            try:
-                conversion.conversion_matrix(model, backend, [variant], config, data, run, None, evaluate=False, on_step=on_step,
-                                             recompute_layers=args.recompute_layers)
-            except Exception as error:  # one row's failure (a kernel's backward, memory) does not cost the other rows
-                if variant.name == "control":
-                    raise
-                results.add("failed", row=variant.name, error=f"{type(error).__name__}: {error}"[:2000], last_step=last)
-                failed.append(variant)
-                continue
-            manifest = read_json(run / "conversions" / variant.name / "conversion.json")
-            results.add("converted", row=variant.name, seconds=round(time.perf_counter() - began, 1), budget=manifest["budget"],
-                        first_batch_kl=manifest["losses"].get("first_batch_kl"), last_step=last,
-                        stage2_median_tokens_per_s=round(sorted(rates)[len(rates) // 2]) if rates else None,
-                        transfer_loss=(manifest["losses"].get("transfer") or [None])[-1:],
-                        mean_head_error=_mean(manifest["head_error"]),
-                        fla_backward_errors={str(key): error for key, error in fla.backward_errors.items()},
-                        peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None)
-            pack(args, [v.name for v in variants])
-        variants = [v for v in variants if v not in failed]
-    if "finish" in parts:
-        for variant in variants:
-            directory = run / "conversions" / variant.name
-            if (directory / "checkpoint.json").exists() and not (directory / "conversion.json").exists():
-                manifest = conversion_train.conversion_from_checkpoint(model, directory)
-                results.add("finished from checkpoint", row=variant.name, partial=manifest["partial"], budget=manifest["budget"])
-    if "evaluate" in parts:
-        sizes = preset(census=False)  # the census part below runs the census on its own
-
-        def status(message):  # each evaluated row reaches $OUT before the next starts
-            if message.startswith("evaluating") and (run / "variants").exists():
-                rows = [read_json(f) for f in sorted((run / "variants").glob("*.json"))]
-                (args.out / "rows.json").write_text(json.dumps(rows, default=str))
-            print(message, flush=True)
-        table, _ = conversion.evaluate_conversions(model, backend, variants, run, sizes, None, status)  # the rows converted above
-        table.to_parquet(args.out / "matrix.parquet", index=False)
-        (args.out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
-        shown = [c for c in ("architecture", "perplexity", "ppl_vs_control", "gate", "passkey_acc", "kv_recall_acc", "copy_acc",
-                             "niah_acc") if c in table]
-        results.add("matrix", rows=table[shown].to_dict("records"))
-    if "census" in parts:
-        table = conversion.census_of_conversions(model, backend, variants, run, preset(), None, status=lambda m: print(m, flush=True))
-        table.to_parquet(args.out / "census.parquet", index=False)
-        results.add("census", rows=table.to_dict("records"))
+    plan = Plan(variants, config, args.epochs, args.sample_batch, args.recompute_layers, pack=True)
+    run_parts(model, backend, [p for p in PARTS if p in parts], plan, Path(args.work) / "run", args.out,
+              functools.partial(chosen, **given), results)
     results.add("done", seconds=round(time.perf_counter() - started, 1))
     return 0
-
-
-def _mean(errors: dict) -> float | None:
-    values = [v for per_layer in errors.values() for v in per_layer]
-    return sum(values) / len(values) if values else None
 
 
 if __name__ == "__main__":

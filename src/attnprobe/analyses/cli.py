@@ -542,6 +542,14 @@ def convert(
     recompute_layers: bool = typer.Option(False, help="stage 2 keeps only each decoder layer's inputs and recomputes the rest "
                                           "in the backward pass (about one layer of activations, one more forward; same result)"),
     loss: str = typer.Option("chunked", help="stage 2's KL: chunked (from hidden states, no full logits) | liger (CUDA) | logits (the old path)"),
+    selector: Optional[str] = typer.Option(None, help="head-level hybrid: rank KV heads by retrieval, teacher-forced, ablation, "
+                                           "kl-layers, uniform-layers, random or razor; keep --kv-budget softmax, the rest --family"),
+    kv_budget: str = typer.Option("12.5%", help="with --selector: KV heads kept softmax, a share (2%, 6.25%, 0.125) or a count"),
+    family: str = typer.Option("gated-deltanet", help="with --selector: gated-deltanet | kda | sink+window+gdn"),
+    retrieval_fraction: float = typer.Option(0.0, help="share of training windows that are synthetic retrieval documents (0-1)"),
+    retrieval_stages: str = typer.Option("2", help="stages that get them: 1, 2 or both"),
+    part: Optional[str] = typer.Option(None, help="run only these parts, each resumable in --out: data, convert, finish, "
+                                       "evaluate, census (comma-separated; e.g. convert on a GPU, evaluate anywhere)"),
     evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
     census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
@@ -553,7 +561,9 @@ def convert(
     Writes conversions/NAME/ (fit/, adapters.safetensors, conversion.json, checkpoints), matrix.parquet and
     matrix.md (with ppl_vs_original, ppl_vs_control and gate), recall.parquet and manifest.json. Data-parallel:
     accelerate launch --num_processes N -m attnprobe.analyses.cli convert ..."""
-    from attnprobe.analyses.conversion import rows as conversion
+    from attnprobe.analyses.conversion import command as conversion
+    from attnprobe.analyses.conversion.head_hybrid import HeadHybrid
+    from attnprobe.analyses.conversion.retrieval_data import RetrievalMix
     loaded = _load(model)
     out = _run_dir(out, "convert", model)
     started = time.time()
@@ -562,7 +572,10 @@ def convert(
                            accumulation=accumulation, lr=lr, transfer_lr=transfer_lr, train=train, lora_rank=lora_rank,
                            ce_weight=ce_weight, data=data or [], dataset=dataset, epochs=epochs, seed=seed,
                            checkpoint_every=checkpoint_every, evaluate=evaluate, census=census, quick=quick, console=console,
-                           recompute_layers=recompute_layers, loss=loss)
+                           recompute_layers=recompute_layers, loss=loss,
+                           hybrid=HeadHybrid(selector=selector, kv_budget=kv_budget, family=family) if selector else None,
+                           retrieval=RetrievalMix(fraction=retrieval_fraction, stages=retrieval_stages) if retrieval_fraction else None,
+                           parts=part)
     if table is not None:
         _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
         console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))

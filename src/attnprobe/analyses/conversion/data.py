@@ -193,6 +193,9 @@ def training_data(model: Model, tokens: int, length: int, paths: Sequence[Path] 
         documents = [doc for path in paths for doc in _documents_from_path(Path(path))]
         if dataset:
             documents += _documents_from_dataset(dataset, limit_chars=8 * tokens)  # about 4 characters a token
+        from attnprobe.analyses.conversion.pools import refuse_evaluation_text
+
+        refuse_evaluation_text(documents)
         pool = _pack(model, [texts._encode(model.tokenizer, doc) for doc in documents], length)
         sources = {"files": [str(p) for p in paths], "dataset": dataset}
     else:

@@ -10,7 +10,6 @@ from typing import Callable, Sequence
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import Model
-from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe.rundir import read_json, write_json
 
 from attnprobe.analyses.conversion.checkpoint import CONVERSION
@@ -114,6 +113,31 @@ def _same_sizes(folder: Path, sizes) -> None:
     write_json(path, wanted)
 
 
+def _stage2(manifest: dict) -> dict:
+    """What a row's stage 2 trained on: the data, the planned budget in tokens, the sequence length."""
+    config = ConvertConfig(**manifest["config"])
+    return {"data": manifest["data"]["sha256"], "budget": config.steps(config.tokens) * config.batch * config.length,
+            "length": config.length}
+
+
+def same_stage2_as_control(out: Path, variants: Sequence) -> None:
+    """Refuse to gate a row against a control trained on other data, another stage-2 budget or another sequence
+    length: the gate compares the two rows' perplexities as if only the architecture differed. (A row taken from
+    a checkpoint is compared at its planned budget; its `partial` column says where it stopped.)"""
+    control = out / "conversions" / CONTROL / CONVERSION
+    if CONTROL not in {v.name for v in variants} or not control.exists():
+        return
+    wanted = _stage2(read_json(control))
+    for variant in variants:
+        if variant.name in (CONTROL, "original"):
+            continue
+        got = _stage2(read_json(out / "conversions" / variant.name / CONVERSION))
+        differs = [key for key in wanted if got[key] != wanted[key]]
+        if differs:
+            raise AttnprobeError(f"row {variant.name} and the control trained stage 2 with another {' and '.join(differs)}: "
+                                 "convert both in one run (same data, --tokens and --length) before comparing them")
+
+
 def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
                          status: Callable[[str], None] = lambda m: None):
     """Evaluate the original and each variant converted into out/conversions/NAME (resumable per row, each
@@ -125,6 +149,7 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
 
     out = Path(out)
     _same_sizes(out / "variants", sizes)
+    same_stage2_as_control(out, variants)
     rows, samples = [], []
     for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
@@ -178,77 +203,3 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
             write_json(done, {"architecture": variant.name, **columns})
         rows.append(read_json(done))
     return pd.DataFrame(rows)
-
-
-def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
-        variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
-        lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
-        dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False, loss: str = "chunked"):
-    """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
-    import pandas as pd
-
-    from attnprobe.hooks.backends import make_backend
-    from attnprobe.kernels.registry import KERNELS
-    from attnprobe.probe.rundir import write_parquet
-
-    from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, catalogue, matrix_markdown
-    from attnprobe.analyses.conversion.data import training_data
-    from attnprobe.analyses.experiments.selection import parse_heads
-
-    heads_table = None
-    if from_run is not None:
-        if not (Path(from_run) / "heads.parquet").exists():
-            raise AttnprobeError(f"{Path(from_run) / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(Path(from_run) / "heads.parquet")
-    names = catalogue(model)
-    chosen = []
-    if variants:
-        wanted = [v.strip() for v in variants.split(",") if v.strip()]
-        unknown = [v for v in wanted if v not in names]
-        if unknown:
-            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
-        chosen = [names[v] for v in wanted if v != "original"]
-    if kernel is not None or heads or layers:
-        if kernel not in KERNELS:
-            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
-        replaced = set(parse_heads(heads, model.info, from_run, seed, None, layers or (None if heads else f"0-{model.info.n_layers - 1}")))
-        everyone = {(l, h) for l in range(model.info.n_layers) for h in range(model.info.n_heads)}
-        chosen.append(Variant(f"convert-{kernel}", kernel, lambda m, t, keep=everyone - replaced: keep, f"{len(replaced)} heads {kernel}"))
-    if not chosen and not control:
-        raise AttnprobeError("say what to convert: --variants NAMES, or --kernel K with --heads/--layers (or keep --control)")
-    if control:
-        chosen.append(control_variant())
-    config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
-                           tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
-                           ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
-    from accelerate import PartialState
-
-    state = PartialState()
-    config.check(state.num_processes)
-    config.check_length(model.info.max_context)
-    fast = FastPath(loss=loss)
-    fast.check(ce_weight)
-    for variant in chosen:  # every kernel and head selection is checked before anything trains
-        if variant.kernel:
-            make_kernel(variant.kernel, 1, model.info.head_dim)
-            variant.keep(model, heads_table)
-    steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
-    bar, on_step = progress_bar(console, disable=not state.is_main_process)
-    with bar:
-        sampling = bar.add_task("training data", total=None, speed="", loss="")
-        with state.main_process_first():  # the main process samples and caches; the others read its shards
-            training = training_data(model, steps * config.batch * config.length, config.window or config.length, data, dataset, seed, epochs,
-                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total))
-        bar.update(sampling, visible=False)
-        sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
-        backend = make_backend("native", model)
-        table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
-                                          on_step=on_step, recompute_layers=recompute_layers, fast=fast)
-    if table is None:
-        return None
-    write_parquet(out / "matrix.parquet", table)
-    write_parquet(out / "recall.parquet", recall)
-    (out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
-    return table
-

@@ -353,6 +353,13 @@ def _time_for_checkpoint(accelerator, saved_at: float, config: ConvertConfig) ->
     return bool(due > 0)
 
 
+def stage_windows(config: ConvertConfig) -> tuple[int, int]:
+    """(stage-1 windows, stage-2 windows), in that order in the training data. The control skips stage 1's windows
+    too, so it trains on the rows' stage-2 windows."""
+    return (config.steps(config.transfer_tokens) * config.batch if config.transfer_tokens else 0,
+            config.steps(config.tokens) * config.batch if config.tokens else 0)
+
+
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
             directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False,
             fast: FastPath | None = None) -> dict:
@@ -381,11 +388,11 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         if not 0 <= layer < model.info.n_layers or bad:
             raise AttnprobeError(f"head selection outside the model (layer {layer}, heads {bad or hs}): it has layers "
                                  f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
-    n_transfer = config.steps(config.transfer_tokens) * config.batch if heads and config.transfer_tokens else 0
-    n_e2e = config.steps(config.tokens) * config.batch if config.tokens else 0
+    n_skip, n_e2e = stage_windows(config)
+    n_transfer = n_skip if heads else 0
     sequences = packed(data.windows, config)
-    if len(sequences) < n_transfer + n_e2e:
-        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_transfer + n_e2e}: "
+    if len(sequences) < n_skip + n_e2e:
+        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_skip + n_e2e}: "
                              "lower --tokens / --transfer-tokens or provide more data")
     directory.mkdir(parents=True, exist_ok=True)
     identity = _identity(model, config, heads, data)
@@ -396,7 +403,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
                  for name, p in kernel.named_parameters() if p.requires_grad}
     started = time.perf_counter()
     transfer_windows = sequences[:n_transfer]
-    e2e_windows = sequences[n_transfer:n_transfer + n_e2e]
+    e2e_windows = sequences[n_skip:n_skip + n_e2e]
     losses: dict[str, list[float]] = dict(resume[0]["losses"]) if resume is not None else {}
     layers = sorted(heads)
 
