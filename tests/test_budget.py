@@ -168,3 +168,15 @@ def test_cli_budget_runs_on_the_tiny_model(tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "attnprobe.analyses.cli", "budget", "--model", str(path), "--quick",
                           "--selectors", "retrieval", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode == 2 and "--from" in bad.stderr
+
+
+def test_the_quest_row_keeps_layers_0_and_1_dense_as_its_reference():
+    """Quest's reference leaves the first two layers dense; the other rules replace every layer."""
+    import types
+
+    info = types.SimpleNamespace(n_layers=4, n_heads=4, n_kv_heads=2)
+    sizes = small_sizes(sparse=("quest:page=4,pages=4", "oracle-topk:k=8"), kinds=())
+    rows = {cell.kind: cell for cell in budget.plan(sizes, pd.DataFrame(columns=["selector", "seed"]), info)
+            if cell.selector == "sparse"}
+    assert sorted(rows["quest:page=4,pages=4"].units) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert rows["oracle-topk:k=8"].units == []
