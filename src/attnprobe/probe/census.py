@@ -56,6 +56,9 @@ class CensusConfig:
     # head types
     induction_length: int = _option(50, "length of the repeated random string for induction heads")
     induction_batch: int = _option(10, "repeated random strings for induction heads")
+    induction_periods: list[int] = _option(lambda: [50, 128, 256, 512, 1024],
+                                           "periods of the repeated random strings whose in-context loss drop is measured")
+    induction_loss_batch: int = _option(8, "repeated random strings per period for the in-context loss drop")
     # retrieval heads
     lengths: list[int] = _option(lambda: [512, 1024, 2048], "NIAH context lengths in tokens")
     depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
@@ -68,7 +71,7 @@ class CensusConfig:
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
         whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
-                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "needles")
+                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles")
         for name in whole:
             value = getattr(self, name)
             low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
@@ -76,6 +79,8 @@ class CensusConfig:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value}")
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, Integral) or n < 16 for n in self.lengths):
             raise AttnprobeError(f"--lengths are NIAH context lengths, whole numbers of at least 16 tokens; got {self.lengths}")
+        if not self.induction_periods or any(isinstance(p, bool) or not isinstance(p, Integral) or p < 2 for p in self.induction_periods):
+            raise AttnprobeError(f"--induction-periods are string lengths, whole numbers of at least 2; got {self.induction_periods}")
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
             raise AttnprobeError(f"--depths are fractions of the haystack between 0 and 1; got {self.depths}")
         from .retrieval import load_needles
