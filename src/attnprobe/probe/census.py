@@ -63,6 +63,7 @@ class CensusConfig:
     lengths: list[int] = _option(lambda: [512, 1024, 2048], "NIAH context lengths in tokens")
     depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
     needles: int = _option(2, "needles per (length, depth)")
+    needle_patch_samples: int = _option(2, "NIAH samples (first length, census depths in turn) for needle patching")
     # role thresholds: role name -> threshold, defaults declared by each probe (mechanisms.py)
     thresholds: dict[str, float] = _option(lambda: mechanisms.default_thresholds(), "role thresholds", cli=False)
 
@@ -71,7 +72,7 @@ class CensusConfig:
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
         whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
-                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles")
+                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles", "needle_patch_samples")
         for name in whole:
             value = getattr(self, name)
             low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
