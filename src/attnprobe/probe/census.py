@@ -46,10 +46,12 @@ class CensusConfig:
     sink_length: int = _option(64, "tokens per sink-rate sequence (T of the reference protocol)")
     sink_sequences: int = _option(100, "sequences for the sink rate (fewer when a short --texts has no more)")
     # hidden / secondary sinks and massive activations: prose prefills
-    prose_sequences: int = _option(4, "prose sequences for hidden/secondary sinks and massive activations")
+    prose_sequences: int = _option(4, "prose sequences for hidden and secondary sinks")
     prose_length: int = _option(512, "tokens per prose sequence")
     hidden_threshold: float = _option(0.1, "alpha_k above which a non-initial token is a hidden sink")
     hidden_min_queries: int = _option(16, "queries that must see a key before it can be a hidden sink")
+    massive_sequences: int = _option(64, "census-text sequences scanned for massive activations (a rare dim needs many)")
+    massive_length: int = _option(128, "tokens per massive-activation sequence (BOS counted)")
     massive_absolute: float = _option(100.0, "|activation| above which an entry can be massive")
     massive_relative: float = _option(1000.0, "times the layer's median |activation| a massive entry exceeds")
     perplexity_tokens: int = _option(2048, "held-out tokens for the massive-activation intervention's perplexity")
@@ -73,10 +75,11 @@ class CensusConfig:
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
         whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
-                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles", "needle_patch_samples")
+                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles", "needle_patch_samples",
+                 "massive_sequences", "massive_length")
         for name in whole:
             value = getattr(self, name)
-            low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
+            low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length", "massive_length") else 1
             if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value}")
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, Integral) or n < 16 for n in self.lengths):
@@ -105,7 +108,7 @@ class CensusConfig:
 
     def check(self, model: Model) -> None:
         window = model.info.max_context
-        too_long = [n for n in self.lengths + [self.prose_length, self.sink_length] if window and n + 64 > window]
+        too_long = [n for n in self.lengths + [self.prose_length, self.sink_length, self.massive_length] if window and n + 64 > window]
         if too_long:
             raise AttnprobeError(f"context length {max(too_long)} does not fit the model's window of {window} tokens (keep lengths <= {window - 64})")
         if not 0 < self.thresholds["sink"] < 1:
@@ -167,7 +170,7 @@ class Census:
 
     @cached_property
     def prose_inputs(self) -> tuple[torch.Tensor, list[list[str]]]:
-        """(ids, token strings) of the prose prefills that hidden sinks, massive activations and secondary sinks share."""
+        """(ids, token strings) of the prose prefills that hidden and secondary sinks share."""
         ids = self.natural(self.config.prose_sequences, self.config.prose_length, self.bos, seed_offset=1, what="prose")
         return ids, token_strings(self.model.tokenizer, ids)
 
