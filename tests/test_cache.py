@@ -314,3 +314,28 @@ def test_only_fixed_size_steps_are_captured(tiny_llama_model):
             StaticStep(model, edits, architecture_cache(model, edits), torch.zeros(1, 1, dtype=torch.long), 5)
         with pytest.raises(AttnprobeError, match="decode this architecture eagerly"):
             measure_decoding(model, backend, edits, 40, new_tokens=4, graph=True)
+
+
+def allocated_bytes(cache: ArchitectureCache) -> int:
+    """Bytes of the storage the cache's tensors actually occupy: each distinct storage once, whole (a view
+    of a larger buffer costs that buffer, two views of one buffer cost it once)."""
+    from attnprobe.hooks.cache import tensor_leaves
+
+    layers = [leaf for layer in cache.layers if layer.is_initialized for leaf in tensor_leaves([layer.keys, layer.values])]
+    states = [leaf for edit in cache.edits for leaf in tensor_leaves(edit.state.get("kernel"))]
+    storages = {}
+    for tensor in layers + states:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_nbytes_is_the_storage_the_cache_holds(tiny_llama_model, architecture):
+    """What `nbytes` reports equals what the cache's tensors really occupy after decoding, for every kernel kind."""
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = edits_for(model, architecture)
+    cache = architecture_cache(model, edits)
+    greedy(model, backend, edits, torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(7)), cache)
+    assert cache.nbytes() == allocated_bytes(cache)
