@@ -230,7 +230,7 @@ class Census:
             self.write_manifest(time.time() - start)
         return heads
 
-    def pattern_normalisation(self) -> dict[tuple[int, int], str]:
+    def replaced_pattern_rules(self) -> dict[tuple[int, int], str]:
         """(layer, head) -> how attention-based scores read a replaced head's effective attention (hooks.swap.pattern_rows):
         a delta-rule head's signed rows are divided by their absolute sum before any threshold applies."""
         return {(edit.layer, head): pattern_normalisation(edit.kernel) for edit in self.backend.standing
@@ -241,7 +241,7 @@ class Census:
         heads = self.per_head({})
         heads["kv_head"] = heads["head"].map(info.kv_head)
         heads["layer_type"] = heads["layer"].map(lambda l: info.layer_types[l])
-        replaced = self.pattern_normalisation()
+        replaced = self.replaced_pattern_rules()
         heads["pattern_normalisation"] = [replaced.get((r.layer, r.head), pattern_normalisation(None)) for r in heads.itertuples()]
         for stage in mechanisms.stages():
             path = self.run.shard(stage.shard) if stage.shard else None
