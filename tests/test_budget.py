@@ -168,3 +168,43 @@ def test_cli_budget_runs_on_the_tiny_model(tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "attnprobe.analyses.cli", "budget", "--model", str(path), "--quick",
                           "--selectors", "retrieval", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode == 2 and "--from" in bad.stderr
+
+
+def test_the_quest_row_keeps_layers_0_and_1_dense_as_its_reference():
+    """Quest's reference leaves the first two layers dense; the other rules replace every layer."""
+    import types
+
+    info = types.SimpleNamespace(n_layers=4, n_heads=4, n_kv_heads=2)
+    sizes = small_sizes(sparse=("quest:page=4,pages=4", "oracle-topk:k=8"), kinds=())
+    rows = {cell.kind: cell for cell in budget.plan(sizes, pd.DataFrame(columns=["selector", "seed"]), info)
+            if cell.selector == "sparse"}
+    assert sorted(rows["quest:page=4,pages=4"].units) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert rows["oracle-topk:k=8"].units == []
+
+
+def test_a_planted_copier_recalls_with_its_head_exact_and_not_with_it_replaced(tmp_path):
+    """The sweep's cells on the planted copier: keeping the one head the census ranks first exact (a budget of
+    1 of 8 heads) copies every token, replacing every head by a 1 + 4 token window copies none."""
+    from attnprobe.analyses import recall
+    from attnprobe.analyses.experiments import selectors
+    from attnprobe.hooks.backends.native import NativeBackend
+    from planted import COPY_HEAD, planted_model
+
+    model = planted_model()
+    backend = NativeBackend(model)
+    census = tmp_path / "census"
+    census.mkdir()
+    pd.DataFrame([{"layer": l, "head": h, "retrieval_score": float((l, h) == COPY_HEAD)} for l in range(2) for h in range(4)]
+                 ).to_parquet(census / "heads.parquet", index=False)
+    kind = "sink+window:sinks=1,window=4"
+    sizes = small_sizes(budgets=(1 / 8,), selectors=("retrieval",), unit="head", kinds=(kind,), sparse=())
+    rankings = budget.selector_rankings(model, backend, tmp_path, sizes, census, {kind: "sink+window"}, lambda m: None)
+    cells = {cell.selector: cell for cell in budget.plan(sizes, rankings, model.info)}
+    assert cells["retrieval"].units == [COPY_HEAD]
+    for selector, accuracy in (("all-exact", 1.0), ("retrieval", 1.0), ("none-exact", 0.0)):
+        cell = cells[selector]
+        keep = selectors.heads_of(model.info, "head", cell.units)
+        edits = [] if cell.kind == "none" else budget.kind_edits(model, "sink+window", {"sinks": 1, "window": 4}, keep, 64)
+        with backend.patched(edits):
+            copied = recall.copying(model, lengths=(12,), samples=4)
+        assert copied["token_accuracy"].tolist() == [accuracy] * 4, selector

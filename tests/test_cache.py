@@ -370,3 +370,28 @@ def test_ring_steps_with_the_slot_on_the_device_equal_the_quadratic_form(name):
     assert slots[3:] == [(p + 1) % 4 for p in range(6, 21)]  # after position p the next slot is (p + 1) % window
     for position in range(17, 21):
         assert torch.equal(ring.window_k[:, :, position % 4], k[:, :, position])
+
+
+def allocated_bytes(cache: ArchitectureCache) -> int:
+    """Bytes of the storage the cache's tensors actually occupy: each distinct storage once, whole (a view
+    of a larger buffer costs that buffer, two views of one buffer cost it once)."""
+    from attnprobe.hooks.cache import tensor_leaves
+
+    layers = [leaf for layer in cache.layers if layer.is_initialized for leaf in tensor_leaves([layer.keys, layer.values])]
+    states = [leaf for edit in cache.edits for leaf in tensor_leaves(edit.state.get("kernel"))]
+    storages = {}
+    for tensor in layers + states:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_nbytes_is_the_storage_the_cache_holds(tiny_llama_model, architecture):
+    """What `nbytes` reports equals what the cache's tensors really occupy after decoding, for every kernel kind."""
+    model = tiny_llama_model
+    backend = make_backend("native", model)
+    edits = edits_for(model, architecture)
+    cache = architecture_cache(model, edits)
+    greedy(model, backend, edits, torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(7)), cache)
+    assert cache.nbytes() == allocated_bytes(cache)

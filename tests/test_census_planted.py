@@ -57,6 +57,9 @@ def test_massive_activation_is_the_planted_entry(census_run):
     assert set(massive["position"]) == {0}
     assert set(massive["layer"]) == {0, 1}
     assert massive["value"].abs().min() == pytest.approx(MASSIVE_VALUE, rel=1e-3)
+    dims = pd.read_parquet(out / "massive_dims.parquet")
+    assert dims[["dim", "first_layer", "sequence_share"]].values.tolist() == [[MASSIVE_DIM, 0, 1.0]]  # every sequence has BOS
+    assert massive["sequence"].nunique() == CensusConfig().massive_sequences  # the default scan: 64 sequences
     intervention = pd.read_parquet(out / "massive_intervention.parquet").set_index("intervention")
     assert list(intervention.index) == ["none", "zero", "mean"]
     # values: "none" is the held-out perplexity itself; the planted entry is the same 1000 on every
@@ -148,3 +151,23 @@ def test_sink_sequences_are_T_long_including_bos(monkeypatch, tmp_path):
     Census(model, NativeBackend(model), CensusConfig(**SMALL), tmp_path).execute(("sinks",))
     assert sorted(seen) == [(64, False), (64, True)]
     assert json.loads((tmp_path / "sink_rate.json").read_text())["T"] == 64
+
+
+def test_a_replaced_heads_exact_window_sets_the_sink_rate_length(tmp_path):
+    """The sink head replaced by a 16-token window (no sinks kept): at T = 16 it would still be exact softmax
+    and a sink by construction; at T = 4 x 16 its first key is seen by a quarter of the queries, so no sink."""
+    from attnprobe.hooks.swap import swap_edits
+    from attnprobe.probe.sinks import sink_rate, sink_scan
+
+    model = planted_model()
+    backend = NativeBackend(model)
+    edits = swap_edits(model, "sink+window", layers=[SINK_HEAD[0]], heads=[SINK_HEAD[1]], sinks=0, window=16)
+    with backend.standing_edits(edits):
+        short = torch.cat([torch.full((4, 1), BOS), torch.randint(2, 32, (4, 15), generator=torch.Generator().manual_seed(0))], 1)
+        assert sink_rate(sink_scan(backend, short)[0][..., 0]) == pytest.approx(100 / 8)  # what T = 16 would say
+        Census(model, backend, CensusConfig(**{**SMALL, "sink_length": 16}), tmp_path).execute(("sinks",))
+    rate = json.loads((tmp_path / "sink_rate.json").read_text())
+    assert (rate["T"], rate["T_requested"], rate["exact_window"]) == (64, 16, 16)
+    assert rate["with_bos"] == 0.0
+    alpha = pd.read_parquet(tmp_path / "shards" / "sinks.parquet").set_index(["layer", "head"])["alpha_1"]
+    assert alpha[SINK_HEAD] == pytest.approx(16 / 64, abs=0.02)

@@ -76,3 +76,39 @@ def test_retrieval_census_of_a_swapped_model_prefills_under_the_edits(monkeypatc
     assert built == []
     retrieval.retrieval_census(model, backend, lengths=[64], depths=[0.5], needles=needles, max_new_tokens=3)
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_pattern_reads_of_every_kernel_are_its_own_output(name):
+    """Through the model: the effective attention A of a replaced head times v is the head's own output z
+    (its kernel's prefill), and a pattern read shows A, divided by each row's absolute sum where the
+    kernel's rows are not normalised (`pattern_rows`, stated per head by `pattern_normalisation`)."""
+    from attnprobe.hooks.swap import pattern_rows
+
+    model = _tiny()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    reads = {(1, site): Keep() for site in (Site.PATTERN, Site.Q, Site.K, Site.V, Site.Z)}
+    edits = swap_edits(model, name, layers=[1], heads=[0, 2], **({"window": 8} if "window" in name else {}))
+    NativeBackend(model).run(ids, reads=reads, edits=edits)
+    pattern, q, k, v, z = (reads[(1, site)].result() for site in (Site.PATTERN, Site.Q, Site.K, Site.V, Site.Z))
+    kernel, heads = edits[0].kernel, [0, 2]
+    k, v = k.repeat_interleave(2, dim=1)[:, heads], v.repeat_interleave(2, dim=1)[:, heads]
+    weights = kernel.attention_weights(q[:, heads], k, model.info.head_dim ** -0.5, torch.arange(40))
+    assert torch.allclose(weights @ v, z[:, :, heads].transpose(1, 2), atol=1e-4)
+    assert torch.allclose(pattern[:, heads], pattern_rows(kernel, weights), atol=1e-5)
+    if not kernel.normalized:
+        assert torch.allclose(pattern[:, heads].abs().sum(-1), torch.ones(2, 2, 40), atol=1e-5)
+
+
+def test_a_delta_rule_heads_scores_state_their_normalisation(tmp_path):
+    from attnprobe.probe.census import Census, CensusConfig
+    from planted import planted_model
+
+    model = planted_model()
+    backend = NativeBackend(model)
+    with backend.standing_edits(swap_edits(model, "deltanet", layers=[1], heads=[0])):
+        heads = Census(model, backend, CensusConfig(sink_sequences=4, sink_length=32, prose_sequences=1, prose_length=64),
+                       tmp_path).execute(("sinks",))
+    rule = heads.set_index(["layer", "head"])["pattern_normalisation"]
+    assert rule[(1, 0)] == "deltanet: A / sum |A| per row"
+    assert set(rule.drop((1, 0))) == {"softmax (rows sum to 1)"}

@@ -47,17 +47,20 @@ def test_sink_window_is_softmax_over_the_sinks_and_the_window(window, sinks):
 @pytest.mark.parametrize("name,sinks", [("window+linear", 0), ("sink+window+linear", 3)])
 def test_window_linear_is_the_lolcats_formula(name, sinks):
     """LoLCATs eq. (6): y_t = [sum_{window} f exp(q.k/sqrt d - c) v + sum_{older} (1-f) phi(q).phi(k) v]
-    / [the same sums without v], with phi Hedgehog's softmax([Wx, -Wx]) and f = sigmoid(window logit)."""
+    / [the same sums without v], with Hedgehog's phi_q(q) . phi_k(k), phi(x) = softmax([Wx, -Wx]) with one W for
+    queries and another for keys, and f = sigmoid(window logit)."""
     q, k, v = _qkv(sinks + 1)
     scaling, window = 0.4, 4
     kernel = make_kernel(name, 2, 6, window=window, sinks=sinks, chunk=4)
     generator = torch.Generator().manual_seed(3)
+    maps = kernel.feature_map
     with torch.no_grad():
-        kernel.feature_map.weight.add_(0.3 * torch.randn(kernel.feature_map.weight.shape, generator=generator))
+        for weight in (maps.query_weight, maps.key_weight):  # different draws: the two maps differ
+            weight.add_(0.3 * torch.randn(weight.shape, generator=generator))
         kernel.window_logit.copy_(torch.tensor([-1.0, 0.5]))
 
-    def phi(x, head):
-        y = x @ kernel.feature_map.weight[head]
+    def phi(x, head, weight):
+        y = x @ weight[head]
         return torch.softmax(torch.cat([y, -y]), dim=0)
 
     expected = torch.zeros_like(v)
@@ -78,7 +81,8 @@ def _lolcats(kernel, q, k, v, scaling, window, sinks, phi, expected):
                 if s in exact:
                     weight = f * math.exp(float(q[0, head, t] @ k[0, head, s]) * scaling - c)
                 else:
-                    weight = (1 - f) * float(phi(q[0, head, t], head) @ phi(k[0, head, s], head))
+                    maps = kernel.feature_map
+                    weight = (1 - f) * float(phi(q[0, head, t], head, maps.query_weight) @ phi(k[0, head, s], head, maps.key_weight))
                 num, den = num + weight * v[0, head, s], den + weight
             expected[0, head, t] = num / den
 

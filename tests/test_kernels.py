@@ -206,3 +206,28 @@ def test_window_weight_starts_at_a_tenth():
     kernel = make_kernel("window+linear", 4, 8)
     torch.testing.assert_close(torch.sigmoid(kernel.window_logit), torch.full((4,), 0.1))
     assert math.isclose(kernel.window_logit[0].item(), math.log(0.1 / 0.9), rel_tol=1e-6)
+
+
+def test_hedgehog_maps_queries_and_keys_apart_and_loads_the_shared_form():
+    """LoLCATs trains one Hedgehog map for queries and one for keys; a fit saved with the earlier shared map
+    (`feature_map.weight`) loads as both, which is the same kernel."""
+    from attnprobe.kernels.registry import make_kernel
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    kernel = make_kernel("hedgehog", 2, 4)
+    with torch.no_grad():
+        kernel.feature_map.key_weight.add_(0.5 * torch.randn(2, 4, 4))
+    assert kernel.feature_map.query(q, 0.5)[0].allclose(make_kernel("hedgehog", 2, 4).feature_map.query(q, 0.5)[0])
+    assert not kernel.feature_map.key(q, 0.5)[0].allclose(kernel.feature_map.query(q, 0.5)[0])
+    shared = torch.eye(4).repeat(2, 1, 1) + 0.3 * torch.randn(2, 4, 4)
+    old = make_kernel("hedgehog", 2, 4)
+    old.load_state_dict({"feature_map.weight": shared})
+    assert torch.equal(old.feature_map.query_weight, shared) and torch.equal(old.feature_map.key_weight, shared)
+
+    def phi(x):  # the old map, on queries and keys alike
+        y = torch.einsum("bhtd,hde->bhte", x, shared)
+        return torch.softmax(torch.cat([y, -y], dim=-1), dim=-1)
+
+    scores = (phi(q) @ phi(k).transpose(-1, -2)).tril()
+    torch.testing.assert_close(old.quadratic(q, k, v, 0.5), (scores / scores.sum(-1, keepdim=True)) @ v)

@@ -95,3 +95,12 @@ def test_retrieval_scores_need_a_census(tmp_path):
         selectors.retrieval_scores(None)
     with pytest.raises(AttnprobeError, match="census"):
         selectors.retrieval_scores(tmp_path)
+
+
+def test_fit_errors_read_the_fit_text_never_the_perplexity_text(planted):
+    from attnprobe.probe import texts
+
+    model, backend = planted
+    with texts.recording() as used:
+        selectors.fit_errors(model, backend, "sink+window", tokens=64, sinks=1, window=2)
+    assert {record["range"] for record in used} == {"fit"}

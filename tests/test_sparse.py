@@ -76,3 +76,51 @@ def test_sparse_families_report_what_they_keep():
     assert kernel.cached_tokens is None and not kernel.learnable and kernel.state_numbers(D) == 0
     with pytest.raises(AttnprobeError, match="no option"):
         make_kernel("quest", H, D, window=3)
+
+
+def reference_sets(rule, q, k, decode):
+    """Per head and query, the keys the paper's per-query reference keeps (naive.py)."""
+    options, sets = RULES[rule], []
+    for h in range(H):
+        pattern = None
+        if rule == "vertical-slash" and not decode:
+            pattern = naive.vertical_slash_pattern(q[0, h], k[0, h], SCALING, **{n: options[n] for n in
+                                                   ("vertical", "slash", "last", "sinks", "local")})
+        row = []
+        for i in range(T):
+            if rule == "oracle-topk":
+                row.append(naive.topk_keys(q[0, h, i], k[0, h], i, options["k"], options["sinks"]))
+            elif rule == "quest":
+                row.append(naive.quest_keys(q[0, h, i], k[0, h], i, options["page"], options["pages"]))
+            elif rule == "vertical-slash":
+                row.append({j for j in range(i + 1) if j in pattern[0] or i - j in pattern[1]})
+            else:
+                row.append(naive.power_keys(i, options["block"], options["window"], options["sinks"]))
+        sets.append(row)
+    return sets
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_each_query_keeps_the_references_keys_and_the_needle(rule):
+    """A needle: key 9 aligned with a direction the last 8 queries share, so they attend to it most. Each
+    rule keeps, query by query, exactly the keys its reference keeps; the rules that select by score
+    (oracle top-k, Quest's page bound, MInference's columns) keep the needle for every late query and
+    their output there is the needle's value; the static PowerAttention drops it where its pattern says."""
+    q, k, v = inputs(5)
+    shared = torch.randn(D, generator=torch.Generator().manual_seed(9))
+    needle = 9
+    q[:, :, -8:] += 3 * shared
+    k[:, :, needle] = 3 * shared
+    decode = rule == "quest"
+    kernel = make_kernel(rule, H, D, chunk=8, **RULES[rule])
+    kept = kernel.keep_rows(q, k, SCALING, torch.arange(T), decode=decode, context=None if decode else kernel.context(q, k, SCALING))
+    expected = reference_sets(rule, q, k, decode)
+    for h in range(H):
+        assert [set(torch.nonzero(kept[0, h, i]).flatten().tolist()) for i in range(T)] == expected[h], (rule, h)
+    late = kept[0, :, -8:, needle]
+    if rule == "power":  # blocks 12 and 3 are 9 blocks apart, not a power of two: the last query never sees it
+        assert not late[:, -1].any()
+    else:
+        assert late.all(), rule
+        z = kernel.quadratic(q, k, v, SCALING) if not decode else reference(rule, q, k, v, decode=True)
+        assert torch.allclose(z[0, :, -1], v[0, :, needle], atol=0.05)

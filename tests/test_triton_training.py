@@ -25,7 +25,8 @@ def test_training_takes_torch_forms_and_equals_the_triton_inference_path(kernels
     replacements = {layer: make_kernel("hedgehog", len(h), 16) for layer, h in heads.items()}
     with torch.no_grad():
         for kernel in replacements.values():
-            kernel.feature_map.weight.add_(0.3 * torch.randn_like(kernel.feature_map.weight))
+            for weight in (kernel.feature_map.query_weight, kernel.feature_map.key_weight):
+                weight.add_(0.3 * torch.randn_like(weight))
     launches = []
     for name in ("chunked_linear_attention", "hybrid_attention"):
         original = getattr(triton_linear, name)
@@ -42,6 +43,7 @@ def test_training_takes_torch_forms_and_equals_the_triton_inference_path(kernels
         assert not launches and logits.requires_grad
         torch.testing.assert_close(logits, inference, atol=1e-4, rtol=1e-4)
         logits.square().mean().backward()
-        assert all(kernel.feature_map.weight.grad.abs().sum() > 0 for kernel in replacements.values())
+        assert all(weight.grad.abs().sum() > 0 for kernel in replacements.values()
+                   for weight in (kernel.feature_map.query_weight, kernel.feature_map.key_weight))
         for kernel in replacements.values():
             kernel.zero_grad()

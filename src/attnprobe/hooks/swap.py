@@ -19,7 +19,7 @@ import torch
 
 from attnprobe.kernels.fit import DEFAULT_STEPS, FitResult, TeacherLayer, fit_kernels
 from attnprobe.kernels.registry import make_kernel, select_heads
-from attnprobe.kernels.base import Kernel
+from attnprobe.kernels.base import TINY, Kernel
 
 from .backends import Backend
 from .backends.base import decoder_layers
@@ -30,6 +30,23 @@ from .reducers import Keep
 from .sites import Site
 
 Heads = Sequence[int] | Mapping[int, Sequence[int]] | None
+
+
+def pattern_rows(kernel: Kernel, weights: torch.Tensor) -> torch.Tensor:
+    """What pattern reads of a replaced head see: its effective attention A, each row divided by its absolute
+    sum where the kernel's rows are not normalised (the delta rule's are signed, decays' sum below 1), so
+    a probe's threshold (alpha_1 > 0.3, a diagonal > 0.4) is a share of the row's total |weight| for
+    every kernel. `pattern_normalisation` names the rule per head."""
+    if kernel.normalized:
+        return weights
+    return weights / weights.abs().sum(-1, keepdim=True).clamp_min(TINY)
+
+
+def pattern_normalisation(kernel: Kernel | None) -> str:
+    """How pattern reads of a head replaced by `kernel` (None: softmax) are normalised."""
+    if kernel is None:
+        return "softmax (rows sum to 1)"
+    return f"{kernel.name} (rows sum to 1)" if kernel.normalized else f"{kernel.name}: A / sum |A| per row"
 
 
 def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: bool = False) -> Edit:
@@ -75,7 +92,7 @@ def kernel_edit(layer: int, heads: Sequence[int], kernel: Kernel, recompute: boo
         kv_heads = [head // group for head in heads]
         offset = call.k.shape[2] - call.q.shape[2]  # query index = position - offset
         q = call.q[:, heads][:, :, (rows - offset).to(call.q.device)]
-        return kernel.attention_weights(q, call.k[:, kv_heads], call.scaling, rows)
+        return pattern_rows(kernel, kernel.attention_weights(q, call.k[:, kv_heads], call.scaling, rows))
 
     edit = replace_heads(layer, heads, head_fn)
     edit.label = f"{kernel.name} L{layer} H{heads}"

@@ -20,6 +20,7 @@ import torch
 from attnprobe.hooks.backends import Backend
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model
+from attnprobe.hooks.swap import pattern_normalisation
 
 from . import mechanisms, texts
 from .perplexity import WINDOW
@@ -45,10 +46,12 @@ class CensusConfig:
     sink_length: int = _option(64, "tokens per sink-rate sequence (T of the reference protocol)")
     sink_sequences: int = _option(100, "sequences for the sink rate (fewer when a short --texts has no more)")
     # hidden / secondary sinks and massive activations: prose prefills
-    prose_sequences: int = _option(4, "prose sequences for hidden/secondary sinks and massive activations")
+    prose_sequences: int = _option(4, "prose sequences for hidden and secondary sinks")
     prose_length: int = _option(512, "tokens per prose sequence")
     hidden_threshold: float = _option(0.1, "alpha_k above which a non-initial token is a hidden sink")
     hidden_min_queries: int = _option(16, "queries that must see a key before it can be a hidden sink")
+    massive_sequences: int = _option(64, "census-text sequences scanned for massive activations (a rare dim needs many)")
+    massive_length: int = _option(128, "tokens per massive-activation sequence (BOS counted)")
     massive_absolute: float = _option(100.0, "|activation| above which an entry can be massive")
     massive_relative: float = _option(1000.0, "times the layer's median |activation| a massive entry exceeds")
     perplexity_tokens: int = _option(2048, "held-out tokens for the massive-activation intervention's perplexity")
@@ -56,10 +59,14 @@ class CensusConfig:
     # head types
     induction_length: int = _option(50, "length of the repeated random string for induction heads")
     induction_batch: int = _option(10, "repeated random strings for induction heads")
+    induction_periods: list[int] = _option(lambda: [50, 128, 256, 512, 1024],
+                                           "periods of the repeated random strings whose in-context loss drop is measured")
+    induction_loss_batch: int = _option(8, "repeated random strings per period for the in-context loss drop")
     # retrieval heads
     lengths: list[int] = _option(lambda: [512, 1024, 2048], "NIAH context lengths in tokens")
     depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
     needles: int = _option(2, "needles per (length, depth)")
+    needle_patch_samples: int = _option(2, "NIAH samples (first length, census depths in turn) for needle patching")
     # role thresholds: role name -> threshold, defaults declared by each probe (mechanisms.py)
     thresholds: dict[str, float] = _option(lambda: mechanisms.default_thresholds(), "role thresholds", cli=False)
 
@@ -68,14 +75,17 @@ class CensusConfig:
         if self.bos not in ("auto", "on", "off"):
             raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
         whole = ("seed", "sink_length", "sink_sequences", "prose_sequences", "prose_length", "hidden_min_queries",
-                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "needles")
+                 "perplexity_tokens", "perplexity_length", "induction_length", "induction_batch", "induction_loss_batch", "needles", "needle_patch_samples",
+                 "massive_sequences", "massive_length")
         for name in whole:
             value = getattr(self, name)
-            low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length") else 1
+            low = 0 if name == "seed" else 2 if name in ("sink_length", "prose_length", "perplexity_length", "induction_length", "massive_length") else 1
             if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value}")
         if not self.lengths or any(isinstance(n, bool) or not isinstance(n, Integral) or n < 16 for n in self.lengths):
             raise AttnprobeError(f"--lengths are NIAH context lengths, whole numbers of at least 16 tokens; got {self.lengths}")
+        if not self.induction_periods or any(isinstance(p, bool) or not isinstance(p, Integral) or p < 2 for p in self.induction_periods):
+            raise AttnprobeError(f"--induction-periods are string lengths, whole numbers of at least 2; got {self.induction_periods}")
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
             raise AttnprobeError(f"--depths are fractions of the haystack between 0 and 1; got {self.depths}")
         from .retrieval import load_needles
@@ -98,7 +108,7 @@ class CensusConfig:
 
     def check(self, model: Model) -> None:
         window = model.info.max_context
-        too_long = [n for n in self.lengths + [self.prose_length, self.sink_length] if window and n + 64 > window]
+        too_long = [n for n in self.lengths + [self.prose_length, self.sink_length, self.massive_length] if window and n + 64 > window]
         if too_long:
             raise AttnprobeError(f"context length {max(too_long)} does not fit the model's window of {window} tokens (keep lengths <= {window - 64})")
         if not 0 < self.thresholds["sink"] < 1:
@@ -160,7 +170,7 @@ class Census:
 
     @cached_property
     def prose_inputs(self) -> tuple[torch.Tensor, list[list[str]]]:
-        """(ids, token strings) of the prose prefills that hidden sinks, massive activations and secondary sinks share."""
+        """(ids, token strings) of the prose prefills that hidden and secondary sinks share."""
         ids = self.natural(self.config.prose_sequences, self.config.prose_length, self.bos, seed_offset=1, what="prose")
         return ids, token_strings(self.model.tokenizer, ids)
 
@@ -220,11 +230,19 @@ class Census:
             self.write_manifest(time.time() - start)
         return heads
 
+    def replaced_pattern_rules(self) -> dict[tuple[int, int], str]:
+        """(layer, head) -> how attention-based scores read a replaced head's effective attention (hooks.swap.pattern_rows):
+        a delta-rule head's signed rows are divided by their absolute sum before any threshold applies."""
+        return {(edit.layer, head): pattern_normalisation(edit.kernel) for edit in self.backend.standing
+                if edit.kernel is not None for head in edit.heads}
+
     def heads_table(self) -> pd.DataFrame:
         info = self.info
         heads = self.per_head({})
         heads["kv_head"] = heads["head"].map(info.kv_head)
         heads["layer_type"] = heads["layer"].map(lambda l: info.layer_types[l])
+        replaced = self.replaced_pattern_rules()
+        heads["pattern_normalisation"] = [replaced.get((r.layer, r.head), pattern_normalisation(None)) for r in heads.itertuples()]
         for stage in mechanisms.stages():
             path = self.run.shard(stage.shard) if stage.shard else None
             if path is not None and path.exists():

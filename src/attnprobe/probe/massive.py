@@ -1,8 +1,16 @@
 """Massive activations (Sun et al. 2402.17762).
 
 In each block output h_l (all tokens, all dims), entry (t, d) is massive if |h| > 100 and
-|h| > 1000 * median(|h_l|). The intervention overwrites only those entries, at the first layer where
-they appear, with 0 or with their mean over a reference set, and measures perplexity.
+|h| > 1000 * median(|h_l|). The scan runs over `massive_sequences` (default 64) windows of census text,
+so that a dim carried by few inputs is still found; massive_dims.parquet says per dim the layer where it
+first appears and in what share of the sequences it is massive there.
+
+The intervention overwrites only massive entries, each dim at its own first layer (every dim found,
+not only those of the earliest layer), with 0 or with its mean, and measures held-out perplexity.
+"mean" is, per dim, the mean of that dim's massive values at its first layer over the scan's
+sequences: it restores the entry's typical, input-independent size and removes only how it varies
+between inputs (Sun et al.: perplexity barely moves, so the entries act as fixed biases), while "zero"
+removes the entry altogether.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 
+from .census import token_strings
 from .mechanisms import Mechanism, Stage
 from . import texts
 from .perplexity import perplexity
@@ -89,47 +98,77 @@ def overwrite_massive(layer: int, dims: Sequence[int], where: torch.Tensor, fill
     return Edit(layer, Site.RESID_POST, fn, f"massive overwrite L{layer} dims {dims}")
 
 
-def massive_intervention(backend: Backend, entries: pd.DataFrame, held_out: torch.Tensor, batch_size: int = 4,
-                         skip_first: int = 0) -> pd.DataFrame:
-    """Perplexity of held-out windows: original, massive entries zeroed, and set to their mean.
+MEAN_MEANING = "each dim's mean massive value at its first layer over the scan (restores its typical size)"
 
-    The entries are those found on each held-out window (at any layer, in the dims the scan found);
-    they are overwritten at the first layer where the scan saw massive values. The mean per dim is
-    taken over the scan's entries at that layer (the reference set). `skip_first` as in `perplexity`."""
-    rows = [{"intervention": "none", "layer": None,
+
+def first_layers(entries: pd.DataFrame, n_sequences: int) -> pd.DataFrame:
+    """Per massive dim: the layer where it first appears, the share of the scan's sequences in which it is
+    massive there, its mean value there (the intervention's "mean") and its largest |value| anywhere."""
+    rows = []
+    for dim, group in entries.groupby("dim"):
+        layer = int(group["layer"].min())
+        first = group[group["layer"] == layer]
+        rows.append({"dim": int(dim), "first_layer": layer, "sequence_share": first["sequence"].nunique() / n_sequences,
+                     "positions": " ".join(map(str, sorted(first["position"].unique())[:8])),
+                     "mean_at_first_layer": float(first["value"].mean()), "max_abs": float(group["value"].abs().max())})
+    columns = ["dim", "first_layer", "sequence_share", "positions", "mean_at_first_layer", "max_abs"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["first_layer", "dim"], ignore_index=True)
+
+
+def massive_edits(backend: Backend, ids: torch.Tensor, dims: pd.DataFrame, fill: str) -> list[Edit]:
+    """Edits overwriting each dim of `dims` (a `first_layers` table) at its first layer, where `ids` carry a
+    massive value in it, with 0 (fill "zero") or its mean ("mean")."""
+    where = massive_positions(backend, ids, dims["dim"].tolist())
+    edits = []
+    for layer, group in dims.groupby("first_layer"):
+        index = [dims.index.get_loc(i) for i in group.index]
+        values = 0.0 if fill == "zero" else dict(zip(group["dim"].astype(int), group["mean_at_first_layer"]))
+        edits.append(overwrite_massive(int(layer), group["dim"].astype(int).tolist(), where[:, :, index], values))
+    return edits
+
+
+def massive_intervention(backend: Backend, dims: pd.DataFrame, held_out: torch.Tensor, batch_size: int = 4,
+                         skip_first: int = 0) -> pd.DataFrame:
+    """Perplexity of held-out windows: original, every massive dim zeroed at its first layer, and set to its mean.
+
+    The entries overwritten are those each held-out window carries (at any layer, in the dims found);
+    `skip_first` as in `perplexity`."""
+    rows = [{"intervention": "none", "layer": None, "fill": "",
              "perplexity": perplexity(backend, held_out, batch_size=batch_size, skip_first=skip_first)}]
-    if entries.empty:
+    if dims.empty:
         return pd.DataFrame(rows)
-    first = int(entries["layer"].min())
-    at_first = entries[entries["layer"] == first]
-    dims = sorted(at_first["dim"].unique().tolist())
-    means = at_first.groupby("dim")["value"].mean().to_dict()
-    for name, fill in (("zero", 0.0), ("mean", means)):
+    dims = dims.reset_index(drop=True)
+    for name in ("zero", "mean"):
         total_log, rows_seen = 0.0, 0
         for start in range(0, held_out.shape[0], batch_size):
             ids = held_out[start:start + batch_size]
-            edit = overwrite_massive(first, dims, massive_positions(backend, ids, dims), fill)
-            batch_ppl = perplexity(backend, ids, [edit], skip_first=skip_first)
+            batch_ppl = perplexity(backend, ids, massive_edits(backend, ids, dims, name), skip_first=skip_first)
             total_log += (math.log(batch_ppl) if math.isfinite(batch_ppl) else math.inf) * ids.shape[0]
             rows_seen += ids.shape[0]
         mean_log = total_log / rows_seen  # every row has the same length, so rows weigh equally
-        rows.append({"intervention": name, "layer": first, "perplexity": math.exp(mean_log) if math.isfinite(mean_log) else math.inf})
-    return pd.DataFrame(rows).assign(dims=" ".join(map(str, dims)))
+        rows.append({"intervention": name, "layer": int(dims["first_layer"].min()), "fill": "0" if name == "zero" else MEAN_MEANING,
+                     "perplexity": math.exp(mean_log) if math.isfinite(mean_log) else math.inf})
+    return pd.DataFrame(rows).assign(dims=" ".join(str(d) for d in sorted(dims["dim"])),
+                                     dim_layers=" ".join(f"{r.dim}:{r.first_layer}" for r in dims.sort_values("dim").itertuples()))
 
 
 # ---- census declarations ----------------------------------------------------------------------
 
 def massive_stage(census) -> None:
+    """The scan over `massive_sequences` windows of census text (massive.parquet, massive_layers.parquet) and
+    each dim's first layer and frequency (massive_dims.parquet)."""
     c = census.config
-    ids, tokens = census.prose_inputs
-    layers, entries = massive_scan(census.backend, ids, tokens, c.massive_absolute, c.massive_relative)
-    write_parquet(census.run / "massive_layers.parquet", layers)
+    ids = census.natural(c.massive_sequences, c.massive_length, census.bos, seed_offset=2, what="massive activations")
+    layers, entries = massive_scan(census.backend, ids, token_strings(census.model.tokenizer, ids), c.massive_absolute,
+                                   c.massive_relative)
+    write_parquet(census.run / "massive_layers.parquet", layers.assign(sequences=ids.shape[0]))
     write_parquet(census.run / "massive.parquet", entries)
+    write_parquet(census.run / "massive_dims.parquet", first_layers(entries, ids.shape[0]))
 
 
 def massive_intervention_stage(census) -> None:
     c = census.config
-    entries = pd.read_parquet(census.run / "massive.parquet")
+    dims = pd.read_parquet(census.run / "massive_dims.parquet")
     held = texts.held_out_ids(census.model.tokenizer, c.perplexity_tokens, path=c.texts, fewer_ok=True)
     if len(held) < c.perplexity_length:
         raise AttnprobeError(f"the perplexity text range holds {len(held)} tokens, fewer than one row of "
@@ -138,7 +177,7 @@ def massive_intervention_stage(census) -> None:
         census.note(f"massive intervention: the text holds {len(held)} held-out tokens, so {len(held)} were used, "
                     f"not {c.perplexity_tokens}")
     windows = texts.windows(held, c.perplexity_length, census.info.bos_id if census.bos else None)
-    table = massive_intervention(census.backend, entries, windows, skip_first=int(census.bos))
+    table = massive_intervention(census.backend, dims, windows, skip_first=int(census.bos))
     write_parquet(census.run / "massive_intervention.parquet", table)
 
 
@@ -153,10 +192,10 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
         return None
     if massive.empty:
         return "none found"
-    dims = massive.groupby("dim")["value"].agg(lambda v: v.abs().max()).sort_values(ascending=False)
+    dims = pd.read_parquet(run_dir / "massive_dims.parquet").sort_values("max_abs", ascending=False)
     tokens = massive["token"].value_counts().head(4)
-    return (f"layers {massive['layer'].min()}-{massive['layer'].max()}, dims "
-            + ", ".join(f"{d} (max {v:,.0f})" for d, v in dims.head(4).items())
+    return ("dims " + ", ".join(f"{r.dim} (from layer {r.first_layer} in {100 * r.sequence_share:.0f} % of sequences, "
+                                f"max {r.max_abs:,.0f})" for r in dims.head(6).itertuples())
             + "; tokens " + ", ".join(f"{t!r} x{n}" for t, n in tokens.items()))
 
 
@@ -166,9 +205,10 @@ def _presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
 
 
 CENSUS = (
-    Stage("massive", massive_stage, order=40, files=("massive_layers.parquet", "massive.parquet"), description="massive activations in the residual stream"),
+    Stage("massive", massive_stage, order=40, files=("massive_layers.parquet", "massive.parquet", "massive_dims.parquet"),
+          description="massive activations in the residual stream, each dim's first layer and frequency"),
     Stage("massive_intervention", massive_intervention_stage, order=60, needs=("massive",), files=("massive_intervention.parquet",),
-          description="perplexity with massive activations zeroed or set to their mean"),
+          description="perplexity with every massive dim zeroed, or set to its mean, at its first layer"),
     Mechanism("massive", "massive", "massive activations", rank=45, summary=_summary, matrix="massive",
               matrix_label="massive act.", presence=_presence),
 )

@@ -4,6 +4,13 @@ alpha_k = (1 / (T - k + 1)) sum_{i >= k} A[i, k] (1-based k): the mean attention
 the queries that can see it. The sink rate Sink_1^eps is, as Gu et al.'s released code computes it,
 the share of all heads whose alpha_1 exceeds eps in one sequence, averaged over sequences (not the
 threshold of the mean alpha); reference protocol T = 64 counting BOS, eps = 0.3, ~100 sequences.
+
+A replaced head that keeps an exact window of W tokens (sink+window, window+linear, the Liger mix,
+PowerAttention's local window) is exact softmax for T <= W, so a sink it had survives by
+construction at T = 64 with W = 64. The census therefore measures the rate at
+T = max(sink_length, 4 W) for the largest such window among the edits under test, and writes T, W
+and the rule into sink_rate.json. The model's own sliding-window layers do not raise T: they are
+the model's softmax, and T = 64 keeps the rate comparable with Gu et al.'s.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends import Backend
 
 from .mechanisms import Mechanism, Stage
@@ -73,6 +81,24 @@ def hidden_sink_summary(events: pd.DataFrame, n_layers: int, n_heads: int) -> pd
     return summary.reset_index()
 
 
+WINDOW_FACTOR = 4  # T is at least this many times the largest exact window of a replaced head
+
+
+def exact_window(kernel) -> int | None:
+    """The exact-softmax window of a replacement kernel (a mix's exact part included), None when it keeps none."""
+    if kernel is None:
+        return None
+    window = getattr(kernel, "window", None)
+    return window if isinstance(window, int) else exact_window(getattr(kernel, "exact", None))
+
+
+def sink_length(requested: int, backend: Backend) -> tuple[int, int | None]:
+    """(T, W): the sink-rate length for the edits under test and the largest exact window W among them."""
+    windows = [w for edit in backend.standing if (w := exact_window(edit.kernel)) is not None]
+    largest = max(windows, default=None)
+    return (requested if largest is None else max(requested, WINDOW_FACTOR * largest)), largest
+
+
 # ---- census declarations ----------------------------------------------------------------------
 
 def sinks_stage(census) -> None:
@@ -80,15 +106,24 @@ def sinks_stage(census) -> None:
     c, info = census.config, census.info
     eps = c.thresholds["sink"]
     rates, first = {}, {}
+    length, window = sink_length(c.sink_length, census.backend)
+    if info.max_context and length > info.max_context:
+        raise AttnprobeError(f"the sink rate needs T = {WINDOW_FACTOR} x the replaced heads' exact window of {window} = {length} "
+                             f"tokens, beyond the model's window of {info.max_context}: replace with a smaller window or skip sinks")
+    if length != c.sink_length:
+        census.note(f"sink rate: replaced heads keep an exact window of {window} tokens, so T = {WINDOW_FACTOR} x {window} "
+                    f"= {length}, not {c.sink_length} (within the window a sink survives by construction)")
     for label, bos in (("with_bos", True), ("without_bos", False)):
         if bos and info.bos_id is None:
             continue
-        ids = census.natural(c.sink_sequences, c.sink_length, bos, what="sink rate")
+        ids = census.natural(c.sink_sequences, length, bos, what="sink rate")
         alpha, previous = sink_scan(census.backend, ids)
         rates[label] = sink_rate(alpha[..., 0], eps)  # thresholded per sequence, then averaged
         first[label] = (alpha[..., 0].mean(dim=0), previous)
     alpha_first, previous = first["with_bos" if census.bos else "without_bos"]
-    write_json(census.run / "sink_rate.json", {"T": c.sink_length, "eps": eps, "n_sequences": ids.shape[0],
+    write_json(census.run / "sink_rate.json", {"T": length, "T_requested": c.sink_length, "exact_window": window,
+                                               "T_rule": f"max(sink_length, {WINDOW_FACTOR} x the largest exact window of a replaced head)",
+                                               "eps": eps, "n_sequences": ids.shape[0],
                                                "bos_used_for_heads": census.bos, **rates})
     write_parquet(census.run.shard("sinks.parquet"), census.per_head({"alpha_1": alpha_first, "prev_token_score": previous}))
 

@@ -297,6 +297,9 @@ def _train_stage(stage: str, accelerator, module: nn.Module, params: dict[str, n
     start = 0
     if resume is not None and resume[0]["stage"] == stage:
         manifest, tensors = resume
+        missing = [name for name, _ in named if f"param.{name}" not in tensors]
+        if missing:  # e.g. a Hedgehog checkpoint from before its query and key maps were separate
+            raise AttnprobeError(f"the checkpoint holds no {missing[0]} (an older form of {stage}'s parameters): pass a new --out to start over")
         with torch.no_grad():
             for name, p in named:
                 p.copy_(tensors[f"param.{name}"])

@@ -243,6 +243,12 @@ def coarse_first(values: Sequence[float]) -> list[float]:
     return order
 
 
+def dense_layers(rule: str) -> int:
+    """The first layers a sparse rule's method leaves dense (Quest: 0-1), kept exact in its row."""
+    kind = parse_spec(rule)
+    return make_kernel(kind.kernel, 1, 8, **kind.options).dense_layers
+
+
 def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Cell]:
     """Cells in the order they run (a time limit cuts the tail): the references, the first kind's
     budgets (coarse first) x selectors, the sparse rows, then the other kinds."""
@@ -258,7 +264,7 @@ def plan(sizes: BudgetSizes, rankings: pd.DataFrame, info: ModelInfo) -> list[Ce
             for selector, seed in ranked[["selector", "seed"]].drop_duplicates().itertuples(index=False):
                 grid.append(Cell(kind, selector, int(seed), fraction, selectors.kept_units(ranked, selector, int(seed), count)))
         grids.append(grid)
-    sparse = [Cell(rule, "sparse", -1, 0.0, []) for rule in sizes.sparse]
+    sparse = [Cell(rule, "sparse", -1, 0.0, [u for u in everyone if u[0] < dense_layers(rule)]) for rule in sizes.sparse]
     return cells + (grids[0] if grids else []) + sparse + [cell for grid in grids[1:] for cell in grid]
 
 
@@ -316,6 +322,8 @@ def needle_keep(model: Model, backend: Backend, rules: Sequence[str], sizes: Bud
                     context = None if decode else kernel.context(qs, ks, scaling)
                     kept = kernel.keep_rows(qs[:, :, -1:], ks, scaling, torch.tensor([seen - 1], device=q.device),
                                             decode=decode, context=context)[0, :, 0]  # (H, S)
+                    if layer < kernel.dense_layers:  # the row keeps these layers exact
+                        kept = torch.ones_like(kept)
                     for head in range(info.n_heads):
                         row = {"rule": rule, "sample": index, "length": length, "depth": depth, "query": query,
                                "layer": layer, "head": head, "kv_head": info.kv_head(head),

@@ -129,11 +129,12 @@ def razor_order(induction: pd.DataFrame, echo: pd.DataFrame, echo_share: float =
 
 
 def fit_errors(model: Model, backend: Backend, kernel: str, tokens: int = 1024, steps: int = 0, **options) -> pd.DataFrame:
-    """Per-head MSE of `kernel` (fitted for `steps` Adam steps when it learns) against the softmax teacher."""
+    """Per-head MSE of `kernel` (fitted for `steps` Adam steps when it learns) against the softmax teacher,
+    on the fit text range: a ranking never reads the perplexity text its cells are scored on."""
     from attnprobe.hooks.swap import fit_heads
 
     length = min(512, tokens)
-    ids = torch.tensor(texts.held_out_ids(model.tokenizer, tokens)[: max(1, tokens // length) * length]).view(-1, length)
+    ids = torch.tensor(texts.fit_ids(model.tokenizer, tokens)[: max(1, tokens // length) * length]).view(-1, length)
     result = fit_heads(backend, ids.to(model.device), kernel, list(range(model.info.n_layers)), steps=steps, **options)
     return pd.DataFrame([{"layer": layer, "head": head, "score": loss} for layer in result.heads
                          for head, loss in zip(result.heads[layer], result.losses[layer])])

@@ -93,7 +93,7 @@ class HybridKernel(Kernel):
     def _features(self, q, k, scaling):
         if self.feature_map is None:
             return None, None
-        return self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+        return self.feature_map.query(q, scaling)[0], self.feature_map.key(k, scaling)[0]
 
     def _empty_linear(self, like):
         batch, heads = like.shape[:2]
@@ -111,7 +111,7 @@ class HybridKernel(Kernel):
     def _weights(self, q, k, scaling, rows):
         if self.feature_map is None:
             return hybrid_weights(q, k, scaling, rows, self.window, self.sinks)
-        phi_q, phi_k = self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+        phi_q, phi_k = self.feature_map.query(q, scaling)[0], self.feature_map.key(k, scaling)[0]
         return hybrid_weights(q, k, scaling, rows, self.window, self.sinks, phi_q, phi_k, torch.sigmoid(self.window_logit))
 
     def attention_weights(self, q, k, scaling, rows):
@@ -194,9 +194,9 @@ class HybridKernel(Kernel):
             if position - self.window < self.sinks:
                 sink_k, sink_v = torch.cat([sink_k, old_k], dim=2), torch.cat([sink_v, old_v], dim=2)
             elif linear is not None:
-                linear = self._absorb(linear, self.feature_map(self.per_head(old_k), scaling)[0], self.per_head(old_v), 0, 1)
+                linear = self._absorb(linear, self.feature_map.key(self.per_head(old_k), scaling)[0], self.per_head(old_v), 0, 1)
             window_k[:, :, slot:slot + 1], window_v[:, :, slot:slot + 1] = k, v
         keys, values = (self.per_head(torch.cat(x, dim=2)) for x in ((sink_k, window_k), (sink_v, window_v)))
-        phi_q = None if self.feature_map is None else self.feature_map(q, scaling)[0]
+        phi_q = None if self.feature_map is None else self.feature_map.query(q, scaling)[0]
         z = self._mix(q, keys, values, scaling, None, phi_q, None, None, linear)  # every key held is exact
         return z, HybridState(sink_k, sink_v, window_k, window_v, linear, position + 1)

@@ -4,7 +4,9 @@
 
 with z_exact StreamingLLM's softmax over the sinks and the window, z_recurrent a fixed-state kernel
 (Gated DeltaNet) over every token, and f = sigmoid(a) a learnable scalar per head (init 0.5, as
-Liger's fixed 0.5 / 0.5). The state is the two kernels' states side by side.
+Liger's fixed 0.5 / 0.5). f is the exact share of the output (`exact_share`) and 1 - f the
+recurrent share (`recurrent_share`): the weight of the Gated DeltaNet path, not a decay or a gate on
+tokens. The state is the two kernels' states side by side.
 """
 from __future__ import annotations
 
@@ -37,9 +39,20 @@ class MixKernel(Kernel):
     def options(self):
         return {**self.exact.options(), **self.recurrent.options()}
 
+    @property
+    def exact_share(self) -> torch.Tensor:
+        """f per head (H,): the weight of the sink + window softmax output."""
+        return torch.sigmoid(self.mix_logit)
+
+    @property
+    def recurrent_share(self) -> torch.Tensor:
+        """1 - f per head (H,): the weight of the recurrent (Gated DeltaNet) output."""
+        return 1 - self.exact_share
+
     def _mix(self, exact, recurrent):
-        f = torch.sigmoid(self.mix_logit)[None, :, None, None]
-        return (f * exact.float() + (1 - f) * recurrent.float()).to(exact.dtype)
+        exact_share = self.exact_share[None, :, None, None]
+        recurrent_share = 1 - exact_share
+        return (exact_share * exact.float() + recurrent_share * recurrent.float()).to(exact.dtype)
 
     def quadratic(self, q, k, v, scaling):
         return self._mix(self.exact.quadratic(q, k, v, scaling), self.recurrent.quadratic(q, k, v, scaling))

@@ -4,6 +4,8 @@ A map takes x (B, H, T, d) and returns (features (B, H, T, f), log_scale): the t
 `features * exp(log_scale)[..., None]`, with log_scale (B, H, T) or None when the features are exact.
 The split lets maps built from exp (Performer) stay finite for any input: the linear kernels keep a
 running maximum of the key log-scales, as online softmax does. Parameters are per head, (H, ...).
+Kernels map queries with `query` and keys with `key`: the same map for every map here except
+Hedgehog, which learns one for each (as LoLCATs trains it).
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ class FeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
+
+    def query(self, x: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features of queries."""
+        return self(x, scaling)
+
+    def key(self, x: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features of keys."""
+        return self(x, scaling)
 
 
 class EluMap(FeatureMap):
@@ -133,21 +143,43 @@ class PerformerMap(FeatureMap):
 
 
 class HedgehogMap(FeatureMap):
-    """Hedgehog: phi(x) = softmax([W x, -W x]) over the 2d channels, W per head, initialised to I."""
+    """Hedgehog (Zhang et al. 2024) as LoLCATs trains it: phi_q(x) = softmax([W_q x, -W_q x]) for queries and
+    phi_k(x) = softmax([W_k x, -W_k x]) for keys, over the 2d channels, W_q and W_k per head, both initialised to I.
+
+    A fit saved with the earlier single map (`weight`, shared by queries and keys) loads as W_q = W_k = weight,
+    which is the same kernel."""
 
     name = "hedgehog"
 
     def __init__(self, n_heads, head_dim):
         super().__init__(n_heads, head_dim)
-        self.weight = nn.Parameter(torch.eye(head_dim).repeat(n_heads, 1, 1))
+        self.query_weight = nn.Parameter(torch.eye(head_dim).repeat(n_heads, 1, 1))
+        self.key_weight = nn.Parameter(torch.eye(head_dim).repeat(n_heads, 1, 1))
 
     @property
     def dim(self) -> int:
         return 2 * self.head_dim
 
-    def forward(self, x, scaling):
-        y = torch.einsum("bhtd,hde->bhte", x, self.weight)
+    @staticmethod
+    def _features(x, weight):
+        y = torch.einsum("bhtd,hde->bhte", x, weight)
         return torch.softmax(torch.cat([y, -y], dim=-1), dim=-1), None
+
+    def forward(self, x, scaling):
+        raise AttnprobeError("hedgehog maps queries and keys differently: call its query() or key()")
+
+    def query(self, x, scaling):
+        return self._features(x, self.query_weight)
+
+    def key(self, x, scaling):
+        return self._features(x, self.key_weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        shared = state_dict.pop(prefix + "weight", None)
+        if shared is not None:  # the earlier form: one map for queries and keys
+            state_dict.setdefault(prefix + "query_weight", shared)
+            state_dict.setdefault(prefix + "key_weight", shared.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {m.name: m for m in (EluMap, ReluMap, TaylorMap, PerformerMap, HedgehogMap)}

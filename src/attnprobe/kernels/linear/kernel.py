@@ -58,23 +58,23 @@ class LinearKernel(Kernel):
     def quadratic(self, q, k, v, scaling):
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)
-        phi_q, _ = self.feature_map(q, scaling)
-        phi_k, log_k = self.feature_map(k, scaling)
+        phi_q, _ = self.feature_map.query(q, scaling)
+        phi_k, log_k = self.feature_map.key(k, scaling)
         _, phi_k = rescale_keys(self.empty_state(q, v.shape[-1]), phi_k, log_k)
         return linear_attention(phi_q, phi_k, v).to(dtype)
 
     def attention_weights(self, q, k, scaling, rows):
         q, k = as_fp32(q, k)
-        phi_q, _ = self.feature_map(q, scaling)
-        phi_k, log_k = self.feature_map(k, scaling)
+        phi_q, _ = self.feature_map.query(q, scaling)
+        phi_k, log_k = self.feature_map.key(k, scaling)
         _, phi_k = rescale_keys(self.empty_state(q, 1), phi_k, log_k)
         return linear_weights(phi_q, phi_k, rows)
 
     def prefill(self, q, k, v, scaling):
         dtype = q.dtype
         q, k, v = as_fp32(q, k, v)
-        phi_q, _ = self.feature_map(q, scaling)
-        phi_k, log_k = self.feature_map(k, scaling)
+        phi_q, _ = self.feature_map.query(q, scaling)
+        phi_k, log_k = self.feature_map.key(k, scaling)
         state = self.empty_state(q, v.shape[-1])
         if self.fits_triton(q, v.shape[-1]):
             from ..triton_linear import chunked_linear_attention
@@ -99,7 +99,7 @@ class LinearKernel(Kernel):
     def features(self, q, k, scaling):
         """phi(q), phi(k) in fp32, for a map without a log-scale."""
         q, k = as_fp32(q, k)
-        return self.feature_map(q, scaling)[0], self.feature_map(k, scaling)[0]
+        return self.feature_map.query(q, scaling)[0], self.feature_map.key(k, scaling)[0]
 
     def state_from(self, phi_k, v) -> LinearState:
         """The recurrent state after keys with features phi_k (B,H,T,f) and values v (B,H,T,d_v)."""
@@ -107,8 +107,8 @@ class LinearKernel(Kernel):
         return LinearState(phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=2), phi_k.new_full(phi_k.shape[:2], float("-inf")))
 
     def step(self, state, q, k, v, scaling):
-        phi_q, _ = self.feature_map(q, scaling)
-        phi_k, log_k = self.feature_map(k, scaling)
+        phi_q, _ = self.feature_map.query(q, scaling)
+        phi_k, log_k = self.feature_map.key(k, scaling)
         state, phi_k = rescale_keys(state, phi_k, log_k)
         state = LinearState(state.s + phi_k.transpose(-1, -2) @ v, state.n + phi_k.sum(dim=2), state.ref)
         num = phi_q @ state.s

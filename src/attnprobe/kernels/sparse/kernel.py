@@ -34,6 +34,7 @@ def masked_softmax(q, k, v, scaling, keep) -> torch.Tensor:
 
 class SparseKernel(Kernel):
     cached_tokens = None
+    dense_layers = 0  # a model's first layers that the rule's method leaves dense (whoever builds the rows keeps them exact)
 
     def options(self):
         return {"chunk": self.chunk}
@@ -104,9 +105,13 @@ class OracleTopK(SparseKernel):
 
 
 class Quest(SparseKernel):
-    """Decode steps keep every key of the `pages` pages (of `page` keys) with the highest upper bound."""
+    """Decode steps keep every key of the `pages` pages (of `page` keys) with the highest upper bound.
+
+    Quest's reference leaves the first two layers dense (their attention is not sparse enough for the
+    bound to choose well), so a model-wide Quest row keeps layers 0-1 exact (`dense_layers`)."""
 
     name = "quest"
+    dense_layers = 2
 
     def __init__(self, n_heads, head_dim, page: int = 16, pages: int = 16, chunk: int = 64):
         super().__init__(n_heads, head_dim, chunk)
