@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ATTNPROBE_CACHE", str(Path(args.work) / "cache"))
     import_attnprobe()
     from attnprobe.analyses.conversion import rows as conversion, train as conversion_train
+    from attnprobe.analyses.conversion.config import parse_tokens
     from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue, matrix_markdown
     from attnprobe.analyses.conversion.data import training_data
     from attnprobe.hooks.backends import make_backend
@@ -197,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             per_row = int(rate * args.minutes * 60 / (len(args.rows.split(",")) + 1))
             write_json(plan_path, {"tokens": max(1, per_row // (args.batch * args.length)) * args.batch * args.length})
     if args.tokens is not None or not plan_path.exists():
-        write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
+        write_json(plan_path, {"tokens": parse_tokens(args.tokens or "4M")})
     plan = read_json(plan_path)
     names = [n for n in args.rows.split(",") if n]
     variants = ([] if args.no_control else [conversion.control_variant()]) + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
-    config = recipe(args, None, plan["tokens"], conversion.parse_tokens(args.transfer_tokens))
+    config = recipe(args, None, plan["tokens"], parse_tokens(args.transfer_tokens))
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     if set(parts) & {"data", "convert"}:  # evaluating reads the conversions' own manifests, not this plan
         results.add("plan", tokens=config.tokens, transfer_tokens=config.transfer_tokens, rows=names)

@@ -23,7 +23,7 @@ CONTROL = "control"
 
 
 def control_variant():
-    from attnprobe.analyses.experiments.architectures import Variant, _none
+    from attnprobe.analyses.experiments.variants import Variant, _none
 
     return Variant(CONTROL, None, _none, "softmax, fine-tuned: the original through the identical stage 2")
 
@@ -33,16 +33,6 @@ def replaced_heads(model: Model, keep: set[tuple[int, int]]) -> dict[int, list[i
     info = model.info
     return {layer: [h for h in range(info.n_heads) if (layer, h) not in keep] for layer in range(info.n_layers)
             if any((layer, h) not in keep for h in range(info.n_heads))}
-
-
-def parse_tokens(text: str) -> int:
-    """'20M', '512K', '1.5M' or '1000' -> a token count."""
-    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-    text = str(text).strip().upper()
-    try:
-        return int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
-    except ValueError:
-        raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
 
 
 def progress_bar(console=None, disable: bool = False):
@@ -179,48 +169,24 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
     return pd.DataFrame(rows)
 
 
-def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
-        variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
-        lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
-        dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False):
+def run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None, kernel: str | None, heads: str | None,
+        layers: str | None, from_run: Path | None, control: bool, data: Sequence[Path], dataset: str | None, epochs: int,
+        evaluate: bool, census: bool, quick: bool, console=None, recompute_layers: bool = False):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
-    import pandas as pd
-
     from attnprobe.hooks.backends import make_backend
-    from attnprobe.kernels.registry import KERNELS
     from attnprobe.probe.rundir import write_parquet
 
-    from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, catalogue, matrix_markdown
     from attnprobe.analyses.conversion.data import training_data
-    from attnprobe.analyses.experiments.selection import parse_heads
+    from attnprobe.analyses.experiments.architectures import MatrixSizes, matrix_markdown
+    from attnprobe.analyses.experiments.selection import heads_table
+    from attnprobe.analyses.experiments.variants import resolve
 
-    heads_table = None
-    if from_run is not None:
-        if not (Path(from_run) / "heads.parquet").exists():
-            raise AttnprobeError(f"{Path(from_run) / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(Path(from_run) / "heads.parquet")
-    names = catalogue(model)
-    chosen = []
-    if variants:
-        wanted = [v.strip() for v in variants.split(",") if v.strip()]
-        unknown = [v for v in wanted if v not in names]
-        if unknown:
-            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
-        chosen = [names[v] for v in wanted if v != "original"]
-    if kernel is not None or heads or layers:
-        if kernel not in KERNELS:
-            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
-        replaced = set(parse_heads(heads, model.info, from_run, seed, None, layers or (None if heads else f"0-{model.info.n_layers - 1}")))
-        everyone = {(l, h) for l in range(model.info.n_layers) for h in range(model.info.n_heads)}
-        chosen.append(Variant(f"convert-{kernel}", kernel, lambda m, t, keep=everyone - replaced: keep, f"{len(replaced)} heads {kernel}"))
+    census_heads = heads_table(from_run) if from_run is not None else None
+    chosen = [v for v in resolve(model, variants, kernel, heads, layers, from_run, "convert", config.seed) if v.name != "original"]
     if not chosen and not control:
         raise AttnprobeError("say what to convert: --variants NAMES, or --kernel K with --heads/--layers (or keep --control)")
     if control:
         chosen.append(control_variant())
-    config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
-                           tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
-                           ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
     from accelerate import PartialState
 
     state = PartialState()
@@ -228,18 +194,18 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     for variant in chosen:  # every kernel and head selection is checked before anything trains
         if variant.kernel:
             make_kernel(variant.kernel, 1, model.info.head_dim)
-            variant.keep(model, heads_table)
+            variant.keep(model, census_heads)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     bar, on_step = progress_bar(console, disable=not state.is_main_process)
     with bar:
         sampling = bar.add_task("training data", total=None, speed="", loss="")
         with state.main_process_first():  # the main process samples and caches; the others read its shards
-            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, seed, epochs,
-                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total))
+            training = training_data(model, steps * config.batch * config.length, config.length, data, dataset, config.seed,
+                                     epochs, progress=lambda done, total: bar.update(sampling, completed=done, total=total))
         bar.update(sampling, visible=False)
         sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
         backend = make_backend("native", model)
-        table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, heads_table, evaluate,
+        table, recall = conversion_matrix(model, backend, chosen, config, training, out, sizes, census_heads, evaluate,
                                           on_step=on_step, recompute_layers=recompute_layers)
     if table is None:
         return None
@@ -247,4 +213,3 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     write_parquet(out / "recall.parquet", recall)
     (out / "matrix.md").write_text(matrix_markdown(table.drop(columns=["conversion"], errors="ignore")))
     return table
-

@@ -23,9 +23,9 @@ from attnprobe.hooks.sites import Site
 from attnprobe.probe import texts
 from attnprobe.probe.rundir import write_json, write_parquet
 
+from attnprobe.analyses.experiments.config import MODES
 from attnprobe.analyses.experiments.selection import Head, by_layer, parse_heads, top_heads
 
-MODES = ("zero", "mean", "uniform", "calibrate")
 
 
 def head_means(backend: Backend, model: Model, layers: Sequence[int], n_tokens: int = 1024,
