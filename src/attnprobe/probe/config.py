@@ -2,7 +2,9 @@
 checks answer before anything heavy is imported, loaded or written."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from importlib import resources
 from numbers import Integral
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,7 @@ from . import declared
 if TYPE_CHECKING:
     from attnprobe.hooks.model import Model
 
+NEEDLES = "data/needles.json"  # the packaged needle/question/answer triples (retrieval.load_needles)
 WINDOW = 512  # tokens per scored perplexity row (BOS counted); one length, so census and matrix agree
 
 
@@ -85,13 +88,13 @@ class CensusConfig:
         self._check_files()
 
     def _check_files(self) -> None:
-        from . import texts
-        from .retrieval import load_needles
-
-        if self.needles > len(load_needles()):
-            raise AttnprobeError(f"--needles {self.needles}: {len(load_needles())} needles are packaged; choose 1-{len(load_needles())}")
+        packaged = len(json.loads(resources.files(__package__).joinpath(NEEDLES).read_text()))
+        if self.needles > packaged:
+            raise AttnprobeError(f"--needles {self.needles}: {packaged} needles are packaged; choose 1-{packaged}")
         for path in (self.texts, self.haystack):
             if path is not None:
+                from . import texts
+
                 texts.prose(path)  # a missing, empty, binary or non-UTF-8 file is refused now, not mid-census
 
     def check(self, model: Model) -> None:

@@ -72,8 +72,10 @@ class AblateConfig:
     score: str = _option("retrieval_score", "heads.parquet column that ranks heads in a sweep")
 
     def __post_init__(self) -> None:
-        check_choice(self.mode, MODES, "mode")
-        check_choice(self.task, RECALL_TASKS, "task")
+        if self.mode not in MODES:
+            raise AttnprobeError(f"unknown ablation mode '{self.mode}': choose one of {', '.join(MODES)}")
+        if self.task not in RECALL_TASKS:
+            raise AttnprobeError(f"unknown task '{self.task}': choose one of {', '.join(RECALL_TASKS)}")
         if not self.lengths or any(int(n) != n or n < 16 for n in self.lengths):
             raise AttnprobeError(f"--lengths are context lengths, whole numbers of at least 16 tokens; got {list(self.lengths)}")
         self.lengths = tuple(int(n) for n in self.lengths)
