@@ -42,7 +42,7 @@ from attnprobe.analyses.experiments import selectors
 from attnprobe.analyses.experiments.ablation import wilson_interval
 from attnprobe.analyses.experiments.architectures import cache_bytes_per_token, fitted_kernel
 from attnprobe.analyses.experiments.selection import Head
-from attnprobe.analyses.experiments.config import SELECTORS, TASKS, BudgetSizes
+from attnprobe.analyses.experiments.config import BUDGETS, SELECTORS, SPARSE, STREAMING, TASKS, BudgetSizes  # noqa: F401 (budget.BUDGETS ... stay)
 
 
 
