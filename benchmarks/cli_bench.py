@@ -29,7 +29,9 @@ def measure(args: tuple[str, ...], repeats: int, env: dict) -> dict:
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}")
         seconds.append(time.perf_counter() - start)
     traced = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True, env=env, check=True)
     imported = {line.split("|")[-1].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")}
