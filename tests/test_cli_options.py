@@ -208,3 +208,17 @@ def test_float_options_are_finite():
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(AttnprobeError, match="--lr takes a finite number"):
             lr.value(bad)
+
+
+def test_adding_lora_adapters_warns_nothing(recwarn):
+    """peft reads a deprecated transformers property; the user's terminal must not show it for our call."""
+    import warnings
+
+    from tiny_hf import TinyTokenizer, tiny_llama, wrap
+
+    from attnprobe.analyses.conversion.train import adapted
+
+    warnings.simplefilter("always")
+    with adapted(wrap(tiny_llama(), TinyTokenizer()), "lora", 4) as params:
+        assert params
+    assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in recwarn]

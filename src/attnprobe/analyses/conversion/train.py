@@ -200,9 +200,13 @@ def adapted(model: Model, train: str, rank: int, state: Mapping[str, torch.Tenso
                     p.requires_grad_(False)
                     p.copy_(original[name])
         return
+    import warnings
+
     from peft import get_peft_model
 
-    peft_model = get_peft_model(hf, _lora_config(rank))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not our call
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(hf, _lora_config(rank))
     try:
         params = {name: p for name, p in hf.named_parameters() if p.requires_grad}
         _copy_into(params, state)
