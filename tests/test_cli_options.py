@@ -137,6 +137,7 @@ def test_help_and_option_errors_import_no_torch(args, code):
     (["convert", "--min-lr", "2"], "--min-lr in [0, 1]"),
     (["convert", "--tokens", "0", "--transfer-tokens", "0"], "not both 0"),
     (["convert", "--train", "everything"], "unknown --train 'everything'"),
+    (["convert", "--batch", "6", "--accumulation", "4"], "make --batch a multiple of 4"),
     (["convert", "--variants", "all-nothing"], "unknown variant(s) all-nothing"),
     (["budget", "--budgets", "1.5"], "--budgets are shares of heads in (0, 1]"),
     (["budget", "--seeds", "0"], "--seeds takes whole numbers of at least 1"),

@@ -9,6 +9,7 @@ literally (no rich markup), so paths and hints such as `pip install -e '.[qwen]'
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -402,6 +403,7 @@ def convert(
     requested(variants)
     if kernel is not None or heads or layers:
         check_kernel(kernel)
+    config.check(int(os.environ.get("WORLD_SIZE", "1")))  # accelerate launch sets it: the batch must split evenly
     out = run_dir(out, "convert", model)
     from attnprobe.analyses.conversion import rows as conversion
 
