@@ -33,7 +33,7 @@ def measure(args: tuple[str, ...], repeats: int, env: dict) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}")
         seconds.append(time.perf_counter() - start)
-    traced = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True, env=env, check=True)
+    traced = subprocess.run([sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True, env=env)
     imported = {line.split("|")[-1].strip() for line in traced.stderr.splitlines() if line.startswith("import time:")}
     return {"command": "attnprobe " + " ".join(args), "median_s": round(statistics.median(seconds), 3),
             "runs_s": [round(s, 3) for s in seconds], "heavy_imports": sorted(set(HEAVY) & imported)}
