@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnprobe.analyses.conversion import rows as conversion
     from attnprobe.analyses.conversion.parts import PARTS, Plan, RunLog, run_parts
     from attnprobe.analyses.experiments.architectures import MatrixSizes, catalogue
+    from attnprobe.analyses.conversion.config import parse_tokens
     from attnprobe.hooks.backends import make_backend
     from attnprobe.hooks.model import load_model
     from attnprobe.probe.rundir import read_json, write_json
@@ -160,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             per_row = int(rate * args.minutes * 60 / (len(args.rows.split(",")) + 1))
             write_json(plan_path, {"tokens": max(1, per_row // (args.batch * args.length)) * args.batch * args.length})
     if args.tokens is not None or not plan_path.exists():
-        write_json(plan_path, {"tokens": conversion.parse_tokens(args.tokens or "4M")})
+        write_json(plan_path, {"tokens": parse_tokens(args.tokens or "4M")})
     names = [n for n in args.rows.split(",") if n]
     variants = ([] if args.no_control else [conversion.control_variant()]) + [catalogue(model)[n] for n in names]  # the control first: every row is read against it
-    config = recipe(args, None, read_json(plan_path)["tokens"], conversion.parse_tokens(args.transfer_tokens))
+    config = recipe(args, None, read_json(plan_path)["tokens"], parse_tokens(args.transfer_tokens))
     given = {"niah_haystack": args.niah_haystack} if args.niah_haystack else {}
     if args.niah_lengths:
         given["niah_lengths"] = tuple(int(n) for n in args.niah_lengths.split(","))

@@ -158,10 +158,10 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
     model, backend = tiny
     hybrid = hh.HeadHybrid(selector="ablation", kv_budget="25%", family="gated-deltanet", probe_documents=2, probe_length=256)
     length = 128  # room for a retrieval document
-    common = dict(kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True, tokens=str(2 * 2 * length),
-                  transfer_tokens=str(2 * 2 * length), length=length, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
-                  train="lora", lora_rank=4, ce_weight=0.5, data=[prose_file], dataset=None, epochs=1, seed=0,
-                  checkpoint_every=10, evaluate=True, census=False, quick=True, hybrid=hybrid)
+    config = conversion.ConvertConfig(tokens=2 * 2 * length, transfer_tokens=2 * 2 * length, length=length, batch=2, lora_rank=4,
+                                      ce_weight=0.5, checkpoint_every=10)
+    common = dict(config=config, kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True,
+                  data=[prose_file], dataset=None, epochs=1, evaluate=True, census=False, quick=True, hybrid=hybrid)
     assert command.run(model, tmp_path, **common, parts="data,convert",
                     retrieval=RetrievalMix(fraction=0.5, kinds=("passkey", "needle"))) is None
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -186,10 +186,10 @@ def test_a_head_hybrid_row_end_to_end(tiny, prose_file, tmp_path, monkeypatch):
     assert {"original", "control", hybrid.name} == set(table["architecture"])
     # the retrieval mix refuses a bad fraction before anything trains
     with pytest.raises(AttnprobeError, match="not a share"):
-        command.run(model, tmp_path / "bad", kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True,
-                 tokens="64", transfer_tokens="64", length=LENGTH, batch=2, accumulation=1, lr=1e-3, transfer_lr=1e-2,
-                 train="lora", lora_rank=4, ce_weight=0.0, data=[prose_file], dataset=None, epochs=1, seed=0,
-                 checkpoint_every=10, evaluate=False, census=False, quick=True, hybrid=hybrid, retrieval=RetrievalMix(fraction=2))
+        command.run(model, tmp_path / "bad", conversion.ConvertConfig(tokens=64, transfer_tokens=64, length=LENGTH, batch=2,
+                                                                       lora_rank=4, checkpoint_every=10),
+                    kernel=None, heads=None, layers=None, from_run=None, variants=None, control=True, data=[prose_file],
+                    dataset=None, epochs=1, evaluate=False, census=False, quick=True, hybrid=hybrid, retrieval=RetrievalMix(fraction=2))
 
 
 def _manifest(folder, tokens=1024, length=32, sha="a"):

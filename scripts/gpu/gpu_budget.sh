@@ -35,7 +35,7 @@ if [ -n "${RESUME:-}" ] && [ ! -d "$RUN" ]; then tar -xzf "$RESUME" -C "$WORK" |
 start=$(date +%s)
 timeout "${HARD:-480}" python3 -m attnprobe.analyses.cli --dtype "${DTYPE:-float32}" --device "${DEVICE:-cuda}" budget \
   --model "${MODEL:-smollm2-135m}" --from "$CENSUS" --out "$RUN" --time-limit "${LIMIT:-330}" --chunk 512 \
-  --lengths "${LENGTHS:-1024,2048,4096}" ${EXTRA:-} > "$OUT/budget.log" 2>&1
+  --passkey-lengths "${LENGTHS:-1024,2048,4096}" --niah-lengths "${LENGTHS:-1024,2048,4096}" ${EXTRA:-} > "$OUT/budget.log" 2>&1
 rc=$?
 echo "rc=$rc wall=$(( $(date +%s) - start )) s" >> "$OUT/budget.log"
 tail -40 "$OUT/budget.log"

@@ -14,8 +14,7 @@ from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.edits import Edit
 
 from . import texts
-
-WINDOW = 512  # tokens per scored row (BOS counted); one length, so census and matrix agree
+from .config import WINDOW  # tokens per scored row (BOS counted); one length, so census and matrix agree
 
 
 def perplexity(backend: Backend, windows: torch.Tensor, edits: Sequence[Edit] = (), batch_size: int = 4,

@@ -41,6 +41,7 @@ from attnprobe.hooks.reducers import PatternStats, Reducer
 from attnprobe.hooks.sites import Site
 
 from . import texts
+from .config import NEEDLES
 from .mechanisms import Mechanism, Stage
 from .rundir import read_json, readable, write_json, write_jsonl, write_parquet
 
@@ -58,7 +59,7 @@ def load_needles(path=None) -> list[dict]:
     """Needle/question/answer triples: the packaged set, or a JSON list of such objects at `path`."""
     try:
         if path is None:
-            raw = resources.files("attnprobe.probe").joinpath("data/needles.json").read_text()
+            raw = resources.files("attnprobe.probe").joinpath(NEEDLES).read_text()
         else:
             with open(path) as handle:
                 raw = handle.read()

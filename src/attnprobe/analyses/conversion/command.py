@@ -13,7 +13,7 @@ from attnprobe.kernels.registry import make_kernel
 
 from attnprobe.analyses.conversion.data import TrainingData
 from attnprobe.analyses.conversion.stage2 import FastPath
-from attnprobe.analyses.conversion.rows import CONTROL, control_variant, conversion_matrix, parse_tokens, progress_bar
+from attnprobe.analyses.conversion.rows import CONTROL, control_variant, conversion_matrix, progress_bar
 from attnprobe.analyses.conversion.train import ConvertConfig, Progress, stage_windows
 
 
@@ -33,46 +33,28 @@ def hybrid_variant(model: Model, backend: Backend, hybrid, census: Path | None, 
     return head_hybrid.variant(model, hybrid, units)
 
 
-def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
-        variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
-        lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
-        dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
-        console=None, recompute_layers: bool = False, hybrid=None, retrieval=None, parts: str | None = None,
-        loss: str = "chunked"):
+def run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None, kernel: str | None, heads: str | None,
+        layers: str | None, from_run: Path | None, control: bool, data: Sequence[Path], dataset: str | None, epochs: int,
+        evaluate: bool, census: bool, quick: bool, console=None, recompute_layers: bool = False, hybrid=None, retrieval=None,
+        parts: str | None = None, loss: str = "chunked"):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix.
     `hybrid` (head_hybrid.HeadHybrid) adds a head-level hybrid row; `retrieval` (retrieval_data.RetrievalMix) mixes
     synthetic retrieval documents into the training windows. `parts` ("data,convert", "evaluate", ... see
     conversion/parts.py) runs only those parts in `out`, each resumable (a GPU converts, anything evaluates)."""
-    import pandas as pd
-
     from attnprobe.hooks.backends import make_backend
-    from attnprobe.kernels.registry import KERNELS
     from attnprobe.probe.rundir import write_parquet
 
-    from attnprobe.analyses.experiments.architectures import MatrixSizes, Variant, catalogue, matrix_markdown
+    from attnprobe.analyses.experiments.architectures import MatrixSizes, matrix_markdown
     from attnprobe.analyses.conversion.data import training_data
     from attnprobe.analyses.conversion.retrieval_data import mix_retrieval
-    from attnprobe.analyses.experiments.selection import parse_heads
+    from attnprobe.analyses.experiments.selection import heads_table as read_heads
+    from attnprobe.analyses.experiments.variants import resolve
 
-    heads_table = None
-    if from_run is not None:
-        if not (Path(from_run) / "heads.parquet").exists():
-            raise AttnprobeError(f"{Path(from_run) / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(Path(from_run) / "heads.parquet")
-    names = catalogue(model)
-    chosen = []
-    if variants:
-        wanted = [v.strip() for v in variants.split(",") if v.strip()]
-        unknown = [v for v in wanted if v not in names]
-        if unknown:
-            raise AttnprobeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(names)}")
-        chosen = [names[v] for v in wanted if v != "original"]
-    if kernel is not None or heads or layers:
-        if kernel not in KERNELS:
-            raise AttnprobeError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNELS)}")
-        replaced = set(parse_heads(heads, model.info, from_run, seed, None, layers or (None if heads else f"0-{model.info.n_layers - 1}")))
-        everyone = {(l, h) for l in range(model.info.n_layers) for h in range(model.info.n_heads)}
-        chosen.append(Variant(f"convert-{kernel}", kernel, lambda m, t, keep=everyone - replaced: keep, f"{len(replaced)} heads {kernel}"))
+    heads_table = read_heads(from_run) if from_run is not None else None
+    wanted = variants or kernel is not None or heads or layers
+    chosen = [v for v in resolve(model, variants, kernel, heads, layers, from_run, "convert", config.seed)
+              if v.name != "original"] if wanted else []
+    seed, ce_weight = config.seed, config.ce_weight
     if hybrid is not None:
         hybrid.check(model, from_run)
     if not chosen and not control and hybrid is None:
@@ -82,9 +64,6 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         if ce_weight == 0 and console is not None:  # tests/test_head_hybrid.py shows it
             console.print("[yellow]note:[/yellow] the control starts at its teacher, where the KL's gradient is zero: "
                           "without --ce-weight it stays the original model")
-    config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
-                           tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
-                           ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
     from accelerate import PartialState
 
     state = PartialState()

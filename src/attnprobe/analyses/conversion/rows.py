@@ -23,7 +23,7 @@ CONTROL = "control"
 
 
 def control_variant():
-    from attnprobe.analyses.experiments.architectures import Variant, _none
+    from attnprobe.analyses.experiments.variants import Variant, _none
 
     return Variant(CONTROL, None, _none, "softmax, fine-tuned: the original through the identical stage 2")
 
@@ -33,16 +33,6 @@ def replaced_heads(model: Model, keep: set[tuple[int, int]]) -> dict[int, list[i
     info = model.info
     return {layer: [h for h in range(info.n_heads) if (layer, h) not in keep] for layer in range(info.n_layers)
             if any((layer, h) not in keep for h in range(info.n_heads))}
-
-
-def parse_tokens(text: str) -> int:
-    """'20M', '512K', '1.5M' or '1000' -> a token count."""
-    scale = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-    text = str(text).strip().upper()
-    try:
-        return int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
-    except ValueError:
-        raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
 
 
 def progress_bar(console=None, disable: bool = False):

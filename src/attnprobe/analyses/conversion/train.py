@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -52,56 +52,12 @@ from attnprobe.probe.rundir import _atomic, read_json, write_json
 
 from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
                                                       load_checkpoint, save_checkpoint)
+from attnprobe.analyses.conversion.config import ConvertConfig  # torch-free, so the CLI reads it at once
 from attnprobe.analyses.conversion.data import TrainingData
 from attnprobe.analyses.conversion.stage2 import distillation_loss  # noqa: F401  (re-exported: part of this module's interface)
 from attnprobe.analyses.conversion.stage2 import FastPath, Stage2Step, frozen_in_bf16, fused_ops, recomputed_layers
 
-TRAIN_MODES = ("lora", "kernels", "attention")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass
-class ConvertConfig:
-    """One conversion's recipe; everything here is recorded, and all but `accumulation` and `checkpoint_minutes`
-    must match to resume."""
-
-    kernel: str | None = "hedgehog"  # None: the control (no head replaced)
-    options: dict = field(default_factory=dict)
-    length: int = 1024  # tokens per training sequence
-    window: int = field(default=0, metadata={"help": "tokens per data window; windows are packed side by side into "
-                                                     "sequences of --length (a multiple of it). 0: --length itself"})
-    batch: int = 8  # sequences per optimizer step, over all processes and accumulation steps
-    accumulation: int = 1
-    transfer_tokens: int = 1 << 20  # stage 1 budget
-    tokens: int = 1 << 20  # stage 2 budget
-    transfer_lr: float = 1e-2
-    lr: float = 1e-3
-    warmup: float = 0.05  # fraction of each stage's steps
-    min_lr: float = 0.1  # the cosine ends at min_lr x lr
-    train: str = "lora"
-    lora_rank: int = 8
-    ce_weight: float = 0.0
-    checkpoint_every: int = 50
-    checkpoint_minutes: float = field(default=5.0, metadata={"help": "also checkpoint whenever this many minutes have "
-                                                                      "passed since the last checkpoint (0: only by steps)"})
-    seed: int = 0
-
-    def check_length(self, max_context: int) -> None:
-        if self.length > max_context > 0:
-            raise AttnprobeError(f"training sequences of {self.length} tokens exceed the model's window of {max_context}: "
-                                 f"lower --length to at most {max_context}")
-
-    def steps(self, tokens: int) -> int:
-        return max(1, tokens // (self.batch * self.length))
-
-    def check(self, world: int) -> None:
-        if self.train not in TRAIN_MODES:
-            raise AttnprobeError(f"unknown --train '{self.train}': choose one of {', '.join(TRAIN_MODES)}")
-        if self.batch % (self.accumulation * world):
-            raise AttnprobeError(f"a batch of {self.batch} sequences does not split into {self.accumulation} accumulation steps "
-                                 f"x {world} processes: make --batch a multiple of {self.accumulation * world}")
-        if min(self.transfer_tokens, self.tokens) < 0 or self.tokens + self.transfer_tokens <= 0:
-            raise AttnprobeError("token budgets must be >= 0 and not both 0")
 
 
 def lr_at(step: int, steps: int, base: float, warmup: float, floor: float) -> float:
@@ -195,9 +151,13 @@ def adapted(model: Model, train: str, rank: int, state: Mapping[str, torch.Tenso
                     p.requires_grad_(False)
                     p.copy_(original[name])
         return
+    import warnings
+
     from peft import get_peft_model
 
-    peft_model = get_peft_model(hf, _lora_config(rank))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not our call
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(hf, _lora_config(rank))
     try:
         params = {name: p for name, p in hf.named_parameters() if p.requires_grad}
         _copy_into(params, state)

@@ -25,9 +25,9 @@ from attnprobe.probe.rundir import write_json, write_parquet
 from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.stats import check_sample_size, mean_interval, wilson_interval
 
+from attnprobe.analyses.experiments.config import MODES, AblateConfig
 from attnprobe.analyses.experiments.selection import Head, by_layer, parse_heads, top_heads
 
-MODES = ("zero", "mean", "uniform", "calibrate")
 
 
 def head_means(backend: Backend, model: Model, layers: Sequence[int], n_tokens: int = 1024,
@@ -242,3 +242,44 @@ def wilson_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (task, selection, k, seed) of sample rows with a boolean `correct`, with its 95 % Wilson interval."""
     return pd.DataFrame([_summary_row(t, s, k, seed, group)
                          for (t, s, k, seed), group in rows.groupby(["task", "selection", "k", "seed"])])
+
+
+def run_ablation(model: Model, config: AblateConfig, out: Path, heads: str | None, layers: str | None, from_run: Path | None,
+                 exclude: str | None, progress: Callable[[str], None] = lambda m: None,
+                 say: Callable[[str], None] = lambda m: None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The ablate command: the chosen heads against the original, or the top-K / random-K sweep (each finished
+    configuration kept under OUT/sweep_cells, so a rerun resumes). Returns (summary, samples, manifest entries)."""
+    from attnprobe.hooks.backends import make_backend
+    from attnprobe.probe.census import resolve_bos
+
+    bos = resolve_bos("auto", model)
+    lengths, depths = list(config.lengths), list(config.depths)
+    # a sweep's NIAH: needles and haystack the census did not rank heads with
+    run_task = recall_task(config.task, lengths, depths, bos, from_run if config.sweep else None, config.samples,
+                           model.device.type == "cuda", config.allow_small)
+
+    backend = make_backend("native", model)
+    with texts.recording() as used_text:  # the text ranges this run reads, for its manifest
+        if config.sweep:
+            ks = list(config.sweep)
+            cells = SweepCells(out / "sweep_cells", {"ks": ks, "draws": config.seeds, "mode": config.mode, "score": config.score,
+                                                     "exclude_top": config.exclude_top, "task": config.task, "samples": config.samples, "lengths": lengths,
+                                                     "depths": depths, "bos": bos, "census": str(Path(from_run).resolve()),
+                                                     "weights": model.info.weights_sha256})
+            summary, rows = masking_sweep(model, backend, from_run, ks, config.seeds, run_task, config.mode, config.score,
+                                          config.exclude_top, bos, progress=lambda message: progress(f"sweep: {message}"), cells=cells)
+            used_text.extend(cells.texts())  # the ranges the resumed cells read in an earlier run
+            label = f"sweep {ks} by {config.score}"
+        else:
+            chosen = parse_heads(heads, model.info, from_run, config.seed, exclude, layers)
+            say(f"ablating {len(chosen)} heads ({config.mode}): " + ", ".join(f"{l}.{h}" for l, h in chosen[:20])
+                + (" ..." if len(chosen) > 20 else ""))
+            original = evaluate(model, backend, [], run_task, "original").assign(selection="none", k=0, seed=-1)
+            ablated = evaluate(model, backend, ablation_edits(model, backend, chosen, config.mode, bos=bos), run_task,
+                               "ablated").assign(selection="chosen", k=len(chosen), seed=config.seed)
+            rows = pd.concat([original, ablated], ignore_index=True)
+            summary = wilson_summary(rows)
+            label = ",".join(f"{l}.{h}" for l, h in chosen)
+    return summary, rows.drop(columns=["response"], errors="ignore"), {
+        "command": "ablate", "mode": config.mode, "heads": label, "task": config.task, "lengths": lengths, "depths": depths,
+        "bos": bos, "texts": texts.summarise(used_text)}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import pandas as pd
 
@@ -21,70 +21,19 @@ from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import fit_heads, swap_edits
 from attnprobe.kernels.fit import FitResult, load_fit, save_fit
-from attnprobe.kernels.registry import make_kernel, names
+from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe import texts
 from attnprobe.probe.census import Census, CensusConfig, resolve_bos
 from attnprobe.probe.mechanisms import mechanisms
-from attnprobe.probe.perplexity import WINDOW, held_out_perplexity
+from attnprobe.probe.perplexity import held_out_perplexity
 from attnprobe.probe.rundir import RunDir, read_json, write_json, write_parquet
 
 from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.stats import bootstrap_difference, cluster_bootstrap, differ, wilson_interval
+from attnprobe.analyses.experiments.config import MatrixSizes
+from attnprobe.analyses.experiments.variants import Variant, catalogue  # noqa: F401 (read from here by rows.py, tests)
 
 Head = tuple[int, int]
-
-
-@dataclass
-class Variant:
-    name: str
-    kernel: str | None  # None: the original model
-    keep: Callable[[Model, pd.DataFrame | None], set[Head]]  # heads that stay softmax
-    description: str
-
-
-def _none(model, heads):
-    return set()
-
-
-def _every_nth_layer(n: int):
-    def keep(model, heads):
-        return {(layer, h) for layer in range(model.info.n_layers) if layer % n == n - 1 for h in range(model.info.n_heads)}
-    return keep
-
-
-def _by_role(role: str):
-    def keep(model, heads):
-        if heads is None or "roles" not in heads:
-            raise AttnprobeError(f"this variant keeps the census's {role} heads: pass --from a census run directory")
-        chosen = heads[heads["roles"].fillna("").str.split(",").map(lambda roles: role in roles)]
-        return {(int(r.layer), int(r.head)) for r in chosen.itertuples()}
-    return keep
-
-
-def _full_layers(model, heads):
-    return {(layer, h) for layer, kind in enumerate(model.info.layer_types) if kind == "full" for h in range(model.info.n_heads)}
-
-
-def catalogue(model: Model) -> dict[str, Variant]:
-    """Every named architecture that makes sense for `model`."""
-    variants = [Variant("original", None, _none, "the pretrained softmax model")]
-    for kernel in names("linear"):
-        variants.append(Variant(f"all-{kernel}", kernel, _none, f"every head {kernel} linear attention"))
-    for n in (2, 4, 6):
-        variants.append(Variant(f"layers-1of{n}-softmax", "hedgehog", _every_nth_layer(n),
-                                f"1 of every {n} layers softmax, the rest hedgehog"))
-    variants.append(Variant("layers-1of4-softmax-gdn", "gated-deltanet", _every_nth_layer(4),
-                            "1 of every 4 layers softmax, the rest Gated DeltaNet"))
-    variants.append(Variant("keep-retrieval-heads", "hedgehog", _by_role("retrieval"),
-                            "census retrieval heads (by the census's threshold) softmax, the rest hedgehog"))
-    variants.append(Variant("keep-sink-heads", "hedgehog", _by_role("sink"),
-                            "census sink heads (alpha_1 above the census's eps) softmax, the rest hedgehog"))
-    for kernel in names("hybrid"):
-        variants.append(Variant(kernel, kernel, _none, f"every head {kernel}"))
-    if "sliding" in model.info.layer_types:
-        variants.append(Variant("linear-sliding-layers", "hedgehog", _full_layers,
-                                "the native sliding-window layers hedgehog, the full layers softmax"))
-    return {v.name: v for v in variants}
 
 
 def _saved_fit(where: Path, model: Model, tokens: int, steps: int) -> FitResult | None:
@@ -165,94 +114,6 @@ def cache_bytes_per_token(model: Model, keep: set[Head], kernel: str | None, byt
                 fixed += read * kv_numbers * replacement.cached_tokens
             fixed += len(replaced) * replacement.state_numbers(info.head_dim) * bytes_per_value
     return per_token, fixed
-
-
-def _option(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class MatrixSizes:
-    """Sizes of each variant's evaluation. The defaults run on a 2-core CPU in a few minutes per
-    variant (at least 12 samples per task and row: fewer give 95 % intervals over 0.5 wide and are
-    refused unless `allow_small`); `gpu()` gives at least 100 samples per task and row, with passkey
-    and NIAH to 4K. The swap command's options are built from these fields."""
-
-    tasks: tuple[str, ...] = _option(recall_tasks.DEFAULT, "recall tasks of each row: " + recall_tasks.help_text())
-    passkey_lengths: tuple[int, ...] = _option((512, 1024), "passkey context lengths in tokens")
-    passkey_depths: tuple[float, ...] = _option((0.0, 0.25, 0.5, 0.75), "passkey depths (0-1; <= 0.75 keeps the key beyond a 64-token window)")
-    passkey_samples: int = _option(2, "passkey samples per length and depth")
-    kv_pairs: tuple[int, ...] = _option((16, 32), "key-value recall: pairs per prompt (the pair asked for lies beyond the hybrids' window)")
-    kv_samples: int = _option(6, "key-value recall samples per number of pairs")
-    copy_lengths: tuple[int, ...] = _option((64, 128), "copying: tokens per string (>= the hybrids' window)")
-    copy_samples: int = _option(6, "copying strings per length")
-    niah_lengths: tuple[int, ...] = _option((512, 1024), "NIAH context lengths (evaluation haystack)")
-    niah_depths: tuple[float, ...] = _option((0.25, 0.75), "NIAH depths (0-1)")
-    niah_needles: int = _option(4, "NIAH evaluation needles (packaged ones the default census does not rank with)")
-    niah_haystack: Optional[str] = _option(None, "UTF-8 text file whose evaluation range gives the NIAH haystacks "
-                                           "(default: the embedded prose, 8K tokens; a long file reaches a 32K window)")
-    ruler_lengths: tuple[int, ...] = _option((1024,), "prompt lengths of the RULER tasks (niah_single_*, niah_multi*, "
-                                             "variable_tracking, kv_retrieval, string_copy): 1K-8K for SmolLM2, 4K-32K for Qwen/Gemma")
-    ruler_samples: int = _option(12, "samples per length of each RULER task")
-    allow_small: bool = _option(False, "run with samples too few for a 95 % interval narrower than 0.5 (a smoke run)")
-    perplexity_tokens: int = _option(2048, "held-out tokens for perplexity")
-    perplexity_length: int = _option(WINDOW, "tokens per perplexity row (BOS counted), as the census's")
-    bos: str = _option("auto", "one BOS convention for fitting, every task and each variant's census: auto | on | off")
-    census: bool = _option(True, "re-run a small census on each modified model")
-    census_lengths: tuple[int, ...] = _option((512, 1024), "NIAH lengths of that census")
-    census_induction_length: int = _option(50, "period of that census's repeated random string for induction heads "
-                                              "(a hybrid's exact window hides induction at shorter periods)")
-    fit_tokens: int = _option(2048, "calibration tokens for fitted kernels (hedgehog, window+linear, sink+window+linear)")
-    fit_steps: int = _option(30, "Adam steps of attention transfer per layer")
-    efficiency_contexts: tuple[int, ...] = _option((256, 1024), "contexts of the measured efficiency columns (GPU: 2048,8192,32768)")
-    decode_tokens: int = _option(16, "decoded tokens per efficiency measurement")
-
-    def __post_init__(self) -> None:
-        self.tasks = tuple(self.tasks)
-        for name in self.tasks:
-            recall_tasks.task(name)  # an unknown name fails here, listing the registry
-        for name in ("passkey_lengths", "kv_pairs", "copy_lengths", "niah_lengths", "ruler_lengths", "census_lengths",
-                     "efficiency_contexts"):
-            values = tuple(getattr(self, name))
-            if not values or any(int(v) != v or v < 1 for v in values):
-                raise AttnprobeError(f"--{name.replace('_', '-')} takes whole numbers of at least 1, got {list(values)}")
-            setattr(self, name, tuple(int(v) for v in values))
-        for name in ("passkey_depths", "niah_depths"):
-            values = getattr(self, name)
-            if not values or any(not 0 <= d <= 1 for d in values):
-                raise AttnprobeError(f"--{name.replace('_', '-')} are fractions 0-1, got {list(values)}")
-            setattr(self, name, tuple(float(d) for d in values))
-        for name, low in (("passkey_samples", 1), ("kv_samples", 1), ("copy_samples", 1), ("niah_needles", 1), ("ruler_samples", 1),
-                          ("perplexity_tokens", 2), ("perplexity_length", 2), ("fit_tokens", 1), ("fit_steps", 0),
-                          ("decode_tokens", 1), ("census_induction_length", 2)):
-            if getattr(self, name) < low:
-                raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.niah_haystack is not None:
-            texts.prose(self.niah_haystack)  # a missing, binary or empty file fails here, before any fit
-        if self.bos not in ("auto", "on", "off"):
-            raise AttnprobeError(f"--bos must be auto, on or off, not '{self.bos}'")
-
-    @classmethod
-    def gpu(cls, **given) -> "MatrixSizes":
-        """GPU sizes: at least 100 samples per task and row (108 passkey, 102 key-value, 100 copying strings,
-        120 NIAH, 102 per RULER task), passkey and NIAH at 1K-4K (SmolLM2-135M answered 2 of 4 passkeys at 8K
-        in a CPU check, see README), RULER tasks at 1K, 4K and 8K, the efficiency columns at 2K, 8K and 32K
-        (NaN past the model's window); sizes the user gave explicitly (`given`) are kept."""
-        sizes = dict(passkey_lengths=(1024, 2048, 4096), passkey_samples=9, kv_pairs=(16, 32, 64), kv_samples=34,
-                     copy_samples=50, niah_lengths=(1024, 2048, 4096), niah_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-                     niah_needles=8, ruler_lengths=(1024, 4096, 8192), ruler_samples=34, perplexity_tokens=4096,
-                     census_lengths=(1024, 2048), fit_tokens=8192, efficiency_contexts=(2048, 8192, 32768))
-        return cls(**{**sizes, **given})
-
-    @classmethod
-    def quick(cls, **given) -> "MatrixSizes":
-        """Tiny sizes for a smoke run, keeping each task's protocol (their intervals are too wide to mean
-        anything: `allow_small`); sizes the user gave explicitly (`given`) are kept."""
-        small = dict(passkey_lengths=(256,), passkey_depths=(0.5,), passkey_samples=1, kv_pairs=(16,), kv_samples=1,
-                     copy_lengths=(64,), copy_samples=1, niah_lengths=(256,), niah_depths=(0.5,), niah_needles=1,
-                     ruler_lengths=(512,), ruler_samples=1, allow_small=True, perplexity_tokens=512,
-                     census_lengths=(128,), fit_tokens=256, fit_steps=2, efficiency_contexts=(64,), decode_tokens=4)
-        return cls(**{**small, **given})
 
 
 def _accuracy_columns(rows: pd.DataFrame, names=recall_tasks.DEFAULT) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -42,12 +42,8 @@ from attnprobe.analyses.stats import cluster_bootstrap, wilson_interval
 from attnprobe.analyses.experiments import selectors
 from attnprobe.analyses.experiments.architectures import cache_bytes_per_token, fitted_kernel
 from attnprobe.analyses.experiments.selection import Head
-from attnprobe.analyses.experiments.selectors import SELECTORS, DuoConfig
+from attnprobe.analyses.experiments.config import BUDGETS, SELECTORS, SPARSE, STREAMING, TASKS, BudgetSizes  # noqa: F401 (budget.BUDGETS ... stay)
 
-STREAMING = ("sink+window:sinks=4,window=64", "sink+window:sinks=64,window=256")  # today's and DuoAttention's
-SPARSE = ("oracle-topk:k=256", "quest:page=16,pages=16", "vertical-slash:vertical=128,slash=128", "power:window=64")
-BUDGETS = (0.0625, 0.125, 0.25, 0.5, 0.75)
-TASKS = ("passkey", "niah")  # the default tasks of every cell
 
 
 @dataclass(frozen=True)
@@ -78,52 +74,6 @@ def parse_spec(text: str) -> Kind:
     if learnable and options:
         raise AttnprobeError(f"'{text}': a fitted kernel takes its options from the fit; give the name alone")
     return Kind(text.strip(), name, options)
-
-
-@dataclass
-class BudgetSizes:
-    """What the sweep runs. Defaults are the GPU's full sizes for SmolLM2; `quick()` gives CPU sizes."""
-
-    budgets: tuple[float, ...] = BUDGETS
-    selectors: tuple[str, ...] = SELECTORS
-    seeds: int = 3  # random draws
-    kinds: tuple[str, ...] = STREAMING
-    sparse: tuple[str, ...] = SPARSE
-    unit: str = "kv"
-    tasks: tuple[str, ...] = field(default=TASKS, metadata={"help": "recall tasks of every cell: " + recall_tasks.help_text()})
-    passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
-    passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    passkey_samples: int = 2
-    niah_lengths: tuple[int, ...] = (1024, 2048, 4096)
-    niah_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    niah_needles: int = 2
-    kv_pairs: tuple[int, ...] = (16, 32, 64)  # the sizes of the other registered tasks, when --tasks names them
-    kv_samples: int = 6
-    copy_lengths: tuple[int, ...] = (64, 128)
-    copy_samples: int = 6
-    ruler_lengths: tuple[int, ...] = (1024, 2048, 4096)
-    ruler_samples: int = 6
-    allow_small: bool = field(default=False, metadata={"help": "run with samples too few for a 95 % interval narrower "
-                                                               "than 0.5 per cell (a smoke run)"})
-    perplexity_tokens: int = 2048
-    razor_length: int = 50
-    razor_batch: int = 10
-    duo: DuoConfig = field(default_factory=DuoConfig)
-    fit_tokens: int = 2048
-    fit_steps: int = 30
-    needle_samples: int = 6
-    chunk: int = 64  # query chunk of the replaced heads' prefill (larger is faster on a GPU)
-
-    @classmethod
-    def quick(cls, **overrides) -> BudgetSizes:
-        small = {"seeds": 2, "passkey_lengths": (128,), "passkey_depths": (0.5,), "passkey_samples": 1, "niah_lengths": (128,),
-                 "niah_depths": (0.5,), "niah_needles": 1, "perplexity_tokens": 256, "razor_length": 16, "razor_batch": 2,
-                 "duo": DuoConfig(lengths=(128,), passkeys=1, passkey_words=2, steps=2, sinks=4, window=16),
-                 "fit_tokens": 128, "fit_steps": 1, "needle_samples": 1, "allow_small": True, "kv_pairs": (16,),
-                 "kv_samples": 1, "copy_lengths": (16,), "copy_samples": 1, "ruler_lengths": (512,), "ruler_samples": 1,
-                 "sparse": ("oracle-topk:k=16", "quest:page=4,pages=4", "vertical-slash:vertical=8,slash=8,last=16",
-                            "power:window=8")}
-        return cls(**{**small, **overrides})
 
 
 # --- rankings ------------------------------------------------------------------------------------

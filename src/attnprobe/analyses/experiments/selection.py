@@ -1,4 +1,4 @@
-"""Head selections for `ablate` and `swap`.
+"""Head selections for `ablate`, `swap` and `convert`.
 
     --heads 3.1,7.4                       explicit layer.head pairs
     --heads top:10:retrieval_score        the 10 best heads by a score of a census run (--from RUN_DIR)
@@ -28,16 +28,21 @@ def _check(head: Head, info: ModelInfo) -> Head:
     return head
 
 
-def _scores(run_dir: Path | None, score: str) -> pd.DataFrame:
-    if run_dir is None:
-        raise AttnprobeError(f"selecting by '{score}' needs a census run: add --from RUN_DIR")
+def heads_table(run_dir: Path) -> pd.DataFrame:
+    """A census run's heads.parquet, refused with the fix when it is missing or damaged."""
     path = Path(run_dir) / "heads.parquet"
     if not path.exists():
         raise AttnprobeError(f"{path} not found: run `attnprobe census --out {run_dir}` first")
     try:
-        heads = pd.read_parquet(path)
+        return pd.read_parquet(path)
     except Exception:  # pyarrow raises several kinds of errors on a damaged file
         raise AttnprobeError(f"{path} is damaged: rerun `attnprobe census --out {run_dir}`") from None
+
+
+def _scores(run_dir: Path | None, score: str) -> pd.DataFrame:
+    if run_dir is None:
+        raise AttnprobeError(f"selecting by '{score}' needs a census run: add --from RUN_DIR")
+    heads = heads_table(run_dir)
     numeric = [c for c in heads.columns if c not in ("layer", "head", "kv_head") and pd.api.types.is_numeric_dtype(heads[c])]
     if score not in numeric:
         raise AttnprobeError(f"unknown score '{score}': choose one of {', '.join(numeric)}")

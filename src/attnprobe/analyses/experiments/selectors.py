@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,10 +35,9 @@ from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe import texts
 from attnprobe.probe.head_types import induction_scores, repeated_random_tokens
 
+from attnprobe.analyses.experiments.config import SELECTORS, UNITS, DuoConfig  # noqa: F401 (re-exported: budget.py reads selectors.SELECTORS)
 from attnprobe.analyses.experiments.selection import Head
 
-SELECTORS = ("retrieval", "razor", "duo", "fit", "random")
-UNITS = ("kv", "head")
 RAZOR_ECHO_SHARE = 1 / 15  # 1 % echo beside 14 % induction heads
 Unit = tuple[int, int]  # (layer, kv head) or (layer, head)
 
@@ -146,22 +144,6 @@ PASSKEY_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf"
                  "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform",
                  "victor", "whiskey", "xray", "yankee", "zulu")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
-
-
-@dataclass
-class DuoConfig:
-    """DuoAttention's training recipe (its released defaults: lr 0.02, L1 weight 0.05, gates from 1,
-    sink 64 + recent 256, 10 passkeys of 32 words in 1K-32K tokens, 2,000 steps) at sizes for this model."""
-
-    lengths: tuple[int, ...] = (512, 1024, 2048)
-    passkeys: int = 3
-    passkey_words: int = 8
-    steps: int = 100
-    lr: float = 0.02
-    reg_weight: float = 0.05
-    sinks: int = 64
-    window: int = 256
-    seed: int = 0
 
 
 def duo_sample(tokenizer, haystack: Sequence[int], length: int, config: DuoConfig, rng: random.Random) -> tuple[list[int], list[int]]:
