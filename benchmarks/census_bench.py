@@ -1,6 +1,10 @@
 """CPU cost of the census against plain Hugging Face calls on SmolLM2-135M, over prose of T tokens.
 
     python benchmarks/census_bench.py [--lengths 1024 2048 4096 8192] [--quick] [--out results.json]
+    python benchmarks/census_bench.py --main [--threads 2]     the README's main command, each stage's share
+
+--main times what `attnprobe census --out RUN && attnprobe figures RUN` does with default options, in one fresh
+process: the model load, every census stage (seconds and share of the whole) and the figures with the report.
 
 Every configuration runs in a fresh process (model loaded, peak RSS reset, then measured):
   plain    HF forward with SDPA, `model.hf(ids)` under no_grad
@@ -123,11 +127,52 @@ def _decode(spec: dict, model, ids) -> dict:
             "peak_exact": memory.exact}
 
 
+def _main_command(spec: dict) -> dict:
+    """The README's main command in this process: load, census with default options (each stage timed), figures."""
+    import tempfile
+    import time
+
+    import torch
+
+    from attnprobe.analyses.presentation.report import write_report
+    from attnprobe.hooks.backends import make_backend
+    from attnprobe.hooks.model import load_model
+    from attnprobe.probe.census import Census, CensusConfig
+
+    torch.set_num_threads(spec["threads"])
+    began = time.perf_counter()
+    model = load_model(spec["model"], device="cpu")
+    seconds = {"load model": time.perf_counter() - began}
+    starts: dict[str, float] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        starts.setdefault(stage, time.perf_counter())
+        seconds[stage] = time.perf_counter() - starts[stage]
+
+    with tempfile.TemporaryDirectory() as out:
+        Census(model, make_backend("native", model), CensusConfig(), Path(out), progress).execute()
+        figures_began = time.perf_counter()
+        write_report(Path(out), ("png", "svg"))
+        seconds["figures + report"] = time.perf_counter() - figures_began
+    total = time.perf_counter() - began
+    return {"seconds": seconds, "total_s": total}
+
+
+def main_table(result: dict) -> str:
+    rows = [{"step": name, "seconds": s, "share %": 100 * s / result["total_s"]} for name, s in result["seconds"].items()]
+    rows.append({"step": "total", "seconds": result["total_s"], "share %": 100.0})
+    return ("### The README's main command (census with default options + figures), in one process\n\n"
+            + common.markdown_table(rows, ["step", "seconds", "share %"]))
+
+
 def child(spec: dict) -> None:
     import torch
 
     from attnprobe.hooks.model import load_model
 
+    if spec["kind"] == "main":
+        common.emit({**spec, **_main_command(spec), "loadavg_end": common.loadavg()})
+        return
     torch.set_num_threads(spec["threads"])
     model = load_model(spec["model"])
     for parameter in model.hf.parameters():  # page in memory-mapped weights so the peak is the run's own
@@ -236,10 +281,22 @@ def main(argv=None) -> None:
     parser.add_argument("--no-eager", action="store_true", help="leave out eager attention")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a configuration is abandoned")
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--main", action="store_true", help="time the README's main command, each stage's share")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.main:
+        facts = common.machine_facts(args.threads)
+        result = common.run_child(SCRIPT, {"kind": "main", "model": args.model, "threads": args.threads}, args.timeout)
+        facts["loadavg_end"] = common.loadavg()
+        command = "python benchmarks/census_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        body = main_table(result) if "error" not in result else f"failed: {result['error']}"
+        print("\n\n".join([common.header("The main command on CPU", facts, command.strip()),
+                            f"load average at end {facts['loadavg_end']}", body]))
+        if args.out:
+            args.out.write_text(json.dumps({"machine": facts, "result": result}, indent=1))
         return
     if args.quick:
         args.max_runs, args.decode_repeats, args.new_tokens = 1, 1, 5

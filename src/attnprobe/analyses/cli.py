@@ -235,8 +235,11 @@ def figures(
         drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
                                   log, chosen_formats)
     load_run(run_dir)  # a folder that holds no run is refused before a lock file is left in it
+    skipped: dict[str, list[str]] = {}  # why -> the figures (or unreadable files) it skipped
     with RunDir(run_dir).lock(), console.status("drawing figures"):
-        report = write_report(run_dir, chosen_formats)
+        report = write_report(run_dir, chosen_formats, on_skip=lambda what, why: skipped.setdefault(why, []).append(what))
+    for why, what in skipped.items():
+        console.print(f"skipped {', '.join(what)}: {why}", highlight=False, markup=False)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
 
@@ -256,6 +259,15 @@ def _run_dir(out: Optional[Path], kind: str, model: str) -> Path:
         raise AttnprobeError(f"--out {out} lies inside the file {existing}: choose a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AttnprobeError(f"--out {out} cannot be written ({existing} is not writable): choose another directory")
+    return out
+
+
+def _held_run_dir(out: Optional[Path], kind: str, model: str) -> Path:
+    """`_run_dir`, then created and locked for the rest of the command, before any model loads (under accelerate
+    launch the main process holds it for every process)."""
+    out = _run_dir(out, kind, model)
+    if os.environ.get("RANK", "0") == "0":
+        typer.get_current_context().with_resource(RunDir(out).lock())
     return out
 
 
@@ -320,6 +332,10 @@ def ablate(
     out = _run_dir(out, "ablate", model)
 
     loaded = _load(model)
+    window = loaded.info.max_context
+    if window and max(length_list) + 64 > window:  # a prompt is the haystack plus its question and template
+        raise AttnprobeError(f"--lengths {max(length_list)} does not fit the model's window of {window} tokens "
+                             f"(keep lengths <= {window - 64})")
     bos = resolve_bos("auto", loaded)
     niah_task = heldout_niah(from_run, length_list, depth_list, bos) if sweep is not None and task == "niah" else None
 
@@ -485,8 +501,8 @@ def budget(
         sizes.sparse = listed(sparse)
     if lengths:
         sizes.passkey_lengths = sizes.niah_lengths = tuple(int(x) for x in _floats(lengths, "--lengths"))
+    out = _held_run_dir(out, "budget", model)
     loaded = _load(model)
-    out = _run_dir(out, "budget", model)
     started = time.time()
     with console.status("budget sweep") as status:
         def progress(message):  # a log (not a terminal) gets one timed line per step
@@ -507,13 +523,9 @@ def budget(
 
 
 def _heads_table(from_run: Path) -> pd.DataFrame:
-    path = from_run / "heads.parquet"
-    if not path.exists():
-        raise AttnprobeError(f"{path} not found: run attnprobe census --out {from_run} first")
-    try:
-        return pd.read_parquet(path)
-    except Exception:  # pyarrow raises several kinds of errors on a damaged file
-        raise AttnprobeError(f"{path} is damaged: rerun attnprobe census --out {from_run}") from None
+    from attnprobe.probe.rundir import census_heads
+
+    return census_heads(from_run)
 
 
 @app.command()
@@ -554,8 +566,13 @@ def convert(
     matrix.md (with ppl_vs_original, ppl_vs_control and gate), recall.parquet and manifest.json. Data-parallel:
     accelerate launch --num_processes N -m attnprobe.analyses.cli convert ..."""
     from attnprobe.analyses.conversion import rows as conversion
+    conversion.recipe(length=length, batch=batch, accumulation=accumulation, transfer_tokens=transfer_tokens, tokens=tokens,
+                      transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank, ce_weight=ce_weight,
+                      checkpoint_every=checkpoint_every, seed=seed)  # every option checked before the model loads
+    if epochs < 1:
+        raise AttnprobeError(f"--epochs must be a whole number of at least 1, got {epochs}")
+    out = _held_run_dir(out, "convert", model)
     loaded = _load(model)
-    out = _run_dir(out, "convert", model)
     started = time.time()
     table = conversion.run(loaded, out, kernel=kernel, heads=heads, layers=layers, from_run=from_run, variants=variants,
                            control=control, tokens=tokens, transfer_tokens=transfer_tokens, length=length, batch=batch,

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from attnprobe.errors import AttnprobeError
+from attnprobe.hooks.model import with_cache
 from attnprobe.hooks.reducers import PatternStats, Reducer
 from attnprobe.hooks.sites import Site
 
@@ -212,8 +213,7 @@ def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NE
     step_input, generated, text = ids[:, -1:], [], ""
     with decode_context or nullcontext():
         for _ in range(max_new_tokens):
-            out = model.hf(input_ids=step_input, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out, cache = with_cache(model.hf, cache, input_ids=step_input)
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
             stop, text = _ends_answer(tokenizer, stops, token, text, stop_at_newline)
@@ -254,7 +254,7 @@ def decode_with_reruns(model, backend, prompt_ids: Sequence[int], edits=(), max_
 
 def extend_cache(model, cache, ids: torch.Tensor):
     """Feed `ids` (1, n) on top of `cache` (None: a new one) and return the cache; no logits are kept."""
-    return model.hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    return with_cache(model.hf, cache, input_ids=ids, logits_to_keep=1)[1]
 
 
 def answer_text(tokenizer, generated: Sequence[int]) -> str:

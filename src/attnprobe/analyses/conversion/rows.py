@@ -1,7 +1,6 @@
 """Named conversion rows, the fine-tuned control and the gated matrix: converting, evaluating and censusing rows."""
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +10,7 @@ from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import Model
 from attnprobe.kernels.registry import make_kernel
-from attnprobe.probe.rundir import read_json, write_json
+from attnprobe.probe.rundir import RunDir, census_heads, read_json, readable, same_settings, write_json
 
 from attnprobe.analyses.conversion.checkpoint import CONVERSION
 from attnprobe.analyses.conversion.data import TrainingData
@@ -43,6 +42,12 @@ def parse_tokens(text: str) -> int:
         return int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
     except ValueError:
         raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
+
+
+def recipe(tokens: str, transfer_tokens: str, **fields) -> ConvertConfig:
+    """The conversion recipe from the command's options (token budgets as text, e.g. 20M), every value checked:
+    the command calls it before any model loads."""
+    return ConvertConfig(tokens=parse_tokens(tokens), transfer_tokens=parse_tokens(transfer_tokens), **fields)
 
 
 def progress_bar(console=None, disable: bool = False):
@@ -98,19 +103,9 @@ def _conversion_of(model: Model, out: Path, variant):
 
 
 def _same_sizes(folder: Path, sizes) -> None:
-    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes: record the
-    sizes with the first row, refuse other sizes later (a silently mixed table otherwise)."""
-    path, wanted = folder.with_name(f"{folder.name}.sizes.json"), json.loads(json.dumps(asdict(sizes)))
-    if path.exists():
-        if read_json(path) != wanted:
-            changed = sorted(k for k in wanted if read_json(path).get(k) != wanted[k])
-            raise AttnprobeError(f"the rows in {folder} were measured with other sizes ({', '.join(changed)}): "
-                                 f"rerun with the same options, or remove {folder} (or use another --work) to measure again")
-        return
-    if folder.exists() and any(folder.glob("*.json")):
-        raise AttnprobeError(f"the rows in {folder} do not say which sizes measured them (an older run): "
-                             f"remove {folder} (or use another --work) to measure again")
-    write_json(path, wanted)
+    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes."""
+    same_settings(folder.with_name(f"{folder.name}.sizes.json"), asdict(sizes), f"the rows in {folder.name}/",
+                  started=folder.exists() and any(folder.glob("*.json")), noun="sizes")
 
 
 def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out: Path, sizes, heads_table=None,
@@ -127,7 +122,7 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
     rows, samples = [], []
     for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
-        if done.exists():  # resume: a finished row is not evaluated again
+        if readable(done) and readable(done.with_suffix(".parquet")):  # resume: a finished row is not evaluated again
             rows.append(read_json(done))
             samples.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
             continue
@@ -168,7 +163,7 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
     rows = []
     for variant in _with_original(model, variants):
         done = out / "census" / f"{variant.name}.json"
-        if not done.exists():
+        if not readable(done):  # missing, or damaged: measured again
             status(f"census of {variant.name}")
             with _conversion_of(model, out, variant) as fit:
                 edits = variant_edits(model, fit, variant.keep(model, heads_table)) if variant.kernel else []
@@ -179,13 +174,21 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
     return pd.DataFrame(rows)
 
 
-def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
+def run(model: Model, out: Path, **options):
+    """The `attnprobe convert` command (see `_run`), holding `out` for this run: a second convert into the same
+    directory is refused, not interleaved (under accelerate launch, the main process holds it for all)."""
+    from accelerate import PartialState
+
+    with RunDir(out).lock() if PartialState().is_main_process else nullcontext():
+        return _run(model, Path(out), **options)
+
+
+def _run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layers: str | None, from_run: Path | None,
         variants: str | None, control: bool, tokens: str, transfer_tokens: str, length: int, batch: int, accumulation: int,
         lr: float, transfer_lr: float, train: str, lora_rank: int, ce_weight: float, data: Sequence[Path],
         dataset: str | None, epochs: int, seed: int, checkpoint_every: int, evaluate: bool, census: bool, quick: bool,
         console=None, recompute_layers: bool = False):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix."""
-    import pandas as pd
 
     from attnprobe.hooks.backends import make_backend
     from attnprobe.kernels.registry import KERNELS
@@ -195,11 +198,7 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
     from attnprobe.analyses.conversion.data import training_data
     from attnprobe.analyses.experiments.selection import parse_heads
 
-    heads_table = None
-    if from_run is not None:
-        if not (Path(from_run) / "heads.parquet").exists():
-            raise AttnprobeError(f"{Path(from_run) / 'heads.parquet'} not found: run attnprobe census --out {from_run} first")
-        heads_table = pd.read_parquet(Path(from_run) / "heads.parquet")
+    heads_table = census_heads(from_run) if from_run is not None else None
     names = catalogue(model)
     chosen = []
     if variants:
@@ -218,9 +217,9 @@ def run(model: Model, out: Path, *, kernel: str | None, heads: str | None, layer
         raise AttnprobeError("say what to convert: --variants NAMES, or --kernel K with --heads/--layers (or keep --control)")
     if control:
         chosen.append(control_variant())
-    config = ConvertConfig(length=length, batch=batch, accumulation=accumulation, transfer_tokens=parse_tokens(transfer_tokens),
-                           tokens=parse_tokens(tokens), transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank,
-                           ce_weight=ce_weight, checkpoint_every=checkpoint_every, seed=seed)
+    config = recipe(length=length, batch=batch, accumulation=accumulation, transfer_tokens=transfer_tokens, tokens=tokens,
+                    transfer_lr=transfer_lr, lr=lr, train=train, lora_rank=lora_rank, ce_weight=ce_weight,
+                    checkpoint_every=checkpoint_every, seed=seed)
     from accelerate import PartialState
 
     state = PartialState()

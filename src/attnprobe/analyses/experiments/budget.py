@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.backends.base import decoder_layers
+from attnprobe.hooks.embedded import file_sha256
 from attnprobe.hooks.edits import Edit
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model, ModelInfo
@@ -34,7 +35,7 @@ from attnprobe.kernels.registry import KERNELS, make_kernel
 from attnprobe.probe import texts
 from attnprobe.probe.perplexity import held_out_perplexity
 from attnprobe.probe.retrieval import build_sample, load_needles
-from attnprobe.probe.rundir import read_json, write_json, write_parquet
+from attnprobe.probe.rundir import RunDir, read_json, readable, same_settings, write_json, write_parquet
 
 from attnprobe.analyses import recall
 
@@ -61,6 +62,12 @@ class Kind:
     @property
     def label(self) -> str:
         return self.spec
+
+
+def _choose(what: str, given: Sequence[str], known: Sequence[str], empty_ok: bool = True) -> None:
+    unknown = sorted(set(given) - set(known)) or ([] if given or empty_ok else ["(none)"])
+    if unknown:
+        raise AttnprobeError(f"unknown {what}(s) {', '.join(unknown)}: choose from {', '.join(known)}")
 
 
 def parse_spec(text: str) -> Kind:
@@ -106,6 +113,38 @@ class BudgetSizes:
     needle_samples: int = 6
     chunk: int = 64  # query chunk of the replaced heads' prefill (larger is faster on a GPU)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse impossible sizes before any model loads, each in one line naming the option to fix."""
+        whole = {"seeds": 0, "passkey_samples": 1, "niah_needles": 1, "perplexity_tokens": 2, "razor_length": 2,
+                 "razor_batch": 1, "fit_tokens": 2, "fit_steps": 1, "needle_samples": 0, "chunk": 1}
+        for name, low in whole.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value!r}")
+        for name in ("passkey_lengths", "niah_lengths"):
+            values = getattr(self, name)
+            if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 16 for n in values):
+                raise AttnprobeError(f"--lengths are context lengths, whole numbers of at least 16 tokens; got {list(values)}")
+        for name in ("passkey_depths", "niah_depths"):
+            if not getattr(self, name) or any(not 0 <= d <= 1 for d in getattr(self, name)):
+                raise AttnprobeError(f"--{name.replace('_', '-')} are fractions between 0 and 1; got {list(getattr(self, name))}")
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise AttnprobeError(f"--budgets are shares of units kept exact, in (0, 1]; got {list(self.budgets)}")
+        _choose("selector", self.selectors, SELECTORS, empty_ok=False)
+        _choose("task", self.tasks, TASKS, empty_ok=False)
+        if self.unit not in selectors.UNITS:
+            raise AttnprobeError(f"unknown unit '{self.unit}': choose kv (KV heads, whose cache is kept whole) or head")
+        if "random" in self.selectors and self.seeds < 1:
+            raise AttnprobeError("the random selector needs --seeds of at least 1")
+        available = len(recall.evaluation_needles())
+        if self.niah_needles > available:
+            raise AttnprobeError(f"--niah-needles {self.niah_needles}: {available} needles are kept for evaluation; choose 1-{available}")
+        for spec in (*self.kinds, *self.sparse):
+            parse_spec(spec)
+
     @classmethod
     def quick(cls, **overrides) -> BudgetSizes:
         small = {"seeds": 2, "passkey_lengths": (128,), "passkey_depths": (0.5,), "passkey_samples": 1, "niah_lengths": (128,),
@@ -130,7 +169,7 @@ def selector_rankings(model: Model, backend: Backend, out: Path, sizes: BudgetSi
 
     def cached(name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         path = out / "rankings" / f"{_safe(name)}.parquet"
-        if path.exists():
+        if readable(path):  # a damaged table is made again
             return pd.read_parquet(path)
         progress(f"ranking: {name}")
         table = make()
@@ -337,16 +376,42 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
               time_limit: float | None = None, progress: Callable[[str], None] = lambda m: None) -> dict[str, pd.DataFrame]:
     """Run (or resume) the sweep into `out`; stop starting cells after `time_limit` seconds. Returns the tables."""
     started = time.time()
-    info = model.info
-    unknown = sorted(set(sizes.tasks) - set(TASKS)) or ([] if sizes.tasks else ["none"])
-    if unknown:
-        raise AttnprobeError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
-    if sizes.unit not in selectors.UNITS:
-        raise AttnprobeError(f"unknown unit '{sizes.unit}': choose kv (KV heads, whose cache is kept whole) or head")
+    sizes.check()  # again: fields may have been set after the sizes were made
     kinds = {spec: parse_spec(spec) for spec in (*sizes.kinds, *sizes.sparse)}
     if "retrieval" in sizes.selectors:
         selectors.retrieval_scores(census)  # fail before any model work
-    out.mkdir(parents=True, exist_ok=True)
+    with RunDir(out).lock():
+        return _sweep(model, backend, Path(out), sizes, kinds, census, started, time_limit, progress)
+
+
+# which cells a run makes (not what a cell holds): runs that split the sweep between them may differ in these
+PLAN_FIELDS = ("budgets", "selectors", "seeds", "kinds", "sparse", "needle_samples")
+
+
+def _needles_cover(path: Path, sizes: BudgetSizes) -> bool:
+    """Whether the saved needle table reads back and holds exactly these sparse rules and samples."""
+    if not readable(path):
+        return False
+    table = pd.read_parquet(path)
+    return (set(table.get("rule", [])) == set(sizes.sparse)
+            and table.get("sample", pd.Series(dtype=int)).nunique() == min(sizes.needle_samples, len(sizes.niah_lengths) * len(sizes.niah_depths)))
+
+
+def settings(model: Model, sizes: BudgetSizes, census: Path | None) -> dict:
+    """What a budget run's saved rankings and cells hold depends on: a rerun must match it to reuse them. The
+    census counts (by its heads table's hash) where the retrieval selector ranks by it."""
+    chosen = {key: value for key, value in asdict(sizes).items() if key not in PLAN_FIELDS}
+    if "retrieval" in sizes.selectors:
+        chosen["census_heads_sha256"] = file_sha256(Path(census) / "heads.parquet")
+    return {"weights_sha256": model.info.weights_sha256, **chosen}
+
+
+def _sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, kinds: dict[str, Kind], census: Path | None,
+           started: float, time_limit: float | None, progress: Callable[[str], None]) -> dict[str, pd.DataFrame]:
+    info = model.info
+    saved = [out / name for name in ("cells", "rankings", "fits", "needle_keep.parquet", "budget.parquet")]
+    same_settings(out / "settings.json", settings(model, sizes, census), "the rankings and cells",
+                  started=any(path.exists() for path in saved), merge=True)
     kernels = {}
     for spec, kind in kinds.items():
         progress(f"kernel {spec}")  # learned kernels are fitted once over every head (saved under fits/)
@@ -358,13 +423,13 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
                          for kind in sizes.kinds], ignore_index=True) if sizes.kinds else pd.DataFrame()
     write_parquet(out / "overlap.parquet", overlap)
     needle_path = out / "needle_keep.parquet"
-    if sizes.sparse and not needle_path.exists():
+    if sizes.sparse and not _needles_cover(needle_path, sizes):
         progress("needle shares of the sparse rules")
         write_parquet(needle_path, needle_keep(model, backend, sizes.sparse, sizes))
     summaries, samples, skipped = [], [], 0
     for cell in plan(sizes, rankings, info):
         where = out / "cells" / cell.name
-        if (where / "summary.parquet").exists():
+        if readable(where / "summary.parquet") and readable(where / "samples.parquet"):  # a damaged cell runs again
             summaries.append(pd.read_parquet(where / "summary.parquet"))
             samples.append(pd.read_parquet(where / "samples.parquet"))
             continue
@@ -390,8 +455,8 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     manifest = {"command": "budget", "model_id": info.model_id, "weights_sha256": info.weights_sha256,
                 "census": str(census) if census else None, "sizes": asdict(sizes), "notes": notes(info, sizes.unit),
                 "cells_skipped_for_time": skipped, "wall_time_s": time.time() - started, "info": info.to_dict()}
-    previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
-    manifest["wall_time_s"] += previous.get("wall_time_s", 0.0)
+    previous = read_json(out / "manifest.json") if readable(out / "manifest.json") else {}
+    manifest["wall_time_s"] += previous.get("wall_time_s", 0.0) if isinstance(previous, dict) else 0.0
     write_json(out / "manifest.json", manifest)
     return {"budget": budget, "rankings": rankings, "overlap": overlap,
             "needle_keep": pd.read_parquet(needle_path) if needle_path.exists() else pd.DataFrame()}
