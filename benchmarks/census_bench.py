@@ -128,7 +128,10 @@ def _decode(spec: dict, model, ids) -> dict:
 
 
 def _main_command(spec: dict) -> dict:
-    """The README's main command in this process: load, census with default options (each stage timed), figures."""
+    """The README's main command in this process: load, census with default options (each stage timed), figures.
+
+    Wall seconds and this process's CPU seconds per step: on a shared machine the wall time grows with the load,
+    the CPU time much less, so the shares are read from the CPU time and both are printed as each step ends."""
     import tempfile
     import time
 
@@ -140,29 +143,34 @@ def _main_command(spec: dict) -> dict:
     from attnprobe.probe.census import Census, CensusConfig
 
     torch.set_num_threads(spec["threads"])
-    began = time.perf_counter()
-    model = load_model(spec["model"], device="cpu")
-    seconds = {"load model": time.perf_counter() - began}
-    starts: dict[str, float] = {}
+    steps: dict[str, dict] = {}
+    clock = {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+    def finish(name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        steps[name] = {"wall_s": wall - clock["wall"], "cpu_s": cpu - clock["cpu"], "loadavg": common.loadavg()}
+        clock.update(wall=wall, cpu=cpu)
+        print(f"[census_bench] {name}: {steps[name]}", file=sys.stderr, flush=True)
 
     def progress(stage: str, done: int, total: int) -> None:
-        starts.setdefault(stage, time.perf_counter())
-        seconds[stage] = time.perf_counter() - starts[stage]
+        if done == total and stage not in steps:
+            finish(stage)
 
+    model = load_model(spec["model"], device="cpu")
+    finish("load model")
     with tempfile.TemporaryDirectory() as out:
         Census(model, make_backend("native", model), CensusConfig(), Path(out), progress).execute()
-        figures_began = time.perf_counter()
         write_report(Path(out), ("png", "svg"))
-        seconds["figures + report"] = time.perf_counter() - figures_began
-    total = time.perf_counter() - began
-    return {"seconds": seconds, "total_s": total}
+        finish("figures + report")
+    return {"steps": steps, "wall_s": sum(v["wall_s"] for v in steps.values()), "cpu_s": sum(v["cpu_s"] for v in steps.values())}
 
 
 def main_table(result: dict) -> str:
-    rows = [{"step": name, "seconds": s, "share %": 100 * s / result["total_s"]} for name, s in result["seconds"].items()]
-    rows.append({"step": "total", "seconds": result["total_s"], "share %": 100.0})
+    rows = [{"step": name, "wall s": v["wall_s"], "CPU s": v["cpu_s"], "CPU share %": 100 * v["cpu_s"] / result["cpu_s"],
+             "load at end": v["loadavg"][0]} for name, v in result["steps"].items()]
+    rows.append({"step": "total", "wall s": result["wall_s"], "CPU s": result["cpu_s"], "CPU share %": 100.0})
     return ("### The README's main command (census with default options + figures), in one process\n\n"
-            + common.markdown_table(rows, ["step", "seconds", "share %"]))
+            + common.markdown_table(rows, ["step", "wall s", "CPU s", "CPU share %", "load at end"]))
 
 
 def child(spec: dict) -> None:
@@ -170,9 +178,6 @@ def child(spec: dict) -> None:
 
     from attnprobe.hooks.model import load_model
 
-    if spec["kind"] == "main":
-        common.emit({**spec, **_main_command(spec), "loadavg_end": common.loadavg()})
-        return
     torch.set_num_threads(spec["threads"])
     model = load_model(spec["model"])
     for parameter in model.hf.parameters():  # page in memory-mapped weights so the peak is the run's own
@@ -288,13 +293,12 @@ def main(argv=None) -> None:
         child(json.loads(args.child))
         return
     if args.main:
-        facts = common.machine_facts(args.threads)
-        result = common.run_child(SCRIPT, {"kind": "main", "model": args.model, "threads": args.threads}, args.timeout)
+        facts = common.machine_facts(args.threads)  # this process is fresh: the command runs in it
+        result = _main_command({"model": args.model, "threads": args.threads})
         facts["loadavg_end"] = common.loadavg()
         command = "python benchmarks/census_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        body = main_table(result) if "error" not in result else f"failed: {result['error']}"
         print("\n\n".join([common.header("The main command on CPU", facts, command.strip()),
-                            f"load average at end {facts['loadavg_end']}", body]))
+                            f"load average at end {facts['loadavg_end']}", main_table(result)]))
         if args.out:
             args.out.write_text(json.dumps({"machine": facts, "result": result}, indent=1))
         return
