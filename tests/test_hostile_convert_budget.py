@@ -108,6 +108,7 @@ def test_budget_sizes_refuse_impossible_settings(changes, message):
     (["--batch", "0"], "--batch must be a whole number of at least 1"),
     (["--accumulation", "0"], "--accumulation must be a whole number of at least 1"),
     (["--tokens", "lots"], "cannot read a token count from 'LOTS'"),
+    (["--tokens", "infM"], "cannot read a token count from 'INFM'"),
     (["--epochs", "0"], "--epochs must be a whole number of at least 1"),
 ])
 def test_convert_options_are_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys, args, message):
@@ -290,7 +291,7 @@ def test_parquet_text_columns_are_decoded_strictly(tmp_path):
 
 def test_census_and_convert_refuse_the_same_binary_file(tiny_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "blob.txt"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    path.write_bytes(b"GGUF\x03\x00\x00\x00 a model file, not text")
     census_result = run_cli(monkeypatch, capsys, "census", "--model", tiny_dir, "--out", tmp_path / "c", "--texts", path)
     convert_result = run_cli(monkeypatch, capsys, "convert", "--model", tiny_dir, "--out", tmp_path / "v", "--data", path,
                              "--tokens", "64", "--transfer-tokens", "64", "--length", "32", "--batch", "2")
@@ -416,3 +417,31 @@ def test_teacher_forced_counts_from_the_prefill_equal_the_whole_pass(tiny):
         with torch.no_grad():
             for layer in model.hf.model.layers:
                 layer.self_attn.q_proj.weight.div_(8)
+
+
+def test_a_census_on_a_short_user_text_completes_with_default_options(tmp_path):
+    """About 2K tokens of the user's own text as --texts and --haystack, every other option at its default: each
+    stage that needs more text shrinks (fewer or shorter rows, fewer NIAH lengths) and says so; no FutureWarning."""
+    from tiny_hf import attnprobe
+
+    model = tiny_model_dir(tmp_path, max_positions=4096)  # the default NIAH lengths reach 2048
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prose, chars = texts.prose(), 2000
+    while len(tokenizer(prose[:chars]).input_ids) < 2000:
+        chars += 200
+    text = tmp_path / "mine.txt"
+    text.write_text(prose[:chars])
+    out = tmp_path / "run"
+    result = attnprobe("census", "--model", model, "--out", out, "--texts", text, "--haystack", text)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = " ".join(result.stdout.split())
+    for note in ("sink rate: the text holds", "prose: the text holds", "massive intervention: the text's perplexity range holds",
+                 "retrieval: the haystack holds"):
+        assert note in said, said[-3000:]
+    assert "FutureWarning" not in result.stderr and "deprecated" not in result.stderr, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("one row of" in note for note in manifest["notes"])
+    assert len(pd.read_parquet(out / "massive_intervention.parquet")) > 0
+    assert {s["length"] for s in map(json.loads, (out / "niah_samples.jsonl").read_text().splitlines())} == {512}

@@ -1,6 +1,7 @@
 """The `attnprobe` command line. User errors print one line and exit 2; no tracebacks."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -262,12 +263,15 @@ def _run_dir(out: Optional[Path], kind: str, model: str) -> Path:
     return out
 
 
+_HELD_UNTIL_EXIT = contextlib.ExitStack()  # run directories locked for the command; main() releases them
+
+
 def _held_run_dir(out: Optional[Path], kind: str, model: str) -> Path:
     """`_run_dir`, then created and locked for the rest of the command, before any model loads (under accelerate
     launch the main process holds it for every process)."""
     out = _run_dir(out, kind, model)
     if os.environ.get("RANK", "0") == "0":
-        typer.get_current_context().with_resource(RunDir(out).lock())
+        _HELD_UNTIL_EXIT.enter_context(RunDir(out).lock())
     return out
 
 
@@ -625,7 +629,8 @@ def out_of_memory(error: BaseException) -> str | None:
 def main() -> None:
     """Run the app: a user's error is one line and exit 2, Ctrl-C exit 130, usage errors click's own code."""
     try:
-        code = app(standalone_mode=False)  # typer turns Ctrl-C into exit code 130 here
+        with _HELD_UNTIL_EXIT:
+            code = app(standalone_mode=False)  # typer turns Ctrl-C into exit code 130 here
     except AttnprobeError as error:
         errors.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(2)

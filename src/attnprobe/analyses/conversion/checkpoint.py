@@ -82,7 +82,7 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
     fix = f"move {directory} away or pass another --out to start over"
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # OSError: a folder in its place, say
         manifest = None
     if not isinstance(manifest, dict):
         raise AttnprobeError(f"checkpoint {path} is not a checkpoint manifest (a damaged file): {fix}")

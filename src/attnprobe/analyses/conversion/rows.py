@@ -40,7 +40,7 @@ def parse_tokens(text: str) -> int:
     text = str(text).strip().upper()
     try:
         return int(float(text[:-1]) * scale[text[-1]]) if text and text[-1] in scale else int(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: infM
         raise AttnprobeError(f"cannot read a token count from '{text}': use e.g. 20M, 512K or 100000") from None
 
 
