@@ -505,6 +505,9 @@ def budget(
         sizes.sparse = listed(sparse)
     if lengths:
         sizes.passkey_lengths = sizes.niah_lengths = tuple(int(x) for x in _floats(lengths, "--lengths"))
+    sizes.check()  # fields set above are checked too, and the census read, before any directory or model
+    if "retrieval" in sizes.selectors:
+        _heads_table(from_run)
     out = _held_run_dir(out, "budget", model)
     loaded = _load(model)
     started = time.time()
@@ -526,7 +529,7 @@ def budget(
     console.print(f"-> {out}")
 
 
-def _heads_table(from_run: Path) -> pd.DataFrame:
+def _heads_table(from_run: Optional[Path]) -> pd.DataFrame:
     from attnprobe.probe.rundir import census_heads
 
     return census_heads(from_run)

@@ -122,6 +122,7 @@ class RunDir:
     def lock(self):
         """Hold the run directory for one run: a second run writing the same directory is refused, not interleaved.
         Re-entrant within one process (the CLI locks before loading the model, the library again when it writes)."""
+        created = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             handle = open(self.root / ".lock", "a+")
@@ -150,6 +151,9 @@ class RunDir:
                 yield self
             finally:
                 _HELD.discard(key)
+                if created and [p.name for p in self.root.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+                    (self.root / ".lock").unlink()
+                    self.root.rmdir()
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
