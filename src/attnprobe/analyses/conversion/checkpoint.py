@@ -85,7 +85,7 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # OSError: a folder in its place, say
         manifest = None
     if not isinstance(manifest, dict):
-        raise AttnprobeError(f"checkpoint {path} is not a checkpoint manifest (a damaged file): {fix}")
+        raise AttnprobeError(f"checkpoint {path} is not valid JSON of a checkpoint manifest (a damaged file): {fix}")
     recorded = _recorded(manifest)
     for key, want in identity.items():
         have = recorded.get(key)
