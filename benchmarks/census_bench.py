@@ -1,6 +1,10 @@
 """CPU cost of the census against plain Hugging Face calls on SmolLM2-135M, over prose of T tokens.
 
     python benchmarks/census_bench.py [--lengths 1024 2048 4096 8192] [--quick] [--out results.json]
+    python benchmarks/census_bench.py --main [--threads 2]     the README's main command, each stage's share
+
+--main times what `attnprobe census --out RUN && attnprobe figures RUN` does with default options, in one fresh
+process: the model load, every census stage (seconds and share of the whole) and the figures with the report.
 
 Every configuration runs in a fresh process (model loaded, peak RSS reset, then measured):
   plain    HF forward with SDPA, `model.hf(ids)` under no_grad
@@ -123,6 +127,52 @@ def _decode(spec: dict, model, ids) -> dict:
             "peak_exact": memory.exact}
 
 
+def _main_command(spec: dict) -> dict:
+    """The README's main command in this process: load, census with default options (each stage timed), figures.
+
+    Wall seconds and this process's CPU seconds per step: on a shared machine the wall time grows with the load,
+    the CPU time much less, so the shares are read from the CPU time and both are printed as each step ends."""
+    import tempfile
+    import time
+
+    import torch
+
+    from attnprobe.analyses.presentation.report import write_report
+    from attnprobe.hooks.backends import make_backend
+    from attnprobe.hooks.model import load_model
+    from attnprobe.probe.census import Census, CensusConfig
+
+    torch.set_num_threads(spec["threads"])
+    steps: dict[str, dict] = {}
+    clock = {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+    def finish(name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        steps[name] = {"wall_s": wall - clock["wall"], "cpu_s": cpu - clock["cpu"], "loadavg": common.loadavg()}
+        clock.update(wall=wall, cpu=cpu)
+        print(f"[census_bench] {name}: {steps[name]}", file=sys.stderr, flush=True)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total and stage not in steps:
+            finish(stage)
+
+    model = load_model(spec["model"], device="cpu")
+    finish("load model")
+    with tempfile.TemporaryDirectory() as out:
+        Census(model, make_backend("native", model), CensusConfig(), Path(out), progress).execute()
+        write_report(Path(out), ("png", "svg"))
+        finish("figures + report")
+    return {"steps": steps, "wall_s": sum(v["wall_s"] for v in steps.values()), "cpu_s": sum(v["cpu_s"] for v in steps.values())}
+
+
+def main_table(result: dict) -> str:
+    rows = [{"step": name, "wall s": v["wall_s"], "CPU s": v["cpu_s"], "CPU share %": 100 * v["cpu_s"] / result["cpu_s"],
+             "load at end": v["loadavg"][0]} for name, v in result["steps"].items()]
+    rows.append({"step": "total", "wall s": result["wall_s"], "CPU s": result["cpu_s"], "CPU share %": 100.0})
+    return ("### The README's main command (census with default options + figures), in one process\n\n"
+            + common.markdown_table(rows, ["step", "wall s", "CPU s", "CPU share %", "load at end"]))
+
+
 def child(spec: dict) -> None:
     import torch
 
@@ -236,10 +286,21 @@ def main(argv=None) -> None:
     parser.add_argument("--no-eager", action="store_true", help="leave out eager attention")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a configuration is abandoned")
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--main", action="store_true", help="time the README's main command, each stage's share")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.main:
+        facts = common.machine_facts(args.threads)  # this process is fresh: the command runs in it
+        result = _main_command({"model": args.model, "threads": args.threads})
+        facts["loadavg_end"] = common.loadavg()
+        command = "python benchmarks/census_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print("\n\n".join([common.header("The main command on CPU", facts, command.strip()),
+                            f"load average at end {facts['loadavg_end']}", main_table(result)]))
+        if args.out:
+            args.out.write_text(json.dumps({"machine": facts, "result": result}, indent=1))
         return
     if args.quick:
         args.max_runs, args.decode_repeats, args.new_tokens = 1, 1, 5

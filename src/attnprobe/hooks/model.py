@@ -8,6 +8,7 @@ only, and never run a model's own code unless `trust_remote_code` is asked for.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -66,6 +67,15 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+
+def with_cache(hf: torch.nn.Module, cache, **kwargs):
+    """`hf(**kwargs)` continuing from the KV cache `cache`, returning (output, the grown cache). Transformers renamed
+    the argument and the output field `past_key_values` to `cache` (5.2x, with a FutureWarning on the old name);
+    this passes whichever name the model's forward takes, so neither release warns."""
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    out = hf(**kwargs, **{name: cache}, use_cache=True)
+    return out, out[name]
 
 
 def check_ids(info: ModelInfo, ids) -> torch.Tensor:
@@ -165,21 +175,28 @@ def _copy_is_whole(copy: Path, digest: str) -> bool:
         return False
 
 
-def _discard(copy: Path) -> None:
-    """Move a damaged copy aside (one rename, so a concurrent reader never sees half a folder) and delete it."""
+def _discard(copy: Path, why: str) -> None:
+    """Move a damaged copy aside (one rename, so a concurrent reader never sees half a folder) and delete it; one
+    that cannot be moved (a read-only cache) stays, and this load reads the GGUF itself: say which."""
     trash = copy.with_name(f".trash-{copy.name}-{os.getpid()}")
     try:
         os.replace(copy, trash)
-    except OSError:
+    except OSError as error:
+        sys.stderr.write(f"attnprobe: the fp32 copy {copy} {why} and cannot be removed ({error.strerror or error}); "
+                         "loading from the GGUF file instead (slower; delete that folder or make it writable to fix)\n")
         return
+    sys.stderr.write(f"attnprobe: the fp32 copy {copy} {why}; rebuilding it\n")
     shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_copy(hf, tokenizer, target: Path, digest: str) -> None:
     import tempfile
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    except OSError:
+        return  # a read-only cache, or a file where its folder should be: only costs speed next time
     try:
         from safetensors.torch import save_model
 
@@ -304,15 +321,14 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         source, kwargs, digest = spec, _hub_kwargs(spec), "unknown"
     loaded = None
     if copy is not None:
-        if copy.is_dir() and not _copy_is_whole(copy, digest):
-            sys.stderr.write(f"attnprobe: the fp32 copy {copy} is damaged or from an older attnprobe; rebuilding it\n")
-            _discard(copy)
-        if copy.is_dir():
+        whole = copy.is_dir() and _copy_is_whole(copy, digest)
+        if copy.is_dir() and not whole:  # never loaded, even when it cannot be removed
+            _discard(copy, "is damaged or from an older attnprobe")
+        if whole:
             try:
                 loaded = _from_pretrained(spec, str(copy), local, dtype, trust_remote_code, device_map)
             except AttnprobeError as error:  # whole but unreadable here (another transformers release, say)
-                sys.stderr.write(f"attnprobe: the fp32 copy {copy} does not load ({error}); rebuilding it\n")
-                _discard(copy)
+                _discard(copy, f"does not load ({error})")
         if loaded is None:
             gguf = gguf or embedded_gguf_path(spec)
             source, kwargs = str(gguf.parent), {"gguf_file": gguf.name, **local}

@@ -73,6 +73,12 @@ class Census:
     def natural(self, n: int, length: int, bos: bool, seed_offset: int = 0, what: str = "sequences") -> torch.Tensor:
         """`n` windows of natural text of `length` tokens from the census range (fewer, with a note, when
         the text holds fewer); with BOS, length counts it (Gu et al.'s T)."""
+        start, end = texts.token_range(self.model.tokenizer, "census", self.config.texts)
+        if end - start + bos < length:  # a short text: one shorter sequence, said, rather than no stage at all
+            if end - start < 16:
+                raise AttnprobeError(f"{what}: the text's census range holds only {end - start} tokens: pass a longer --texts")
+            self.note(f"{what}: the text holds no sequence of {length} tokens, so one of {end - start + bos} was used")
+            length = end - start + bos
         ids = texts.natural_sequences(self.model.tokenizer, n, length, path=self.config.texts, seed=self.config.seed + seed_offset,
                                       bos_id=self.info.bos_id if bos else None, purpose=what, fewer_ok=True)
         if ids.shape[0] < n:

@@ -24,7 +24,6 @@ import torch
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import check_ids
 from attnprobe.hooks.edits import Edit
-from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.reducers import Apply
 from attnprobe.hooks.sites import Site
 
@@ -166,17 +165,28 @@ def massive_stage(census) -> None:
     write_parquet(census.run / "massive_dims.parquet", first_layers(entries, ids.shape[0]))
 
 
+MIN_ROW = 16  # fewer held-out tokens than this make no perplexity worth quoting
+
+
 def massive_intervention_stage(census) -> None:
     c = census.config
     dims = pd.read_parquet(census.run / "massive_dims.parquet")
     held = texts.held_out_ids(census.model.tokenizer, c.perplexity_tokens, path=c.texts, fewer_ok=True)
-    if len(held) < c.perplexity_length:
-        raise AttnprobeError(f"the perplexity text range holds {len(held)} tokens, fewer than one row of "
-                             f"{c.perplexity_length}: use a smaller --perplexity-length or a longer text, or --skip massive_intervention")
-    if len(held) < c.perplexity_tokens:
+    length = c.perplexity_length
+    if len(held) + census.bos < length:  # a short text: one shorter row, said, rather than no stage at all
+        if len(held) < MIN_ROW:
+            census.note(f"massive intervention skipped: the text's perplexity range holds {len(held)} tokens, fewer "
+                        f"than {MIN_ROW}; pass a longer --texts to measure it")
+            write_parquet(census.run / "massive_intervention.parquet",
+                          pd.DataFrame(columns=["intervention", "layer", "perplexity"]))
+            return
+        length = len(held) + census.bos
+        census.note(f"massive intervention: the text's perplexity range holds {len(held)} tokens, so one row of {length} "
+                    f"was scored, not rows of {c.perplexity_length} (its perplexities compare only with rows of {length})")
+    elif len(held) < c.perplexity_tokens:
         census.note(f"massive intervention: the text holds {len(held)} held-out tokens, so {len(held)} were used, "
                     f"not {c.perplexity_tokens}")
-    windows = texts.windows(held, c.perplexity_length, census.info.bos_id if census.bos else None)
+    windows = texts.windows(held, length, census.info.bos_id if census.bos else None)
     table = massive_intervention(census.backend, dims, windows, skip_first=int(census.bos))
     write_parquet(census.run / "massive_intervention.parquet", table)
 

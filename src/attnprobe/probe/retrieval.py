@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from attnprobe.errors import AttnprobeError
+from attnprobe.hooks.model import with_cache
 from attnprobe.hooks.reducers import PatternStats, Reducer
 from attnprobe.hooks.sites import Site
 
@@ -193,13 +194,15 @@ def _stop_ids(tokenizer) -> set[int]:
 
 @torch.no_grad()
 def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS, stop_at_newline: bool = True,
-                  prefill_context=None, decode_context=None, past: tuple[object, int] | None = None) -> list[int]:
+                  prefill_context=None, decode_context=None, past: tuple[object, int] | None = None,
+                  on_prefill: Callable[[object], None] | None = None) -> list[int]:
     """Greedy continuation of `prompt_ids` with a KV cache; stops at EOS/end of turn, or a newline after text.
 
     The prompt minus its last token is prefilled in `prefill_context`; every token-producing step
     (the first one feeds the prompt's last token) runs in `decode_context`. Both default to no
     context, so the caller's active `backend.patched(...)` edits apply throughout. `past` is
-    (cache, n): a KV cache of the prompt's first n tokens to start from (it is consumed)."""
+    (cache, n): a KV cache of the prompt's first n tokens to start from (it is consumed). `on_prefill` sees the
+    cache of the prompt but its last token before decoding grows it."""
     if len(prompt_ids) + max_new_tokens > model.info.max_context > 0:
         raise AttnprobeError(f"prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new ones exceeds the model's "
                              f"window of {model.info.max_context}; use a shorter length")
@@ -210,11 +213,12 @@ def greedy_decode(model, prompt_ids: Sequence[int], max_new_tokens: int = MAX_NE
     if ids.shape[1] - 1 > done:
         with prefill_context or nullcontext():
             cache = extend_cache(model, cache, ids[:, done:-1])
+    if on_prefill is not None:
+        on_prefill(cache)
     step_input, generated, text = ids[:, -1:], [], ""
     with decode_context or nullcontext():
         for _ in range(max_new_tokens):
-            out = model.hf(input_ids=step_input, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out, cache = with_cache(model.hf, cache, input_ids=step_input)
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
             stop, text = _ends_answer(tokenizer, stops, token, text, stop_at_newline)
@@ -255,7 +259,7 @@ def decode_with_reruns(model, backend, prompt_ids: Sequence[int], edits=(), max_
 
 def extend_cache(model, cache, ids: torch.Tensor):
     """Feed `ids` (1, n) on top of `cache` (None: a new one) and return the cache; no logits are kept."""
-    return model.hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    return with_cache(model.hf, cache, input_ids=ids, logits_to_keep=1)[1]
 
 
 def answer_text(tokenizer, generated: Sequence[int]) -> str:
@@ -319,19 +323,26 @@ class RowArgmax(Reducer):
         return self.found
 
 
-def teacher_forced_counts(backend, sample: dict, edits=()) -> np.ndarray:
+def teacher_forced_counts(backend, sample: dict, edits=(), past=None) -> np.ndarray:
     """Copy-paste events per head (L, H) with the correct answer fed instead of generated.
 
     One pass over prompt + answer[:-1]: the query that predicts answer token t is the prompt's last
     token for t = 0 and answer token t - 1 after it; an event is that query's argmax key inside the
-    answer span holding answer token t, as in `copy_counts`. Needs no correct generation."""
+    answer span holding answer token t, as in `copy_counts`. Needs no correct generation. With `past`, a
+    KV cache of the prompt but its last token (made under `edits`; it is consumed), only those answer-predicting
+    queries are computed: the same counts for a few tokens' cost instead of a whole prompt's patterns."""
     prompt = [int(t) for t in sample["prompt_ids"]]
     start, end = sample["answer_span"]
     answer = prompt[start:end]
     positions = [len(prompt) - 1 + t for t in range(len(answer))]
     n_layers = backend.info.n_layers
     reads = {(layer, Site.PATTERN): RowArgmax(positions) for layer in range(n_layers)}
-    backend.run(torch.tensor([prompt + answer[:-1]]), reads=reads, edits=list(edits))
+    if past is None:
+        backend.run(torch.tensor([prompt + answer[:-1]]), reads=reads, edits=list(edits))
+    else:
+        fed = torch.tensor([prompt[-1:] + answer[:-1]], device=backend.model.device)
+        with torch.no_grad(), backend.patched(list(edits), reads):
+            with_cache(backend.model.hf, past, input_ids=fed)
     argmax = torch.stack([torch.stack([reads[(layer, Site.PATTERN)].found[p][0] for layer in range(n_layers)])
                           for p in positions])
     return copy_counts(argmax, answer, prompt, sample["answer_span"])
@@ -391,18 +402,24 @@ def run_sample(model, backend, sample: dict, edits=(), max_new_tokens: int = MAX
     n_layers = model.info.n_layers
     if not backend.keeps_edits_for_generation:
         generated, argmax = decode_with_reruns(model, backend, sample["prompt_ids"], edits, max_new_tokens)
+        forced = teacher_forced_counts(backend, sample, edits)
     else:
+        # unedited, the decoding's prefill also serves the teacher-forced pass (an edit may hold state the
+        # decoding advances, so edited samples run their own pass)
+        prefilled = []
         reads = {(layer, Site.PATTERN): PatternStats(track_argmax=True) for layer in range(n_layers)}
         generated = greedy_decode(model, sample["prompt_ids"], max_new_tokens, past=past,
                                   prefill_context=backend.patched(list(edits)),
-                                  decode_context=backend.patched(list(edits), reads))
+                                  decode_context=backend.patched(list(edits), reads),
+                                  on_prefill=None if edits else lambda cache: prefilled.append(copy.deepcopy(cache)))
         argmax = torch.stack([torch.stack(reads[(layer, Site.PATTERN)].argmax_steps)[:, 0] for layer in range(n_layers)], dim=1)
+        forced = teacher_forced_counts(backend, sample, edits, past=prefilled[0] if prefilled else None)
     response = answer_text(model.tokenizer, generated)
     recall = rouge1_recall(response, sample["answer"])
     return {**sample, "generated_ids": generated, "generated_text": response, "rouge1_recall": recall,
             "accepted": recall > ACCEPT_RECALL,
             "copy_counts": copy_counts(argmax, generated, sample["prompt_ids"], sample["answer_span"]).tolist(),
-            "forced_copy_counts": teacher_forced_counts(backend, sample, edits).tolist()}
+            "forced_copy_counts": forced.tolist()}
 
 
 class SharedPrefix:
@@ -491,18 +508,30 @@ def retrieval_census(model, backend, lengths: Sequence[int] = DEFAULT_LENGTHS, d
 
 # ---- census declarations ----------------------------------------------------------------------
 
+def _fitting_lengths(census, lengths: Sequence[int]) -> list[int]:
+    """The NIAH lengths a short --haystack holds (the longest it can give, when it holds none), with a note."""
+    start, end = texts.token_range(census.model.tokenizer, "census", census.config.haystack)
+    fitting = [n for n in lengths if n <= end - start] or ([end - start] if end - start >= 16 else [])
+    if not fitting:
+        raise AttnprobeError(f"the haystack's census range holds only {end - start} tokens: pass a longer --haystack")
+    if fitting != list(lengths):
+        census.note(f"retrieval: the haystack holds {end - start} tokens, so NIAH lengths {fitting} were used, not {list(lengths)}")
+    return fitting
+
+
 def retrieval_stage(census) -> None:
     """The NIAH grid, every sample saved as it finishes (a rerun decodes only the missing ones)."""
     c, info = census.config, census.info
     sample_dir = census.run.shard("niah")
     done = {p.stem: read_json(p) for p in sample_dir.glob("*.json") if readable(p)}  # a damaged sample is decoded again
-    total = len(c.lengths) * len(c.depths) * c.needles
+    lengths = _fitting_lengths(census, c.lengths)
+    total = len(lengths) * len(c.depths) * c.needles
 
     def on_sample(sample: dict) -> None:
         write_json(sample_dir / f"{sample['key']}.json", sample)
         census.progress("retrieval", len(list(sample_dir.glob("*.json"))), total)
 
-    heads, samples = retrieval_census(census.model, census.backend, lengths=c.lengths, depths=c.depths, needles=c.needles,
+    heads, samples = retrieval_census(census.model, census.backend, lengths=lengths, depths=c.depths, needles=c.needles,
                                       haystack=c.haystack, bos=census.bos, on_sample=on_sample, done=done)
     write_jsonl(census.run / "niah_samples.jsonl", samples)
     write_json(census.run / "retrieval_heads.json", retrieval_heads_json(samples, info.n_layers, info.n_heads))

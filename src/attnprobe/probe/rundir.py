@@ -53,6 +53,47 @@ def readable(path: Path) -> bool:
         return False
 
 
+def same_settings(path: Path, wanted: dict, what: str, started: bool = False, noun: str = "settings",
+                  merge: bool = False) -> None:
+    """Work saved in a run directory is reused by a rerun only if it was made with these settings: record them
+    (at `path`) with the first run and refuse others later, naming what changed (a silently mixed table otherwise).
+    `what` names the saved work (plural: "the cells"); `merge`: a setting the record lacks is added to it, not
+    refused (it did not matter to the earlier runs); `started`: the directory already holds such work, so settings that are missing (an older run) are refused too."""
+    path = Path(path)
+    wanted = json.loads(json.dumps(wanted, default=_plain))
+    fix = f"rerun with the same options, or use a new --out (or delete {path.parent}) to start over"
+    if path.exists():
+        if not readable(path):
+            raise AttnprobeError(f"{path} is damaged, so the {noun} that made {what} are unknown: {fix}")
+        previous = read_json(path)
+        compared = set(wanted) & set(previous) if merge else set(wanted) | set(previous)
+        changed = sorted(k for k in compared if previous.get(k) != wanted.get(k))
+        if changed:
+            raise AttnprobeError(f"{what} in {path.parent} were made with other {noun} ({', '.join(changed)}): {fix}")
+        if merge and set(wanted) - set(previous):
+            write_json(path, {**previous, **wanted})
+        return
+    if started:
+        raise AttnprobeError(f"{what} in {path.parent} do not say which {noun} made them (an older run): {fix}")
+    write_json(path, wanted)
+
+
+def census_heads(run_dir: Path | None, purpose: str = "ranking heads") -> pd.DataFrame:
+    """A census run's heads table (--from), or one line naming what is missing or damaged and the fix."""
+    if run_dir is None:
+        raise AttnprobeError(f"{purpose} needs a census run: add --from RUN_DIR")
+    path = Path(run_dir) / "heads.parquet"
+    if not path.is_file():
+        raise AttnprobeError(f"{path} not found: run `attnprobe census --out {run_dir}` first")
+    try:
+        heads = pd.read_parquet(path)
+    except Exception:  # pyarrow raises several kinds of errors on a damaged file
+        raise AttnprobeError(f"{path} is damaged (it does not read as parquet): rerun `attnprobe census --out {run_dir}`") from None
+    if not {"layer", "head"} <= set(heads.columns):
+        raise AttnprobeError(f"{path} has no layer and head columns (not a census heads table): rerun `attnprobe census --out {run_dir}`")
+    return heads
+
+
 def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -79,9 +120,21 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self):
-        """Hold the run directory for one run: a second run writing the same directory is refused, not interleaved."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        """Hold the run directory for one run: a second run writing the same directory is refused, not interleaved.
+        Re-entrant within one process (the CLI locks before loading the model, the library again when it writes)."""
+        created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / ".lock", "a+")
+        except OSError as error:
+            raise AttnprobeError(f"{self.root} cannot be used as a run directory ({error.strerror or error}): "
+                                 "choose a writable directory with --out") from None
+        key = str(self.root.resolve())
+        if key in _HELD:
+            handle.close()
+            yield self
+            return
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -93,7 +146,15 @@ class RunDir:
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
+            _HELD.add(key)
             try:
                 yield self
             finally:
+                _HELD.discard(key)
+                if created and [p.name for p in self.root.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+                    (self.root / ".lock").unlink()
+                    self.root.rmdir()
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_HELD: set[str] = set()  # run directories this process has locked

@@ -60,18 +60,23 @@ def _load(path: str | None) -> str:
     file = Path(path).expanduser()
     if not file.is_file():
         raise AttnprobeError(f"text file not found: {file}; pass an existing UTF-8 text file or leave the path out")
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise AttnprobeError(f"text file {file} is not UTF-8 text (byte {error.start} cannot be decoded): "
-                             "pass a UTF-8 text file") from None
-    if "\x00" in text:
-        raise AttnprobeError(f"text file {file} holds NUL bytes (a binary file?): pass a UTF-8 text file")
-    text = text.strip()
+    text = strict_text(file.read_bytes(), f"text file {file}").strip()
     if not text:
         raise AttnprobeError(f"text file {file} is empty; pass a file with some English prose")
     return text
+
+
+def strict_text(data: bytes | str, where: str) -> str:
+    """`data` as text, or one line refusing it: bytes that are not UTF-8, or NUL characters (a binary file)."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise AttnprobeError(f"{where} is not UTF-8 text (byte {error.start} cannot be decoded): "
+                                 "pass UTF-8 text") from None
+    if "\x00" in data:
+        raise AttnprobeError(f"{where} holds NUL bytes (a binary file?): pass UTF-8 text")
+    return data
 
 
 def prose(path: str | Path | None = None) -> str:

@@ -83,8 +83,10 @@ def load_checkpoint(directory: Path, identity: dict) -> tuple[dict, dict[str, to
     fix = f"move {directory} away or pass another --out to start over"
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise AttnprobeError(f"checkpoint {path} is not valid JSON (a damaged file): {fix}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):  # OSError: a folder in its place, say
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise AttnprobeError(f"checkpoint {path} is not valid JSON of a checkpoint manifest (a damaged file): {fix}")
     recorded = _recorded(manifest)
     for key, want in identity.items():
         have = recorded.get(key)

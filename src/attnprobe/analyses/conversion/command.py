@@ -3,6 +3,7 @@ select a head-level hybrid's KV heads, convert every row and the control, evalua
 some parts of that, each resumable (conversion/parts.py)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,7 +34,18 @@ def hybrid_variant(model: Model, backend: Backend, hybrid, census: Path | None, 
     return head_hybrid.variant(model, hybrid, units)
 
 
-def run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None, kernel: str | None, heads: str | None,
+def run(model: Model, out: Path, config: ConvertConfig, **options):
+    """The `attnprobe convert` command (see `_run`), holding `out` for this run: a second convert into the same
+    directory is refused, not interleaved (under accelerate launch, the main process holds it for all)."""
+    from accelerate import PartialState
+
+    from attnprobe.probe.rundir import RunDir
+
+    with RunDir(out).lock() if PartialState().is_main_process else nullcontext():
+        return _run(model, Path(out), config, **options)
+
+
+def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None, kernel: str | None, heads: str | None,
         layers: str | None, from_run: Path | None, control: bool, data: Sequence[Path], dataset: str | None, epochs: int,
         evaluate: bool, census: bool, quick: bool, console=None, recompute_layers: bool = False, hybrid=None, retrieval=None,
         parts: str | None = None, loss: str = "chunked"):

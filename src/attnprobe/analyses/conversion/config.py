@@ -79,6 +79,7 @@ class ConvertConfig:
         if not (0 <= self.warmup < 1 and 0 <= self.min_lr <= 1 and 0 <= self.ce_weight < math.inf):
             raise AttnprobeError(f"--warmup must be in [0, 1), --min-lr in [0, 1] and --ce-weight >= 0; got {self.warmup}, "
                                  f"{self.min_lr} and {self.ce_weight}")
+        self.check(1)
 
     def check_length(self, max_context: int) -> None:
         if self.length > max_context > 0:

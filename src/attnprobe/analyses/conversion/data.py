@@ -55,7 +55,7 @@ def _documents_from_path(path: Path) -> list[str]:
         raise AttnprobeError(f"training data not found: {path}; pass existing text, JSONL or parquet files or folders")
     if path.suffix == ".jsonl":
         documents = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(texts.strict_text(path.read_bytes(), f"training data {path}").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -64,7 +64,7 @@ def _documents_from_path(path: Path) -> list[str]:
                 raise AttnprobeError(f"{path} line {number} is not JSON: each line must be an object with a \"text\" field") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise AttnprobeError(f"{path} line {number} has no \"text\" string: each line must be {{\"text\": ...}}")
-            documents.append(record["text"])
+            documents.append(texts.strict_text(record["text"], f"training data {path} line {number}"))
         return documents
     if path.suffix == ".parquet":
         import pandas as pd
@@ -75,8 +75,11 @@ def _documents_from_path(path: Path) -> list[str]:
             raise AttnprobeError(f"cannot read {path} as parquet ({type(error).__name__}): pass a valid parquet file") from None
         if "text" not in table:
             raise AttnprobeError(f"{path} has no 'text' column (columns: {', '.join(map(str, table.columns))}): name the text column 'text'")
-        return [str(t) for t in table["text"].dropna()]
-    return [path.read_text(encoding="utf-8", errors="replace")]
+        column = table["text"].dropna()
+        if not all(isinstance(t, (str, bytes)) for t in column):
+            raise AttnprobeError(f"{path}'s 'text' column holds values that are not text: store the training text as strings")
+        return [texts.strict_text(t, f"training data {path} row {row}") for row, t in column.items()]
+    return [texts.strict_text(path.read_bytes(), f"training data {path}")]
 
 
 def _documents_from_dataset(name: str, split: str = "train", column: str = "text", limit_chars: int | None = None) -> list[str]:

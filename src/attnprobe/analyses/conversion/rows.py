@@ -1,7 +1,6 @@
 """Named conversion rows, the fine-tuned control and the gated matrix: converting, evaluating and censusing rows."""
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Callable, Sequence
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.model import Model
-from attnprobe.probe.rundir import read_json, write_json
+from attnprobe.probe.rundir import read_json, readable, same_settings, write_json
 
 from attnprobe.analyses.conversion.checkpoint import CONVERSION
 from attnprobe.analyses.conversion.data import TrainingData
@@ -88,19 +87,9 @@ def _conversion_of(model: Model, out: Path, variant):
 
 
 def _same_sizes(folder: Path, sizes) -> None:
-    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes: record the
-    sizes with the first row, refuse other sizes later (a silently mixed table otherwise)."""
-    path, wanted = folder.with_name(f"{folder.name}.sizes.json"), json.loads(json.dumps(asdict(sizes)))
-    if path.exists():
-        if read_json(path) != wanted:
-            changed = sorted(k for k in wanted if read_json(path).get(k) != wanted[k])
-            raise AttnprobeError(f"the rows in {folder} were measured with other sizes ({', '.join(changed)}): "
-                                 f"rerun with the same options, or remove {folder} (or use another --work) to measure again")
-        return
-    if folder.exists() and any(folder.glob("*.json")):
-        raise AttnprobeError(f"the rows in {folder} do not say which sizes measured them (an older run): "
-                             f"remove {folder} (or use another --work) to measure again")
-    write_json(path, wanted)
+    """Rows saved in `folder` are reused by a rerun, so they must have been measured at these sizes."""
+    same_settings(folder.with_name(f"{folder.name}.sizes.json"), asdict(sizes), f"the rows in {folder.name}/",
+                  started=folder.exists() and any(folder.glob("*.json")), noun="sizes")
 
 
 def _stage2(manifest: dict) -> dict:
@@ -143,7 +132,7 @@ def evaluate_conversions(model: Model, backend: Backend, variants: Sequence, out
     rows, samples = [], []
     for variant in _with_original(model, variants):
         done = out / "variants" / f"{variant.name}.json"
-        if done.exists():  # resume: a finished row is not evaluated again
+        if readable(done) and readable(done.with_suffix(".parquet")):  # resume: a finished row is not evaluated again
             rows.append(read_json(done))
             samples.append(pd.read_parquet(out / "variants" / f"{variant.name}.parquet"))
             continue
@@ -184,7 +173,7 @@ def census_of_conversions(model: Model, backend: Backend, variants: Sequence, ou
     rows = []
     for variant in _with_original(model, variants):
         done = out / "census" / f"{variant.name}.json"
-        if not done.exists():
+        if not readable(done):  # missing, or damaged: measured again
             status(f"census of {variant.name}")
             with _conversion_of(model, out, variant) as fit:
                 edits = variant_edits(model, fit, variant.keep(model, heads_table)) if variant.kernel else []

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -48,7 +49,7 @@ from attnprobe.hooks.model import Model
 from attnprobe.hooks.swap import collect_teacher, kernel_edit
 from attnprobe.kernels.fit import LOSS_SCALE, FitResult, load_fit, save_fit, transfer_loss
 from attnprobe.kernels.registry import make_kernel
-from attnprobe.probe.rundir import _atomic, read_json, write_json
+from attnprobe.probe.rundir import _atomic, read_json, readable, write_json
 
 from attnprobe.analyses.conversion.checkpoint import (ADAPTERS, CHECKPOINT, CONVERSION, FIT, _identity, _load_optimizer, _recorded,
                                                       load_checkpoint, save_checkpoint)
@@ -334,10 +335,10 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     Returns the conversion manifest. Rerunning with the same arguments resumes from the last checkpoint."""
     directory = Path(directory)
     heads = {int(layer): sorted(int(h) for h in hs) for layer, hs in heads.items() if hs}
-    if (directory / CONVERSION).exists():
-        done = read_json(directory / CONVERSION)
-        if _recorded(done.get("identity") or {}) == _identity(model, config, heads, data):
-            return done
+    finished = _finished(directory)
+    if finished is not None:
+        if _recorded(finished.get("identity") or {}) == _identity(model, config, heads, data):
+            return finished
         raise AttnprobeError(f"{directory} holds a finished conversion with other settings: pass another --out or move it away")
     accelerator = _accelerator(config.accumulation)
     config.check(accelerator.num_processes)
@@ -443,6 +444,20 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     return manifest
 
 
+def _finished(directory: Path) -> dict | None:
+    """The finished conversion's manifest; None when there is none, or it is damaged (then it is made again, from
+    the last checkpoint, which a finished run keeps)."""
+    path = directory / CONVERSION
+    if not path.exists():
+        return None
+    manifest = read_json(path) if readable(path) else None
+    if isinstance(manifest, dict) and isinstance(manifest.get("identity"), dict):
+        return manifest
+    sys.stderr.write(f"attnprobe: {path} is damaged; converting again from the last checkpoint\n")
+    path.unlink()
+    return None
+
+
 def _mean_over(ids: torch.Tensor, micro: int, measure: Callable[[torch.Tensor], Any]) -> Any:
     """`measure` (a mean over its sequences: a number or a tensor) of all of `ids`, run `micro` sequences at a time
     as training runs them, so a probe's number does not depend on the accumulation steps."""
@@ -520,7 +535,9 @@ def applied(model: Model, directory: Path) -> Iterator[FitResult | None]:
     directory = Path(directory)
     if not (directory / CONVERSION).exists():
         raise AttnprobeError(f"{directory} holds no finished conversion ({CONVERSION} missing): run attnprobe convert first")
-    manifest = read_json(directory / CONVERSION)
+    manifest = read_json(directory / CONVERSION) if readable(directory / CONVERSION) else {}
+    if not {"model_hash", "heads", "train", "config"} <= set(manifest):
+        raise AttnprobeError(f"{directory / CONVERSION} is damaged: rerun the same attnprobe convert to make it again")
     if manifest["model_hash"] != model.info.weights_sha256:
         raise AttnprobeError(f"{directory} was converted from weights {manifest['model_hash'][:12]}, not "
                              f"{model.info.weights_sha256[:12]}: convert this model")

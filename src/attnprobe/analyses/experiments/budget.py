@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from attnprobe.hooks.backends import Backend
 from attnprobe.hooks.backends.base import decoder_layers
+from attnprobe.hooks.embedded import file_sha256
 from attnprobe.hooks.edits import Edit
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import Model, ModelInfo
@@ -34,7 +35,7 @@ from attnprobe.kernels.registry import KERNELS, make_kernel
 from attnprobe.probe import texts
 from attnprobe.probe.perplexity import held_out_perplexity
 from attnprobe.probe.retrieval import build_sample, load_needles
-from attnprobe.probe.rundir import read_json, write_json, write_parquet
+from attnprobe.probe.rundir import RunDir, read_json, readable, same_settings, write_json, write_parquet
 
 from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.stats import cluster_bootstrap, wilson_interval
@@ -57,6 +58,12 @@ class Kind:
     @property
     def label(self) -> str:
         return self.spec
+
+
+def _choose(what: str, given: Sequence[str], known: Sequence[str], empty_ok: bool = True) -> None:
+    unknown = sorted(set(given) - set(known)) or ([] if given or empty_ok else ["(none)"])
+    if unknown:
+        raise AttnprobeError(f"unknown {what}(s) {', '.join(unknown)}: choose from {', '.join(known)}")
 
 
 def parse_spec(text: str) -> Kind:
@@ -89,7 +96,7 @@ def selector_rankings(model: Model, backend: Backend, out: Path, sizes: BudgetSi
 
     def cached(name: str, make: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         path = out / "rankings" / f"{_safe(name)}.parquet"
-        if path.exists():
+        if readable(path):  # a damaged table is made again
             return pd.read_parquet(path)
         progress(f"ranking: {name}")
         table = make()
@@ -302,14 +309,44 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
               time_limit: float | None = None, progress: Callable[[str], None] = lambda m: None) -> dict[str, pd.DataFrame]:
     """Run (or resume) the sweep into `out`; stop starting cells after `time_limit` seconds. Returns the tables."""
     started = time.time()
-    info = model.info
     recall_tasks.preflight(model, sizes.tasks, sizes, sizes.allow_small)  # names, window and sample counts
     if sizes.unit not in selectors.UNITS:
         raise AttnprobeError(f"unknown unit '{sizes.unit}': choose kv (KV heads, whose cache is kept whole) or head")
     kinds = {spec: parse_spec(spec) for spec in (*sizes.kinds, *sizes.sparse)}
     if "retrieval" in sizes.selectors:
         selectors.retrieval_scores(census)  # fail before any model work
-    out.mkdir(parents=True, exist_ok=True)
+    with RunDir(out).lock():
+        return _sweep(model, backend, Path(out), sizes, kinds, census, started, time_limit, progress)
+
+
+# which cells a run makes (not what a cell holds): runs that split the sweep between them may differ in these
+PLAN_FIELDS = ("budgets", "selectors", "seeds", "kinds", "sparse", "needle_samples")
+
+
+def _needles_cover(path: Path, sizes: BudgetSizes) -> bool:
+    """Whether the saved needle table reads back and holds exactly these sparse rules and samples."""
+    if not readable(path):
+        return False
+    table = pd.read_parquet(path)
+    return (set(table.get("rule", [])) == set(sizes.sparse)
+            and table.get("sample", pd.Series(dtype=int)).nunique() == min(sizes.needle_samples, len(sizes.niah_lengths) * len(sizes.niah_depths)))
+
+
+def settings(model: Model, sizes: BudgetSizes, census: Path | None) -> dict:
+    """What a budget run's saved rankings and cells hold depends on: a rerun must match it to reuse them. The
+    census counts (by its heads table's hash) where the retrieval selector ranks by it."""
+    chosen = {key: value for key, value in asdict(sizes).items() if key not in PLAN_FIELDS}
+    if "retrieval" in sizes.selectors:
+        chosen["census_heads_sha256"] = file_sha256(Path(census) / "heads.parquet")
+    return {"weights_sha256": model.info.weights_sha256, **chosen}
+
+
+def _sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, kinds: dict[str, Kind], census: Path | None,
+           started: float, time_limit: float | None, progress: Callable[[str], None]) -> dict[str, pd.DataFrame]:
+    info = model.info
+    saved = [out / name for name in ("cells", "rankings", "fits", "needle_keep.parquet", "budget.parquet")]
+    same_settings(out / "settings.json", settings(model, sizes, census), "the rankings and cells",
+                  started=any(path.exists() for path in saved), merge=True)
     kernels = {}
     for spec, kind in kinds.items():
         progress(f"kernel {spec}")  # learned kernels are fitted once over every head (saved under fits/)
@@ -321,13 +358,13 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
                          for kind in sizes.kinds], ignore_index=True) if sizes.kinds else pd.DataFrame()
     write_parquet(out / "overlap.parquet", overlap)
     needle_path = out / "needle_keep.parquet"
-    if sizes.sparse and not needle_path.exists():
+    if sizes.sparse and not _needles_cover(needle_path, sizes):
         progress("needle shares of the sparse rules")
         write_parquet(needle_path, needle_keep(model, backend, sizes.sparse, sizes))
     summaries, samples, skipped = [], [], 0
     for cell in plan(sizes, rankings, info):
         where = out / "cells" / cell.name
-        if (where / "summary.parquet").exists():
+        if readable(where / "summary.parquet") and readable(where / "samples.parquet"):  # a damaged cell runs again
             summaries.append(pd.read_parquet(where / "summary.parquet"))
             samples.append(pd.read_parquet(where / "samples.parquet"))
             continue
@@ -353,8 +390,8 @@ def run_sweep(model: Model, backend: Backend, out: Path, sizes: BudgetSizes, cen
     manifest = {"command": "budget", "model_id": info.model_id, "weights_sha256": info.weights_sha256,
                 "census": str(census) if census else None, "sizes": asdict(sizes), "notes": notes(info, sizes.unit),
                 "cells_skipped_for_time": skipped, "wall_time_s": time.time() - started, "info": info.to_dict()}
-    previous = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
-    manifest["wall_time_s"] += previous.get("wall_time_s", 0.0)
+    previous = read_json(out / "manifest.json") if readable(out / "manifest.json") else {}
+    manifest["wall_time_s"] += previous.get("wall_time_s", 0.0) if isinstance(previous, dict) else 0.0
     write_json(out / "manifest.json", manifest)
     return {"budget": budget, "rankings": rankings, "overlap": overlap,
             "needle_keep": pd.read_parquet(needle_path) if needle_path.exists() else pd.DataFrame()}

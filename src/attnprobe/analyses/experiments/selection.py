@@ -15,6 +15,7 @@ import pandas as pd
 
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.model import ModelInfo
+from attnprobe.probe.rundir import census_heads
 
 Head = tuple[int, int]
 
@@ -30,19 +31,11 @@ def _check(head: Head, info: ModelInfo) -> Head:
 
 def heads_table(run_dir: Path) -> pd.DataFrame:
     """A census run's heads.parquet, refused with the fix when it is missing or damaged."""
-    path = Path(run_dir) / "heads.parquet"
-    if not path.exists():
-        raise AttnprobeError(f"{path} not found: run `attnprobe census --out {run_dir}` first")
-    try:
-        return pd.read_parquet(path)
-    except Exception:  # pyarrow raises several kinds of errors on a damaged file
-        raise AttnprobeError(f"{path} is damaged: rerun `attnprobe census --out {run_dir}`") from None
+    return census_heads(run_dir)
 
 
 def _scores(run_dir: Path | None, score: str) -> pd.DataFrame:
-    if run_dir is None:
-        raise AttnprobeError(f"selecting by '{score}' needs a census run: add --from RUN_DIR")
-    heads = heads_table(run_dir)
+    heads = census_heads(run_dir, f"selecting by '{score}'")
     numeric = [c for c in heads.columns if c not in ("layer", "head", "kv_head") and pd.api.types.is_numeric_dtype(heads[c])]
     if score not in numeric:
         raise AttnprobeError(f"unknown score '{score}': choose one of {', '.join(numeric)}")

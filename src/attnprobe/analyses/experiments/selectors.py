@@ -34,6 +34,7 @@ from attnprobe.hooks.sites import Site
 from attnprobe.kernels.registry import make_kernel
 from attnprobe.probe import texts
 from attnprobe.probe.head_types import induction_scores, repeated_random_tokens
+from attnprobe.probe.rundir import census_heads
 
 from attnprobe.analyses.experiments.config import SELECTORS, UNITS, DuoConfig  # noqa: F401 (re-exported: budget.py reads selectors.SELECTORS)
 from attnprobe.analyses.experiments.selection import Head
@@ -87,14 +88,9 @@ def jaccard(a: set, b: set) -> float:
 # --- the selectors' scores -------------------------------------------------------------------------
 
 def retrieval_scores(run_dir: Path | None, column: str = "retrieval_score") -> pd.DataFrame:
-    if run_dir is None:
-        raise AttnprobeError("the retrieval selector ranks heads by a census: add --from RUN_DIR")
-    path = Path(run_dir) / "heads.parquet"
-    if not path.exists():
-        raise AttnprobeError(f"{path} not found: run `attnprobe census --out {run_dir}` first")
-    heads = pd.read_parquet(path)
+    heads = census_heads(run_dir, "the retrieval selector")
     if column not in heads:
-        raise AttnprobeError(f"{path} has no column '{column}': rerun the census with its retrieval stage")
+        raise AttnprobeError(f"{Path(run_dir) / 'heads.parquet'} has no column '{column}': rerun the census with its retrieval stage")
     return heads[["layer", "head"]].assign(score=heads[column].astype(float))
 
 

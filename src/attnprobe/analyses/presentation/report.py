@@ -140,10 +140,15 @@ def make_figures(run_dir: Path | str, formats: Sequence[str] = ("png", "svg"),
     return [path for paths in drawn.values() for path in paths]
 
 
-def write_report(run_dir: Path | str, formats: Sequence[str] = ("png", "svg")) -> Path:
-    """Draw the figures and write RUN_DIR/report.html: one file, images inlined, no network."""
+def write_report(run_dir: Path | str, formats: Sequence[str] = ("png", "svg"),
+                 on_skip: Callable[[str, str], None] | None = None) -> Path:
+    """Draw the figures and write RUN_DIR/report.html: one file, images inlined, no network. `on_skip(what, why)`
+    hears of every figure skipped (what: its name) and every file present but unreadable (what: the file)."""
     run = load_run(run_dir)
     drawn, skipped = render(run, tuple(dict.fromkeys(("png", *formats))))
+    if on_skip is not None:
+        for what, why in {**skipped, **{name: why for name, why in run.problems.items() if why.startswith("unreadable")}}.items():
+            on_skip(what, why)
     body = [f"<h1>attnprobe report: {_text((run.manifest or {}).get('model_id', run.directory.name))}</h1>",
             _manifest_section(run), _figure_section(drawn, skipped), _attention_section(run.directory),
             _tables_section(run), _problems_section(run)]
