@@ -252,6 +252,10 @@ def run_ablation(model: Model, config: AblateConfig, out: Path, heads: str | Non
     from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.census import resolve_bos
 
+    window = model.info.max_context
+    if window and max(config.lengths) + 64 > window:  # a prompt is the haystack plus its question and template
+        raise AttnprobeError(f"--lengths {max(config.lengths)} does not fit the model's window of {window} tokens "
+                             f"(keep lengths <= {window - 64})")
     bos = resolve_bos("auto", model)
     lengths, depths = list(config.lengths), list(config.depths)
     # a sweep's NIAH: needles and haystack the census did not rank heads with
