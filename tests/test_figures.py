@@ -17,7 +17,7 @@ import torch
 from fixtures_runs import write_synthetic_run
 from matplotlib.image import AxesImage
 
-from attnprobe.analyses.presentation import figures
+from attnprobe.analyses.presentation import attention_maps, figures
 from attnprobe.analyses.presentation.report import FIGURES, load_run, make_figures, write_report
 from attnprobe.errors import AttnprobeError
 
@@ -149,15 +149,15 @@ def test_mean_ci95_uses_student_t():
 def test_prepare_map_masks_crops_and_pools():
     n = 10
     uniform = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
-    values, labels = figures.prepare_map(uniform, window=3)
+    values, labels = attention_maps.prepare_map(uniform, window=3)
     assert np.isnan(values[0, 1]) and np.isnan(values[5, 2]) and values[5, 3] == pytest.approx(1 / 6)
-    values, labels = figures.prepare_map(uniform, crop=(2, 6))
+    values, labels = attention_maps.prepare_map(uniform, crop=(2, 6))
     assert values.shape == (4, 4) and labels == ["2", "3", "4", "5"]
-    values, labels = figures.prepare_map(uniform, pool=5)
+    values, labels = attention_maps.prepare_map(uniform, pool=5)
     assert values.shape == (2, 2) and np.isnan(values[0, 1]) and labels == ["0", "5"]
     assert values[0, 0] == pytest.approx(np.mean([uniform[i, j] for i in range(5) for j in range(i + 1)]))
     with pytest.raises(AttnprobeError, match="crop"):
-        figures.prepare_map(uniform, crop=(4, 40))
+        attention_maps.prepare_map(uniform, crop=(4, 40))
 
 
 class _TinyTokenizer:
@@ -192,7 +192,7 @@ def _image(ax) -> np.ndarray:
 
 def test_attention_map_from_a_tiny_llama(tiny_llama, tmp_path):
     model, backend = tiny_llama
-    fig = figures.attention_map(model, backend, "the cat sat", layer=1, head=2, log=True)
+    fig = attention_maps.attention_map(model, backend, "the cat sat", layer=1, head=2, log=True)
     titles, labels = texts(fig)
     assert "Layer 1, head 2" in titles and {"key", "query"} <= labels
     values = _image(fig.axes[0])
@@ -207,19 +207,19 @@ def test_attention_map_from_a_tiny_llama(tiny_llama, tmp_path):
 def test_layer_grid_pooling_and_compare(tiny_llama):
     model, backend = tiny_llama
     ids = torch.randint(3, 64, (100,))
-    fig = figures.layer_grid(model, backend, ids, layer=0, max_tokens=32)
+    fig = attention_maps.layer_grid(model, backend, ids, layer=0, max_tokens=32)
     maps = [_image(ax) for ax in fig.axes if any(isinstance(a, AxesImage) for a in ax.get_children())]
     assert len(maps) == model.info.n_heads and maps[0].shape == (25, 25)  # 100 tokens pooled 4 x 4
     assert np.isnan(maps[0][0, 1]) and not np.isnan(maps[0][1, 1])
     assert "Layer 0 attention" in texts(fig)[0]
-    pattern, labels = figures.attention_pattern(model, backend, ids[:20], layer=0)
+    pattern, labels = attention_maps.attention_pattern(model, backend, ids[:20], layer=0)
     flat = np.tril(np.ones((20, 20))) / np.arange(1, 21)[:, None]
-    fig = figures.compare_maps(pattern[0], flat, labels, titles=("softmax", "uniform"))
+    fig = attention_maps.compare_maps(pattern[0], flat, labels, titles=("softmax", "uniform"))
     difference = _image(fig.axes[2])
     assert difference[5, 2] == pytest.approx(flat[5, 2] - pattern[0, 5, 2])
     assert "uniform − softmax" in texts(fig)[0]
     with pytest.raises(AttnprobeError, match="head 9 is out of range"):
-        figures.attention_map(model, backend, ids[:8], layer=0, head=9)
+        attention_maps.attention_map(model, backend, ids[:8], layer=0, head=9)
 
 
 def test_token_labels_with_dollar_signs_are_drawn_literally(tmp_path):

@@ -221,3 +221,12 @@ def test_unknown_task_names_list_the_registry_and_the_options_name_every_task():
     for sizes in (MatrixSizes, BudgetSizes):
         help_text = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(sizes)}["tasks"]
         assert all(name in help_text for name in tasks.names())
+
+
+def test_the_light_task_names_are_the_registry():
+    """The CLI's help and the configs' checks read task names without importing torch (experiments/config.py):
+    they must be the registry's, or a new task module fails here naming the list to extend."""
+    from attnprobe.analyses.experiments.config import DEFAULT_TASKS, TASK_NAMES
+
+    assert set(TASK_NAMES) == set(tasks.names()), "add the new task's name to experiments/config.TASK_NAMES"
+    assert DEFAULT_TASKS == tasks.DEFAULT

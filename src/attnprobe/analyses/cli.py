@@ -171,7 +171,7 @@ def figures(
     and the head against a kernel replacing it) are drawn first and included in the report."""
     if not run_dir.is_dir():
         raise AttnprobeError(f"run directory not found: {run_dir}")
-    from attnprobe.analyses.presentation import figures as drawing
+    from attnprobe.analyses.presentation.attention_maps import attention_figures
     from attnprobe.analyses.presentation.report import load_run, write_report
     from attnprobe.analyses.presentation.style import check_formats
     from attnprobe.probe.rundir import RunDir
@@ -185,7 +185,7 @@ def figures(
         if not manifest or "model_id" not in manifest:
             raise AttnprobeError(f"{run_dir / 'manifest.json'} is missing or unreadable: attention maps need the run's model")
         loaded = _load(manifest["model_id"])
-        drawing.attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
+        attention_figures(loaded, make_backend("native", loaded), prompt, layer, head, kernel, run_dir / "figures",
                                   log, chosen_formats)
     load_run(run_dir)  # a folder that holds no run is refused before a lock file is left in it
     skipped: dict[str, list[str]] = {}  # why -> the figures (or unreadable files) it skipped

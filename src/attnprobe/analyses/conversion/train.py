@@ -344,20 +344,7 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     config.check(accelerator.num_processes)
     if model.device != accelerator.device:  # under accelerate launch every process holds the model on its own GPU
         model.hf.to(accelerator.device)
-    config.check_length(model.info.max_context)
-    if heads and config.kernel is None:
-        raise AttnprobeError("heads to replace need a kernel: pass --kernel")
-    for layer, hs in heads.items():
-        bad = [h for h in hs if not 0 <= h < model.info.n_heads]
-        if not 0 <= layer < model.info.n_layers or bad:
-            raise AttnprobeError(f"head selection outside the model (layer {layer}, heads {bad or hs}): it has layers "
-                                 f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
-    n_skip, n_e2e = stage_windows(config)
-    n_transfer = n_skip if heads else 0
-    sequences = packed(data.windows, config)
-    if len(sequences) < n_skip + n_e2e:
-        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_skip + n_e2e}: "
-                             "lower --tokens / --transfer-tokens or provide more data")
+    n_skip, n_transfer, n_e2e, sequences = _plan(model, heads, config, data)
     directory.mkdir(parents=True, exist_ok=True)
     identity = _identity(model, config, heads, data)
     resume = load_checkpoint(directory, identity)
@@ -369,20 +356,10 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
     transfer_windows = sequences[:n_transfer]
     e2e_windows = sequences[n_skip:n_skip + n_e2e]
     losses: dict[str, list[float]] = dict(resume[0]["losses"]) if resume is not None else {}
-    layers = sorted(heads)
 
-    # stage 1: every layer's kernels against that layer's teacher, all from one softmax pass per micro-batch
     if learnable and n_transfer and (resume is None or resume[0]["stage"] == "transfer"):
-        transfer = Transfer(kernels, heads)
-
-        def transfer_step(module, ids):
-            with accelerator.autocast():
-                teachers = collect_teacher(backend, ids, layers)
-            per_head = module(teachers)
-            return LOSS_SCALE * torch.cat(list(per_head.values())).mean()
-
-        _train_stage("transfer", accelerator, transfer, learnable, transfer_windows, config, config.transfer_lr,
-                     transfer_step, directory, identity, resume, losses, on_step)
+        _transfer(accelerator, backend, kernels, heads, learnable, transfer_windows, config, directory, identity, resume,
+                  losses, on_step)
         resume = load_checkpoint(directory, identity)
     micro = config.batch // config.accumulation
     errors_after_transfer = _head_errors(backend, kernels, heads, transfer_windows[:config.batch] if n_transfer else e2e_windows[:1],
@@ -420,7 +397,52 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         saved_adapters = {name: p.detach().cpu().clone() for name, p in adapter_params.items()}
     errors = _head_errors(backend, kernels, heads, e2e_windows[:config.batch] if n_e2e else transfer_windows[:1],
                           accelerator, micro) if heads else {}
-    seconds = time.perf_counter() - started
+    manifest = _write_conversion(model, directory, config, heads, kernels, data, identity, losses, errors_after_transfer,
+                                 errors, saved_adapters, (n_transfer, n_e2e), time.perf_counter() - started, accelerator)
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def _transfer(accelerator, backend: Backend, kernels, heads, learnable, windows, config: ConvertConfig, directory: Path,
+              identity, resume, losses, on_step) -> None:
+    """Stage 1: every layer's kernels against that layer's teacher, all from one softmax pass per micro-batch."""
+    layers = sorted(heads)
+
+    def transfer_step(module, ids):
+        with accelerator.autocast():
+            teachers = collect_teacher(backend, ids, layers)
+        per_head = module(teachers)
+        return LOSS_SCALE * torch.cat(list(per_head.values())).mean()
+
+    _train_stage("transfer", accelerator, Transfer(kernels, heads), learnable, windows, config, config.transfer_lr,
+                 transfer_step, directory, identity, resume, losses, on_step)
+
+
+def _plan(model: Model, heads: Mapping[int, list[int]], config: ConvertConfig, data: TrainingData):
+    """(stage-1 sequences the data holds first, those stage 1 trains on, stage 2's, the packed sequences), every
+    head and the budget checked against the model and the data."""
+    config.check_length(model.info.max_context)
+    if heads and config.kernel is None:
+        raise AttnprobeError("heads to replace need a kernel: pass --kernel")
+    for layer, hs in heads.items():
+        bad = [h for h in hs if not 0 <= h < model.info.n_heads]
+        if not 0 <= layer < model.info.n_layers or bad:
+            raise AttnprobeError(f"head selection outside the model (layer {layer}, heads {bad or hs}): it has layers "
+                                 f"0-{model.info.n_layers - 1} and heads 0-{model.info.n_heads - 1}")
+    n_skip, n_e2e = stage_windows(config)
+    sequences = packed(data.windows, config)
+    if len(sequences) < n_skip + n_e2e:
+        raise AttnprobeError(f"the training data holds {len(sequences)} sequences but the budget needs {n_skip + n_e2e}: "
+                             "lower --tokens / --transfer-tokens or provide more data")
+    return n_skip, n_skip if heads else 0, n_e2e, sequences
+
+
+def _write_conversion(model: Model, directory: Path, config: ConvertConfig, heads, kernels, data: TrainingData, identity,
+                      losses, errors_after_transfer, errors, saved_adapters, counts: tuple[int, int], seconds: float,
+                      accelerator) -> dict:
+    """The conversion manifest, and (main process) the fitted kernels, adapters and conversion.json."""
+    n_transfer, n_e2e = counts
+    layers = sorted(heads)
     manifest = {
         "identity": identity, "model_id": model.info.model_id, "model_hash": model.info.weights_sha256,
         "kernel": config.kernel, "options": kernels[layers[0]].options() if layers else {}, "train": config.train,
@@ -440,7 +462,6 @@ def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], 
         _atomic(directory / ADAPTERS, lambda temp: save_file({k: v.contiguous() for k, v in saved_adapters.items()}, temp,
                                                              metadata={"train": config.train, "model_hash": model.info.weights_sha256}))
         write_json(directory / CONVERSION, manifest)
-    accelerator.wait_for_everyone()
     return manifest
 
 
