@@ -185,7 +185,7 @@ def test_the_quest_row_keeps_layers_0_and_1_dense_as_its_reference():
 def test_a_planted_copier_recalls_with_its_head_exact_and_not_with_it_replaced(tmp_path):
     """The sweep's cells on the planted copier: keeping the one head the census ranks first exact (a budget of
     1 of 8 heads) copies every token, replacing every head by a 1 + 4 token window copies none."""
-    from attnprobe.analyses import recall
+    from attnprobe.analyses import tasks
     from attnprobe.analyses.experiments import selectors
     from attnprobe.hooks.backends.native import NativeBackend
     from planted import COPY_HEAD, planted_model
@@ -206,5 +206,5 @@ def test_a_planted_copier_recalls_with_its_head_exact_and_not_with_it_replaced(t
         keep = selectors.heads_of(model.info, "head", cell.units)
         edits = [] if cell.kind == "none" else budget.kind_edits(model, "sink+window", {"sinks": 1, "window": 4}, keep, 64)
         with backend.patched(edits):
-            copied = recall.copying(model, lengths=(12,), samples=4)
+            copied = tasks.evaluate(model, "copying", (12,), 4)
         assert copied["token_accuracy"].tolist() == [accuracy] * 4, selector

@@ -55,7 +55,7 @@ def test_without_the_copy_head_the_repeat_is_no_easier():
 def test_periods_the_window_cannot_hold_twice_are_left_out_with_a_note(tmp_path):
     model = planted_model()
     model.info.max_context = 90
-    config = CensusConfig(**{**SMALL, "sink_length": 16, "prose_length": 16, "lengths": [16], "induction_periods": [50, 12]})
+    config = CensusConfig(**{**SMALL, "sink_length": 16, "prose_length": 16, "lengths": [16], "massive_length": 16, "induction_periods": [50, 12]})
     census = Census(model, NativeBackend(model), config, tmp_path)
     census.execute(("induction_loss",))
     assert list(pd.read_parquet(tmp_path / "induction_loss.parquet")["period"]) == [12]

@@ -367,6 +367,12 @@ def budget(
     selectors' head sets), needle_keep.parquet (share of the needle each sparse rule keeps per head),
     manifest.json and cells/ (one per finished cell, so a rerun resumes)."""
     sizes = with_preset(config, given, BudgetSizes.quick if quick else None)
+    if "retrieval" in sizes.selectors:  # the census table is read, or named in one line, before anything else
+        from attnprobe.analyses.experiments.selection import heads_table
+
+        if from_run is None:
+            raise AttnprobeError("the retrieval selector ranks heads by a census: add --from RUN_DIR (or drop it from --selectors)")
+        heads_table(from_run)
     out = _held_run_dir(out, "budget", model)
     from attnprobe.analyses.experiments.budget import run_sweep, winners
     from attnprobe.hooks.backends import make_backend
@@ -404,7 +410,7 @@ def convert(
     control: bool = typer.Option(True, help="also put the unmodified model through stage 2 (the 'control' row the gate compares with)"),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="training text: files or folders of .txt/.md, .jsonl or .parquet with a 'text' field (repeatable)"),
     dataset: Optional[str] = typer.Option(None, help="a Hugging Face dataset NAME[:CONFIG] (needs a network)"),
-    epochs: int = typer.Option(1, min=1, help="passes over the training data the budget may take"),
+    epochs: int = typer.Option(1, help="passes over the training data the budget may take"),
     recompute_layers: bool = typer.Option(False, help="stage 2 keeps only each decoder layer's inputs and recomputes the rest "
                                           "in the backward pass (about one layer of activations, one more forward; same result)"),
     loss: str = typer.Option("chunked", help="stage 2's KL: chunked (from hidden states, no full logits) | liger (CUDA) | logits (the old path)"),
@@ -431,6 +437,8 @@ def convert(
     if kernel is not None or heads or layers:
         check_kernel(kernel)
     config.check(int(os.environ.get("WORLD_SIZE", "1")))  # accelerate launch sets it: the batch must split evenly
+    if epochs < 1:
+        raise AttnprobeError(f"--epochs must be a whole number of at least 1, got {epochs}")
     from attnprobe.analyses.conversion import command
     from attnprobe.analyses.conversion.head_hybrid import HeadHybrid
     from attnprobe.analyses.conversion.retrieval_data import RetrievalMix

@@ -64,21 +64,23 @@ class ConvertConfig:
     seed: int = _option(0, "seed of the data order and the kernels' initialisation")
 
     def __post_init__(self) -> None:
-        """Refuse impossible recipes before anything is loaded or written."""
+        """Refuse impossible recipes before anything is loaded or written (a zero would end in a ZeroDivisionError)."""
         if self.train not in TRAIN_MODES:
             raise AttnprobeError(f"unknown --train '{self.train}': choose one of {', '.join(TRAIN_MODES)}")
-        for name, low in (("length", 2), ("window", 0), ("checkpoint_minutes", 0), ("batch", 1), ("accumulation", 1), ("lora_rank", 1), ("checkpoint_every", 1), ("seed", 0),
-                          ("transfer_tokens", 0), ("tokens", 0)):
-            if getattr(self, name) < low:
-                raise AttnprobeError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        for name, low in (("length", 2), ("window", 0), ("batch", 1), ("accumulation", 1), ("lora_rank", 1),
+                          ("checkpoint_every", 1), ("transfer_tokens", 0), ("tokens", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be a whole number of at least {low}, got {value!r}")
         if self.tokens + self.transfer_tokens <= 0:
             raise AttnprobeError("token budgets must be >= 0 and not both 0")
-        for name in ("lr", "transfer_lr"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise AttnprobeError(f"--{name.replace('_', '-')} must be a finite number above 0, got {getattr(self, name)}")
-        if not (0 <= self.warmup < 1 and 0 <= self.min_lr <= 1 and 0 <= self.ce_weight < math.inf):
-            raise AttnprobeError(f"--warmup must be in [0, 1), --min-lr in [0, 1] and --ce-weight >= 0; got {self.warmup}, "
-                                 f"{self.min_lr} and {self.ce_weight}")
+        for name, positive, high in (("lr", True, math.inf), ("transfer_lr", True, math.inf), ("warmup", False, 1),
+                                     ("min_lr", False, 1), ("ce_weight", False, math.inf), ("checkpoint_minutes", False, math.inf)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+                    and value <= high):
+                bounds = ("above 0" if positive else "at least 0") + (f" and at most {high:g}" if math.isfinite(high) else "")
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be a number {bounds}, got {value!r}")
         self.check(1)
 
     def check_length(self, max_context: int) -> None:

@@ -13,7 +13,8 @@ from attnprobe.kernels.names import KERNELS
 from attnprobe.probe.config import WINDOW
 
 MODES = ("zero", "mean", "uniform", "calibrate")  # ablation modes (experiments/ablation.py)
-# the task registry's names (analyses/tasks, which imports torch); tests/test_tasks.py holds the two equal
+# the task registry's names for help texts, without importing it (analyses/tasks imports torch); names are checked
+# against the registry itself, and tests/test_tasks.py holds this list equal to it
 TASK_NAMES = ("passkey", "niah", "kv_recall", "copying", "niah_single_number", "niah_single_word", "niah_single_uuid",
               "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "kv_retrieval", "string_copy")
 DEFAULT_TASKS = ("passkey", "kv_recall", "copying", "niah")  # the matrix's tasks unless --tasks says otherwise
@@ -55,9 +56,13 @@ def check_fractions(config, names) -> None:
 
 
 def check_tasks(names, option: str = "tasks") -> None:
-    unknown = [n for n in names if n not in TASK_NAMES] or ([] if names else ["(none)"])
-    if unknown:
-        raise AttnprobeError(f"unknown --{option} {', '.join(unknown)}: choose from {', '.join(TASK_NAMES)}")
+    """Every name a task of the registry; called after the range checks, since the registry imports torch."""
+    if not names:
+        raise AttnprobeError(f"--{option} names no recall task: choose from {', '.join(TASK_NAMES)}")
+    from attnprobe.analyses import tasks
+
+    for name in names:
+        tasks.task(name)
 
 
 def check_choice(value: str, choices, name: str) -> None:
@@ -233,7 +238,6 @@ class BudgetSizes:
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
             raise AttnprobeError(f"--budgets are shares of heads in (0, 1], e.g. 0.25; got {list(self.budgets)}")
         self.budgets = tuple(float(b) for b in self.budgets)
-        check_tasks(self.tasks)
         for name, choices in (("selectors", SELECTORS),):
             unknown = [v for v in getattr(self, name) if v not in choices] or ([] if getattr(self, name) else ["(none)"])
             if unknown:
@@ -248,6 +252,12 @@ class BudgetSizes:
                            "kv_pairs", "kv_samples", "copy_lengths", "copy_samples", "ruler_lengths", "ruler_samples"), 1)
         check_whole(self, ("perplexity_tokens", "razor_length"), 2)
         check_whole(self, ("fit_steps",), 0)
+        check_tasks(self.tasks)
+        from attnprobe.analyses.tasks.pools import evaluation_needles  # the registry's package: after the light checks
+
+        if self.niah_needles > len(evaluation_needles()):
+            raise AttnprobeError(f"--niah-needles {self.niah_needles}: {len(evaluation_needles())} needles are kept for "
+                                 f"evaluation; choose 1-{len(evaluation_needles())}")
 
     @classmethod
     def quick(cls, **overrides) -> BudgetSizes:
