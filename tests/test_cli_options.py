@@ -133,8 +133,8 @@ def test_help_and_option_errors_import_no_torch(args, code):
 @pytest.mark.parametrize("args, message", [
     (["convert", "--lr", "nan"], "--lr takes a finite number"),
     (["convert", "--tokens", "inf"], "cannot read a token count"),
-    (["convert", "--batch", "0"], "--batch must be at least 1"),
-    (["convert", "--min-lr", "2"], "--min-lr in [0, 1]"),
+    (["convert", "--batch", "0"], "--batch must be a whole number of at least 1"),
+    (["convert", "--min-lr", "2"], "--min-lr must be a number at least 0 and at most 1"),
     (["convert", "--tokens", "0", "--transfer-tokens", "0"], "not both 0"),
     (["convert", "--train", "everything"], "unknown --train 'everything'"),
     (["convert", "--batch", "6", "--accumulation", "4"], "make --batch a multiple of 4"),

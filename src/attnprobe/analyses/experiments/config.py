@@ -59,6 +59,8 @@ def check_tasks(names, option: str = "tasks") -> None:
     """Every name a task of the registry; called after the range checks, since the registry imports torch."""
     if not names:
         raise AttnprobeError(f"--{option} names no recall task: choose from {', '.join(TASK_NAMES)}")
+    if set(names) <= set(TASK_NAMES):
+        return  # known without importing the registry (and torch)
     from attnprobe.analyses import tasks
 
     for name in names:
