@@ -12,7 +12,8 @@ from planted import BOS, COPY_HEAD, PREVIOUS_HEAD, VOCAB, planted_model
 # the copy head in each kernel's form: relu features of one-hot q and k match only the same token, and
 # the delta rule stores each distinct token's value under its own orthogonal key
 KERNELS = {"softmax": None, "relu": {}, "deltanet": {"beta": 0.999}}
-SMALL = dict(sink_sequences=4, prose_sequences=1, prose_length=64, induction_periods=[24, 12], induction_loss_batch=4)
+SMALL = dict(sink_sequences=4, prose_sequences=1, prose_length=64, induction_periods=[24, 12], induction_loss_batch=4,
+             per_head_patching=True)
 
 
 def with_copy_head(model, kernel):

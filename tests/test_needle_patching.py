@@ -47,9 +47,22 @@ def test_the_twin_keeps_every_position_and_drops_the_needle():
 
 def test_the_census_stage_writes_a_column_and_a_sample_table(tmp_path):
     model = planted_model()
-    config = CensusConfig(sink_sequences=4, prose_sequences=1, prose_length=64, lengths=[48], depths=[0.5], needle_patch_samples=1)
+    config = CensusConfig(sink_sequences=4, prose_sequences=1, prose_length=64, lengths=[48], depths=[0.5], needle_patch_samples=1,
+                          per_head_patching=True)
     heads = Census(model, NativeBackend(model), config, tmp_path).execute(("needle_patching",))
     table = pd.read_parquet(tmp_path / "needle_patching.parquet")
     assert len(table) == model.info.n_layers * model.info.n_heads
     assert (table["answer_log_probability"] <= 0).all()
     assert heads["needle_patch_drop"].notna().all() and (heads["needle_patch_drop"] <= 1).all()
+
+
+def test_the_default_census_leaves_the_per_head_passes_out_and_says_so(tmp_path):
+    """One pass per head and sample costs minutes on a CPU: the default census names the option instead."""
+    model = planted_model()
+    config = CensusConfig(sink_sequences=4, prose_sequences=1, prose_length=64, lengths=[48], depths=[0.5],
+                          induction_periods=[24], induction_loss_batch=2)
+    notes = []
+    heads = Census(model, NativeBackend(model), config, tmp_path, note=notes.append).execute(("induction_loss", "needle_patching"))
+    assert heads["needle_patch_drop"].isna().all() and heads["induction_loss_share"].isna().all()
+    assert sum("--per-head-patching" in note for note in notes) == 2
+    assert len(pd.read_parquet(tmp_path / "induction_loss.parquet")) == 1  # the loss drop itself is measured

@@ -59,6 +59,8 @@ class CensusConfig:
     depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
     needles: int = _option(2, "needles per (length, depth)")
     needle_patch_samples: int = _option(2, "NIAH samples (first length, census depths in turn) for needle patching")
+    per_head_patching: bool = _option(False, "also measure each head's share of the induction loss drop and its needle-patching "
+                                             "drop: one pass per head and sample (270 per sample on SmolLM2, minutes on a CPU)")
     # role thresholds: role name -> threshold, defaults declared by each probe (the CLI gives one --ROLE-threshold each)
     thresholds: dict[str, float] = _option(declared.default_thresholds, "role thresholds", cli=False)
 

@@ -105,9 +105,11 @@ def induction_loss_stage(census) -> None:
     table = loss_drop_table(census.backend, vocab, fits, c.induction_loss_batch, c.seed, bos)
     write_parquet(census.run / "induction_loss.parquet", table)
     shares = torch.full((info.n_layers, info.n_heads), float("nan"))
-    if fits:
+    if fits and not c.per_head_patching:
+        census.note("induction loss: each head's share of the drop was not measured (one pass per head): --per-head-patching")
+    elif fits:
         shares = head_shares(census.backend, repeated_tokens(vocab, fits[0], c.induction_loss_batch, c.seed, bos), fits[0])
-    write_json(census.run / "induction_loss.json", {"head_share_period": fits[0] if fits else None,
+    write_json(census.run / "induction_loss.json", {"head_share_period": fits[0] if fits and c.per_head_patching else None,
                                                     "periods": fits, "bos": census.bos})
     write_parquet(census.run.shard("induction_loss.parquet"), census.per_head({"induction_loss_share": shares}))
 
@@ -122,6 +124,8 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
     drops = ", ".join(f"P={r.period} {r.loss_drop:.2f}" for r in table.itertuples())
     needed = heads[heads["induction_loss_share"].fillna(-1) > thresholds["induction_loss"]] if "induction_loss_share" in heads else heads.iloc[:0]
     period = json.loads((run_dir / "induction_loss.json").read_text())["head_share_period"]
+    if period is None:
+        return f"loss drop on the repeat (nats/token): {drops}; heads' shares not measured (--per-head-patching)"
     return (f"loss drop on the repeat (nats/token): {drops}; heads carrying > {thresholds['induction_loss']:g} of it at P={period}: "
             + (", ".join(f"{r.layer}.{r.head}={r.induction_loss_share:.2f}" for r in needed.sort_values(
                 "induction_loss_share", ascending=False).head(10).itertuples()) or "none"))

@@ -99,6 +99,13 @@ def patch_drops(backend: Backend, sample: dict, free_prompt: list[int]) -> tuple
 def needle_patching_stage(census) -> None:
     """`needle_patch_samples` NIAH samples of the first NIAH length, at the census depths in turn."""
     c, info = census.config, census.info
+    if not c.per_head_patching:
+        census.note("needle patching: not measured (one pass per head and sample): --per-head-patching")
+        write_parquet(census.run / "needle_patching.parquet", pd.DataFrame(columns=["sample", "depth", "layer", "head",
+                                                                                    "answer_log_probability", "drop"]))
+        nan = torch.full((info.n_layers, info.n_heads), float("nan"))
+        write_parquet(census.run.shard("needle_patching.parquet"), census.per_head({"needle_patch_drop": nan}))
+        return
     length = c.lengths[0]
     needles = load_needles()
     tokenizer = census.model.tokenizer
@@ -118,7 +125,7 @@ def needle_patching_stage(census) -> None:
 
 
 def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None:
-    if "needle_patch_drop" not in heads:
+    if "needle_patch_drop" not in heads or heads["needle_patch_drop"].isna().all():
         return None
     table = pd.read_parquet(run_dir / "needle_patching.parquet")
     probability = table.groupby("sample")["answer_log_probability"].first().apply(math.exp).mean()
