@@ -53,7 +53,7 @@ class CensusConfig:
     induction_batch: int = _option(10, "repeated random strings for induction heads")
     induction_periods: list[int] = _option(lambda: [50, 128, 256, 512, 1024],
                                            "periods of the repeated random strings whose in-context loss drop is measured")
-    induction_loss_batch: int = _option(8, "repeated random strings per period for the in-context loss drop")
+    induction_loss_batch: int = _option(2, "repeated random strings per period for the in-context loss drop (each 2 x period tokens)")
     # retrieval heads
     lengths: list[int] = _option(lambda: [512, 1024, 2048], "NIAH context lengths in tokens")
     depths: list[float] = _option(lambda: [0.0, 0.25, 0.5, 0.75, 1.0], "needle depths (0-1)")
