@@ -460,9 +460,8 @@ def gqa_table(relative: str) -> Callable[[], str]:
 
 # ---- the registry -----------------------------------------------------------------------------------------------
 CENSUS_RUNS = {
+    "SmolLM2-135M-Instruct (CPU)": "census-smollm2-cpu",
     "Qwen2.5-Coder-0.5B (H200)": "qwen-h200-2026-12-03/census",
-    # Slot: "SmolLM2-135M-Instruct (CPU)": "census-smollm2-cpu",  -- add once `attnprobe census --out
-    # benchmarks/results/census-smollm2-cpu` is committed, then run this script.
 }
 
 TABLES: dict[str, Callable[[], str]] = {
