@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from gpu_bench import time_ms  # benchmarks/ is the script's folder, so on sys.path
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 OUT.mkdir(parents=True, exist_ok=True)
@@ -30,21 +31,6 @@ def record(entry: dict) -> None:
     print(json.dumps(entry), flush=True)
     with open(OUT / "gpu_libs.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
-
-
-def time_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
