@@ -17,34 +17,10 @@ from attnprobe.analyses.conversion import train as conversion
 from attnprobe.analyses.conversion.data import training_data
 from attnprobe.analyses.experiments import selectors
 from attnprobe.errors import AttnprobeError
-from attnprobe.hooks.backends import make_backend
-from attnprobe.hooks.model import load_model
 from attnprobe.probe import texts
-from tiny_hf import tiny_model_dir
+from test_convert import model_dir, prose_file, tiny  # noqa: F401 (the conversion tests' fixtures, shared)
 
 LENGTH = 32
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATTNPROBE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = load_model(str(tiny_model_dir(tmp_path_factory.mktemp("model"))), device="cpu")
-        torch.manual_seed(0)
-        with torch.no_grad():  # sharper attention than the default init
-            for layer in model.hf.model.layers:
-                layer.self_attn.q_proj.weight.normal_(0, 0.3)
-                layer.self_attn.k_proj.weight.normal_(0, 0.3)
-        backend = make_backend("native", model)
-        yield model, backend
-        backend.close()
-
-
-@pytest.fixture(scope="module")
-def prose_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text(texts.prose()[:60_000])
-    return path
 
 
 def census_dir(tmp_path, model, weights=None, scores=None):
