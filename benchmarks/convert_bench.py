@@ -193,8 +193,9 @@ class PhaseClock:
 
 
 def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step: int, micro_tokens: int, steps: int,
-               recompute: bool) -> dict:
-    """Time `steps` stage-2 optimizer steps (after one untimed warm-up step) of one row on random tokens."""
+               recompute: bool, profile: Path | None = None) -> dict:
+    """Time `steps` stage-2 optimizer steps (after one untimed warm-up step) of one row on random tokens;
+    with `profile`, one more step under torch.profiler, its tables written there (`write_profile`)."""
     from attnprobe.analyses.conversion import train
     from attnprobe.analyses.conversion.stage2 import Stage2Step, frozen_in_bf16, fused_ops
     from attnprobe.kernels.registry import make_kernel
@@ -219,20 +220,17 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
         with train.teacher_view(model, "lora") as teacher, \
                 train.recomputed_layers(model.hf, backend) if recompute else nullcontext():
             step = Stage2Step(model.hf, backend, student.edits, teacher, fast, 0.0, autocast)
-            for index in range(steps + 1):
-                if index == 1:  # the first step pays for allocation and autotuning
-                    clock.seconds = {}
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    began = time.perf_counter()
+
+            def optimizer_step(rows: torch.Tensor, first: bool) -> None:
+                nonlocal agreement
                 clock.start()
-                for piece in ids[index * batch:(index + 1) * batch].split(micro):
+                for piece in rows.split(micro):
                     piece = piece.to(device)
                     target = step.teacher(piece)
                     clock.mark("teacher forward")
                     out = step.student(student, piece)
                     clock.mark("student forward")
-                    if index == 0 and fast.loss == "liger":  # the two losses measured against each other, untimed
+                    if first and fast.loss == "liger":  # the two losses measured against each other, untimed
                         agreement = _loss_agreement(step, out, target, piece)
                     loss = step.loss(out, target, piece) * (len(piece) / batch)
                     clock.mark("loss")
@@ -242,7 +240,17 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 clock.mark("optimizer")
+
+            for index in range(steps + 1):
+                if index == 1:  # the first step pays for allocation and autotuning
+                    clock.seconds = {}
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    began = time.perf_counter()
+                optimizer_step(ids[index * batch:(index + 1) * batch], index == 0)
             seconds = time.perf_counter() - began
+            if profile is not None:  # one more step, untimed, under torch.profiler
+                write_profile(lambda: optimizer_step(ids[:batch], False), device, profile)
     tokens_per_s = steps * batch * length / seconds
     total = sum(clock.seconds.values())
     return {"row": row, "kernel": kernel, "length": length, "path": path, "batch": batch, "micro_batch": micro,
@@ -253,6 +261,27 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
             "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
             "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused, "looped_forms": looped},
             **({"liger_vs_chunked": agreement} if agreement else {})}
+
+
+def write_profile(run, device: torch.device, path: Path) -> None:
+    """`run()` under torch.profiler: the operators by device time and by host time, and how busy the device was
+    (the sum of its kernels' time over the wall time: a low share means the host, not the GPU, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - began
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6  # one stream: the kernels do not overlap
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(f"wall {wall:.3f} s, device kernels {busy:.3f} s ({busy / wall:.0%} busy)\n\n"
+                    + events.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n\n"
+                    + events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
 def _loss_agreement(step, out, target, ids) -> dict:
@@ -320,8 +349,9 @@ def stage2_matrix(args) -> list[dict]:
                 for path in args.paths.split(","):
                     base = {"model": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
                     try:
+                        profile = out / f"profile-{shape}-{row}-{length}-{path}.txt" if args.profile else None
                         record = {**base, **stage2_row(model, backend, row, length, path, args.tokens_per_step,
-                                                       args.micro_tokens, args.steps, args.recompute_layers)}
+                                                       args.micro_tokens, args.steps, args.recompute_layers, profile)}
                     except torch.OutOfMemoryError:
                         record = {**base, "row": row, "length": length, "path": path, "error": "out of memory"}
                     except AttnprobeError as error:  # e.g. liger's loss without liger-kernel: the other rows go on
@@ -361,6 +391,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--paths", default="old,new", help=f"of {', '.join(PATHS)}: old = full logits, fp32 weights; "
                         "new = the conversion's default (+ fused RMSNorm/SwiGLU/RoPE where liger-kernel is installed)")
+    parser.add_argument("--profile", action="store_true", help="--matrix: one more step per row under torch.profiler, "
+                        "its tables in OUT/profile-MODEL-ROW-LENGTH-PATH.txt")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--micro-tokens", type=int, default=16384, help="tokens per forward (gradient accumulation)")
     args = parser.parse_args()

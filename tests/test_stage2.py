@@ -73,10 +73,11 @@ def test_bad_fast_path_options_name_the_fix():
 
 def test_the_benchmark_matrix_runs_on_the_cpu(tmp_path):
     """Two rows at one length, old and new paths: one JSON line each, phases that add up, the FLOP count's MFU;
-    a path this machine cannot run (liger's loss without CUDA) is a row saying why, and the others go on."""
+    a path this machine cannot run (liger's loss without CUDA) is a row saying why, and the others go on; --profile
+    writes each measured row's profiler tables."""
     command = [sys.executable, str(ROOT / "benchmarks" / "convert_bench.py"), "--matrix", str(tmp_path), "--models", "tiny",
                "--rows", "control,all-gated-deltanet", "--lengths", "32", "--tokens-per-step", "128", "--micro-tokens", "64",
-               "--steps", "1", "--paths", "old,new,liger-loss"]
+               "--steps", "1", "--paths", "old,new,liger-loss", "--profile"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -95,6 +96,9 @@ def test_the_benchmark_matrix_runs_on_the_cpu(tmp_path):
         flops = convert_bench.stage2_flops_per_token(convert_bench.tiny_config(), 32)["mfu_count"]
         assert record["mfu"] == pytest.approx(record["tokens_per_s"] * flops / 989e12, rel=1e-2, abs=1e-4)
     assert records[2]["train_forms"] == "quadratic" and records[0]["train_forms"] is None
+    profile = (tmp_path / "profile-tiny-all-gated-deltanet-32-new.txt").read_text()
+    assert profile.startswith("wall ") and "aten::mm" in profile
+    assert not (tmp_path / "profile-tiny-control-32-liger-loss.txt").exists()
 
 
 KILLED_RUN = """

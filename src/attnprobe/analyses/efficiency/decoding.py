@@ -165,6 +165,8 @@ def _decode_static(model, edits, cache, token, prompt, warmup, tokens, timer) ->
     capture = device.type == "cuda"
     static = StaticStep(model, edits, cache, token, prompt)
     side = torch.cuda.Stream(device) if capture else None
+    if capture:  # the side stream starts after the prefill's kernels (it does not wait for them by itself)
+        side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side) if capture else contextlib.nullcontext():  # warm up off the capture stream
         for _ in range(warmup):
             static()
