@@ -11,7 +11,9 @@ backward, optimizer; the device is synchronised between phases). Rows: control (
 for any registered kernel K, sink+window+gdn, softmax-12.5 (1 head in 8 of each layer softmax, rounded up,
 the rest Gated DeltaNet). Paths: old (full-vocabulary logits, fp32 weights under autocast: stage 2 as it
 was) and new (`conversion.stage2.FastPath()`, the conversion's default). Each row is appended to
-OUT/convert_bench.jsonl as soon as it is measured; a row that runs out of memory is recorded as such.
+OUT/convert_bench.jsonl as soon as it is measured; a row that runs out of memory runs again at half the
+micro-batch (down to one sequence per forward; `micro_batch` in the record says what ran), --profile adds one
+step under torch.profiler per row.
 
     python benchmarks/convert_bench.py [--model PATH] [--kernel hedgehog] [--length 128] [--batch 4] [--steps 4]
         [--recompute-layers | --memory]
@@ -348,16 +350,22 @@ def stage2_matrix(args) -> list[dict]:
             for row in args.rows.split(","):
                 for path in args.paths.split(","):
                     base = {"model": shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-                    try:
-                        profile = out / f"profile-{shape}-{row}-{length}-{path}.txt" if args.profile else None
-                        record = {**base, **stage2_row(model, backend, row, length, path, args.tokens_per_step,
-                                                       args.micro_tokens, args.steps, args.recompute_layers, profile)}
-                    except torch.OutOfMemoryError:
-                        record = {**base, "row": row, "length": length, "path": path, "error": "out of memory"}
-                    except AttnprobeError as error:  # e.g. liger's loss without liger-kernel: the other rows go on
-                        record = {**base, "row": row, "length": length, "path": path, "error": str(error)}
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
+                    profile = out / f"profile-{shape}-{row}-{length}-{path}.txt" if args.profile else None
+                    micro_tokens = args.micro_tokens
+                    while True:  # out of memory: again at half the micro-batch, down to one sequence
+                        try:
+                            record = {**base, **stage2_row(model, backend, row, length, path, args.tokens_per_step,
+                                                           micro_tokens, args.steps, args.recompute_layers, profile)}
+                        except torch.OutOfMemoryError:
+                            record = {**base, "row": row, "length": length, "path": path,
+                                      "error": f"out of memory at {micro_tokens} tokens per forward"}
+                        except AttnprobeError as error:  # e.g. liger's loss without liger-kernel: the other rows go on
+                            record = {**base, "row": row, "length": length, "path": path, "error": str(error)}
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                        if not record.get("error", "").startswith("out of memory") or micro_tokens // 2 < length:
+                            break
+                        micro_tokens //= 2
                     records.append(record)
                     with open(out / "convert_bench.jsonl", "a") as handle:
                         handle.write(json.dumps(record) + "\n")

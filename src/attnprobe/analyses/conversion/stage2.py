@@ -229,7 +229,7 @@ def liger_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: tor
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     student, teacher = (x.flatten(0, 1).to(weight.dtype) for x in (student, teacher))  # liger wants one dtype
-    return LigerFusedLinearJSD(jsd_beta=0.0)(student, weight, teacher, weight)
+    return LigerFusedLinearJSD(jsd_beta=0.0)(student, weight, teacher, weight, None)  # None: every position counts
 
 
 @contextmanager

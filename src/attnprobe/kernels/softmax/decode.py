@@ -116,7 +116,7 @@ def split_k_decode_triton(q, k, v, lengths, scaling: float, splits: int) -> torc
     l = torch.empty_like(m)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     split_kernel[(batch * kv_heads, splits)](
-        q, k, v, lengths, partial, m, l, scaling * LOG2E, kv_heads, splits,
+        q, k, v, lengths, partial, m, l, scaling * LOG2E, kv_heads, splits, k.shape[2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         GROUP=group, GROUP_PAD=group_pad, D=_width(dim), DV=dv, BLOCK=BLOCK_N, PRECISION=precision,
         **({} if interpreting() else {"num_warps": 4, "num_stages": 2}))
