@@ -233,3 +233,37 @@ def test_frozen_weights_in_bf16_for_the_stage_and_back_bit_for_bit():
         assert all(p.dtype == torch.float32 for p in model.hf.parameters())
     after = dict(model.hf.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_under_autocast_the_student_skips_peft_input_casts_and_computes_the_same():
+    """peft casts each LoRA input to fp32, which autocast casts back for the matmul: the student turns that off
+    under autocast (fewer copies), computes what peft's casting path computes, and leaves peft as it was."""
+    from contextlib import nullcontext
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from attnprobe.analyses.conversion.stage2 import Stage2Step
+    from attnprobe.hooks.backends import make_backend
+    from tiny_hf import TinyTokenizer, wrap
+
+    model = wrap(tiny_llama(), TinyTokenizer())
+    backend = make_backend("native", model)
+    ids = torch.randint(0, model.info.vocab_size, (2, 12))
+    with conversion.adapted(model, "lora", 4) as params:
+        for p in params.values():
+            torch.nn.init.normal_(p, std=0.2)  # lora_B starts at 0: make the adapters count
+        student = conversion.Student(model.hf, {}, {}, 12, hidden=True)
+        layers = [m for m in model.hf.modules() if isinstance(m, BaseTunerLayer)]
+        seen = []
+        hook = layers[0].register_forward_pre_hook(lambda m, args: seen.append(m.cast_input_dtype_enabled))
+        outputs = {}
+        for name, autocast in (("fp32", nullcontext), ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+            step = Stage2Step(model.hf, backend, student.edits, None, FastPath(), 0.0, autocast)
+            outputs[name] = step.student(student, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # peft's own casting path, by hand
+            casting = student(ids)
+        hook.remove()
+    assert seen == [True, False, True]
+    assert all(layer.cast_input_dtype_enabled for layer in layers)
+    assert outputs["bf16"].dtype == casting.dtype and torch.equal(outputs["bf16"], casting)
+    torch.testing.assert_close(outputs["bf16"].float(), outputs["fp32"], atol=0.1, rtol=0.1)

@@ -10,7 +10,7 @@ differ only by rounding; tests hold the loss and its gradient equal.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -253,6 +253,16 @@ def frozen_in_bf16(hf: nn.Module, enabled: bool) -> Iterator[None]:
             tensor.data = original.to(device)
 
 
+def _adapter_inputs_uncast(module: nn.Module, autocast: bool):
+    """Under autocast, peft's cast of each LoRA input to the adapter's fp32 is a copy of the activations that
+    autocast undoes for the matmul: off for the block (the same numbers; 8 fewer copies per layer and step)."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # a peft before the switch: it casts
+        return nullcontext()
+    return disable_input_dtype_casting(module, active=autocast)
+
+
 class Stage2Step:
     """One stage-2 micro-step in its phases, as training runs it and the benchmark times it:
     `teacher(ids)` (no gradient, adapters off), `student(module, ids)` (the replaced heads patched in,
@@ -275,7 +285,8 @@ class Stage2Step:
         from attnprobe.kernels.dispatch import differentiable
 
         with self.backend.patched(self.edits), differentiable(), self.autocast():  # bf16 weights need autocast
-            return module(ids)
+            with _adapter_inputs_uncast(module, torch.is_autocast_enabled(ids.device.type)):
+                return module(ids)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if not self.hidden:
