@@ -58,7 +58,8 @@ def test_massive_activation_is_the_planted_entry(census_run):
     assert set(massive["layer"]) == {0, 1}
     assert massive["value"].abs().min() == pytest.approx(MASSIVE_VALUE, rel=1e-3)
     dims = pd.read_parquet(out / "massive_dims.parquet")
-    assert dims[["dim", "first_layer", "sequence_share"]].values.tolist() == [[MASSIVE_DIM, 0, 1.0]]  # every sequence has BOS
+    assert dims[["dim", "first_layer", "sequence_share", "onset_layer", "onset_share"]].values.tolist() == \
+        [[MASSIVE_DIM, 0, 1.0, 0, 1.0]]  # every sequence has BOS
     assert massive["sequence"].nunique() == CensusConfig().massive_sequences  # the default scan: 64 sequences
     intervention = pd.read_parquet(out / "massive_intervention.parquet").set_index("intervention")
     assert list(intervention.index) == ["none", "zero", "mean"]

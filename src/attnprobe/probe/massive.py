@@ -2,15 +2,18 @@
 
 In each block output h_l (all tokens, all dims), entry (t, d) is massive if |h| > 100 and
 |h| > 1000 * median(|h_l|). The scan runs over `massive_sequences` (default 64) windows of census text,
-so that a dim carried by few inputs is still found; massive_dims.parquet says per dim the layer where it
-first appears and in what share of the sequences it is massive there.
+so that a dim carried by few inputs is still found. massive_dims.parquet says per dim the layer where it
+first appears anywhere (and in what share of the sequences), and its onset: the first layer at which it
+is massive in at least half of the sequences that ever carry it. A dim can flicker early in a few inputs
+long before it settles (SmolLM2's dim 507: near 940 at layer 2 in 2 of 64 windows, about 22,700 from
+layer 11 in all 64), and its onset, not its rarest early sighting, is where it enters the stream.
 
-The intervention overwrites only massive entries, each dim at its own first layer (every dim found,
-not only those of the earliest layer), with 0 or with its mean, and measures held-out perplexity.
-"mean" is, per dim, the mean of that dim's massive values at its first layer over the scan's
-sequences: it restores the entry's typical, input-independent size and removes only how it varies
-between inputs (Sun et al.: perplexity barely moves, so the entries act as fixed biases), while "zero"
-removes the entry altogether.
+The intervention overwrites only massive entries, each dim at its own onset layer (every dim found, not
+only those of the earliest layer), at the positions where it is massive at that layer or later, with 0
+or with its mean, and measures held-out perplexity. "mean" is, per dim, the mean of that dim's massive
+values at its onset layer over the scan's sequences: it restores the entry's typical, input-independent
+size and removes only how it varies between inputs (Sun et al.: perplexity barely moves, so the entries
+act as fixed biases), while "zero" removes the entry altogether.
 """
 from __future__ import annotations
 
@@ -67,18 +70,23 @@ def massive_scan(backend: Backend, ids: torch.Tensor, tokens: Sequence[Sequence[
 
 
 def massive_positions(backend: Backend, ids: torch.Tensor, dims: Sequence[int], absolute: float = 100.0,
-                      relative: float = 1000.0) -> torch.Tensor:
-    """Boolean (B, T, len(dims)): where each input carries a massive value in `dims` at any layer."""
+                      relative: float = 1000.0, from_layers: Sequence[int] | None = None) -> torch.Tensor:
+    """Boolean (B, T, len(dims)): where each input carries a massive value in `dims` at any layer (or, with
+    `from_layers`, at dim i's layer from_layers[i] or later)."""
     ids = check_ids(backend.info, ids)
     dims = list(dims)
     found = torch.zeros(ids.shape[0], ids.shape[1], len(dims), dtype=torch.bool)
+    starts = torch.tensor(list(from_layers) if from_layers is not None else [0] * len(dims))
 
-    def mark(h: torch.Tensor):
-        median = h.float().abs().flatten(1).median(dim=1).values[:, None, None]
-        found.logical_or_(_is_massive(h[:, :, dims].float(), median, absolute, relative).cpu())
+    def mark(layer: int):
+        def fn(h: torch.Tensor):
+            median = h.float().abs().flatten(1).median(dim=1).values[:, None, None]
+            hits = _is_massive(h[:, :, dims].float(), median, absolute, relative).cpu()
+            found.logical_or_(hits & (starts <= layer))
+        return fn
 
     n_layers = backend.info.n_layers
-    backend.run(ids, reads={(layer, Site.RESID_POST): Apply(mark) for layer in range(n_layers)})
+    backend.run(ids, reads={(layer, Site.RESID_POST): Apply(mark(layer)) for layer in range(n_layers)})
     return found
 
 
@@ -97,40 +105,47 @@ def overwrite_massive(layer: int, dims: Sequence[int], where: torch.Tensor, fill
     return Edit(layer, Site.RESID_POST, fn, f"massive overwrite L{layer} dims {dims}")
 
 
-MEAN_MEANING = "each dim's mean massive value at its first layer over the scan (restores its typical size)"
+MEAN_MEANING = "each dim's mean massive value at its onset layer over the scan (restores its typical size)"
+ONSET_SHARE = 0.5  # a dim's onset: the first layer where it is massive in at least this share of the sequences carrying it
 
 
 def first_layers(entries: pd.DataFrame, n_sequences: int) -> pd.DataFrame:
-    """Per massive dim: the layer where it first appears, the share of the scan's sequences in which it is
-    massive there, its mean value there (the intervention's "mean") and its largest |value| anywhere."""
+    """Per massive dim: the layer where it first appears and the share of the scan's sequences in which it is
+    massive there; its onset layer (the first where it is massive in at least ONSET_SHARE of the sequences that
+    ever carry it), that share of all sequences, its mean value there (the intervention's "mean"); and its
+    largest |value| anywhere."""
     rows = []
     for dim, group in entries.groupby("dim"):
-        layer = int(group["layer"].min())
-        first = group[group["layer"] == layer]
-        rows.append({"dim": int(dim), "first_layer": layer, "sequence_share": first["sequence"].nunique() / n_sequences,
-                     "positions": " ".join(map(str, sorted(first["position"].unique())[:8])),
-                     "mean_at_first_layer": float(first["value"].mean()), "max_abs": float(group["value"].abs().max())})
-    columns = ["dim", "first_layer", "sequence_share", "positions", "mean_at_first_layer", "max_abs"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["first_layer", "dim"], ignore_index=True)
+        carriers = group["sequence"].nunique()
+        per_layer = group.groupby("layer")["sequence"].nunique().sort_index()
+        layer = int(per_layer.index[0])
+        onset = int(per_layer[per_layer >= ONSET_SHARE * carriers].index[0])
+        at_onset = group[group["layer"] == onset]
+        rows.append({"dim": int(dim), "first_layer": layer, "sequence_share": per_layer.iloc[0] / n_sequences,
+                     "onset_layer": onset, "onset_share": per_layer[onset] / n_sequences,
+                     "positions": " ".join(map(str, sorted(at_onset["position"].unique())[:8])),
+                     "mean_at_onset": float(at_onset["value"].mean()), "max_abs": float(group["value"].abs().max())})
+    columns = ["dim", "first_layer", "sequence_share", "onset_layer", "onset_share", "positions", "mean_at_onset", "max_abs"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["onset_layer", "dim"], ignore_index=True)
 
 
 def massive_edits(backend: Backend, ids: torch.Tensor, dims: pd.DataFrame, fill: str) -> list[Edit]:
-    """Edits overwriting each dim of `dims` (a `first_layers` table) at its first layer, where `ids` carry a
-    massive value in it, with 0 (fill "zero") or its mean ("mean")."""
-    where = massive_positions(backend, ids, dims["dim"].tolist())
+    """Edits overwriting each dim of `dims` (a `first_layers` table) at its onset layer, where `ids` carry a
+    massive value in it at that layer or later, with 0 (fill "zero") or its mean ("mean")."""
+    where = massive_positions(backend, ids, dims["dim"].tolist(), from_layers=dims["onset_layer"].tolist())
     edits = []
-    for layer, group in dims.groupby("first_layer"):
+    for layer, group in dims.groupby("onset_layer"):
         index = [dims.index.get_loc(i) for i in group.index]
-        values = 0.0 if fill == "zero" else dict(zip(group["dim"].astype(int), group["mean_at_first_layer"]))
+        values = 0.0 if fill == "zero" else dict(zip(group["dim"].astype(int), group["mean_at_onset"]))
         edits.append(overwrite_massive(int(layer), group["dim"].astype(int).tolist(), where[:, :, index], values))
     return edits
 
 
 def massive_intervention(backend: Backend, dims: pd.DataFrame, held_out: torch.Tensor, batch_size: int = 4,
                          skip_first: int = 0) -> pd.DataFrame:
-    """Perplexity of held-out windows: original, every massive dim zeroed at its first layer, and set to its mean.
+    """Perplexity of held-out windows: original, every massive dim zeroed at its onset layer, and set to its mean.
 
-    The entries overwritten are those each held-out window carries (at any layer, in the dims found);
+    The entries overwritten are those each held-out window carries (at the dim's onset layer or later);
     `skip_first` as in `perplexity`."""
     rows = [{"intervention": "none", "layer": None, "fill": "",
              "perplexity": perplexity(backend, held_out, batch_size=batch_size, skip_first=skip_first)}]
@@ -145,17 +160,17 @@ def massive_intervention(backend: Backend, dims: pd.DataFrame, held_out: torch.T
             total_log += (math.log(batch_ppl) if math.isfinite(batch_ppl) else math.inf) * ids.shape[0]
             rows_seen += ids.shape[0]
         mean_log = total_log / rows_seen  # every row has the same length, so rows weigh equally
-        rows.append({"intervention": name, "layer": int(dims["first_layer"].min()), "fill": "0" if name == "zero" else MEAN_MEANING,
+        rows.append({"intervention": name, "layer": int(dims["onset_layer"].min()), "fill": "0" if name == "zero" else MEAN_MEANING,
                      "perplexity": math.exp(mean_log) if math.isfinite(mean_log) else math.inf})
     return pd.DataFrame(rows).assign(dims=" ".join(str(d) for d in sorted(dims["dim"])),
-                                     dim_layers=" ".join(f"{r.dim}:{r.first_layer}" for r in dims.sort_values("dim").itertuples()))
+                                     dim_layers=" ".join(f"{r.dim}:{r.onset_layer}" for r in dims.sort_values("dim").itertuples()))
 
 
 # ---- census declarations ----------------------------------------------------------------------
 
 def massive_stage(census) -> None:
     """The scan over `massive_sequences` windows of census text (massive.parquet, massive_layers.parquet) and
-    each dim's first layer and frequency (massive_dims.parquet)."""
+    each dim's first and onset layers and frequencies (massive_dims.parquet)."""
     c = census.config
     ids = census.natural(c.massive_sequences, c.massive_length, census.bos, seed_offset=2, what="massive activations")
     layers, entries = massive_scan(census.backend, ids, token_strings(census.model.tokenizer, ids), c.massive_absolute,
@@ -204,8 +219,10 @@ def _summary(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> str | None
         return "none found"
     dims = pd.read_parquet(run_dir / "massive_dims.parquet").sort_values("max_abs", ascending=False)
     tokens = massive["token"].value_counts().head(4)
-    return ("dims " + ", ".join(f"{r.dim} (from layer {r.first_layer} in {100 * r.sequence_share:.0f} % of sequences, "
-                                f"max {r.max_abs:,.0f})" for r in dims.head(6).itertuples())
+    return ("dims " + ", ".join(f"{r.dim} (from layer {r.onset_layer} in {100 * r.onset_share:.0f} % of sequences"
+                                + (f", first seen at layer {r.first_layer} in {100 * r.sequence_share:.0f} %"
+                                   if r.first_layer != r.onset_layer else "") + f", max {r.max_abs:,.0f})"
+                                for r in dims.head(6).itertuples())
             + "; tokens " + ", ".join(f"{t!r} x{n}" for t, n in tokens.items()))
 
 
@@ -216,9 +233,9 @@ def _presence(run_dir: Path, heads: pd.DataFrame, thresholds: dict) -> dict:
 
 CENSUS = (
     Stage("massive", massive_stage, order=40, files=("massive_layers.parquet", "massive.parquet", "massive_dims.parquet"),
-          description="massive activations in the residual stream, each dim's first layer and frequency"),
+          description="massive activations in the residual stream, each dim's first and onset layers and frequencies"),
     Stage("massive_intervention", massive_intervention_stage, order=60, needs=("massive",), files=("massive_intervention.parquet",),
-          description="perplexity with every massive dim zeroed, or set to its mean, at its first layer"),
+          description="perplexity with every massive dim zeroed, or set to its mean, at its onset layer"),
     Mechanism("massive", "massive", "massive activations", rank=45, summary=_summary, matrix="massive",
               matrix_label="massive act.", presence=_presence),
 )
