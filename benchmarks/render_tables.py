@@ -421,6 +421,27 @@ def throughput_table(*relatives: str) -> Callable[[], str]:
     return render
 
 
+def stage2_matrix_table(*relatives: str) -> Callable[[], str]:
+    """Every row of convert_bench.py --matrix records (.jsonl), in order: tokens/s, MFU, memory, phase shares."""
+    phases = ("teacher forward", "student forward", "loss", "backward", "optimizer")
+
+    def render() -> str:
+        rows = []
+        for relative in relatives:
+            for r in map(json.loads, filter(str.strip, record(relative).read_text().splitlines())):
+                head = [r["model"], r["row"], str(r["length"]), r["path"], relative.split("/")[-2]]
+                if "error" in r:
+                    rows.append(head + ["", r["error"], "", "", ""])
+                    continue
+                share = r["phase_share"]
+                rows.append(head + [f"{r['micro_batch'] * r['length']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['mfu'] * 100:.1f} %",
+                                    f"{r['peak_memory_gb']:.1f}", " / ".join(f"{100 * share[p]:.0f}" for p in phases)])
+        return table(["model", "row", "T", "path", "record", "tokens per forward", "tokens/s", "MFU", "peak GiB",
+                      "% teacher / student / loss / backward / optimizer"], rows)
+
+    return render
+
+
 # ---- flash-linear-attention against our torch forms ------------------------------------------------------------
 def families_table(relative: str) -> Callable[[], str]:
     def number(value) -> str:
@@ -481,6 +502,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "throughput": throughput_table("convert-20m-h200-2026-12-02e/throughput-b32.json", "convert-20m-h200-2026-12-02e/throughput-b128.json"),
     "fla-families": families_table("convert-families-h200-2026-12-02c/gpu_families.json"),
     "gqa-sdpa": gqa_table("gqa-sdpa-h200-2026-12-04/gqa_sdpa_memory.json"),
+    "stage2-h100": stage2_matrix_table(*(f"stage2-h100-2026-12-07/{part}/convert_bench.jsonl"
+                                         for part in ("a-micro16k", "b-profile-micro16k", "c-micro64k"))),
 }
 
 
