@@ -144,8 +144,8 @@ def census_column(relative: str) -> list[str]:
         top("induction_score", thresholds["induction"]),
         top("prev_token_score", thresholds["previous_token"]),
         ", ".join(f"{dim} (up to {value:,.0f})" for dim, value in dims.head(2).items()) + f", layers {layers}",
-        f"{intervention.loc['none', 'perplexity']:.2f} -> {zero['perplexity']:.2f} (zero) / "
-        f"{intervention.loc['mean', 'perplexity']:.2f} (mean) at layer {int(zero['layer'])}",
+        f"{intervention.loc['none', 'perplexity']:,.2f} -> {zero['perplexity']:,.2f} (zero) / "
+        f"{intervention.loc['mean', 'perplexity']:,.2f} (mean) at layer {int(zero['layer'])}",
         f"{int((heads['hidden_sink_count'] > 0).sum())} of {len(heads)}",
     ]
 
