@@ -65,12 +65,13 @@ def test_a_dim_that_flickers_early_in_few_sequences_enters_at_its_onset():
     assert dims.loc[5, "max_abs"] == pytest.approx(20009.0)
 
 
-def test_positions_count_only_from_each_dims_onset_layer():
-    """massive_positions with from_layers ignores a dim's massive entries before the layer it is given."""
+def test_positions_count_only_at_the_layer_each_dim_is_given():
+    """massive_positions with `layers` counts dim i's massive entries at layers[i] only."""
     model = model_with_a_late_dim()
     backend = NativeBackend(model)
     ids = torch.cat([torch.full((2, 1), BOS), torch.randint(2, 32, (2, 10), generator=torch.Generator().manual_seed(1))], 1)
     anywhere = massive_positions(backend, ids, [MASSIVE_DIM, LATE_DIM])
     assert anywhere[:, 0, 0].all() and anywhere[:, :, 1].all()  # BOS's dim from layer 0; the late dim on every token
-    late = massive_positions(backend, ids, [MASSIVE_DIM, LATE_DIM], from_layers=[0, model.info.n_layers])
-    assert torch.equal(late[:, :, 0], anywhere[:, :, 0]) and not late[:, :, 1].any()
+    assert torch.equal(massive_positions(backend, ids, [MASSIVE_DIM, LATE_DIM], layers=[0, 1]), anywhere)
+    none_late = massive_positions(backend, ids, [MASSIVE_DIM, LATE_DIM], layers=[0, 0])  # the late dim is not massive at 0
+    assert torch.equal(none_late[:, :, 0], anywhere[:, :, 0]) and not none_late[:, :, 1].any()

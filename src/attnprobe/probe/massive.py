@@ -9,8 +9,10 @@ long before it settles (SmolLM2's dim 507: near 940 at layer 2 in 2 of 64 window
 layer 11 in all 64), and its onset, not its rarest early sighting, is where it enters the stream.
 
 The intervention overwrites only massive entries, each dim at its own onset layer (every dim found, not
-only those of the earliest layer), at the positions where it is massive at that layer or later, with 0
-or with its mean, and measures held-out perplexity. "mean" is, per dim, the mean of that dim's massive
+only those of the earliest layer) where it is massive at that layer, with 0 or with its mean, and measures
+held-out perplexity. Entries a dim gains only at later layers are left as the model computes them from the
+edited stream (Gemma-3's dim 400 is massive at layer 0 on BOS and a few delimiters, and from layer 1 on most
+tokens). "mean" is, per dim, the mean of that dim's massive
 values at its onset layer over the scan's sequences: it restores the entry's typical, input-independent
 size and removes only how it varies between inputs (Sun et al.: perplexity barely moves, so the entries
 act as fixed biases), while "zero" removes the entry altogether.
@@ -70,19 +72,19 @@ def massive_scan(backend: Backend, ids: torch.Tensor, tokens: Sequence[Sequence[
 
 
 def massive_positions(backend: Backend, ids: torch.Tensor, dims: Sequence[int], absolute: float = 100.0,
-                      relative: float = 1000.0, from_layers: Sequence[int] | None = None) -> torch.Tensor:
+                      relative: float = 1000.0, layers: Sequence[int] | None = None) -> torch.Tensor:
     """Boolean (B, T, len(dims)): where each input carries a massive value in `dims` at any layer (or, with
-    `from_layers`, at dim i's layer from_layers[i] or later)."""
+    `layers`, dim i at layer layers[i] only)."""
     ids = check_ids(backend.info, ids)
     dims = list(dims)
     found = torch.zeros(ids.shape[0], ids.shape[1], len(dims), dtype=torch.bool)
-    starts = torch.tensor(list(from_layers) if from_layers is not None else [0] * len(dims))
+    at = torch.tensor(list(layers)) if layers is not None else None
 
     def mark(layer: int):
         def fn(h: torch.Tensor):
             median = h.float().abs().flatten(1).median(dim=1).values[:, None, None]
             hits = _is_massive(h[:, :, dims].float(), median, absolute, relative).cpu()
-            found.logical_or_(hits & (starts <= layer))
+            found.logical_or_(hits if at is None else hits & (at == layer))
         return fn
 
     n_layers = backend.info.n_layers
@@ -131,8 +133,8 @@ def first_layers(entries: pd.DataFrame, n_sequences: int) -> pd.DataFrame:
 
 def massive_edits(backend: Backend, ids: torch.Tensor, dims: pd.DataFrame, fill: str) -> list[Edit]:
     """Edits overwriting each dim of `dims` (a `first_layers` table) at its onset layer, where `ids` carry a
-    massive value in it at that layer or later, with 0 (fill "zero") or its mean ("mean")."""
-    where = massive_positions(backend, ids, dims["dim"].tolist(), from_layers=dims["onset_layer"].tolist())
+    massive value in it at that layer, with 0 (fill "zero") or its mean ("mean")."""
+    where = massive_positions(backend, ids, dims["dim"].tolist(), layers=dims["onset_layer"].tolist())
     edits = []
     for layer, group in dims.groupby("onset_layer"):
         index = [dims.index.get_loc(i) for i in group.index]
@@ -145,7 +147,7 @@ def massive_intervention(backend: Backend, dims: pd.DataFrame, held_out: torch.T
                          skip_first: int = 0) -> pd.DataFrame:
     """Perplexity of held-out windows: original, every massive dim zeroed at its onset layer, and set to its mean.
 
-    The entries overwritten are those each held-out window carries (at the dim's onset layer or later);
+    The entries overwritten are those each held-out window carries at the dim's onset layer;
     `skip_first` as in `perplexity`."""
     rows = [{"intervention": "none", "layer": None, "fill": "",
              "perplexity": perplexity(backend, held_out, batch_size=batch_size, skip_first=skip_first)}]
