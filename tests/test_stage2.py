@@ -267,3 +267,32 @@ def test_under_autocast_the_student_skips_peft_input_casts_and_computes_the_same
     assert all(layer.cast_input_dtype_enabled for layer in layers)
     assert outputs["bf16"].dtype == casting.dtype and torch.equal(outputs["bf16"], casting)
     torch.testing.assert_close(outputs["bf16"].float(), outputs["fp32"], atol=0.1, rtol=0.1)
+
+
+LIGER_AGAINST_OURS = """
+import torch
+from attnprobe.analyses.conversion.stage2 import chunked_distillation, liger_distillation
+torch.manual_seed(0)
+weight = 0.5 * torch.randn(96, 16)
+student, teacher = torch.randn(3, 7, 16, requires_grad=True), torch.randn(3, 7, 16)
+ids = torch.randint(0, 96, (3, 7))
+values, grads = [], []
+for loss in (lambda: liger_distillation(student, teacher, weight), lambda: chunked_distillation(student, teacher, weight, ids, chunk=5)):
+    value = loss()
+    grads.append(torch.autograd.grad(value, student)[0])
+    values.append(value.item())
+print(values[0], values[1], (grads[0] - grads[1]).abs().max().item(), grads[1].abs().max().item())
+"""
+
+
+def test_liger_kernels_fused_linear_kl_equals_ours_under_the_interpreter():
+    """`--loss liger` (liger-kernel's fused linear JSD at beta 0) and the chunked KL give the same mean per-token
+    KL(teacher || student) and the same gradient: liger's Triton kernels run on the CPU through Triton's
+    interpreter, in a process of their own (the interpreter must be on before triton is imported)."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is in the [test] extra")
+    done = subprocess.run([sys.executable, "-c", LIGER_AGAINST_OURS], capture_output=True, text=True, timeout=600,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    liger, ours, grad_difference, grad_scale = map(float, done.stdout.split()[-4:])
+    assert liger == pytest.approx(ours, rel=1e-5) and ours > 0.1
+    assert grad_difference < 1e-5 * grad_scale + 1e-7
