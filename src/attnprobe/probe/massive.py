@@ -12,10 +12,10 @@ The intervention overwrites only massive entries, each dim at its own onset laye
 only those of the earliest layer) where it is massive at that layer, with 0 or with its mean, and measures
 held-out perplexity. Entries a dim gains only at later layers are left as the model computes them from the
 edited stream (Gemma-3's dim 400 is massive at layer 0 on BOS and a few delimiters, and from layer 1 on most
-tokens). "mean" is, per dim, the mean of that dim's massive
-values at its onset layer over the scan's sequences: it restores the entry's typical, input-independent
-size and removes only how it varies between inputs (Sun et al.: perplexity barely moves, so the entries
-act as fixed biases), while "zero" removes the entry altogether.
+tokens). "mean" is, per dim, the mean of that dim's massive values at its onset layer over the scan's
+sequences: it restores the entry's typical, input-independent size and removes only how it varies between
+inputs (Sun et al.: perplexity barely moves, so the entries act as fixed biases), while "zero" removes the
+entry altogether.
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def massive_positions(backend: Backend, ids: torch.Tensor, dims: Sequence[int], 
             found.logical_or_(hits if at is None else hits & (at == layer))
         return fn
 
-    n_layers = backend.info.n_layers
-    backend.run(ids, reads={(layer, Site.RESID_POST): Apply(mark(layer)) for layer in range(n_layers)})
+    read = range(backend.info.n_layers) if layers is None else sorted(set(layers))
+    backend.run(ids, reads={(layer, Site.RESID_POST): Apply(mark(layer)) for layer in read})
     return found
 
 
