@@ -250,16 +250,16 @@ def stage2_row(model, backend, row: str, length: int, path: str, tokens_per_step
                         torch.cuda.reset_peak_memory_stats(device)
                     began = time.perf_counter()
                 optimizer_step(ids[index * batch:(index + 1) * batch], index == 0)
-            seconds = time.perf_counter() - began
+            seconds, phases = time.perf_counter() - began, dict(clock.seconds)
             if profile is not None:  # one more step, untimed, under torch.profiler
                 write_profile(lambda: optimizer_step(ids[:batch], False), device, profile)
     tokens_per_s = steps * batch * length / seconds
-    total = sum(clock.seconds.values())
+    total = sum(phases.values())
     return {"row": row, "kernel": kernel, "length": length, "path": path, "batch": batch, "micro_batch": micro,
             "steps": steps, "recompute_layers": recompute, "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(mfu(tokens_per_s, model.hf.config, length), 4),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
-            "phase_share": {phase: round(t / total, 4) for phase, t in clock.seconds.items()},
+            "phase_share": {phase: round(t / total, 4) for phase, t in phases.items()},
             "step_seconds": round(seconds / steps, 4), "train_forms": _train_forms(kernels, device, length),
             "fast_path": {**dataclasses.asdict(fast), "fused_ops": fused, "looped_forms": looped},
             **({"liger_vs_chunked": agreement} if agreement else {})}
