@@ -3,7 +3,6 @@ through Triton's interpreter (as tests/test_triton.py runs the other kernels); t
 the compiled kernel on a GPU."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -19,6 +18,7 @@ from attnprobe.errors import AttnprobeError
 pytest.importorskip("triton", reason="triton is not installed on this platform")
 
 from attnprobe.kernels.softmax import decode, triton_decode  # noqa: E402
+from interpreted import interpreted as interpreted_modules  # noqa: E402
 
 # (batch, query heads, KV heads, buffer length, head dim, valid lengths per sequence)
 SHAPES = [(1, 4, 4, 37, 16, [37]), (2, 9, 3, 300, 64, [300, 129]), (3, 14, 2, 200, 64, [1, 64, 65]),
@@ -74,15 +74,8 @@ def test_bad_shapes_name_the_fix():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        patch.setattr(JITFunction, "__call__", lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs))
-        importlib.reload(triton_decode)
+    with interpreted_modules(triton_decode):
         yield decode
-    importlib.reload(triton_decode)
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])

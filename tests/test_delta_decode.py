@@ -2,7 +2,6 @@
 interpreter on CPU (as tests/test_triton.py runs the other kernels), and the decode route that picks it."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -18,18 +17,13 @@ pytest.importorskip("triton", reason="triton is not installed on this platform")
 
 from attnprobe.kernels.deltanet import decode  # noqa: E402
 from attnprobe.kernels.registry import make_kernel  # noqa: E402
+from interpreted import interpreted as interpreted_modules  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        patch.setattr(JITFunction, "__call__", lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs))
-        yield importlib.reload(decode)
-    importlib.reload(decode)
+    with interpreted_modules(decode) as (module,):
+        yield module
 
 
 def trained_like(name: str, heads: int, dim: int):

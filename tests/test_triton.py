@@ -1,14 +1,7 @@
-"""Triton kernels against torch references, on CPU through Triton's interpreter (CI has no GPU).
-
-TRITON_INTERPRET is read when a function is decorated with triton.jit. The fixture sets it and
-reloads the kernel modules, then restores both for the tests that run next. Where triton itself was
-imported earlier in the session (transformers imports it), its own library functions (tl.sum,
-tl.zeros, ...) are compiled-mode objects that refuse to be called; the fixture then routes those
-calls through the interpreter too, for the duration of this module.
-"""
+"""Triton kernels against torch references, on CPU through Triton's interpreter (CI has no GPU;
+tests/interpreted.py says how)."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -21,24 +14,17 @@ import torch
 from attnprobe.errors import AttnprobeError
 from attnprobe.hooks.reducers import PatternStats
 from attnprobe.kernels import attention_stats as reference
+from interpreted import interpreted
 
 pytest.importorskip("triton", reason="triton is not installed on this platform")
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+    from attnprobe.kernels import triton_linear, triton_stats
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        patch.setattr(JITFunction, "__call__", lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs))
-        from attnprobe.kernels import triton_linear, triton_stats
-
-        stats, linear = importlib.reload(triton_stats), importlib.reload(triton_linear)
+    with interpreted(triton_stats, triton_linear) as (stats, linear):
         yield stats, linear
-    importlib.reload(stats)
-    importlib.reload(linear)
 
 
 def eager_pattern(q, k, scaling, window=None):
