@@ -223,3 +223,13 @@ def test_adding_lora_adapters_warns_nothing(recwarn):
     with adapted(wrap(tiny_llama(), TinyTokenizer()), "lora", 4) as params:
         assert params
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in recwarn]
+
+
+def test_convert_evaluates_at_the_sizes_asked_for():
+    from attnprobe.analyses.cli import evaluation_sizes
+    from attnprobe.analyses.experiments.config import DEFAULT_TASKS, MatrixSizes
+
+    gpu = evaluation_sizes(False, True, "passkey, niah")(census=False)
+    assert gpu == MatrixSizes.gpu(tasks=("passkey", "niah"), census=False)
+    assert evaluation_sizes(False, False, None)() == MatrixSizes()
+    assert evaluation_sizes(True, False, None)().tasks == DEFAULT_TASKS and evaluation_sizes(True, False, None)().allow_small

@@ -109,7 +109,10 @@ def test_budget_sizes_refuse_impossible_settings(changes, message):
     (["--accumulation", "0"], "--accumulation must be a whole number of at least 1"),
     (["--tokens", "lots"], "cannot read a token count from 'LOTS'"),
     (["--tokens", "infM"], "cannot read a token count from 'INFM'"),
-    (["--epochs", "0"], "--epochs must be a whole number of at least 1"),
+    (["--epochs", "0"], "--epochs and --sample-batch must be whole numbers of at least 1"),
+    (["--sample-batch", "0"], "--epochs and --sample-batch must be whole numbers of at least 1"),
+    (["--quick", "--gpu-sizes"], "--quick and --gpu-sizes contradict each other"),
+    (["--tasks", "passkey,bogus"], "unknown recall task 'bogus'"),
 ])
 def test_convert_options_are_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys, args, message):
     from attnprobe.analyses import cli

@@ -282,7 +282,7 @@ def swap(
     variants: Optional[str] = typer.Option(None, help="with --matrix: comma-separated names (default: all): " + ", ".join(VARIANT_NAMES)),
     list_variants: bool = typer.Option(False, "--list-variants", help="print the named architectures of --model and exit"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run); sizes given explicitly are kept"),
-    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 30 samples per task and row, passkey and NIAH to 4K, efficiency at 2K/8K/32K); sizes given explicitly are kept"),
+    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 100 samples per task and row, passkey and NIAH to 4K, efficiency at 2K/8K/32K); sizes given explicitly are kept"),
     out: Optional[Path] = OutOption("swap"),
 ) -> None:
     """Replace heads in place with linear, hybrid or sparse kernels and measure what is lost.
@@ -411,6 +411,7 @@ def convert(
     data: Optional[list[Path]] = typer.Option(None, "--data", help="training text: files or folders of .txt/.md, .jsonl or .parquet with a 'text' field (repeatable)"),
     dataset: Optional[str] = typer.Option(None, help="a Hugging Face dataset NAME[:CONFIG] (needs a network)"),
     epochs: int = typer.Option(1, help="passes over the training data the budget may take"),
+    sample_batch: int = typer.Option(32, help="self-samples per generate call and cached shard (a GPU takes hundreds)"),
     recompute_layers: bool = typer.Option(False, help="stage 2 keeps only each decoder layer's inputs and recomputes the rest "
                                           "in the backward pass (about one layer of activations, one more forward; same result)"),
     loss: str = typer.Option("chunked", help="stage 2's KL: chunked (from hidden states, no full logits) | liger (CUDA) | logits (the old path)"),
@@ -425,6 +426,9 @@ def convert(
     evaluate: bool = typer.Option(True, help="evaluate every row through the matrix (recall, perplexity, gate)"),
     census: bool = typer.Option(False, help="with --evaluate: also a small census of each converted model"),
     quick: bool = typer.Option(False, help="tiny evaluation sizes (a smoke run)"),
+    gpu_sizes: bool = typer.Option(False, "--gpu-sizes", help="GPU evaluation sizes (>= 100 samples per task and row, passkey "
+                                   "and NIAH to 4K, efficiency at 2K/8K/32K)"),
+    tasks: Optional[str] = typer.Option(None, help="recall tasks of every row, comma-separated (default: passkey, kv_recall, copying, niah)"),
     out: Optional[Path] = OutOption("convert"),
 ) -> None:
     """Two-stage conversion (attention transfer, then end-to-end KL with LoRA) of heads or named architectures,
@@ -437,27 +441,40 @@ def convert(
     if kernel is not None or heads or layers:
         check_kernel(kernel)
     config.check(int(os.environ.get("WORLD_SIZE", "1")))  # accelerate launch sets it: the batch must split evenly
-    if epochs < 1:
-        raise AttnprobeError(f"--epochs must be a whole number of at least 1, got {epochs}")
+    if epochs < 1 or sample_batch < 1:
+        raise AttnprobeError(f"--epochs and --sample-batch must be whole numbers of at least 1, got {epochs} and {sample_batch}")
     from attnprobe.analyses.conversion import command
     from attnprobe.analyses.conversion.head_hybrid import HeadHybrid
     from attnprobe.analyses.conversion.retrieval_data import RetrievalMix
     from attnprobe.analyses.conversion.stage2 import FastPath
 
     FastPath(loss=loss).check(config.ce_weight)
+    sizes = evaluation_sizes(quick, gpu_sizes, tasks)
     hybrid = HeadHybrid(selector=selector, kv_budget=kv_budget, family=family) if selector else None
     retrieval = RetrievalMix(fraction=retrieval_fraction, stages=retrieval_stages) if retrieval_fraction else None
     out = _held_run_dir(out, "convert", model)
     loaded = _load(model)
     started = time.time()
     table = command.run(loaded, out, config, variants=variants, kernel=kernel, heads=heads, layers=layers, from_run=from_run,
-                        control=control, data=data or [], dataset=dataset, epochs=epochs, evaluate=evaluate, census=census,
+                        control=control, data=data or [], dataset=dataset, epochs=epochs, sample_batch=sample_batch, evaluate=evaluate, census=census,
                         quick=quick, console=console, recompute_layers=recompute_layers, hybrid=hybrid, retrieval=retrieval,
-                        parts=part, loss=loss)
+                        parts=part, loss=loss, sizes=sizes)
     if table is not None:
         _write_manifest(out, loaded, "native", {"command": "convert", "rows": list(table["architecture"])}, started)
         console.print(table.drop(columns=["description", "conversion"], errors="ignore").to_string(index=False))
         console.print(f"-> {out / 'matrix.md'}")
+
+
+def evaluation_sizes(quick: bool, gpu_sizes: bool, tasks: Optional[str]):
+    """The convert command's evaluation sizes, checked before any model loads: a function of the size overrides."""
+    import functools
+
+    if quick and gpu_sizes:
+        raise AttnprobeError("--quick and --gpu-sizes contradict each other: pick one")
+    given = {"tasks": tuple(t.strip() for t in tasks.split(",") if t.strip())} if tasks is not None else {}
+    preset = MatrixSizes.quick if quick else MatrixSizes.gpu if gpu_sizes else MatrixSizes
+    preset(**given)  # an unknown task or an empty list fails here, in one line
+    return functools.partial(preset, **given)
 
 
 def print_summary(out: Path, heads) -> None:

@@ -47,12 +47,14 @@ def run(model: Model, out: Path, config: ConvertConfig, **options):
 
 def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None, kernel: str | None, heads: str | None,
         layers: str | None, from_run: Path | None, control: bool, data: Sequence[Path], dataset: str | None, epochs: int,
+        sample_batch: int | None = None,
         evaluate: bool, census: bool, quick: bool, console=None, recompute_layers: bool = False, hybrid=None, retrieval=None,
-        parts: str | None = None, loss: str = "chunked"):
+        parts: str | None = None, loss: str = "chunked", sizes=None):
     """The `attnprobe convert` command: check everything, gather the data, convert every row, evaluate, write the matrix.
     `hybrid` (head_hybrid.HeadHybrid) adds a head-level hybrid row; `retrieval` (retrieval_data.RetrievalMix) mixes
     synthetic retrieval documents into the training windows. `parts` ("data,convert", "evaluate", ... see
-    conversion/parts.py) runs only those parts in `out`, each resumable (a GPU converts, anything evaluates)."""
+    conversion/parts.py) runs only those parts in `out`, each resumable (a GPU converts, anything evaluates).
+    `sizes(**overrides)` gives the evaluation's MatrixSizes (default: the CPU sizes, or the quick ones with `quick`)."""
     from attnprobe.hooks.backends import make_backend
     from attnprobe.probe.rundir import write_parquet
 
@@ -62,6 +64,10 @@ def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None
     from attnprobe.analyses.experiments.selection import heads_table as read_heads
     from attnprobe.analyses.experiments.variants import resolve
 
+    if sizes is None:
+        import functools
+
+        sizes = functools.partial(MatrixSizes.quick if quick else MatrixSizes)
     heads_table = read_heads(from_run) if from_run is not None else None
     wanted = variants or kernel is not None or heads or layers
     chosen = [v for v in resolve(model, variants, kernel, heads, layers, from_run, "convert", config.seed)
@@ -90,19 +96,21 @@ def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None
             make_kernel(variant.kernel, 1, model.info.head_dim)
             variant.keep(model, heads_table)
     if parts is not None:
-        plan = dict(epochs=epochs, recompute_layers=recompute_layers, retrieval=retrieval, paths=data, dataset=dataset)
-        return _run_in_parts(model, out, parts, chosen, config, hybrid, from_run, plan, quick)
+        plan = dict(epochs=epochs, recompute_layers=recompute_layers, retrieval=retrieval, paths=data, dataset=dataset,
+                    sample_batch=sample_batch)
+        return _run_in_parts(model, out, parts, chosen, config, hybrid, from_run, plan, sizes)
     steps = config.steps(config.transfer_tokens) + config.steps(config.tokens)
     bar, on_step = progress_bar(console, disable=not state.is_main_process)
     with bar:
         sampling = bar.add_task("training data", total=None, speed="", loss="")
         with state.main_process_first():  # the main process samples and caches; the others read its shards
             training = training_data(model, steps * config.batch * config.length, config.window or config.length, data, dataset, seed, epochs,
-                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total))
+                                     progress=lambda done, total: bar.update(sampling, completed=done, total=total),
+                                     sample_batch=sample_batch)
         bar.update(sampling, visible=False)
         if retrieval is not None:
             training = mix_retrieval(model, training, retrieval, *stage_windows(config), seed=seed)
-        sizes = MatrixSizes.quick(census=census) if quick else MatrixSizes(census=census)
+        sizes = sizes(census=census)
         backend = make_backend("native", model)
         if hybrid is not None:  # selected on this run's training data, before any row trains
             chosen.insert(0, hybrid_variant(model, backend, hybrid, from_run, out, config, training,
@@ -119,15 +127,12 @@ def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None
 
 
 def _run_in_parts(model: Model, out: Path, parts: str, chosen: list, config: ConvertConfig, hybrid, census: Path | None,
-                  plan: dict, quick: bool):
+                  plan: dict, sizes):
     """`run` by parts (conversion/parts.py) in `out`: the control first, the matrix table if evaluated. A hybrid row's
     ranking is saved in out/selection by the first part that selects, so later parts keep its heads."""
-    import functools
-
     from attnprobe.hooks.backends import make_backend
 
     from attnprobe.analyses.conversion import parts as staged
-    from attnprobe.analyses.experiments.architectures import MatrixSizes
 
     wanted = staged.check_parts(parts)
     backend = make_backend("native", model)
@@ -136,6 +141,5 @@ def _run_in_parts(model: Model, out: Path, parts: str, chosen: list, config: Con
             raise AttnprobeError("the kl-layers selector trains on the run's data: run it without --part first, or pick another selector")
         chosen.append(hybrid_variant(model, backend, hybrid, census, out, config, None))
     ordered = [v for v in chosen if v.name == CONTROL] + [v for v in chosen if v.name != CONTROL]
-    sizes = functools.partial(MatrixSizes.quick if quick else MatrixSizes)
     made = staged.run_parts(model, backend, wanted, staged.Plan(ordered, config, **plan), out, out, sizes, staged.RunLog(out))
     return made.get("matrix")

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Issues 42/43 on one GPU: SmolLM2 converted with retrieval-bearing data and a control that can move, at two stage-2
+# budgets, head-level hybrids beside a pure recurrent row, evaluated at GPU sizes (>= 100 samples per task).
+# SmolLM2's GGUF travels in two parts (.m1 with the first, .m2 with the second; scripts/gpu/split_smollm2.sh):
+#
+#   call 1, carry .whl and .m1:  PHASE=start bash scripts/gpu/ladder.sh   (installs; then the GPU tests and the decode
+#                                matrix of issue 44 alone on the card, D_S seconds)
+#   call 2, carry .m2, at once:  PHASE=model bash scripts/gpu/ladder.sh   (assembles the model, starts the jobs, waits)
+#   later calls, back to back:   PHASE=wait bash scripts/gpu/ladder.sh
+#
+# Jobs (process sessions of their own, so they outlive a call): lane e converts the 2M rung (RUNG_A) and evaluates
+# it, then evaluates lane t's rung; lane t converts the 20M rung (RUNG_B). Each call waits until LIMIT seconds or
+# the jobs' end, then packs logs, tables, finished conversions and unfinished rows' last checkpoints into
+# $OUT/pack.tgz.NN (16 MB pieces, most valuable first): cat pack.tgz.* | tar -xzf -
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+T0=$(date +%s); LIMIT=${LIMIT:-540}; PHASE=${PHASE:-wait}
+W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
+export PYTHONPATH=/tmp/ap:/tmp/site ATTNPROBE_CACHE=$W/cache
+ROWS=${ROWS:-all-gated-deltanet}
+RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-20M}
+# one recipe for every row and its control: 2,048-token sequences, 64K tokens a step, a next-token term, a quarter of
+# the windows synthetic retrieval documents in both stages, the KV heads kept exact chosen by the census
+RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch 336 --ce-weight 0.1 --checkpoint-minutes 3
+  --retrieval-fraction 0.25 --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
+AP="python3 -m attnprobe.analyses.cli --device cuda convert --model $M --variants $ROWS $RECIPE"
+EVAL="--part evaluate --gpu-sizes --tasks passkey,kv_recall,copying,niah"
+job() {  # job NAME COMMAND...: its own process session; output logs/NAME.txt, exit status logs/NAME.rc
+  local name=$1; shift
+  setsid nohup bash -c "$*; echo \$? > $W/logs/$name.rc" > $W/logs/$name.txt 2>&1 < /dev/null &
+  echo $! > $W/logs/$name.pid
+}
+running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
+pack() {  # logs and tables first, then finished rows, then the last checkpoint of each unfinished row
+  cd $W || return
+  rm -f $OUT/pack.tgz.*
+  local small big
+  small=$(find logs r* -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.parquet' -o -name '*.txt' \) 2>/dev/null)
+  big=$(find r*/conversions -maxdepth 2 \( -name 'adapters.safetensors' -o -name 'fit' -o -name 'checkpoint*' \) 2>/dev/null)
+  tar -czf - --ignore-failed-read $small $big 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
+  ls -la $OUT; tail -n 3 $W/logs/*.txt
+}
+if [ "$PHASE" = start ]; then
+  cp .m1/part* /tmp/model/ || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 4
+  rm -rf /tmp/ap; python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ap . || exit 4
+  rm -rf /tmp/census; cp -r benchmarks/results/census-smollm2-cpu /tmp/census
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/machine.txt
+  mkdir -p $OUT/logs
+  PYTHONPATH=$PWD/src:/tmp/site timeout "${T_S:-60}" python3 -m pytest -q -x tests/test_decode_cuda.py > $OUT/logs/gpu-tests.txt 2>&1
+  tail -3 $OUT/logs/gpu-tests.txt
+  cd benchmarks && PYTHONPATH=$PWD/../src:/tmp/site timeout "${D_S:-90}" python3 decode_bench.py --shape smollm2 --device cuda \
+    --dtype bfloat16 --contexts 32768 --batches 1,8 --modes graph --out $OUT/decode --architectures \
+    original,original-split-k,all-gated-deltanet,all-kda,heads-12.5-gated-deltanet,layers-1of4-softmax-gdn > $OUT/logs/decode.txt 2>&1
+  tail -12 $OUT/logs/decode.txt
+  exit 0
+fi
+if [ "$PHASE" = model ]; then
+  cp .m2/part* /tmp/model/ && cat /tmp/model/part* > $M || exit 3
+  sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
+  # the 2M rung's windows first (one shard of self-samples, shared), then both lanes
+  $AP --tokens $RUNG_A --part data --out $W/r$RUNG_A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
+  # 32K tokens a forward for the long rung (Gated DeltaNet ran out of memory at 64K), 16K beside it
+  job t "$AP --tokens $RUNG_B --part data,convert --accumulation 2 --out $W/r$RUNG_B"
+  # the original's row is the same model at the same sizes in both rungs: evaluated once, copied
+  job e "$AP --tokens $RUNG_A --part convert --accumulation 4 --out $W/r$RUNG_A && $AP --tokens $RUNG_A $EVAL --out $W/r$RUNG_A; \
+    while kill -0 \$(cat $W/logs/t.pid) 2>/dev/null; do sleep 10; done; mkdir -p $W/r$RUNG_B/variants; \
+    cp $W/r$RUNG_A/variants/original.* $W/r$RUNG_B/variants/; $AP --tokens $RUNG_B $EVAL --out $W/r$RUNG_B"
+fi
+while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
+pack
