@@ -8,8 +8,9 @@
 #   call 2, carry .m2, at once:  PHASE=model bash scripts/gpu/ladder.sh   (assembles the model, starts the jobs, waits)
 #   later calls, back to back:   PHASE=wait bash scripts/gpu/ladder.sh
 #
-# Jobs (process sessions of their own, so they outlive a call): lane e converts the 2M rung (RUNG_A) and evaluates
-# it, then evaluates lane t's rung; lane t converts the 20M rung (RUNG_B). Each call waits until LIMIT seconds or
+# Jobs (process sessions of their own, so they outlive a call): lane e converts the 2M rung (RUNG_A: the control,
+# the hybrid, ROWS) and evaluates it; lane t converts the 20M rung (RUNG_B: the control, the hybrid, ROWS_B) and
+# evaluates it. Each call waits until LIMIT seconds or
 # the jobs' end, then packs logs, tables, finished conversions and unfinished rows' last checkpoints into
 # $OUT/pack.tgz.NN (16 MB pieces, most valuable first): cat pack.tgz.* | tar -xzf -
 set -u
@@ -17,13 +18,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_
 T0=$(date +%s); LIMIT=${LIMIT:-540}; PHASE=${PHASE:-wait}
 W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
 export PYTHONPATH=/tmp/ap:/tmp/site ATTNPROBE_CACHE=$W/cache
-ROWS=${ROWS:-all-gated-deltanet}
+ROWS=${ROWS-all-gated-deltanet}; ROWS_B=${ROWS_B-}  # beside the control and the head-level hybrid (--selector)
 RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-20M}
 # one recipe for every row and its control: 2,048-token sequences, 64K tokens a step, a next-token term, a quarter of
 # the windows synthetic retrieval documents in both stages, the KV heads kept exact chosen by the census
-RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch 336 --ce-weight 0.1 --checkpoint-minutes 3
-  --retrieval-fraction 0.25 --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
-AP="python3 -m attnprobe.analyses.cli --device cuda convert --model $M --variants $ROWS $RECIPE"
+RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch ${SAMPLE_BATCH:-336} --ce-weight 0.1 --checkpoint-minutes 3"
+RECIPE="$RECIPE --retrieval-fraction 0.25 --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
+AP="python3 -m attnprobe.analyses.cli --device cuda convert --model $M $RECIPE"
 EVAL="--part evaluate --gpu-sizes --tasks passkey,kv_recall,copying,niah"
 job() {  # job NAME COMMAND...: its own process session; output logs/NAME.txt, exit status logs/NAME.rc
   local name=$1; shift
@@ -59,13 +60,15 @@ if [ "$PHASE" = model ]; then
   cp .m2/part* /tmp/model/ && cat /tmp/model/part* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
   # the 2M rung's windows first (one shard of self-samples, shared), then both lanes
-  $AP --tokens $RUNG_A --part data --out $W/r$RUNG_A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
-  # 32K tokens a forward for the long rung (Gated DeltaNet ran out of memory at 64K), 16K beside it
-  job t "$AP --tokens $RUNG_B --part data,convert --accumulation 2 --out $W/r$RUNG_B"
-  # the original's row is the same model at the same sizes in both rungs: evaluated once, copied
-  job e "$AP --tokens $RUNG_A --part convert --accumulation 4 --out $W/r$RUNG_A && $AP --tokens $RUNG_A $EVAL --out $W/r$RUNG_A; \
-    while kill -0 \$(cat $W/logs/t.pid) 2>/dev/null; do sleep 10; done; mkdir -p $W/r$RUNG_B/variants; \
-    cp $W/r$RUNG_A/variants/original.* $W/r$RUNG_B/variants/; $AP --tokens $RUNG_B $EVAL --out $W/r$RUNG_B"
+  $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part data --out $W/r$RUNG_A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
+  # 32K tokens a forward for the long rung (Gated DeltaNet ran out of an H100's memory at 64K), 16K for the short one;
+  # each lane evaluates its own rung; the original's row is the same model at the same sizes in both rungs:
+  # evaluated once (lane e evaluates it first), copied
+  job e "$AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part convert --accumulation 4 --out $W/r$RUNG_A \
+    && $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} $EVAL --out $W/r$RUNG_A"
+  job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $W/r$RUNG_B \
+    && mkdir -p $W/r$RUNG_B/variants && cp $W/r$RUNG_A/variants/original.* $W/r$RUNG_B/variants/; \
+    $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $W/r$RUNG_B"
 fi
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
 pack

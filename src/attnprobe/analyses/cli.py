@@ -155,7 +155,7 @@ def _peak_gpu_memory() -> str:
 
 @app.command()
 def figures(
-    run_dir: Path = typer.Argument(..., help="a run directory written by census, ablate, swap, budget or convert"),
+    run_dir: Path = typer.Argument(..., help="a run directory written by census, ablate, swap, budget, convert or ladder"),
     formats: str = typer.Option("png,svg", "--format", help="comma-separated: png, svg, pdf"),
     prompt: Optional[str] = typer.Option(None, help="also draw attention maps of this prompt (runs the run's model)"),
     layer: Optional[int] = typer.Option(None, help="with --prompt: the layer whose heads are drawn (default: the middle layer)"),
@@ -195,6 +195,27 @@ def figures(
         console.print(f"skipped {', '.join(what)}: {why}", highlight=False, markup=False)
     drawn = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     console.print(f"{len(drawn)} figures in {run_dir / 'figures'}; report: {report}")
+
+
+@app.command()
+def ladder(
+    runs: Optional[list[Path]] = typer.Argument(None, metavar="RUN", help="convert run directories of one model at "
+                                                "different stage-2 budgets"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for ladder.parquet (then: attnprobe figures DIR)"),
+) -> None:
+    """Gather convert runs of one model (the same rows at 2M, 20M, 200M stage-2 tokens, with and without retrieval
+    data) into OUT/ladder.parquet: one row per run and architecture, its recall with 95 % intervals, perplexity
+    against the control, and what it trained on. `attnprobe figures OUT` draws recall against training tokens."""
+    if out.resolve() in {run.resolve() for run in runs or []}:
+        raise AttnprobeError(f"--out {out} is one of the runs: write the ladder into a directory of its own")
+    from attnprobe.analyses.presentation.ladder import ladder_table, summary
+    from attnprobe.probe.rundir import RunDir, write_parquet
+
+    table = ladder_table(runs or [])
+    with RunDir(out).lock():
+        write_parquet(out / "ladder.parquet", table)
+    console.print(summary(table).to_string(index=False))
+    console.print(f"-> {out / 'ladder.parquet'}; draw it: attnprobe figures {out}")
 
 
 _HELD_UNTIL_EXIT = contextlib.ExitStack()  # run directories locked for the command; main() releases them

@@ -4,7 +4,8 @@
     report = write_report(run_dir)       # draws the figures too; PNGs inlined as data URIs
 
 Every table is optional: a figure whose table is missing, empty or malformed is skipped, and the
-report says why. Nothing here runs a model.
+report says why (a figure of OPTIONAL_FIGURES, such as the ladder's, only where its file is there). Nothing
+here runs a model.
 """
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ from matplotlib.figure import Figure
 from attnprobe.errors import AttnprobeError
 from attnprobe.io import atomic_write_text
 
-from attnprobe.analyses.presentation import figures
+from attnprobe.analyses.presentation import figures, ladder
 
 from attnprobe.analyses.presentation import style
 TABLE_FILES = {
     "heads": "heads.parquet", "massive_layers": "massive_layers.parquet", "massive": "massive.parquet",
     "sinks": "sinks.parquet", "secondary_sinks": "secondary_sinks.parquet", "niah": "niah.parquet",
     "ablation": "ablation.parquet", "matrix": "matrix.parquet", "recall": "recall.parquet",
-    "budget": "budget.parquet",
+    "budget": "budget.parquet", "ladder": "ladder.parquet",
 }
 JSON_FILES = {"manifest": "manifest.json", "sink_rate": "sink_rate.json"}
 TABLE_ROW_LIMIT = 60  # long event tables are cut in the report; the parquet files hold everything
@@ -110,6 +111,14 @@ FIGURES = (
     FigureSpec("budget_curve_niah", "NIAH recall against the share of heads kept exact, as above.",
                ("budget",), lambda run: figures.budget_curve(run.tables["budget"], "niah")),
 )
+# Figures of tables only a few directories hold (`attnprobe ladder` writes ladder.parquet): drawn where the table is,
+# named when it is unreadable, and not listed as skipped in every other run's report.
+OPTIONAL_FIGURES = (
+    FigureSpec("recall_vs_tokens", "Recall against stage-2 training tokens per architecture (solid: with retrieval "
+               "documents in the training data, dashed: without; dotted line and band: the original; bars: 95 % intervals), "
+               "and perplexity relative to each run's control.",
+               ("ladder",), lambda run: ladder.recall_vs_tokens(run.tables["ladder"])),
+)
 
 
 def render(run: Run, formats: Sequence[str] = ("png", "svg")) -> tuple[dict[str, list[Path]], dict[str, str]]:
@@ -117,14 +126,16 @@ def render(run: Run, formats: Sequence[str] = ("png", "svg")) -> tuple[dict[str,
     style.check_formats(formats)  # before the loop: a bad format is the user's error, not a skip
     out_dir = run.directory / "figures"
     drawn, skipped = {}, {}
-    for spec in FIGURES:
+    for spec in FIGURES + OPTIONAL_FIGURES:
         absent = [TABLE_FILES[need] for need in spec.needs if need not in run.tables]
         try:
             if absent:
                 raise AttnprobeError(f"{', '.join(absent)} {run.problems.get(absent[0], 'not in the run directory')}")
             drawn[spec.name] = style.save(spec.draw(run), out_dir, spec.name, formats)
         except AttnprobeError as exc:
-            skipped[spec.name] = str(exc)
+            held = not absent or any((run.directory / filename).exists() for filename in absent)
+            if spec in FIGURES or held:  # an optional figure is silent where the directory lacks its table
+                skipped[spec.name] = str(exc)
             for stale in out_dir.glob(f"{spec.name}.*"):  # keep figures/ in step with the report
                 stale.unlink()
     return drawn, skipped
@@ -189,9 +200,11 @@ def _short(value) -> str:
 
 def _figure_section(drawn: dict[str, list[Path]], skipped: dict[str, str]) -> str:
     parts = ["<h2>Figures</h2>"]
-    for spec in FIGURES:
+    for spec in FIGURES + OPTIONAL_FIGURES:
         if spec.name in skipped:
             parts.append(f"<p class='skip'>Skipped <b>{spec.name}</b>: {_text(skipped[spec.name])}.</p>")
+            continue
+        if spec.name not in drawn:  # an optional figure whose table the run does not hold
             continue
         png = next(path for path in drawn[spec.name] if path.suffix == ".png")
         parts.append(_inline(png, spec.name, spec.caption))
@@ -245,6 +258,8 @@ def _summaries(run: Run) -> list[tuple[str, pd.DataFrame, str]]:
         shown.append(("Head ablation (ablation.parquet)", summary, "mean over seeds, 95% Student-t half width"))
     if "matrix" in tables:
         shown.append(("Mechanism-loss matrix (matrix.parquet)", tables["matrix"], ""))
+    if "ladder" in tables:
+        shown.append(("Training-token ladder (ladder.parquet)", tables["ladder"], "one row per run and architecture"))
     return shown
 
 
