@@ -139,3 +139,15 @@ def test_cli_refuses_a_fraction_outside_0_1_with_exit_2(model, tmp_path, monkeyp
     assert exit_.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "not a share" in message and len(message.splitlines()) == 1
+
+
+def test_a_packed_recipe_counts_its_stages_in_data_windows():
+    from attnprobe.analyses.conversion.train import ConvertConfig, packed, stage_data_windows, stage_windows
+
+    config = ConvertConfig(length=512, window=128, batch=2, transfer_tokens=2048, tokens=4096)
+    assert stage_windows(config) == (4, 8)  # training sequences of 512
+    transfer, e2e = stage_data_windows(config)
+    assert (transfer, e2e) == (16, 32)
+    windows = torch.arange(48 * 128).view(48, 128)
+    sequences = packed(windows, config)  # the stage-2 sequences are made of exactly the stage-2 data windows
+    assert torch.equal(sequences[4:12].reshape(-1, 128), windows[transfer:transfer + e2e])

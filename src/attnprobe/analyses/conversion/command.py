@@ -15,7 +15,7 @@ from attnprobe.kernels.registry import make_kernel
 from attnprobe.analyses.conversion.data import TrainingData
 from attnprobe.analyses.conversion.stage2 import FastPath
 from attnprobe.analyses.conversion.rows import CONTROL, control_variant, conversion_matrix, progress_bar
-from attnprobe.analyses.conversion.train import ConvertConfig, Progress, stage_windows
+from attnprobe.analyses.conversion.train import ConvertConfig, Progress, stage_data_windows
 
 
 def hybrid_variant(model: Model, backend: Backend, hybrid, census: Path | None, out: Path, config: ConvertConfig,
@@ -109,7 +109,7 @@ def _run(model: Model, out: Path, config: ConvertConfig, *, variants: str | None
                                      sample_batch=sample_batch)
         bar.update(sampling, visible=False)
         if retrieval is not None:
-            training = mix_retrieval(model, training, retrieval, *stage_windows(config), seed=seed)
+            training = mix_retrieval(model, training, retrieval, *stage_data_windows(config), seed=seed)
         sizes = sizes(census=census)
         backend = make_backend("native", model)
         if hybrid is not None:  # selected on this run's training data, before any row trains

@@ -28,7 +28,7 @@ from attnprobe.probe.rundir import read_json
 
 from attnprobe.analyses.conversion import rows
 from attnprobe.analyses.conversion.checkpoint import CHECKPOINT, CONVERSION
-from attnprobe.analyses.conversion.train import ConvertConfig, conversion_from_checkpoint, stage_windows
+from attnprobe.analyses.conversion.train import ConvertConfig, conversion_from_checkpoint, stage_data_windows
 
 PARTS = ("data", "convert", "finish", "evaluate", "census")
 TAR_LIMIT = 15 * 2 ** 20  # what one transfer from a GPU machine may carry
@@ -169,7 +169,7 @@ def run_parts(model: Model, backend, parts: Sequence[str], plan: Plan, run: Path
         if plan.retrieval is not None:
             from attnprobe.analyses.conversion.retrieval_data import mix_retrieval
 
-            data = mix_retrieval(model, data, plan.retrieval, *stage_windows(config), seed=config.seed)
+            data = mix_retrieval(model, data, plan.retrieval, *stage_data_windows(config), seed=config.seed)
         log.add("data", seconds=round(time.perf_counter() - began, 1), **data.description)
     if "convert" in parts:
         names = [v.name for v in variants]

@@ -324,6 +324,14 @@ def stage_windows(config: ConvertConfig) -> tuple[int, int]:
             config.steps(config.tokens) * config.batch if config.tokens else 0)
 
 
+def stage_data_windows(config: ConvertConfig) -> tuple[int, int]:
+    """`stage_windows` counted in data windows: with --window, each training sequence packs length / window of them,
+    so a mix placed by sequence counts would fall on the first sequences' windows only."""
+    per = config.length // (config.window or config.length)
+    transfer, e2e = stage_windows(config)
+    return transfer * per, e2e * per
+
+
 def convert(model: Model, backend: Backend, heads: Mapping[int, Sequence[int]], config: ConvertConfig, data: TrainingData,
             directory: Path, on_step: Callable[[Progress], None] = lambda p: None, recompute_layers: bool = False,
             fast: FastPath | None = None) -> dict:
