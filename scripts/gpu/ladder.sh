@@ -23,7 +23,7 @@ ROWS=${ROWS-all-gated-deltanet}; ROWS_B=${ROWS_B-}  # beside the control and the
 RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-10M}  # 10M: one self-sampled shard serves both rungs
 # one recipe for every row and its control: 2,048-token sequences, 64K tokens a step, a next-token term, a quarter of
 # the windows synthetic retrieval documents in both stages, the KV heads kept exact chosen by the census
-RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch ${SAMPLE_BATCH:-336} --ce-weight 0.1 --checkpoint-minutes 3"
+RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch ${SAMPLE_BATCH:-352} --ce-weight 0.1 --checkpoint-minutes 3"
 RECIPE="$RECIPE --retrieval-fraction 0.25 --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
 AP="python3 -m attnprobe.analyses.cli --device cuda convert --model $M $RECIPE"
 EVAL="--part evaluate --gpu-sizes --tasks passkey,kv_recall,copying,niah"
