@@ -13,7 +13,7 @@
 # the hybrid, ROWS) and evaluates it; lane t converts the 10M rung (RUNG_B: the control, the hybrid, ROWS_B) and
 # evaluates it. Each call waits until LIMIT seconds or
 # the jobs' end, then packs logs, tables, finished conversions and unfinished rows' last checkpoints into
-# $OUT/pack.tgz.NN (16 MB pieces, most valuable first): cat pack.tgz.* | tar -xzf -
+# $OUT/pack-T/pack.tgz.NN every 2 minutes (16 MB pieces, most valuable first): cat pack.tgz.* | tar -xzf -
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=4 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 T0=$(date +%s); LIMIT=${LIMIT:-540}; PHASE=${PHASE:-wait}
@@ -33,14 +33,15 @@ job() {  # job NAME COMMAND...: its own process session; output logs/NAME.txt, e
   echo $! > $W/logs/$name.pid
 }
 running() { for f in $W/logs/*.pid; do [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && return 0; done; return 1; }
-pack() {  # logs and tables first, then finished rows, then the last checkpoint of each unfinished row
+pack() {  # logs and tables first, then finished rows, then the last checkpoint of each unfinished row; a complete pack
+  # replaces the last one, so a call cut short still returns the pack before it
   cd $W || return
-  rm -f $OUT/pack.tgz.*
-  local small big
+  local small big to=$OUT/pack-$(date +%s)
   small=$(find logs r* -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.parquet' -o -name '*.txt' \) 2>/dev/null)
   big=$(find r*/conversions -maxdepth 2 \( -name 'adapters.safetensors' -o -name 'fit' -o -name 'checkpoint*' \) 2>/dev/null)
-  tar -czf - --ignore-failed-read $small $big 2>/dev/null | split -b 16000000 -d -a 2 - $OUT/pack.tgz.
-  ls -la $OUT; tail -n 3 $W/logs/*.txt
+  mkdir -p $to && tar -czf - --ignore-failed-read $small $big 2>/dev/null | split -b 16000000 -d -a 2 - $to/pack.tgz. \
+    && for old in $OUT/pack-*; do [ "$old" = "$to" ] || rm -rf "$old"; done
+  cd - > /dev/null
 }
 if [ "$PHASE" = start ]; then
   cp .m1/part* /tmp/model/ || exit 3
@@ -71,5 +72,10 @@ if [ "$PHASE" = model ]; then
     && mkdir -p $W/r$RUNG_B/variants && cp $W/r$RUNG_A/variants/original.* $W/r$RUNG_B/variants/; \
     $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $W/r$RUNG_B"
 fi
-while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do sleep 5; done
+LAST=$(date +%s)
+while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do
+  sleep 5
+  [ $(( $(date +%s) - LAST )) -lt 120 ] || { pack; LAST=$(date +%s); }
+done
 pack
+ls -la $OUT/pack-*; tail -n 3 $W/logs/*.txt
