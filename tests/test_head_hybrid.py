@@ -1,5 +1,5 @@
 """Head-level hybrid conversion on a tiny GQA Llama: budgets in KV heads, the selectors (census scores, the
-ablation probe, KL-guided layers, uniform layers, random), their overlap, one row end to end (selector ->
+ablation probe, DuoAttention's gates, KL-guided layers, uniform layers, random), their overlap, one row end to end (selector ->
 kept KV heads -> conversion -> evaluated, gated row), and the control it is gated against (same data, budget
 and length; a control that moves once the next-token term is on)."""
 from __future__ import annotations
@@ -82,6 +82,36 @@ def test_the_ablation_probe_scores_a_dead_kv_head_zero(tiny):
     assert len(by_unit) == model.info.n_layers * model.info.n_kv_heads
     assert by_unit[(1, 0)] == pytest.approx(0.0, abs=1e-6)
     assert (by_unit.drop((1, 0)).abs() > 1e-5).all()
+
+
+def test_duo_gates_rank_kv_heads_highest_gate_first(tiny, tmp_path, monkeypatch):
+    """The duo selector keeps the KV heads whose trained gates stay most open; its gates train on passkeys of
+    `probe_length` tokens from the census's ranking text."""
+    model, backend = tiny
+    info, asked = model.info, {}
+    planted = pd.DataFrame([{"layer": l, "unit": kv, "score": (l * info.n_kv_heads + kv) % 5 / 10}
+                            for l in range(info.n_layers) for kv in range(info.n_kv_heads)])
+
+    def gates(model, backend, config):
+        asked["lengths"] = config.lengths
+        return planted
+    monkeypatch.setattr(selectors, "duo_gates", gates)
+    hybrid = hh.HeadHybrid(selector="duo", kv_budget="2", probe_length=128)
+    kept = hh.kept_kv_heads(model, backend, hybrid, None, tmp_path)
+    assert asked["lengths"] == (128,)
+    score = planted.set_index(["layer", "unit"])["score"]
+    assert len(set(score)) == len(score)  # no ties: the kept set is determined
+    assert min(score[unit] for unit in kept) > score.drop(kept).max()
+
+
+def test_duo_gates_train_on_the_tiny_model(tiny):
+    model, backend = tiny
+    from attnprobe.analyses.experiments.config import DuoConfig
+
+    gates = selectors.duo_gates(model, backend, DuoConfig(lengths=(128,), passkeys=1, passkey_words=2, steps=3, sinks=4,
+                                                          window=16))
+    assert len(gates) == model.info.n_layers * model.info.n_kv_heads and gates["score"].between(0, 1).all()
+    assert (gates["score"] < 1).any()  # the L1 term and the distillation moved the gates from 1
 
 
 def test_kl_guided_layers_rank_by_the_kl_a_softmax_layer_gains(tiny, prose_file, tmp_path):

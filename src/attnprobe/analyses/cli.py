@@ -437,7 +437,7 @@ def convert(
                                           "in the backward pass (about one layer of activations, one more forward; same result)"),
     loss: str = typer.Option("chunked", help="stage 2's KL: chunked (from hidden states, no full logits) | liger (CUDA) | logits (the old path)"),
     selector: Optional[str] = typer.Option(None, help="head-level hybrid: rank KV heads by retrieval, teacher-forced, ablation, "
-                                           "kl-layers, uniform-layers, random or razor; keep --kv-budget softmax, the rest --family"),
+                                           "duo, kl-layers, uniform-layers, random or razor; keep --kv-budget softmax, the rest --family"),
     kv_budget: str = typer.Option("12.5%", help="with --selector: KV heads kept softmax, a share (2%, 6.25%, 0.125) or a count"),
     family: str = typer.Option("gated-deltanet", help="with --selector: gated-deltanet | kda | sink+window+gdn"),
     retrieval_fraction: float = typer.Option(0.0, help="share of training windows that are synthetic retrieval documents (0-1)"),

@@ -7,6 +7,8 @@ one family. The selectors (all rank KV heads, best first):
     ablation        the drop in key-value recall (mean log-probability of the answers, teacher-forced) when
                     that KV head is masked, on synthetic key-value documents of the training pools
                     (`retrieval_data`), never on evaluation text
+    duo             DuoAttention's trained gates (experiments/selectors.py): one gate per KV head mixing full attention
+                    with a streaming one, trained on synthetic passkeys of `probe_length` tokens with an L1 push to zero
     kl-layers       layer i kept softmax and every other head converted, a short two-stage conversion each:
                     layers ranked by the KL to the teacher they gain over converting every layer
     uniform-layers  the layer baseline: whole layers evenly spaced, as many KV heads as the budget
@@ -36,7 +38,7 @@ from attnprobe.probe.rundir import read_json, write_parquet
 from attnprobe.analyses.experiments import selectors
 from attnprobe.analyses.experiments.selectors import Unit
 
-SELECTORS = ("retrieval", "teacher-forced", "ablation", "kl-layers", "uniform-layers", "random", "razor")
+SELECTORS = ("retrieval", "teacher-forced", "ablation", "duo", "kl-layers", "uniform-layers", "random", "razor")
 FAMILIES = ("gated-deltanet", "kda", "sink+window+gdn")
 CENSUS_COLUMNS = {"retrieval": "retrieval_score", "teacher-forced": "teacher_forced_retrieval_score"}
 PAPER_BUDGETS = ("2%", "6.25%", "12.5%", "25%")
@@ -51,7 +53,7 @@ class HeadHybrid:
     family: str = field(default="gated-deltanet", metadata={"help": f"what the other heads become: {', '.join(FAMILIES)}"})
     draw: int = field(default=0, metadata={"help": "which random order the random selector takes"})
     probe_documents: int = field(default=8, metadata={"help": "ablation selector: synthetic key-value documents"})
-    probe_length: int = field(default=1024, metadata={"help": "ablation selector: tokens per document"})
+    probe_length: int = field(default=1024, metadata={"help": "ablation and duo selectors: tokens per document"})
     kl_tokens: int = field(default=0, metadata={"help": "kl-layers selector: stage-2 tokens of each layer's short conversion "
                                                        "(default: one optimizer step of the recipe)"})
 
@@ -163,6 +165,10 @@ def ranking(model: Model, backend, hybrid: HeadHybrid, census: Path | None, seed
         scores = selectors.to_units(info, "kv", census_table(model, census, CENSUS_COLUMNS[hybrid.selector]))
     elif hybrid.selector == "ablation":
         scores = ablation_scores(model, backend, hybrid.probe_documents, hybrid.probe_length, seed)
+    elif hybrid.selector == "duo":
+        from attnprobe.analyses.experiments.config import DuoConfig
+
+        scores = selectors.duo_gates(model, backend, DuoConfig(lengths=(hybrid.probe_length,), seed=seed))
     elif hybrid.selector == "kl-layers":
         if kl is None:
             raise AttnprobeError("the kl-layers selector needs training data: select through `attnprobe convert` (command.run)")
