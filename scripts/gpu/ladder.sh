@@ -11,7 +11,8 @@
 #
 # Jobs (process sessions of their own, so they outlive a call): lane e converts the 2M rung (RUNG_A: the control,
 # the hybrid, ROWS) and evaluates it; lane t converts the 10M rung (RUNG_B: the control, the hybrid, ROWS_B) and
-# evaluates it. Each call waits until LIMIT seconds or
+# evaluates it; RETRIEVAL (default 0.25, 0 for the arm without) names both run folders (rRUNG-fRETRIEVAL). Each call
+# waits until LIMIT seconds or
 # the jobs' end, then packs logs, tables, finished conversions and unfinished rows' last checkpoints into
 # $OUT/pack-T/pack.tgz.NN every 2 minutes (16 MB pieces, most valuable first): cat pack.tgz.* | tar -xzf -
 set -u
@@ -21,10 +22,12 @@ W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
 export PYTHONPATH=/tmp/ap:/tmp/site ATTNPROBE_CACHE=$W/cache
 ROWS=${ROWS-all-gated-deltanet}; ROWS_B=${ROWS_B-}  # beside the control and the head-level hybrid (--selector)
 RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-10M}  # 10M: one self-sampled shard serves both rungs
+F=${RETRIEVAL:-0.25}  # share of training windows that are retrieval documents (0: none, the ladder's other arm)
+A=$W/r$RUNG_A-f$F; B=$W/r$RUNG_B-f$F
 # one recipe for every row and its control: 2,048-token sequences, 64K tokens a step, a next-token term, a quarter of
 # the windows synthetic retrieval documents in both stages, the KV heads kept exact chosen by the census
 RECIPE="--length 2048 --batch 32 --transfer-tokens 1M --epochs 16 --sample-batch ${SAMPLE_BATCH:-352} --ce-weight 0.1 --checkpoint-minutes 3"
-RECIPE="$RECIPE --retrieval-fraction 0.25 --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
+RECIPE="$RECIPE --retrieval-fraction $F --retrieval-stages both --selector retrieval --from /tmp/census --kv-budget ${BUDGET:-12.5%}"
 AP="python3 -m attnprobe.analyses.cli --device cuda convert --model $M $RECIPE"
 EVAL="--part evaluate --gpu-sizes --tasks passkey,kv_recall,copying,niah"
 job() {  # job NAME COMMAND...: its own process session; output logs/NAME.txt, exit status logs/NAME.rc
@@ -62,15 +65,15 @@ if [ "$PHASE" = model ]; then
   cp .m2/part* /tmp/model/ && cat /tmp/model/part* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
   # the 2M rung's windows first (one shard of self-samples, shared), then both lanes
-  $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part data --out $W/r$RUNG_A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
+  $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part data --out $A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
   # 32K tokens a forward for the long rung (Gated DeltaNet ran out of an H100's memory at 64K), 16K for the short one;
   # each lane evaluates its own rung; the original's row is the same model at the same sizes in both rungs:
   # evaluated once (lane e evaluates it first), copied
-  job e "$AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part convert --accumulation 4 --out $W/r$RUNG_A \
-    && $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} $EVAL --out $W/r$RUNG_A"
-  job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $W/r$RUNG_B \
-    && mkdir -p $W/r$RUNG_B/variants && cp $W/r$RUNG_A/variants/original.* $W/r$RUNG_B/variants/; \
-    $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $W/r$RUNG_B"
+  job e "$AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part convert --accumulation 4 --out $A \
+    && $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} $EVAL --out $A"
+  job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $B \
+    && mkdir -p $B/variants && cp $A/variants/original.* $B/variants/; \
+    $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $B"
 fi
 LAST=$(date +%s)
 while running && [ $(( $(date +%s) - T0 )) -lt "$LIMIT" ]; do
