@@ -205,7 +205,8 @@ def ladder(
 ) -> None:
     """Gather convert runs of one model (the same rows at 2M, 20M, 200M stage-2 tokens, with and without retrieval
     data) into OUT/ladder.parquet: one row per run and architecture, its recall with 95 % intervals, perplexity
-    against the control, and what it trained on. `attnprobe figures OUT` draws recall against training tokens."""
+    against the control, and what it trained on. `attnprobe figures OUT` draws recall against training tokens, and
+    where the runs hold head-level hybrids (convert --selector), recall against their share of exact KV heads."""
     if out.resolve() in {run.resolve() for run in runs or []}:
         raise AttnprobeError(f"--out {out} is one of the runs: write the ladder into a directory of its own")
     from attnprobe.analyses.presentation.ladder import ladder_table, summary

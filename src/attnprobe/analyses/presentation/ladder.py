@@ -5,12 +5,16 @@ budgets, with and without retrieval-bearing data, read into one table and drawn 
     fig = recall_vs_tokens(table)        # a panel per recall task, and perplexity against the control
 
 Each run's matrix.parquet gives the rows' numbers, each row's conversions/NAME/conversion.json what it trained on:
-the budget, the recipe's ce_weight, and the retrieval documents mixed into its data.
+the budget, the recipe's ce_weight, and the retrieval documents mixed into its data. A head-level hybrid row
+(`attnprobe convert --selector S --kv-budget B --family F`) also gets its family, selector, random draw and KV-head
+share, read from its name (`hybrid_name`); hybrid_budget.py draws those rows against their share.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +27,13 @@ from attnprobe.probe.rundir import read_json, readable
 
 from attnprobe.analyses import tasks as recall_tasks
 from attnprobe.analyses.conversion.config import format_tokens
+from attnprobe.analyses.conversion.head_hybrid import FAMILIES, SELECTORS
 from attnprobe.analyses.presentation import style
 from attnprobe.analyses.presentation.figures import require
 from attnprobe.analyses.presentation.style import styled
 
 ORIGINAL, CONTROL = "original", "control"
+HYBRID_COLUMNS = ["family", "selector", "draw", "kv_share"]
 TRAINING_COLUMNS = ["stage2_tokens", "transfer_tokens", "retrieval_fraction", "retrieval_stages", "ce_weight"]
 RESULT_COLUMNS = ["perplexity", "ppl_vs_control", "gate"]
 INTERVAL_SUFFIXES = ("_acc", "_ci_low", "_ci_high", "_n")
@@ -53,12 +59,14 @@ def ladder_table(runs: Sequence[Path]) -> pd.DataFrame:
         manifests = {name: _conversion(run, name) for name in matrix["architecture"] if name != ORIGINAL}
         models[run] = _model_of(run, manifests)
         training = pd.DataFrame([_training(manifests.get(name)) for name in matrix["architecture"]], index=matrix.index)
-        tables.append(pd.concat([pd.DataFrame({"run": str(run), "architecture": matrix["architecture"]}), training,
+        tables.append(pd.concat([pd.DataFrame({"run": str(run), "architecture": matrix["architecture"]}),
+                                 hybrid_columns(matrix), training,
                                  matrix[_accuracy_columns(matrix)], matrix.reindex(columns=RESULT_COLUMNS)], axis=1))
     _same_model(models)
     table = pd.concat(tables, ignore_index=True)
-    ordered = ["run", "architecture", *TRAINING_COLUMNS, *_accuracy_columns(table), *RESULT_COLUMNS]
-    return table[ordered].astype({"stage2_tokens": "int64", "transfer_tokens": "int64", "retrieval_stages": "str"})
+    ordered = ["run", "architecture", *HYBRID_COLUMNS, *TRAINING_COLUMNS, *_accuracy_columns(table), *RESULT_COLUMNS]
+    return table[ordered].astype({"stage2_tokens": "int64", "transfer_tokens": "int64", "retrieval_stages": "str",
+                                  "family": "str", "selector": "str", "draw": "Int64", "kv_share": "float64"})
 
 
 def _matrix(run: Path) -> pd.DataFrame:
@@ -132,6 +140,79 @@ def _same_model(models: dict[Path, dict[str, str]]) -> None:
             raise AttnprobeError(f"{known[0][0]} and {other[0]} are runs of different models ({key} {shown[0]} and "
                                  f"{shown[1]}): a ladder compares conversions of one model")
 
+
+# ----------------------------------------------------------------------------- head-level hybrid rows
+
+@dataclass(frozen=True)
+class HybridName:
+    """A head-level hybrid row's name read back: `hybrid-{family}-{selector}[-draw{draw}]-{budget}` (HeadHybrid.name,
+    '%' written 'pct'). `budget` is as given to --kv-budget: '12.5%', a share '0.125', or a count '11'."""
+
+    family: str
+    selector: str
+    draw: int | None  # which random order; None for every other selector
+    budget: str
+
+    @property
+    def is_count(self) -> bool:
+        return self.budget.isdigit()
+
+    def kv_share(self, total_kv_heads: int | None = None) -> float:
+        """The share of the model's KV heads kept exact: the budget's own share where it names one ('12.5%' ->
+        0.125, '0.125' -> 0.125, as written, not rounded to whole heads), count / total for a count (NaN when the
+        total is unknown)."""
+        if self.budget.endswith("%"):
+            return float(self.budget[:-1]) / 100
+        if not self.is_count:
+            return float(self.budget)
+        return int(self.budget) / total_kv_heads if total_kv_heads else math.nan
+
+
+def _alternatives(names: Sequence[str]) -> str:
+    return "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+
+
+_HYBRID_NAME = re.compile(rf"hybrid-(?P<family>{_alternatives(FAMILIES)})-(?P<selector>{_alternatives(SELECTORS)})"
+                          r"(?:-draw(?P<draw>\d+))?-(?P<budget>\d+(?:\.\d+)?pct|\d+|\d*\.\d+)")
+_KV_TOTAL = re.compile(r"\b(\d+) of (\d+) KV heads\b")
+
+
+def hybrid_name(name: str) -> HybridName | None:
+    """A hybrid row's family, selector, draw and budget, or None for any other row (the original, the control, whole
+    architectures). Only head_hybrid's FAMILIES and SELECTORS are read, so a new one is read once it is listed there."""
+    found = _HYBRID_NAME.fullmatch(str(name))
+    if found is None or (found["draw"] is not None) != (found["selector"] == "random"):
+        return None
+    return HybridName(found["family"], found["selector"], None if found["draw"] is None else int(found["draw"]),
+                      found["budget"].replace("pct", "%"))
+
+
+def total_kv_heads(description: object) -> int | None:
+    """The model's KV heads as a hybrid row's matrix `description` records them ('11 of 90 KV heads softmax by
+    retrieval, the rest gated-deltanet' -> 90; head_hybrid.variant writes it). Neither the conversion manifest (it
+    lists the converted query heads, not the model's KV heads) nor another matrix column records the total."""
+    found = _KV_TOTAL.search(description) if isinstance(description, str) else None
+    return int(found[2]) if found else None
+
+
+def hybrid_columns(matrix: pd.DataFrame) -> pd.DataFrame:
+    """`family`, `selector`, `draw` and `kv_share` of each matrix row: None / NaN for a row that is no head-level
+    hybrid. `kv_share` is the share the name's budget gives ('12.5pct' -> 0.125); a count budget ('11') is divided
+    by the model's KV heads from the row's `description` (`total_kv_heads`), NaN where the matrix has none."""
+    descriptions = matrix["description"] if "description" in matrix.columns else pd.Series(None, index=matrix.index)
+    rows = []
+    for name, description in zip(matrix["architecture"], descriptions):
+        parsed = hybrid_name(name)
+        if parsed is None:
+            rows.append({"family": None, "selector": None, "draw": None, "kv_share": math.nan})
+            continue
+        total = total_kv_heads(description) if parsed.is_count else None
+        rows.append({"family": parsed.family, "selector": parsed.selector, "draw": parsed.draw,
+                     "kv_share": parsed.kv_share(total)})
+    return pd.DataFrame(rows, index=matrix.index, columns=HYBRID_COLUMNS).astype({"draw": "Int64", "kv_share": "float64"})
+
+
+# ----------------------------------------------------------------------------- printing
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the CLI prints it: a run's folder name, tokens as 2M, accuracies as percentages."""

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from attnprobe.errors import AttnprobeError
 from attnprobe.io import atomic_write_text
 
-from attnprobe.analyses.presentation import figures, ladder
+from attnprobe.analyses.presentation import figures, hybrid_budget, ladder
 
 from attnprobe.analyses.presentation import style
 TABLE_FILES = {
@@ -80,6 +80,7 @@ class FigureSpec:
     caption: str
     needs: tuple[str, ...]  # TABLE_FILES keys
     draw: Callable[[Run], Figure]
+    applies: Callable[[Run], bool] | None = None  # False: the tables hold nothing of this figure's, so it is not drawn
 
 
 FIGURES = (
@@ -112,12 +113,19 @@ FIGURES = (
                ("budget",), lambda run: figures.budget_curve(run.tables["budget"], "niah")),
 )
 # Figures of tables only a few directories hold (`attnprobe ladder` writes ladder.parquet): drawn where the table is,
-# named when it is unreadable, and not listed as skipped in every other run's report.
+# named when it is unreadable, and not listed as skipped in every other run's report; one whose `applies` says the
+# table holds nothing for it (a ladder without head-level hybrids) is not drawn and not mentioned either.
 OPTIONAL_FIGURES = (
     FigureSpec("recall_vs_tokens", "Recall against stage-2 training tokens per architecture (solid: with retrieval "
                "documents in the training data, dashed: without; dotted line and band: the original; bars: 95 % intervals), "
                "and perplexity relative to each run's control.",
                ("ladder",), lambda run: ladder.recall_vs_tokens(run.tables["ladder"])),
+    FigureSpec("hybrid_budget_curve", "Head-level hybrids: recall against the share of KV heads kept exact, the rest "
+               "converted, at the largest stage-2 budget (colour: selector, line style: family; random: mean of its draws, "
+               "band: their range; dotted: the original, dashed: the control; bars: 95 % intervals), and perplexity "
+               "relative to the control.",
+               ("ladder",), lambda run: hybrid_budget.hybrid_budget_curve(run.tables["ladder"]),
+               applies=lambda run: hybrid_budget.holds_hybrids(run.tables["ladder"])),
 )
 
 
@@ -128,6 +136,10 @@ def render(run: Run, formats: Sequence[str] = ("png", "svg")) -> tuple[dict[str,
     drawn, skipped = {}, {}
     for spec in FIGURES + OPTIONAL_FIGURES:
         absent = [TABLE_FILES[need] for need in spec.needs if need not in run.tables]
+        if not absent and spec.applies is not None and not spec.applies(run):  # silent, as where the table is absent
+            for stale in out_dir.glob(f"{spec.name}.*"):
+                stale.unlink()
+            continue
         try:
             if absent:
                 raise AttnprobeError(f"{', '.join(absent)} {run.problems.get(absent[0], 'not in the run directory')}")
