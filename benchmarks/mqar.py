@@ -26,6 +26,7 @@ from gpu_bench import import_attnprobe  # noqa: E402
 
 FAMILIES = ("softmax", "elu", "hedgehog", "gla", "decay", "deltanet", "gated-deltanet")
 VOCAB = 128  # keys and values
+TEST_SIZE = 1000  # fresh test sequences per cell, one query each: independent samples
 
 
 class Recall(nn.Module):
@@ -63,7 +64,7 @@ def batch(n_pairs: int, size: int, generator: torch.Generator):
 
 
 def train_and_test(name: str, n_pairs: int, dim: int, steps: int, batch_size: int = 128, lr: float = 3e-3,
-                   seed: int = 0, test_size: int = 1000) -> float:
+                   seed: int = 0, test_size: int = TEST_SIZE) -> float:
     """Accuracy of the trained model on `test_size` fresh sequences."""
     model = Recall(name, dim, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
         for name in args.families:
             start = time.perf_counter()
             accuracy = [train_and_test(name, n, dim, args.steps, seed=args.seed) for n in args.pairs]
-            rows.append({"family": name, "dim": dim, "pairs": args.pairs, "accuracy": accuracy})
+            rows.append({"family": name, "dim": dim, "pairs": args.pairs, "accuracy": accuracy, "test_sequences": TEST_SIZE,
+                         "steps": args.steps, "seed": args.seed, "vocab": VOCAB})
             lines.append(f"| {name} | {dim} | " + " | ".join(f"{a:.2f}" for a in accuracy) + f" | {time.perf_counter() - start:.0f} |")
             print(lines[-1], flush=True)
             if args.out:

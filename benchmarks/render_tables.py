@@ -442,6 +442,29 @@ def stage2_matrix_table(*relatives: str) -> Callable[[], str]:
     return render
 
 
+# ---- multi-query associative recall per kernel family -----------------------------------------------------------
+def mqar_table(relative: str) -> Callable[[], str]:
+    """benchmarks/mqar.py's record: per family and head dimension, accuracy on its fresh test sequences (one query
+    each, so a Wilson interval) at each number of stored pairs."""
+    def render() -> str:
+        found = json.loads(record(relative).read_text())
+        pairs = found[0]["pairs"]
+        rows = []
+        for r in found:
+            n = r["test_sequences"]
+            cells = []
+            for accuracy in r["accuracy"]:
+                correct = round(accuracy * n)  # a float32 mean: within 1e-3 of a whole count
+                if abs(correct - accuracy * n) > 1e-3:
+                    raise ValueError(f"accuracy {accuracy} is not a whole number of {n} samples")
+                low, high = wilson_interval(correct, n)
+                cells.append(f"{correct / n:.2f} ({low:.2f}-{high:.2f})")
+            rows.append([r["family"], str(r["dim"]), *cells])
+        return table(["family", "d", *(f"{p} pairs" for p in pairs)], rows)
+
+    return render
+
+
 # ---- flash-linear-attention against our torch forms ------------------------------------------------------------
 def families_table(relative: str) -> Callable[[], str]:
     def number(value) -> str:
@@ -502,6 +525,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "throughput": throughput_table("convert-20m-h200-2026-12-02e/throughput-b32.json", "convert-20m-h200-2026-12-02e/throughput-b128.json"),
     "fla-families": families_table("convert-families-h200-2026-12-02c/gpu_families.json"),
     "gqa-sdpa": gqa_table("gqa-sdpa-h200-2026-12-04/gqa_sdpa_memory.json"),
+    "mqar": mqar_table("mqar-cpu-2026-12-07/mqar.json"),
     "stage2-h100": stage2_matrix_table(*(f"stage2-h100-2026-12-07/{part}/convert_bench.jsonl"
                                          for part in ("a-micro16k", "b-profile-micro16k", "c-micro64k"))),
 }
