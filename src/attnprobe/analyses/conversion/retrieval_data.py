@@ -146,20 +146,29 @@ class Builder:
         intro = self.encode("Memorise these codes.\n")
         word = max(self.words[:4096], key=len)
         longest = self.encode(f"\nWhich code has the key {word}?\n{word}: {TRAINING_NUMBERS.stop - 1}\n")
-        budget = length - len(self.bos) - QUERIES * len(longest)  # room for the questions
-        values, body = {}, list(intro)
+        budget = length - len(self.bos) - QUERIES * len(longest)  # room for the questions, about
+        values, lines, used = {}, [], len(intro)
         for key in rng.sample(self.words, max(0, min(len(self.words), budget))):
             value = self.number(rng)
             line = self.encode(f"{key}: ") + self.encode(f"{value}\n")
-            if len(body) + len(line) > budget:
+            if used + len(line) > budget:
                 break
             values[key] = value
-            body += line
+            lines.append((key, line))
+            used += len(line)
         keys = list(values)
         if len(keys) < QUERIES:
             raise AttnprobeError(f"{length} tokens hold too few key-value lines: use a longer --length (2K-8K tokens)")
         asked = rng.sample(keys[: max(QUERIES, len(keys) * 3 // 4)], QUERIES)  # the last lines sit in any window
-        return self.finish([], [(f"\nWhich code has the key {key}?\n{key}:", values[key]) for key in asked], length, rng, body)
+        tail = [(f"\nWhich code has the key {key}?\n{key}:", values[key]) for key in asked]
+        # the questions as `finish` encodes them (question, answer and newline apart) can outgrow the estimate by
+        # a few tokens: drop the last lines that are not asked until the document fits
+        needed = len(self.bos) + used + sum(len(self.encode(q)) + len(self.encode(" " + a)) + len(self.encode("\n"))
+                                            for q, a in tail)
+        while needed > length and lines and lines[-1][0] not in asked:
+            needed -= len(lines.pop()[1])
+        body = list(intro) + [token for _, line in lines for token in line]
+        return self.finish([], tail, length, rng, body)
 
     def copy(self, length: int, rng: random.Random) -> Document:
         head, newline = self.encode("Repeat the list exactly:\n"), self.encode("\n")
