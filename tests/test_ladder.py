@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import pandas as pd
 import pytest
 from fixtures_runs import write_synthetic_run
+from test_hostile_convert_budget import run_cli
 from tiny_hf import CLI
 
 from attnprobe.analyses.conversion.head_hybrid import FAMILIES, SELECTORS, HeadHybrid, kv_count
@@ -87,15 +87,6 @@ def runs(tmp_path) -> list[Path]:
     return [plant_run(tmp_path / name, tokens, retrieval) for name, (tokens, retrieval) in RUNGS.items()]
 
 
-def run_cli(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
-    """main() in this process, as the console script runs it."""
-    from attnprobe.analyses import cli
-
-    monkeypatch.setattr(sys, "argv", ["attnprobe", *map(str, args)])
-    with pytest.raises(SystemExit) as code:
-        cli.main()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code.value.code, captured.out, captured.err)
 
 
 def one_line(result: subprocess.CompletedProcess, message: str) -> None:

@@ -25,7 +25,7 @@ from attnprobe.analyses.conversion.head_hybrid import FAMILIES, SELECTORS
 from attnprobe.analyses.presentation import style
 from attnprobe.analyses.presentation.figures import require
 from attnprobe.analyses.presentation.ladder import (ARCHITECTURE_COLORS, CONTROL, HYBRID_COLUMNS, ORIGINAL, STAGE_WORDS,
-                                                    _n_text, hybrid_name, token_label)
+                                                    _n_text, hybrid_name, task_panels, token_label)
 from attnprobe.analyses.presentation.style import styled
 
 # colour by selector, as budget_curve does (random in its grey), line style by family
@@ -195,11 +195,7 @@ def hybrid_budget_curve(table: pd.DataFrame, tokens: int | None = None) -> Figur
     columns = [c.removesuffix("_acc") for c in table.columns if c.endswith("_acc") and rows[c].notna().any()]
     panels = len(columns) + 1
     width = min(3, panels)
-    grid = math.ceil(panels / width)
-    fig = style.new_figure("full", height=2.0 * grid + 1.0)
-    axes = list(fig.subplots(grid, width, squeeze=False).flat)
-    for extra in axes[panels:]:
-        extra.remove()
+    fig, axes = task_panels(panels, 2.0, 1.0)
     shares = sorted(set(rows["kv_share"]))
     series = _series(rows)
     varied = len(rows[["retrieval_fraction", "retrieval_stages"]].drop_duplicates()) > 1

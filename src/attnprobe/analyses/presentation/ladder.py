@@ -308,6 +308,17 @@ def _perplexity_panel(ax, table: pd.DataFrame) -> None:
 
 
 @styled
+def task_panels(panels: int, row_height: float, extra_height: float) -> tuple[Figure, list]:
+    """A figure of `panels` axes, three to a row (the ladder's and the hybrid budget's task panels)."""
+    width = min(3, panels)
+    rows = math.ceil(panels / width)
+    fig = style.new_figure("full", height=row_height * rows + extra_height)
+    axes = list(fig.subplots(rows, width, squeeze=False).flat)
+    for extra in axes[panels:]:
+        extra.remove()
+    return fig, axes[:panels]
+
+
 def recall_vs_tokens(table: pd.DataFrame) -> Figure:
     """Recall against stage-2 training tokens: a panel per recall task (bars: 95 % intervals; dotted line and band:
     the original), and one of perplexity relative to each run's control; a line per architecture and training data."""
@@ -318,11 +329,7 @@ def recall_vs_tokens(table: pd.DataFrame) -> Figure:
         raise AttnprobeError("ladder.parquet holds no converted row with a recall accuracy: rebuild it with attnprobe ladder")
     panels = len(columns) + 1
     width = min(3, panels)
-    rows = math.ceil(panels / width)
-    fig = style.new_figure("full", height=1.9 * rows + 0.9)
-    axes = list(fig.subplots(rows, width, squeeze=False).flat)
-    for extra in axes[panels:]:
-        extra.remove()
+    fig, axes = task_panels(panels, 1.9, 0.9)
     tokens = sorted(set(table.loc[table["architecture"] != ORIGINAL, "stage2_tokens"].astype(int)))
     for ax, column in zip(axes, columns):
         _accuracy_panel(ax, table, column, labels.get(column, column))
