@@ -119,13 +119,15 @@ def tokens_cell(tokens: int) -> str:
 
 
 # ---- census -------------------------------------------------------------------------------------------------------
-def census_column(relative: str) -> list[str]:
-    """One census run directory summarised: the rows of `census_table`."""
+def census_column(relative: str, massive_relative: str | None = None) -> list[str]:
+    """One census run directory summarised: the rows of `census_table`; the massive-activation rows come from
+    `massive_relative` where a later run measured them again."""
     manifest = json.loads(record(f"{relative}/manifest.json").read_text())
     sink = json.loads(record(f"{relative}/sink_rate.json").read_text())
     heads = pd.read_parquet(record(f"{relative}/heads.parquet"))
-    massive = pd.read_parquet(record(f"{relative}/massive.parquet"))
-    intervention = pd.read_parquet(record(f"{relative}/massive_intervention.parquet")).set_index("intervention")
+    massive_run = massive_relative or relative
+    massive = pd.read_parquet(record(f"{massive_run}/massive.parquet"))
+    intervention = pd.read_parquet(record(f"{massive_run}/massive_intervention.parquet")).set_index("intervention")
     thresholds, info = manifest["config"]["thresholds"], manifest["info"]
 
     def top(column: str, threshold: float, shown: int = 3) -> str:
@@ -145,9 +147,18 @@ def census_column(relative: str) -> list[str]:
         top("prev_token_score", thresholds["previous_token"]),
         ", ".join(f"{dim} (up to {value:,.0f})" for dim, value in dims.head(2).items()) + f", layers {layers}",
         f"{intervention.loc['none', 'perplexity']:,.2f} -> {zero['perplexity']:,.2f} (zero) / "
-        f"{intervention.loc['mean', 'perplexity']:,.2f} (mean) at layer {int(zero['layer'])}",
+        f"{intervention.loc['mean', 'perplexity']:,.2f} (mean) at {onsets(zero['dim_layers']) if 'dim_layers' in zero else f'layer {int(zero.layer)}'}",
         f"{int((heads['hidden_sink_count'] > 0).sum())} of {len(heads)}",
     ]
+
+
+def onsets(dim_layers: str) -> str:
+    """'247:11 507:11' -> 'layer 11'; '62:2 490:3' -> 'their onsets (62 at layer 2, 490 at 3)'."""
+    pairs = [pair.split(":") for pair in dim_layers.split()]
+    layers = {layer for _, layer in pairs}
+    if len(layers) == 1:
+        return f"layer {layers.pop()}"
+    return "their onsets (" + ", ".join(f"{dim} at {'layer ' if i == 0 else ''}{layer}" for i, (dim, layer) in enumerate(pairs)) + ")"
 
 
 CENSUS_ROWS = ["layers x heads, dtype", "sink rate without / with BOS",
@@ -156,9 +167,9 @@ CENSUS_ROWS = ["layers x heads, dtype", "sink rate without / with BOS",
                "perplexity, massive dims zeroed / set to their mean", "heads with a hidden sink"]
 
 
-def census_table(runs: dict[str, str]) -> Callable[[], str]:
+def census_table(runs: dict[str, tuple[str, ...]]) -> Callable[[], str]:
     def render() -> str:
-        columns = [census_column(relative) for relative in runs.values()]
+        columns = [census_column(*relatives) for relatives in runs.values()]
         return table(["", *runs], [[name, *cells] for name, *cells in zip(CENSUS_ROWS, *columns)])
 
     return render
@@ -504,8 +515,9 @@ def gqa_table(relative: str) -> Callable[[], str]:
 
 # ---- the registry -----------------------------------------------------------------------------------------------
 CENSUS_RUNS = {
-    "SmolLM2-135M-Instruct (CPU)": "census-smollm2-cpu",
-    "Qwen2.5-Coder-0.5B (H200)": "qwen-h200-2026-12-03/census",
+    "SmolLM2-135M-Instruct (CPU)": ("census-smollm2-cpu",),
+    # Qwen's massive rows measured again on the CPU under the onset rule (64 sequences, fp32)
+    "Qwen2.5-Coder-0.5B (H200; massive rows CPU)": ("qwen-h200-2026-12-03/census", "qwen-massive-cpu-2026-12-07"),
 }
 
 TABLES: dict[str, Callable[[], str]] = {
