@@ -21,7 +21,7 @@ T0=$(date +%s); LIMIT=${LIMIT:-540}; PHASE=${PHASE:-wait}
 W=/tmp/w; M=/tmp/model/smollm2.gguf; mkdir -p $W/logs /tmp/model
 export PYTHONPATH=/tmp/ap:/tmp/site ATTNPROBE_CACHE=$W/cache
 ROWS=${ROWS-all-gated-deltanet}; ROWS_B=${ROWS_B-}  # beside the control and the head-level hybrid (--selector)
-RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-10M}  # 10M: one self-sampled shard serves both rungs
+RUNG_A=${RUNG_A:-2M}; RUNG_B=${RUNG_B:-10M}  # 10M: one self-sampled shard serves both rungs; RUNG_B=0: lane e alone
 F=${RETRIEVAL:-0.25}  # share of training windows that are retrieval documents (0: none, the ladder's other arm)
 A=$W/r$RUNG_A-f$F; B=$W/r$RUNG_B-f$F
 # one recipe for every row and its control: 2,048-token sequences, 64K tokens a step, a next-token term, a quarter of
@@ -71,7 +71,7 @@ if [ "$PHASE" = model ]; then
   # evaluated once (lane e evaluates it first), copied
   job e "$AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part convert --accumulation 4 --out $A \
     && $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} $EVAL --out $A"
-  job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $B \
+  [ "$RUNG_B" = 0 ] || job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $B \
     && mkdir -p $B/variants && cp $A/variants/original.* $B/variants/; \
     $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $B"
 fi
