@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 
 from .dispatch import torch_forms
+from .fla_gated_backward import register as register_gated_backward
 
 BACKWARD_TOLERANCE = 0.02  # relative RMS error of fla's input gradients against our fp32 torch form's
 backward_errors: dict[tuple, float] = {}  # (family, op, device, dtype) -> that error, inf where fla raised
@@ -25,6 +26,7 @@ def _fla(x: torch.Tensor, dtype) -> torch.Tensor:
 def prefill(op: str, phi_q, phi_k, values, log_alpha, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention: op "gla" (per-channel log gates (B, H, T, d)) or "simple_gla" (scalar: the
     gates' first channel). Returns o (B, H, T, d_v) fp32 and the final state fp32."""
+    register_gated_backward()
     q, k, v = _fla(phi_q, dtype), _fla(phi_k, dtype), _fla(values, dtype)
     if op == "gla":
         from fla.ops.gla import chunk_gla
@@ -41,6 +43,7 @@ def prefill(op: str, phi_q, phi_k, values, log_alpha, dtype) -> tuple[torch.Tens
 def delta_prefill(q, k, v, beta, log_alpha, gate, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta rule on L2-normalised q, k; gate None, "head" (log a (B, H, T, 1)) or "channel" (KDA,
     log a (B, H, T, d)). Returns o (B, H, T, d_v) and the final state, fp32."""
+    register_gated_backward()
     qf, kf, vf = _fla(q, dtype), _fla(k, dtype), _fla(v, dtype)
     betaf = beta.transpose(1, 2).to(dtype).contiguous()
     if gate is None:
@@ -104,7 +107,8 @@ def decode(kernel, state, q, k, v, scaling) -> tuple[torch.Tensor, torch.Tensor]
 def trains(kernel, like: torch.Tensor) -> bool:
     """Whether fla's backward for `kernel`'s op may train on tensors like `like`: checked once per op, device and
     dtype against our torch form on random inputs. fla 0.6 refuses its gated chunk backward (scalar decay, Gated
-    DeltaNet) on Hopper with Triton 3.4-3.7.0 (its issue 640), and wrong gradients have been reported for other
+    DeltaNet) on Hopper with Triton 3.4-3.7.0 (its issue 640; `fla_gated_backward` supplies the refused piece), and
+    wrong gradients have been reported for other
     (op, GPU, Triton) combinations; a conversion must not follow a refused or wrong gradient."""
     key = (kernel.name, getattr(kernel, "fla_op", None), getattr(kernel, "gate", None), str(like.device), like.dtype)
     if key not in backward_errors:
