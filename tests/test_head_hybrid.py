@@ -54,6 +54,9 @@ def test_census_selectors_rank_kv_heads_and_refuse_a_missing_or_foreign_census(t
         chosen = hh.HeadHybrid(selector=selector, kv_budget="2")
         kept = hh.kept_kv_heads(model, backend, chosen, census, tmp_path / f"out-{selector}")
         assert kept == [(1, 1), (0, 0)]
+        saved = pd.read_parquet(tmp_path / f"out-{selector}" / "selection" / f"{selector}-0.parquet").sort_values("rank")
+        factor = 2 if selector == "teacher-forced" else 1  # census_dir's teacher-forced column is twice the other
+        assert list(saved.score[:2]) == [0.9 * factor, 0.5 * factor]  # the record keeps the scores it ranked by
         assert hh.variant(model, chosen, kept).keep(model, None) == {(1, 2), (1, 3), (0, 0), (0, 1)}
     for where, match in ((None, "pass --from RUN"), (tmp_path / "nothing", "no finished census"),
                          (census_dir(tmp_path / "foreign", model, weights="f" * 64), "other weights")):

@@ -158,8 +158,9 @@ def uniform_layers(info: ModelInfo, count: int) -> list[Unit]:
 
 
 def ranking(model: Model, backend, hybrid: HeadHybrid, census: Path | None, seed: int = 0,
-            kl: Callable[[], pd.DataFrame] | None = None) -> list[Unit]:
-    """The selector's KV heads best first (not for uniform-layers, whose sets do not nest)."""
+            kl: Callable[[], pd.DataFrame] | None = None) -> tuple[list[Unit], pd.DataFrame | None]:
+    """The selector's KV heads best first (not for uniform-layers, whose sets do not nest) and the scores
+    (layer, unit, score) they were ranked by (None for the selectors that order without one score)."""
     info = model.info
     if hybrid.selector in CENSUS_COLUMNS:
         scores = selectors.to_units(info, "kv", census_table(model, census, CENSUS_COLUMNS[hybrid.selector]))
@@ -174,13 +175,13 @@ def ranking(model: Model, backend, hybrid: HeadHybrid, census: Path | None, seed
             raise AttnprobeError("the kl-layers selector needs training data: select through `attnprobe convert` (command.run)")
         scores = kl()
     elif hybrid.selector == "random":
-        return selectors.random_order(info, "kv", seed)
+        return selectors.random_order(info, "kv", seed), None
     elif hybrid.selector == "razor":
         induction, echo = selectors.razor_scores(model, backend)
-        return selectors.razor_order(selectors.to_units(info, "kv", induction), selectors.to_units(info, "kv", echo))
+        return selectors.razor_order(selectors.to_units(info, "kv", induction), selectors.to_units(info, "kv", echo)), None
     else:
         raise AttnprobeError(f"the {hybrid.selector} selector has no ranking: its sets depend on the budget")
-    return selectors.order_by_score(scores)
+    return selectors.order_by_score(scores), scores
 
 
 def kept_kv_heads(model: Model, backend, hybrid: HeadHybrid, census: Path | None, out: Path,
@@ -195,8 +196,8 @@ def kept_kv_heads(model: Model, backend, hybrid: HeadHybrid, census: Path | None
         table = pd.read_parquet(path)
         order = [(int(r.layer), int(r.unit)) for r in table.sort_values("rank").itertuples()]
     else:
-        order = ranking(model, backend, hybrid, census, seed, kl)
-        write_parquet(path, selectors.ranking_rows(hybrid.selector, seed, order, None))
+        order, scores = ranking(model, backend, hybrid, census, seed, kl)
+        write_parquet(path, selectors.ranking_rows(hybrid.selector, seed, order, scores))
     return order[:count]
 
 
