@@ -4,8 +4,9 @@
 # SmolLM2's GGUF (98 MB) travels in two calls: `split -b 44000000 -d -a 2 GGUF part` here, part00 into .m1 beside
 # nothing else, part01 and part02 into .m2 (each call's load stays under 64 MiB with the working tree and .whl):
 #
-#   call 1, carry .whl and .m1:  PHASE=start bash scripts/gpu/ladder.sh   (installs; then the GPU tests, T_S seconds, and
-#                                the decode matrix of issue 44 alone on the card, D_S seconds; 0 skips either)
+#   call 1, carry .whl and .m1:  PHASE=start bash scripts/gpu/ladder.sh   (installs; then the GPU tests, T_S seconds, the
+#                                decode matrix of issue 44 alone on the card, D_S seconds, and with G_S seconds Gated
+#                                DeltaNet's stage-2 speed; 0 skips each)
 #   call 2, carry .m2, at once:  PHASE=model bash scripts/gpu/ladder.sh   (assembles the model, starts the jobs, waits)
 #   later calls, back to back:   PHASE=wait bash scripts/gpu/ladder.sh
 #
@@ -58,6 +59,11 @@ if [ "$PHASE" = start ]; then
   [ "${D_S:-90}" = 0 ] || (cd benchmarks && PYTHONPATH=$PWD/../src:/tmp/site timeout "${D_S:-90}" python3 decode_bench.py \
     --shape smollm2 --device cuda --dtype bfloat16 --contexts 32768 --batches 1,8 --modes graph --out $OUT/decode --architectures \
     original,original-split-k,all-gated-deltanet,all-kda,heads-12.5-gated-deltanet,layers-1of4-softmax-gdn > $OUT/logs/decode.txt 2>&1)
+  # G_S seconds: stage 2 of all-gated-deltanet in SmolLM2's shape (random weights), whose gated backward decides
+  # whether the ladder's rungs fit (0 skips it)
+  [ "${G_S:-0}" = 0 ] || (cd benchmarks && PYTHONPATH=$PWD/../src:/tmp/site timeout "$G_S" python3 convert_bench.py \
+    --matrix $OUT/convert --models smollm2 --rows control,all-gated-deltanet --lengths 2048 --paths new \
+    --micro-tokens 32768 > $OUT/logs/convert-gdn.txt 2>&1)
   tail -n 12 $OUT/logs/*.txt 2>/dev/null
   exit 0
 fi
