@@ -7,7 +7,9 @@
 #   call 1, carry .whl and .m1:  PHASE=start bash scripts/gpu/ladder.sh   (installs; then the GPU tests, T_S seconds, the
 #                                decode matrix of issue 44 alone on the card, D_S seconds, and with G_S seconds Gated
 #                                DeltaNet's stage-2 speed; 0 skips each)
-#   call 2, carry .m2, at once:  PHASE=model bash scripts/gpu/ladder.sh   (assembles the model, starts the jobs, waits)
+#   call 2, carry .m2, at once:  PHASE=model bash scripts/gpu/ladder.sh   (assembles the model, starts the jobs, waits;
+#                                carry .samples too, a copy of $ATTNPROBE_CACHE/samples from `convert --part data` run
+#                                elsewhere with the same recipe, and the self-sampling is skipped)
 #   later calls, back to back:   PHASE=wait bash scripts/gpu/ladder.sh
 #
 # Jobs (process sessions of their own, so they outlive a call): lane e converts the 2M rung (RUNG_A: the control,
@@ -70,6 +72,8 @@ fi
 if [ "$PHASE" = model ]; then
   cp .m2/part* /tmp/model/ && cat /tmp/model/part* > $M || exit 3
   sha256sum $M | grep -q ^b179c952 || { echo BADHASH; exit 3; }
+  # self-sample shards made beforehand on another machine (the data part's cache, same SAMPLE_BATCH) skip generation
+  [ ! -d .samples ] || { mkdir -p $W/cache && cp -r .samples $W/cache/samples; }
   # the 2M rung's windows first (one shard of self-samples, shared), then both lanes
   $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part data --out $A > $W/logs/data.txt 2>&1 || { tail $W/logs/data.txt; exit 5; }
   # 32K tokens a forward for the long rung (Gated DeltaNet ran out of an H100's memory at 64K), 16K for the short one;
