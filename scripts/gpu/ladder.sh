@@ -79,8 +79,10 @@ if [ "$PHASE" = model ]; then
   # 32K tokens a forward for the long rung (Gated DeltaNet ran out of an H100's memory at 64K), 16K for the short one;
   # each lane evaluates its own rung; the original's row is the same model at the same sizes in both rungs:
   # evaluated once (lane e evaluates it first), copied
-  job e "$AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} --part convert --accumulation 4 --out $A \
-    && $AP --tokens $RUNG_A ${ROWS:+--variants $ROWS} $EVAL --out $A"
+  # lane e: the control and the hybrid converted and evaluated before ROWS (a slow row cannot hold them back)
+  job e "$AP --tokens $RUNG_A --part convert --accumulation 4 --out $A && $AP --tokens $RUNG_A $EVAL --out $A \
+    ${ROWS:+&& $AP --tokens $RUNG_A --variants $ROWS --part convert --accumulation 4 --out $A \
+    && $AP --tokens $RUNG_A --variants $ROWS $EVAL --out $A}"
   [ "$RUNG_B" = 0 ] || job t "$AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} --part data,convert --accumulation 2 --out $B \
     && mkdir -p $B/variants && cp $A/variants/original.* $B/variants/; \
     $AP --tokens $RUNG_B ${ROWS_B:+--variants $ROWS_B} $EVAL --out $B"
