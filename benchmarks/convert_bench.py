@@ -108,7 +108,8 @@ def _paths() -> dict:
     unfused = {"fused_ops": False}
     return {"old": (FastPath.old(), True), "+chunked-loss": (FastPath(bf16_weights=False, **unfused), True),
             "+bf16-weights": (FastPath(**unfused), True), "+batched-forms": (FastPath(**unfused), False),
-            "new": (FastPath(), False), "liger-loss": (FastPath(loss="liger"), False)}
+            "eager-loss": (FastPath(compiled_loss=False), False), "new": (FastPath(), False),
+            "liger-loss": (FastPath(loss="liger"), False)}
 
 
 @contextmanager

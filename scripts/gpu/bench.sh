@@ -17,7 +17,7 @@ timeout "${T_S:-90}" python3 -m pytest -q -x tests/test_fla_gated_backward.py te
 P="${PROFILE:+--profile} --micro-tokens ${MICRO:-65536}"  # 64K tokens per forward: the step is host-bound below
 cd benchmarks
 ROWS=${ROWS:-control,all-gated-deltanet,all-hedgehog,sink+window+gdn,softmax-12.5,all-kda}
-timeout "${A_S:-240}" python3 convert_bench.py --matrix "$OUT/convert" --models smollm2 --rows $ROWS --lengths 2048 --paths old,new $P 2>&1 | log convert-2048
+timeout "${A_S:-240}" python3 convert_bench.py --matrix "$OUT/convert" --models smollm2 --rows $ROWS --lengths 2048 --paths old,eager-loss,new $P 2>&1 | log convert-2048
 timeout "${B_S:-80}" python3 decode_bench.py --shape smollm2 --device cuda --dtype bfloat16 --contexts 32768 --batches 1,8 --modes graph \
     --architectures original,original-split-k,all-gated-deltanet,all-kda,heads-12.5-gated-deltanet,layers-1of4-softmax-gdn --out "$OUT/decode" 2>&1 | log decode
 timeout "${C_S:-50}" python3 convert_bench.py --matrix "$OUT/convert" --models smollm2 --rows control --lengths 512 \

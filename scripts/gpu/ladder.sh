@@ -64,7 +64,7 @@ if [ "$PHASE" = start ]; then
   # G_S seconds: stage 2 of all-gated-deltanet in SmolLM2's shape (random weights), whose gated backward decides
   # whether the ladder's rungs fit (0 skips it)
   [ "${G_S:-0}" = 0 ] || (cd benchmarks && PYTHONPATH=$PWD/../src:/tmp/site timeout "$G_S" python3 convert_bench.py \
-    --matrix $OUT/convert --models smollm2 --rows control,all-gated-deltanet --lengths 2048 --paths new \
+    --matrix $OUT/convert --models smollm2 --rows control,all-gated-deltanet --lengths 2048 --paths new,eager-loss \
     --micro-tokens 32768 > $OUT/logs/convert-gdn.txt 2>&1)
   tail -n 12 $OUT/logs/*.txt 2>/dev/null
   exit 0

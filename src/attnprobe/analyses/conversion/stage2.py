@@ -31,11 +31,12 @@ class FastPath:
     loss: str = "chunked"  # chunked: ours; liger: liger-kernel's fused linear JSD (CUDA); logits: full logits (old)
     bf16_weights: bool = True  # frozen weights in bf16 on CUDA (old: fp32 under autocast)
     fused_ops: bool = True  # liger-kernel's RMSNorm, SwiGLU and RoPE on CUDA where liger-kernel is installed
+    compiled_loss: bool = True  # the chunked loss's elementwise work fused by torch.compile on CUDA
     recompute_layers: bool = False  # each decoder layer's activations recomputed in the backward pass
 
     @classmethod
     def old(cls) -> FastPath:
-        return cls(loss="logits", bf16_weights=False, fused_ops=False)
+        return cls(loss="logits", bf16_weights=False, fused_ops=False, compiled_loss=False)
 
     def check(self, ce_weight: float = 0.0) -> None:
         if self.loss not in LOSSES:
@@ -171,18 +172,41 @@ def head_of(hf: nn.Module) -> tuple[nn.Module, torch.Tensor, float | None]:
     return hf.get_decoder(), head.weight, getattr(config, "final_logit_softcapping", None)
 
 
-def _piece(student, teacher, weight, targets, ce_weight: float, softcap, n_tokens: int, n_targets) -> torch.Tensor:
-    """Sum over one piece of tokens of KL(teacher || student) / n_tokens (+ ce_weight x its next-token loss)."""
+def piece_loss_and_grad(z_student, z_teacher, targets, ce_weight: float, softcap, n_tokens: int, n_targets):
+    """One piece's share of the loss, sum over its tokens of KL(teacher || student) / n_tokens (+ ce_weight x the
+    next-token loss / n_targets), and its gradient for the student's logits before the softcap, in closed form:
+    d KL / dz = p_student - p_teacher, d CE / dz = p_student - onehot(target). Only elementwise work and row
+    reductions over (piece x vocab), which torch.compile fuses into a few passes."""
     logits = []
-    for hidden in (student, teacher):
-        z = (hidden @ weight.to(hidden.dtype).T).float()
+    for z in (z_student, z_teacher):
+        z = z.float()
         logits.append(softcap * torch.tanh(z / softcap) if softcap else z)
-    log_student = torch.log_softmax(logits[0], dim=-1)
-    loss = nn.functional.kl_div(log_student, torch.log_softmax(logits[1], dim=-1), log_target=True,
-                                reduction="sum") / n_tokens
+    log_student, log_teacher = (torch.log_softmax(z, dim=-1) for z in logits)
+    p_student, p_teacher = log_student.exp(), log_teacher.exp()
+    loss = (p_teacher * (log_teacher - log_student)).sum() / n_tokens
+    grad = (p_student - p_teacher) / n_tokens
     if ce_weight:
-        loss = loss + ce_weight * nn.functional.nll_loss(log_student, targets, ignore_index=-1, reduction="sum") / n_targets
-    return loss
+        valid = targets >= 0
+        index = targets.clamp_min(0)[:, None]
+        loss = loss - ce_weight * (log_student.gather(1, index)[:, 0] * valid).sum() / n_targets
+        scale = (ce_weight * valid / n_targets)[:, None]
+        grad = (grad + scale * p_student).scatter_add(1, index, -scale)
+    if softcap:
+        grad = grad * (1 - (logits[0] / softcap) ** 2)
+    return loss, grad
+
+
+_compiled_piece = None
+
+
+def _piece_function(compiled: bool):
+    """`piece_loss_and_grad`, compiled once per process where asked (one graph per piece shape)."""
+    global _compiled_piece
+    if not compiled:
+        return piece_loss_and_grad
+    if _compiled_piece is None:
+        _compiled_piece = torch.compile(piece_loss_and_grad, dynamic=False)
+    return _compiled_piece
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -190,25 +214,26 @@ class _ChunkedDistillation(torch.autograd.Function):
     (as liger-kernel's fused linear losses do): the backward only scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, weight, targets, ce_weight, softcap, chunk):
+    def forward(ctx, student, teacher, weight, targets, ce_weight, softcap, chunk, compiled):
         if weight.requires_grad:
             raise AttnprobeError("the chunked loss keeps the LM head frozen: convert with --loss logits to train it")
         total, grad = torch.zeros((), device=student.device), torch.empty_like(student)
         n_targets = (targets >= 0).sum().clamp_min(1)
+        head_student, head_teacher = weight.to(student.dtype), weight.to(teacher.dtype)  # once, not per piece
+        piece = _piece_function(compiled)
         for start in range(0, len(student), chunk):
-            piece = student[start:start + chunk].detach().requires_grad_()
-            with torch.enable_grad():
-                loss = _piece(piece, teacher[start:start + chunk], weight, targets[start:start + chunk], ce_weight,
-                              softcap, len(student), n_targets)
-            grad[start:start + chunk] = torch.autograd.grad(loss, piece)[0]
-            total += loss.detach()
+            rows = slice(start, start + chunk)
+            loss, grad_z = piece(student[rows] @ head_student.T, teacher[rows] @ head_teacher.T, targets[rows],
+                                 ce_weight, softcap, len(student), n_targets)
+            grad[rows] = grad_z.to(student.dtype) @ head_student
+            total += loss
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, upstream):
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None, None, None, None, None
+        return grad * upstream.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -217,11 +242,13 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                         ce_weight: float = 0.0, softcap: float | None = None, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+                         ce_weight: float = 0.0, softcap: float | None = None, chunk: int = HEAD_CHUNK,
+                         compiled: bool = False) -> torch.Tensor:
     """Mean per-token KL(teacher || student) of the next-token distributions `weight @ hidden` (+ ce_weight x
-    next-token loss) from hidden states (batch, length, d): `train.distillation_loss` without its logits."""
+    next-token loss) from hidden states (batch, length, d): `train.distillation_loss` without its logits.
+    `compiled`: each piece's elementwise work through torch.compile (the same numbers up to rounding)."""
     return _ChunkedDistillation.apply(student.flatten(0, 1), teacher.flatten(0, 1), weight, next_token_targets(ids),
-                                      float(ce_weight), softcap, chunk)
+                                      float(ce_weight), softcap, chunk, compiled)
 
 
 def liger_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -294,7 +321,8 @@ class Stage2Step:
         if self.fast.loss == "liger":
             return liger_distillation(student, teacher, self.weight)
         with self.autocast():  # the LM head's products in bf16 on CUDA (accelerate hands the student's output over in fp32)
-            return chunked_distillation(student, teacher, self.weight, ids, self.ce_weight, self.softcap)
+            return chunked_distillation(student, teacher, self.weight, ids, self.ce_weight, self.softcap,
+                                        compiled=self.fast.compiled_loss and student.is_cuda)
 
     def __call__(self, module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         target = self.teacher(ids)
