@@ -43,14 +43,19 @@ def test_chunked_distillation_equals_the_full_logit_loss(ce_weight, softcap, chu
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)  # both compute in fp32
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ce_weight, softcap", [(0.0, None), (0.3, 2.0)])
-def test_the_compiled_loss_equals_the_eager_one(ce_weight, softcap):
-    """torch.compile's fusion of a piece's elementwise work (the CUDA default; inductor's C++ backend here) gives the
-    eager closed form's value and gradient, with a last piece shorter than the others and ignored targets."""
+def test_the_compiled_loss_equals_the_eager_one(ce_weight, softcap, device):
+    """torch.compile's fusion of a piece's elementwise work (the CUDA default through Triton; inductor's C++ backend
+    on the CPU) gives the eager closed form's value and gradient, with a last piece shorter than the others and
+    ignored targets."""
     generator = torch.Generator().manual_seed(1)
-    student = torch.randn(2, 9, 16, generator=generator, requires_grad=True)
-    teacher, weight = torch.randn(2, 9, 16, generator=generator), torch.randn(50, 16, generator=generator)
-    ids = torch.randint(0, 50, (2, 9), generator=generator)
+    student = torch.randn(2, 9, 16, generator=generator).to(device).requires_grad_()
+    teacher, weight = (torch.randn(*shape, generator=generator).to(device) for shape in ((2, 9, 16), (50, 16)))
+    ids = torch.randint(0, 50, (2, 9), generator=generator).to(device)
     results = []
     for compiled in (False, True):
         value = chunked_distillation(student, teacher, weight, ids, ce_weight, softcap, chunk=8, compiled=compiled)
@@ -58,6 +63,22 @@ def test_the_compiled_loss_equals_the_eager_one(ce_weight, softcap):
     assert results[0][0].item() > 0.1
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_machine_where_compile_fails_runs_the_loss_eagerly_and_says_so(monkeypatch):
+    from attnprobe.analyses.conversion import stage2
+
+    def failing(*args):
+        raise torch._dynamo.exc.TorchDynamoException("no compiler here")
+
+    monkeypatch.setattr(stage2, "_compiled_piece", None)
+    monkeypatch.setattr(torch, "compile", lambda function, **options: failing)
+    student, teacher, weight = torch.randn(1, 6, 8), torch.randn(1, 6, 8), torch.randn(20, 8)
+    ids = torch.randint(0, 20, (1, 6))
+    with pytest.warns(UserWarning, match="torch.compile failed for stage 2's loss"):
+        value = chunked_distillation(student, teacher, weight, ids, chunk=4, compiled=True)
+    assert stage2._compiled_piece is False
+    assert torch.equal(value, chunked_distillation(student, teacher, weight, ids, chunk=4, compiled=False))
 
 
 def test_the_hidden_state_path_reads_the_models_head():

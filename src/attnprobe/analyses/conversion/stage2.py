@@ -10,6 +10,7 @@ differ only by rounding; tests hold the loss and its gradient equal.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -199,14 +200,19 @@ def piece_loss_and_grad(z_student, z_teacher, targets, ce_weight: float, softcap
 _compiled_piece = None
 
 
-def _piece_function(compiled: bool):
-    """`piece_loss_and_grad`, compiled once per process where asked (one graph per piece shape)."""
+def _piece(compiled: bool, *args):
+    """`piece_loss_and_grad(*args)`, compiled once per process where asked (one graph per piece shape); where
+    torch.compile fails on a machine, said once, the eager form runs for the rest of the process."""
     global _compiled_piece
-    if not compiled:
-        return piece_loss_and_grad
-    if _compiled_piece is None:
-        _compiled_piece = torch.compile(piece_loss_and_grad, dynamic=False)
-    return _compiled_piece
+    if compiled and _compiled_piece is not False:
+        if _compiled_piece is None:
+            _compiled_piece = torch.compile(piece_loss_and_grad, dynamic=False)
+        try:
+            return _compiled_piece(*args)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            warnings.warn(f"torch.compile failed for stage 2's loss ({str(error).splitlines()[0][:200]}): it runs eagerly")
+            _compiled_piece = False
+    return piece_loss_and_grad(*args)
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -220,11 +226,10 @@ class _ChunkedDistillation(torch.autograd.Function):
         total, grad = torch.zeros((), device=student.device), torch.empty_like(student)
         n_targets = (targets >= 0).sum().clamp_min(1)
         head_student, head_teacher = weight.to(student.dtype), weight.to(teacher.dtype)  # once, not per piece
-        piece = _piece_function(compiled)
         for start in range(0, len(student), chunk):
             rows = slice(start, start + chunk)
-            loss, grad_z = piece(student[rows] @ head_student.T, teacher[rows] @ head_teacher.T, targets[rows],
-                                 ce_weight, softcap, len(student), n_targets)
+            loss, grad_z = _piece(compiled, student[rows] @ head_student.T, teacher[rows] @ head_teacher.T, targets[rows],
+                                  ce_weight, softcap, len(student), n_targets)
             grad[rows] = grad_z.to(student.dtype) @ head_student
             total += loss
         ctx.save_for_backward(grad)
