@@ -21,7 +21,6 @@ from typing import Callable
 
 import pandas as pd
 from attnprobe.analyses.experiments.ablation import wilson_interval
-from attnprobe.analyses.stats import fisher_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -365,27 +364,15 @@ def budget_table(relative: str, kind: str) -> Callable[[], str]:
     return render
 
 
-def sparse_table(relative: str, against_exact: bool = False) -> Callable[[], str]:
-    """Each sparse rule's passkey and NIAH counts and perplexity; `against_exact` adds the every-head-exact row and,
-    beside each count, the two-sided Fisher exact p of its difference from that row."""
+def sparse_table(relative: str) -> Callable[[], str]:
     def render() -> str:
         cells = pd.read_parquet(record(f"{relative}/budget.parquet"))
-        exact = cells[cells.selector == "all-exact"].set_index("task")
-        tasks = ("passkey", "niah")
-
-        def cell(row: pd.DataFrame, task: str) -> str:
-            text = count_cell(row.loc[task, "accuracy"], int(row.loc[task, "n"]))
-            if not against_exact or row is exact:
-                return text
-            correct, n = int(row.loc[task, "correct"]), int(row.loc[task, "n"])
-            reference, total = int(exact.loc[task, "correct"]), int(exact.loc[task, "n"])
-            return f"{text}, p = {fisher_exact(correct, n - correct, reference, total - reference):.2g}"
-
-        rows = [["every head exact", *(cell(exact, t) for t in tasks), f"{exact['perplexity'].iloc[0]:.2f}"]] if against_exact else []
         sparse = cells[cells.selector == "sparse"]
+        rows = []
         for kind in sparse.kind.unique():
             row = sparse[sparse.kind == kind].set_index("task")
-            rows.append([f"`{kind}`", *(cell(row, t) for t in tasks), f"{row['perplexity'].iloc[0]:.2f}"])
+            rows.append([f"`{kind}`", *(count_cell(row.loc[t, "accuracy"], int(row.loc[t, "n"])) for t in ("passkey", "niah")),
+                         f"{row['perplexity'].iloc[0]:.2f}"])
         return table(["sparse rule (every head)", "passkey", "NIAH", "perplexity"], rows)
 
     return render
