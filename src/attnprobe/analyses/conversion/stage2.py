@@ -225,7 +225,9 @@ class _ChunkedDistillation(torch.autograd.Function):
             raise AttnprobeError("the chunked loss keeps the LM head frozen: convert with --loss logits to train it")
         total, grad = torch.zeros((), device=student.device), torch.empty_like(student)
         n_targets = (targets >= 0).sum().clamp_min(1)
-        head_student, head_teacher = weight.to(student.dtype), weight.to(teacher.dtype)  # once, not per piece
+        # once, not per piece; under autocast the products run in bf16 whatever the operands, so a bf16 head stays
+        autocast = torch.is_autocast_enabled(student.device.type)
+        head_student, head_teacher = (weight if autocast else weight.to(x.dtype) for x in (student, teacher))
         for start in range(0, len(student), chunk):
             rows = slice(start, start + chunk)
             loss, grad_z = _piece(compiled, student[rows] @ head_student.T, teacher[rows] @ head_teacher.T, targets[rows],
